@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up visiontools in ./.venv: `bash scripts/setup.sh` (library + demo) or
+# `bash scripts/setup.sh --dev` (also test tools, diffusers, tomesd, and Chromium for browser tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="demo"
+if [[ "${1:-}" == "--dev" ]]; then extras="dev"; fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[${extras}]"
+
+if [[ "$extras" == "dev" && ! -x /usr/bin/chromium ]]; then
+  # the end-to-end demo test drives Debian's Chromium with Playwright (no browser download)
+  if [[ "$(id -u)" == "0" ]]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser test will fail" >&2
+  else
+    echo "warning: install Chromium (/usr/bin/chromium) for the browser test" >&2
+  fi
+fi
+echo "visiontools is set up in .venv (extras: ${extras})"

@@ -1,0 +1,55 @@
+"""visiontools.bench / timing: structure and FLOP accounting (speed itself is measured in benchmarks)."""
+import json
+
+import torch
+import torch.nn.functional as F
+
+from visiontools.bench import benchmark_vit, markdown_table, parse_schedule
+from visiontools.cli import main
+from visiontools.timing import count_flops, interleaved_times
+
+
+def test_flop_counter_counts_cpu_attention():
+    q = torch.randn(2, 3, 50, 16)
+    # QK^T and AV: 2 matmuls of 2*N*N*d FLOPs per head
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * 2 * 2 * 3 * 50 * 50 * 16
+    mask = torch.zeros(2, 1, 1, 50)
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=mask)) == 2 * 2 * 2 * 3 * 50 * 50 * 16
+
+
+def test_interleaved_times_runs_every_candidate_in_rotating_order():
+    calls = []
+    times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [len(v) for v in times.values()] == [3, 3]
+
+
+def test_parse_schedule():
+    assert parse_schedule("16") == 16
+    assert parse_schedule("16,-0.5") == (16, -0.5)
+    assert parse_schedule("4,4,2") == [4, 4, 2]
+
+
+def test_benchmark_rows_and_flop_ratio():
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+    res = benchmark_vit(model, [8, (8, -0.5)], batch_size=2, repeats=1, warmup=0, progress=False)
+    base, r8, dec = res["rows"]
+    assert base["flop_ratio"] == 1 and base["final_tokens"] is None
+    assert r8["final_tokens"] == 65 - 4 * 8 and r8["flop_ratio"] > 1.3
+    assert dec["flop_ratio"] > r8["flop_ratio"]  # merging early saves more
+    assert all(row["img_per_s"] > 0 for row in res["rows"])
+    assert "ToMe r=8 (inflect -0.5)" in markdown_table(res, "tiny")
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["bench", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2",
+          "--repeats", "1", "--warmup", "0", "--r", "4", "--out-json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["baseline_fused_attn"] is True and len(res["rows"]) == 2
+    n = 17  # 4x4 patches + class token; r=4 per block, capped at half the patches, 12 blocks
+    for _ in range(12):
+        n -= min(4, (n - 1) // 2)
+    assert res["rows"][1]["final_tokens"] == n == 2
+    assert "| ToMe r=4 |" in capsys.readouterr().out

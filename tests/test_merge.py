@@ -1,0 +1,90 @@
+"""The library-agnostic ToMe algorithms in visiontools.merge."""
+import pytest
+import torch
+
+from visiontools.merge import (
+    bipartite_soft_matching, index_map, init_source, merge, merge_source, merge_wavg, parse_r, unmerge,
+)
+
+
+def test_parse_r_constant_list_and_paper_schedule():
+    assert parse_r(4, 8) == [8, 8, 8, 8]
+    assert parse_r(3, [1, 2, 3]) == [1, 2, 3]
+    assert parse_r(3, (8, 0.0)) == [8, 8, 8]
+    dec = parse_r(12, (16, -0.5))
+    assert dec[0] == 24 and dec[-1] == 8  # merges more early, less late, same total as r=16
+    assert all(a >= b for a, b in zip(dec, dec[1:]))
+    assert sum(dec) == pytest.approx(16 * 12, abs=12)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, 16.0, True, "8", [1, -2, 3], (8,), (8, "x")])
+def test_parse_r_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        parse_r(3, bad)
+
+
+def test_parse_r_list_length_must_match():
+    with pytest.raises(ValueError, match="one entry per layer"):
+        parse_r(4, [1, 2])
+
+
+def _random(B=3, N=21, C=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, C, generator=g)
+
+
+def test_matching_merges_r_tokens_and_caps_at_half():
+    x = _random()
+    m = bipartite_soft_matching(x, 4, num_protected=1)
+    assert merge(m, x).shape == (3, 17, 8)
+    m = bipartite_soft_matching(x, 100, num_protected=1)  # 20 unprotected -> at most 10 merge
+    assert m.r == 10 and merge(m, x).shape == (3, 11, 8)
+
+
+def test_matching_picks_the_most_similar_pairs():
+    # tokens 0..5 (A = 0,2,4; B = 1,3,5): A0 is a copy of B5, the rest are orthogonal-ish
+    x = torch.eye(6)[None]
+    x[0, 0] = x[0, 5]
+    m = bipartite_soft_matching(x, 1)
+    assert m.src_idx.flatten().tolist() == [0] and m.dst_idx.flatten().tolist() == [2]
+
+
+def test_weighted_average_preserves_mass_and_protects_prefix():
+    x = _random(N=23)
+    size = torch.randint(1, 4, (3, 23, 1)).float()
+    m = bipartite_soft_matching(x, 7, num_protected=3)
+    y, s = merge_wavg(m, x, size)
+    assert y.shape == (3, 16, 8) and s.shape == (3, 16, 1)
+    torch.testing.assert_close((y * s).sum(1), (x * size).sum(1))
+    torch.testing.assert_close(s.sum(1), size.sum(1))
+    torch.testing.assert_close(y[:, :3], x[:, :3])  # protected tokens untouched and in front
+    torch.testing.assert_close(s[:, :3], size[:, :3])
+
+
+def test_source_map_covers_every_token_once_and_matches_sizes():
+    x = _random(N=33)
+    source = init_source(3, 33)
+    size = None
+    for r in (6, 5, 4):
+        m = bipartite_soft_matching(x, r, num_protected=1)
+        source = merge_source(m, source)
+        x, size = merge_wavg(m, x, size)
+    assert source.shape == (3, 33)
+    counts = torch.zeros(3, x.shape[1]).scatter_add_(1, source, torch.ones(3, 33))
+    torch.testing.assert_close(counts, size[..., 0])  # each patch is in exactly one token
+    assert (source[:, 0] == 0).all()
+
+
+def test_unmerge_restores_unmerged_tokens_and_copies_merged_ones():
+    x = _random(N=17)
+    m = bipartite_soft_matching(x, 5, num_protected=1)
+    y = merge(m, x, mode="mean")
+    back = unmerge(y, index_map(m))
+    idx = index_map(m)
+    assert back.shape == x.shape
+    for b in range(3):
+        for i in range(17):
+            torch.testing.assert_close(back[b, i], y[b, idx[b, i]])
+        # tokens alone in their group come back exactly
+        alone = [i for i in range(17) if (idx[b] == idx[b, i]).sum() == 1]
+        torch.testing.assert_close(back[b, alone], x[b, alone])

@@ -1,0 +1,97 @@
+"""Measuring speed honestly: interleaved timing of several candidates in one process, and FLOP counts.
+
+Machines are noisy, so candidates are timed round-robin (in a rotating order) rather than one after
+the other, and the median is reported. FLOPs come from ``torch.utils.flop_counter``, not by hand.
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import time
+from typing import Callable, Mapping
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_flash_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA SDPA kernels but not the CPU flash kernel, which CPU SDPA uses
+# (with or without a float mask); without this, attention FLOPs would silently count as zero.
+_EXTRA_FORMULAS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa_flop
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 10,
+    warmup: int = 2,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Time each zero-argument callable ``repeats`` times, interleaved round-robin, after
+    ``warmup`` untimed rounds. Returns the seconds of every timed call, per name."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rounds = range(warmup + repeats)
+    if progress:
+        from tqdm.auto import tqdm
+        rounds = tqdm(rounds, desc="timing", unit="round")
+    with torch.inference_mode():
+        for i in rounds:
+            order = names[i % len(names):] + names[: i % len(names)]
+            for name in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                fns[name]()
+                _sync(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    """Median of a list of timings."""
+    return statistics.median(xs)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (a multiply-add counts as 2), from ``torch.utils.flop_counter``."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    with torch.inference_mode(), counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on the given device when ``dtype`` is set, else a no-op context."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def machine_description(device: torch.device | str) -> str:
+    """A short human-readable description of the machine a benchmark ran on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    import os
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
