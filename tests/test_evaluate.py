@@ -1,0 +1,132 @@
+"""visiontools.evaluate and the shipped CIFAR-10 ViT: accuracy tables with and without ToMe on real
+CIFAR-10 test images and on the ImageNet sample folder, and the shipped checkpoint's recorded accuracy."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from visiontools.cli import main as cli_main
+from visiontools.data import ImageNetFolder, load_cifar, normalize, timm_eval_transform
+from visiontools.evaluate import candidate_settings, evaluate, markdown_table, parse_schedule
+from visiontools.models import SHIPPED, load_checkpoint_model, load_default_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def top1(model, x, y):
+    with torch.no_grad():
+        return 100.0 * (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_shipped_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(datasets_dir):
+    path = SHIPPED["cifar10_vit"]
+    assert path.is_file() and path.stat().st_size < 11e6
+    model, meta = load_default_model()
+    assert not model.training and meta["classes"] == ["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                      "frog", "horse", "ship", "truck"]
+    rec = meta["subset_accuracy"]  # recorded when the checkpoint was shipped
+    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=rec["per_class"])
+    assert len(ds) == rec["n"] == 200
+    acc = top1(model, normalize(ds.images, meta["mean"], meta["std"]), ds.labels)
+    assert acc == pytest.approx(rec["top1"], abs=1.0)
+    assert acc > 40.0  # a trained model (chance is 10%)
+    # the full-test-set evaluation shipped beside it
+    assert meta["eval"]["rows"][0]["name"] == "unpatched" and meta["eval"]["n_images"] == 10000
+
+
+def test_eval_table_on_real_cifar10_subset(tmp_path, datasets_dir):
+    res = evaluate(data_dir=str(datasets_dir / "cifar10"), per_class=5, rs=[0, 8], schedules=[(8, -0.5)],
+                   batch_size=25, timing_batch_size=8, repeats=2, warmup=1, progress=False)
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["unpatched", "ToMe r=0", "ToMe r=8", "ToMe r=8,-0.5"]
+    rows = {r["name"]: r for r in res["rows"]}
+    assert res["n_images"] == 50 and all(r["n"] == 50 for r in res["rows"])
+    # accuracy equals a direct computation on the same images
+    model, meta = load_default_model()
+    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=5)
+    assert rows["unpatched"]["top1"] == pytest.approx(top1(model, normalize(ds.images, meta["mean"], meta["std"]),
+                                                           ds.labels))
+    assert rows["ToMe r=0"]["top1"] == rows["unpatched"]["top1"]  # r=0 merges nothing
+    assert rows["ToMe r=8"]["tokens_per_layer"] == [65, 57, 49, 41, 33, 25, 17]
+    assert rows["ToMe r=8"]["gflops"] < rows["ToMe r=0"]["gflops"] and rows["ToMe r=8"]["flop_ratio"] > 1.5
+    assert rows["ToMe r=8,-0.5"]["r"] == [8, -0.5]
+    assert rows["unpatched"]["speedup"] == 1.0 and all(r["images_per_s"] > 0 for r in res["rows"])
+    md = markdown_table(res)
+    assert md.count("\n") == 2 + 4 and "| ToMe r=8 | 65 -> 25 |" in md
+
+
+def test_eval_cli_writes_markdown_json_and_plot(tmp_path, datasets_dir):
+    out = tmp_path / "ev"
+    rc = cli_main(["eval", "--data-dir", str(datasets_dir / "cifar10"), "--per-class", "2", "--r", "4",
+                   "--schedule", "4,-0.5", "--timing-batch-size", "4", "--repeats", "2", "--warmup", "1",
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    result = json.loads(Path(str(out) + ".json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["unpatched", "ToMe r=4", "ToMe r=4,-0.5"]
+    assert "| ToMe r=4 |" in Path(str(out) + ".md").read_text() and "CPU" in result["machine"]
+    with Image.open(str(out) + ".png") as im:
+        assert im.size[0] > 300
+
+
+def test_eval_on_imagenet_folder_uses_wordnet_labels(datasets_dir):
+    folder_dir = datasets_dir / "imagenet-samples"
+    res = evaluate(model_name="vit_cifar_mini_p4", dataset="imagenet", data_dir=str(folder_dir), rs=[4],
+                   batch_size=50, timing_batch_size=4, repeats=2, warmup=1, progress=False)
+    assert res["n_images"] == 100 and [r["name"] for r in res["rows"]] == ["unpatched", "ToMe r=4"]
+    assert res["rows"][1]["tokens_per_layer"][:3] == [65, 61, 57]
+    assert all(0.0 <= r["top1"] <= r["top5"] <= 100.0 for r in res["rows"])
+
+
+def test_eval_imagenet_matches_direct_computation(datasets_dir):
+    """A model is built once and evaluated both ways, so the labels are compared, not the weights."""
+    from visiontools.evaluate import EvalData, accuracy, build_candidates
+    model = timm.create_model("vit_cifar_mini_p4", num_classes=1000).eval()
+    folder = ImageNetFolder(datasets_dir / "imagenet-samples", transform=timm_eval_transform(model))
+    data = EvalData("folder", folder=folder)
+    acc = accuracy(build_candidates(model, [("unpatched", None)]), data, 50, torch.device("cpu"))
+    xs = torch.stack([folder[i][0] for i in range(len(folder))])
+    ys = torch.tensor([folder.samples[i][1] for i in range(len(folder))])
+    with torch.no_grad():
+        logits = model(xs)
+    assert acc["unpatched"]["top1"] == pytest.approx(100.0 * (logits.argmax(1) == ys).float().mean().item())
+    assert acc["unpatched"]["top5"] == pytest.approx(
+        100.0 * (logits.topk(5, 1).indices == ys[:, None]).any(1).float().mean().item())
+
+
+def test_eval_errors_are_clear(tmp_path, datasets_dir):
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        evaluate(model_name="vit_cifar_mini_p4", dataset="imagenet", progress=False)
+    with pytest.raises(FileNotFoundError, match="ImageFolder tree"):
+        evaluate(data_dir=str(tmp_path / "nowhere"), progress=False)
+    with pytest.raises(ValueError, match="trained on cifar10, not cifar100"):
+        evaluate(dataset="cifar100", data_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="unknown model"):
+        evaluate(model_name="no_such_model", dataset="cifar10", progress=False)
+    with pytest.raises(ValueError, match="'r,inflection'"):
+        parse_schedule("8")
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        candidate_settings([-1], [])
+    with pytest.raises(FileNotFoundError, match="shipped names"):
+        load_checkpoint_model(tmp_path / "missing.safetensors")
+
+
+def test_eval_under_torchrun_matches_single_process(tmp_path, datasets_dir):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "visiontools.cli", "eval", "--data-dir", str(datasets_dir / "cifar10"), "--per-class", "3",
+           "--tome-r", "6", "--timing-batch-size", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+           "--out", str(out), "--no-progress"]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp = json.loads(Path(str(out) + ".json").read_text())
+    assert ddp["world_size"] == 2 and ddp["n_images"] == 30
+    single = evaluate(data_dir=str(datasets_dir / "cifar10"), per_class=3, rs=[6], timing_batch_size=4,
+                      repeats=1, warmup=0, progress=False)
+    assert [(r["top1"], r["top5"]) for r in ddp["rows"]] == [(r["top1"], r["top5"]) for r in single["rows"]]

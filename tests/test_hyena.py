@@ -1,0 +1,363 @@
+"""Tests of the 2D Hyena operator (visiontools/hyena.py) and its timm adapter (patches/timm_hyena.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+
+import patches.timm_hyena as th
+from visiontools.data import CIFAR_STATS
+from visiontools.hyena import (
+    Hyena2d, HyenaAttention, ImplicitFilter2d, direct_conv2d, fft_conv2d, fft_size,
+)
+
+GRIDS = [(1, 1), (2, 3), (5, 5), (7, 4), (4, 9), (8, 8)]
+
+
+def _tiny_vit(**kw) -> VisionTransformer:
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    args.update(kw)
+    return VisionTransformer(**args)
+
+
+# ----------------------------------------------------------------------------- long convolution
+
+@pytest.mark.parametrize("H,W", GRIDS)
+def test_fft_conv_equals_direct_conv(H, W):
+    g = torch.Generator().manual_seed(H * 10 + W)
+    x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
+    k = torch.randn(3, 2 * H - 1, 2 * W - 1, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fft_conv2d(x, k), direct_conv2d(x, k), rtol=1e-10, atol=1e-10)
+    xf, kf = x.float(), k.float()
+    torch.testing.assert_close(fft_conv2d(xf, kf), direct_conv2d(xf, kf), rtol=1e-4, atol=1e-4)
+
+
+def test_fft_conv_is_linear_not_circular():
+    # an impulse in the left column must not leak into the right column through wrap-around
+    H, W = 6, 6
+    x = torch.zeros(1, 1, H, W, dtype=torch.float64)
+    x[0, 0, 2, 0] = 1.0
+    k = torch.zeros(1, 2 * H - 1, 2 * W - 1, dtype=torch.float64)
+    k[0, H - 1, W - 2] = 1.0  # offset dx = -1: moves the impulse one column to the left (off the grid)
+    y = fft_conv2d(x, k)
+    assert y.abs().max().item() < 1e-12
+    k[0, H - 1, W] = 1.0      # offset dx = +1: one column to the right
+    y = fft_conv2d(x, k)
+    assert y[0, 0, 2, 1].item() == pytest.approx(1.0)
+    assert y.abs().sum().item() == pytest.approx(1.0)
+
+
+def test_fft_size_is_smooth_and_large_enough():
+    for n in range(1, 80):
+        p = fft_size(n)
+        assert p >= 2 * n - 1
+        m = p
+        for q in (2, 3, 5):
+            while m % q == 0:
+                m //= q
+        assert m == 1
+    assert fft_size(8) == 15 and fft_size(14) == 27
+
+
+def test_fft_conv_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"kernel must be \(C, 2H-1, 2W-1\)"):
+        fft_conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 4, 4))
+    with pytest.raises(ValueError, match=r"x must be \(B, C, H, W\)"):
+        fft_conv2d(torch.randn(2, 4, 4), torch.randn(2, 7, 7))
+
+
+# ----------------------------------------------------------------------------- filters and operator
+
+def test_implicit_filter_shapes_and_decay():
+    f = ImplicitFilter2d(6, hidden=16)
+    for H, W in GRIDS:
+        assert f((H, W)).shape == (6, 2 * H - 1, 2 * W - 1)
+    # the window decays faster for the first channel than for the last
+    _, r = f.positions(8, 8)
+    window = torch.exp(-r[..., None] * f.decay_rates)
+    assert window[0, 0, 0] < window[0, 0, -1]
+    with pytest.raises(ValueError, match="grid must be positive"):
+        f((0, 3))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("H,W", [(1, 1), (5, 7), (6, 3), (8, 8)])
+def test_hyena_output_shapes(order, H, W):
+    m = Hyena2d(8, order=order, filter_hidden=8)
+    x = torch.randn(2, H, W, 8)
+    assert m(x).shape == (2, H, W, 8)
+    y, yp = m(x, prefix=torch.randn(2, 3, 8))
+    assert y.shape == (2, H, W, 8) and yp.shape == (2, 3, 8)
+
+
+def test_hyena_rejects_bad_input():
+    with pytest.raises(ValueError, match="order must be an integer >= 1"):
+        Hyena2d(8, order=0)
+    m = Hyena2d(8)
+    with pytest.raises(ValueError, match=r"x must be \(B, H, W, 8\)"):
+        m(torch.randn(2, 4, 4, 6))
+    with pytest.raises(ValueError, match=r"prefix must be \(B, P, 8\)"):
+        m(torch.randn(2, 4, 4, 8), prefix=torch.randn(3, 1, 8))
+
+
+def test_hyena_translation_equivariant_away_from_borders():
+    # Without biases a zero background stays zero, so a local pattern gives a local output; moving the
+    # pattern inside the grid moves the output by the same amount (the filters see offsets only).
+    torch.manual_seed(0)
+    m = Hyena2d(8, order=2, filter_hidden=16, bias=False, out_bias=False).double()
+    H, W = 16, 14
+    pattern = torch.randn(1, 3, 3, 8, dtype=torch.float64)
+    a = torch.zeros(1, H, W, 8, dtype=torch.float64)
+    b = torch.zeros_like(a)
+    a[:, 3:6, 2:5] = pattern
+    b[:, 9:12, 7:10] = pattern  # shifted by (6, 5)
+    ya, yb = m(a), m(b)
+    torch.testing.assert_close(yb[:, 6:, 5:], ya[:, :H - 6, :W - 5], rtol=1e-9, atol=1e-9)
+    assert ya[:, 2:7, 1:6].abs().amax() > 1e-3  # the pattern does produce an output
+
+
+def test_long_range_mixing():
+    # one token changes the output at the far corner of the grid (with biases on)
+    torch.manual_seed(0)
+    m = Hyena2d(8, filter_hidden=16).double()
+    x = torch.randn(1, 10, 10, 8, dtype=torch.float64)
+    x2 = x.clone()
+    x2[0, 0, 0] += 1.0
+    assert (m(x2) - m(x))[0, 9, 9].abs().max() > 1e-8
+
+
+def test_filter_cache_is_reused_and_invalidated():
+    torch.manual_seed(0)
+    m = Hyena2d(8, filter_hidden=8).double()
+    x = torch.randn(2, 6, 5, 8, dtype=torch.float64)
+    y_grad = m(x)  # gradients on: no cache
+    assert not m._filter_cache
+    with torch.no_grad():
+        y1 = m(x)
+        first = m._filter_cache[(6, 5)][1][0]
+        y2 = m(x)
+        assert m._filter_cache[(6, 5)][1][0] is first  # reused
+        torch.testing.assert_close(y1, y_grad.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+        m.filter.mlp[0].weight.mul_(1.5)  # an in-place change (optimizer step, load_state_dict) ...
+        y3 = m(x)
+    assert not torch.allclose(y3, y1)
+    torch.testing.assert_close(y3, m(x).detach(), rtol=0, atol=0)  # ... regenerates the filters
+
+
+def test_gradients_flow_to_every_parameter():
+    torch.manual_seed(0)
+    m = Hyena2d(8, order=2, filter_hidden=16)
+    x = torch.randn(2, 5, 6, 8, requires_grad=True)
+    prefix = torch.randn(2, 1, 8, requires_grad=True)
+    y, yp = m(x, prefix=prefix)
+    (y.square().mean() + yp.square().mean()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0 and prefix.grad.abs().sum() > 0
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_bf16_autocast_keeps_fft_in_float32(monkeypatch):
+    seen = []
+    real_rfft2 = torch.fft.rfft2
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return real_rfft2(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fft, "rfft2", spy)
+    torch.manual_seed(0)
+    m = Hyena2d(16, filter_hidden=16)
+    x = torch.randn(2, 7, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert seen and all(d == torch.float32 for d in seen)
+    assert torch.isfinite(y).all()
+    # a bf16 input is convolved with float32 accuracy (a bf16 FFT would be off by ~1e-2)
+    xb = torch.randn(1, 4, 7, 5).bfloat16()
+    k = torch.randn(4, 13, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = fft_conv2d(xb, k)
+    assert yb.dtype == torch.bfloat16
+    ref = direct_conv2d(xb.double(), k.double())
+    torch.testing.assert_close(yb.double(), ref, rtol=1e-2, atol=1e-2)  # bf16 output rounding only
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y32 = fft_conv2d(xb.float(), k)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- timm integration
+
+def test_hyena_attention_grid_resolution():
+    a = HyenaAttention(8, num_prefix_tokens=1, filter_hidden=8)
+    assert a(torch.randn(2, 1 + 16, 8)).shape == (2, 17, 8)
+    with pytest.raises(ValueError, match="do not form a square grid"):
+        a(torch.randn(2, 1 + 15, 8))
+    a.grid_size = (3, 5)
+    assert a(torch.randn(2, 1 + 15, 8)).shape == (2, 16, 8)
+    auto = HyenaAttention(8, filter_hidden=8)  # prefix count inferred: 10 = 1 + 3x3
+    assert auto.resolve_grid(10) == (1, (3, 3)) and auto.resolve_grid(9) == (0, (3, 3))
+    with pytest.raises(ValueError, match="attn_mask"):
+        a(torch.randn(2, 16, 8), attn_mask=torch.zeros(16, 16))
+
+
+def test_usable_as_timm_attn_layer():
+    torch.manual_seed(0)
+    m = _tiny_vit(attn_layer=HyenaAttention, reg_tokens=1)
+    th.configure_hyena(m)
+    assert all(isinstance(b.attn, HyenaAttention) for b in m.blocks)
+    assert all(b.attn.num_prefix_tokens == 2 and b.attn.grid_size == (4, 4) for b in m.blocks)
+    out = m(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    # timm's init must not shrink the filter MLP to std 0.02 (ImplicitFilter2d.init_weights resets it)
+    w = m.blocks[0].attn.mixer.filter.mlp[0].weight
+    assert w.std() > 0.1
+
+
+def test_swap_attention_for_hyena_forward_backward():
+    torch.manual_seed(0)
+    m = _tiny_vit(reg_tokens=1, global_pool="token")
+    before = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("blocks.")}
+    th.swap_attention_for_hyena(m, order=3, filter_hidden=8)
+    assert len(th.hyena_layers(m)) == 2
+    assert all(layer.mixer.order == 3 and layer.num_prefix_tokens == 2 for layer in th.hyena_layers(m))
+    after = m.state_dict()
+    for k, v in before.items():  # everything outside the blocks is kept
+        assert torch.equal(after[k], v), k
+    x = torch.randn(2, 3, 32, 32)
+    out = m(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    for name, p in m.named_parameters():
+        if "attn" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the class token (global_pool='token') reads the grid: changing image content changes the logits
+    x2 = x.clone()
+    x2[:, :, 24:, 24:] += 1.0
+    assert not torch.allclose(m(x2), m(x))
+
+
+def test_swap_rejects_non_vit():
+    with pytest.raises(TypeError, match="needs a timm VisionTransformer"):
+        th.swap_attention_for_hyena(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
+
+
+def test_registered_models_and_resolution_flexibility():
+    hy = timm.create_model("hyena_vit_cifar")
+    at = timm.create_model("attn_vit_cifar")
+    assert hy.embed_dim == at.embed_dim and len(hy.blocks) == len(at.blocks)
+    n = sum(p.numel() for p in hy.parameters())
+    assert 200_000 <= n <= 1_000_000
+    assert hy.pretrained_cfg["mean"] == CIFAR_STATS["cifar10"][0]
+    hy.eval()
+    with torch.no_grad():
+        assert hy(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        assert hy(torch.randn(1, 3, 48, 64)).shape == (1, 10)  # non-square 12x16 grid
+    assert all(layer.grid_size == (12, 16) for layer in th.hyena_layers(hy))
+    assert "hyena_vit_small_224" in timm.list_models("hyena_*")
+    assert "attn_vit_small_224" in timm.list_models("attn_*")
+    with pytest.raises(ValueError, match="no downloadable weights"):
+        timm.create_model("hyena_vit_cifar", pretrained=True)
+
+
+def test_torch_compile_runs():
+    # Dynamo capture with the FFT kept out of the graph (torch.compiler.disable). The aot_eager backend
+    # checks tracing and autograd without inductor's C++ codegen, which takes minutes on a small CPU.
+    torch.manual_seed(0)
+    m = _tiny_vit(img_size=16, patch_size=4, embed_dim=16, depth=1, attn_layer=HyenaAttention,
+                  dynamic_img_size=True, class_token=False, global_pool="avg")
+    th.configure_hyena(m)
+    x = torch.randn(2, 3, 16, 16)
+    ref = m(x)
+    cm = torch.compile(m, backend="aot_eager")
+    out = cm(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert m.blocks[0].attn.mixer.skip.grad is not None
+    x2 = torch.randn(2, 3, 16, 24)  # another grid, through the patch_embed hook
+    torch.testing.assert_close(cm(x2), m(x2), rtol=1e-5, atol=1e-5)
+
+
+def _cifar_batch(datasets_dir, n: int = 64):
+    root = datasets_dir / "cifar10" / "train"
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    per = n // len(classes) + 1
+    images, labels = [], []
+    for label, c in enumerate(classes):
+        for path in sorted((root / c).glob("*.jpg"))[:per]:
+            images.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images[:n])).permute(0, 3, 1, 2)
+    mean, std = CIFAR_STATS["cifar10"]
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return x, torch.tensor(labels[:n])
+
+
+def test_tiny_hyena_vit_learns_real_cifar10(datasets_dir):
+    torch.manual_seed(0)
+    x, y = _cifar_batch(datasets_dir, 64)
+    assert x.shape == (64, 3, 32, 32) and len(set(y.tolist())) == 10
+    m = timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.4, losses  # from ~2.3 (chance) down by more than 0.4 nats
+
+
+# ----------------------------------------------------------------------------- benchmark helpers
+
+def test_bench_peak_memory_sees_a_known_peak():
+    from visiontools.bench_hyena import peak_forward_memory
+
+    def fn():
+        a = torch.ones(1 << 20)       # 4 MiB
+        b = a * 2                     # 8 MiB live
+        del a
+        c = b + 1                     # 8 MiB live again
+        return c.sum()
+
+    peak = peak_forward_memory(fn, torch.device("cpu"))
+    assert 8 * 2**20 <= peak < 8 * 2**20 + 4096
+
+
+def test_bench_crossover_slope_and_grid_parsing():
+    import argparse
+
+    from visiontools.bench_hyena import crossover, loglog_slope, parse_grid
+
+    rows = [{"tokens": n, "attn_ms": a, "hyena_ms": h}
+            for n, a, h in [(64, 1, 2), (256, 3, 2), (1024, 9, 10), (4096, 50, 20), (16384, 400, 90)]]
+    assert crossover(rows) == 4096  # faster at 256 but not at 1024: the crossover is where it stays faster
+    assert crossover(rows[:1]) is None
+    assert loglog_slope([10, 100, 1000], [3, 300, 30000]) == pytest.approx(2.0)
+    assert parse_grid("32") == (32, 32) and parse_grid("24x40") == (24, 40)
+    with pytest.raises(argparse.ArgumentTypeError, match="not a grid size"):
+        parse_grid("0x3")
+
+
+def test_bench_tiny_run(tmp_path):
+    import json
+
+    from visiontools.bench_hyena import benchmark, markdown_table, plot
+
+    res = benchmark([(4, 4), (3, 5)], dim=16, num_heads=2, max_tokens=64, repeats=1, warmup=0, progress=False)
+    assert [r["tokens"] for r in res["rows"]] == [16, 15] and [r["batch"] for r in res["rows"]] == [4, 4]
+    for r in res["rows"]:
+        assert r["attn_ms"] > 0 and r["hyena_ms"] > 0 and r["attn_peak_bytes"] > 0 and r["hyena_peak_bytes"] > 0
+    json.dumps(res)
+    table = markdown_table(res)
+    assert "| 3x5 | 15 | 4 |" in table
+    plot(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

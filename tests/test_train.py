@@ -1,0 +1,178 @@
+"""visiontools.train / visiontools.checkpoint: config, schedule, exact resume, atomic checkpoints,
+2-process torchrun (gloo) on a tiny ViT and real CIFAR-10 images."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from visiontools import checkpoint as ckpt
+from visiontools.models import load_checkpoint_model
+from visiontools.train import DEFAULTS, load_config, lr_at, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny_cfg(datasets_dir, out_dir, **kw):
+    cfg = load_config(None, [])
+    cfg.update(model="vit_cifar_mini_p4", model_kwargs=dict(TINY), data_dir=str(datasets_dir / "cifar10"),
+               train_per_class=8, test_per_class=4, epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0.5,
+               threads=1, out_dir=str(out_dir))
+    cfg.update(kw)
+    return cfg
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 3\nmodel_kwargs: {depth: 2}\namp: off\n")
+    cfg = load_config(f, ["lr=0.01", "model_kwargs.embed_dim=64", "randaugment=[2, 9]"])
+    assert cfg["epochs"] == 3 and cfg["lr"] == 0.01 and cfg["amp"] == "off"
+    assert cfg["model_kwargs"] == {"depth": 2, "embed_dim": 64} and cfg["randaugment"] == [2, 9]
+    assert cfg["batch_size"] == DEFAULTS["batch_size"]
+    f.write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epoch'\]"):
+        load_config(f)
+    with pytest.raises(ValueError, match="unknown config key 'lrr'"):
+        load_config(None, ["lrr=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["lr"])
+    with pytest.raises(FileNotFoundError, match="config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    for f in sorted((ROOT / "configs").glob("vit_*.yaml")):
+        cfg = load_config(f)
+        assert cfg["model"].startswith("vit_cifar_")
+
+
+def test_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 10, 1.0, 0.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.001
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, datasets_dir):
+    full = tiny_cfg(datasets_dir, tmp_path / "full", model_kwargs={**TINY, "drop_path_rate": 0.1})
+    train(full, progress=False)
+    part = {**full, "out_dir": str(tmp_path / "part")}
+    train(part, progress=False, stop_after=1)
+    assert len(read_log(tmp_path / "part/log.jsonl")) == 1
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(part, progress=False)  # never silently restarts over an existing run
+    train(part, resume=True, progress=False)
+
+    a, _, sa = ckpt.load_training_state(tmp_path / "full/last.safetensors")
+    b, _, sb = ckpt.load_training_state(tmp_path / "part/last.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # weights and AdamW state, bit for bit
+    assert (sa["epoch"], sa["step"]) == (sb["epoch"], sb["step"]) == (2, 10)
+    def strip(log):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in log]
+    assert strip(read_log(tmp_path / "full/log.jsonl")) == strip(read_log(tmp_path / "part/log.jsonl"))
+
+
+def test_overwrite_keeps_a_backup(tmp_path, datasets_dir):
+    cfg = tiny_cfg(datasets_dir, tmp_path, epochs=1)
+    train(cfg, progress=False)
+    first = (tmp_path / "last.safetensors").read_bytes()
+    train({**cfg, "seed": 1}, overwrite=True, progress=False)
+    assert (tmp_path / "last.safetensors.bak").read_bytes() == first
+    assert (tmp_path / "last.safetensors").read_bytes() != first
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.safetensors"
+    ckpt.save_safetensors_atomic(path, {"w": torch.ones(3)}, {"visiontools": "{}"})
+    before = path.read_bytes()
+
+    def crash(fd):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(os, "fsync", crash)  # fails after the temp file is written, before the rename
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_safetensors_atomic(path, {"w": torch.zeros(1000)}, {"visiontools": "{}"})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]  # temp file removed
+
+
+KILL_WRITER = """
+import sys, torch
+from visiontools.checkpoint import save_safetensors_atomic
+path = sys.argv[1]
+i = 0
+print("ready", flush=True)
+while True:
+    i += 1
+    save_safetensors_atomic(path, {"w": torch.full((300_000,), float(i))}, {"i": str(i)})
+"""
+
+
+def test_kill_during_writes_never_leaves_a_partial_checkpoint(tmp_path):
+    from safetensors import safe_open
+    path = tmp_path / "last.safetensors"
+    for delay in (0.3, 0.55, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with safe_open(str(path), framework="pt") as f:  # complete and consistent
+            i = int(f.metadata()["i"])
+            w = f.get_tensor("w")
+        assert i >= 1 and w.shape == (300_000,) and bool((w == i).all())
+
+
+def test_export_for_inference_loads_and_predicts_like_the_training_checkpoint(tmp_path, datasets_dir):
+    cfg = tiny_cfg(datasets_dir, tmp_path, epochs=1, export=str(tmp_path / "model.safetensors"))
+    train(cfg, progress=False)
+    m32, desc32 = load_checkpoint_model(tmp_path / "last.safetensors")
+    m16, desc16 = load_checkpoint_model(tmp_path / "model.safetensors")
+    assert desc16["classes"][:2] == ["airplane", "automobile"] and desc16["model"] == "vit_cifar_mini_p4"
+    assert len(desc16["history"]) == 1
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(m32(x), m16(x), atol=2e-2)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+        load_checkpoint_model(tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint_model(tmp_path / "missing.safetensors")
+
+
+def test_bad_data_dir_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg(tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=r"expected either an ImageFolder tree"):
+        train(cfg, progress=False)
+
+
+def test_torchrun_two_cpu_processes(tmp_path, datasets_dir):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "visiontools.cli", "train", "--no-progress", "--out-dir", str(out), "--threads", "1",
+           "--data-dir", str(datasets_dir / "cifar10"), "--epochs", "2", "--batch-size", "16",
+           "--set", "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+           "--set", "train_per_class=8", "--set", "test_per_class=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = read_log(out / "log.jsonl")
+    assert [r["epoch"] for r in log] == [1, 2]
+    # metrics are reduced over both ranks: every training step saw 16 images (8 per rank), every
+    # test image was counted once
+    assert [r["train_images"] for r in log] == [80, 80] and [r["test_images"] for r in log] == [50, 50]
+    _, _, state = ckpt.load_training_state(out / "last.safetensors")
+    assert state["world_size"] == 2 and state["step"] == 10
+    model, desc = load_checkpoint_model(out / "last.safetensors")
+    assert desc["classes"][3] == "cat"
