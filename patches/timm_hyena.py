@@ -28,7 +28,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from visiontools.data import CIFAR_STATS
-from visiontools.hyena import HyenaAttention
+from visiontools.hyena import HyenaAttention, set_call_grid
 
 __all__ = ["swap_attention_for_hyena", "configure_hyena", "hyena_layers"]
 
@@ -41,9 +41,7 @@ def hyena_layers(model: nn.Module) -> list[HyenaAttention]:
 def _record_grid(patch_embed: nn.Module, inputs, output) -> None:
     # dynamic_img_size: patch_embed returns NHWC, so the grid of this input is output.shape[1:3]
     if output.dim() == 4:
-        grid = (int(output.shape[1]), int(output.shape[2]))
-        for layer in patch_embed._hyena_layers:
-            layer.grid_size = grid
+        set_call_grid(id(patch_embed), output.shape[1:3])
 
 
 def configure_hyena(model: VisionTransformer) -> VisionTransformer:
@@ -57,7 +55,7 @@ def configure_hyena(model: VisionTransformer) -> VisionTransformer:
     for layer in layers:
         layer.num_prefix_tokens = int(model.num_prefix_tokens)
         layer.grid_size = grid if len(grid) == 2 else None
-    pe._hyena_layers = layers  # plain list attribute: not registered as submodules
+        layer.grid_owner = id(pe)
     if getattr(pe, "_hyena_hook", None) is not None:
         pe._hyena_hook.remove()
         pe._hyena_hook = None

@@ -28,6 +28,7 @@ that ``timm.models.vision_transformer.Block`` uses for its ``attn_layer`` (adapt
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from typing import Optional, Sequence
 
 import torch
@@ -305,6 +306,17 @@ class Hyena2d(nn.Module):
         return y, self.out_dropout(self.out_proj(vp))
 
 
+# The patch grid of the input now running through a model, per thread/async task (a ContextVar, so
+# concurrent calls with different image sizes never see each other's grid). Set by an adapter that
+# knows the grid (e.g. a hook on a timm ``patch_embed``), keyed by that model so no other model reads it.
+_CALL_GRID: ContextVar[Optional[tuple[int, tuple[int, int]]]] = ContextVar("hyena_call_grid", default=None)
+
+
+def set_call_grid(owner: int, grid: Sequence[int]) -> None:
+    """Declare the (H, W) patch grid of the current call for the Hyena layers whose ``grid_owner`` is ``owner``."""
+    _CALL_GRID.set((owner, (int(grid[0]), int(grid[1]))))
+
+
 def _square_grid(n: int) -> Optional[tuple[int, int]]:
     s = math.isqrt(n)
     return (s, s) if s * s == n and n > 0 else None
@@ -319,8 +331,11 @@ class HyenaAttention(nn.Module):
     ``scale_norm`` and ``norm_layer`` have no meaning for Hyena and are ignored.
 
     Tokens are ``num_prefix_tokens`` prefix (class/register) tokens followed by a row-major grid. The
-    grid shape is ``grid_size`` when set and consistent with N (the timm adapter sets it, and updates
-    it per input for ``dynamic_img_size`` models), otherwise the grid must be square. With
+    grid shape is the per-call grid declared with :func:`set_call_grid` (the timm adapter does this
+    for ``dynamic_img_size`` models), else ``grid_size`` when set and consistent with N, otherwise
+    the grid must be square. With ``torch.compile`` on a model whose image size varies, pass
+    ``dynamic=False`` (one graph per grid): torch 2.14's dynamic-shape path fails in the backward of
+    timm's position-embedding resampling once the grid comes from the per-call context. With
     ``num_prefix_tokens=None`` the prefix count is inferred as the smallest P making N-P a perfect
     square. Prefix tokens are mixed as described in :class:`Hyena2d` (they read the grid mean).
     """
@@ -335,6 +350,7 @@ class HyenaAttention(nn.Module):
                              out_dropout=proj_drop, device=device, dtype=dtype, **hyena_kwargs)
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = tuple(grid_size) if grid_size is not None else None
+        self.grid_owner: Optional[int] = None  # key of a per-call grid (see set_call_grid)
 
     def resolve_grid(self, n: int) -> tuple[int, tuple[int, int]]:
         """(number of prefix tokens, (H, W)) for a sequence of ``n`` tokens, or a ValueError."""
@@ -346,7 +362,8 @@ class HyenaAttention(nn.Module):
             raise ValueError(f"cannot infer a square token grid from {n} tokens")
         if n <= p:
             raise ValueError(f"sequence of {n} tokens has no grid after {p} prefix tokens")
-        g = self.grid_size
+        call = _CALL_GRID.get()
+        g = call[1] if call is not None and call[0] == self.grid_owner else self.grid_size
         if g is not None and g[0] * g[1] == n - p:
             return p, (int(g[0]), int(g[1]))
         sq = _square_grid(n - p)
