@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from visiontools import models as zoo
 from visiontools.timing import (
     autocast_context, count_flops, interleaved_times, machine_description, median,
 )
@@ -121,8 +122,8 @@ def markdown_table(result: dict, title: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench [vit]``."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="timm ViT name (random weights unless --pretrained), or a shipped checkpoint name "
-                        "/ .safetensors path understood by visiontools.models")
+                   help="timm ViT name (random weights unless --pretrained), a shipped checkpoint name "
+                        "(cifar10_vit) or a visiontools .safetensors checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
     p.add_argument("--r", type=parse_schedule, nargs="+", default=[8, 16], metavar="R",
                    help="ToMe settings to compare with the baseline: an int r, 'r,inflection' "
@@ -143,11 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(name: str, pretrained: bool = False, img_size=None) -> torch.nn.Module:
     """A timm model by name (built for ``img_size`` when given), or a shipped/saved checkpoint
     when ``visiontools.models`` knows the name."""
-    try:
-        from visiontools import models as zoo
-    except ImportError:
-        zoo = None
-    if zoo is not None and hasattr(zoo, "is_checkpoint_name") and zoo.is_checkpoint_name(name):
+    if name in zoo.SHIPPED or name.endswith(".safetensors"):
         return zoo.load_checkpoint_model(name)[0]
     import timm
     kwargs = {} if img_size is None else {"img_size": img_size}

@@ -1,0 +1,580 @@
+"""Unit tests of the functions behind the demo's components (demos/*.py): image reading and its
+error messages, the merge analysis, predictions, the model cache, the speed measurement and the
+Gradio callbacks. Real bundled photos, the default (shipped) model, tiny settings."""
+from __future__ import annotations
+
+import argparse
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from demos.images import ImageInputError, example_images, read_image, square_crop
+from demos.merging import analyse, model_input, r_setting, token_table, top_k
+from demos.model_cache import ModelCache, load_model
+
+CAT = next(p for p in example_images() if p.endswith("cat.jpg"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine more threads oversubscribe and crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dm():
+    return ModelCache(allow_download=False).get("default")
+
+
+@pytest.fixture(scope="module")
+def cat():
+    return read_image(CAT)[0]
+
+
+# --- bundled images -------------------------------------------------------------------------------
+
+def test_bundled_examples_are_small_real_jpegs_with_credits():
+    paths = example_images()
+    assert len(paths) >= 3
+    for p in paths:
+        assert Path(p).stat().st_size <= 100_000
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and min(im.size) >= 200
+            assert np.asarray(im).std() > 20  # a photo, not a flat placeholder
+    credits = (Path(paths[0]).parent / "CREDITS.md").read_text()
+    assert all(Path(p).name in credits for p in paths)
+
+
+# --- reading uploads ------------------------------------------------------------------------------
+
+def test_read_image_keeps_rgb_photo(cat):
+    with Image.open(CAT) as orig:
+        assert cat.mode == "RGB" and cat.size == orig.size
+        assert np.array_equal(np.asarray(cat), np.asarray(orig.convert("RGB")))
+
+
+def test_greyscale_upload_becomes_rgb_with_note(tmp_path, cat):
+    p = tmp_path / "grey.png"
+    cat.convert("L").save(p)
+    im, notes = read_image(str(p))
+    a = np.asarray(im)
+    assert im.mode == "RGB" and np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])
+    assert any("greyscale" in n for n in notes)
+
+
+def test_16bit_greyscale_upload_is_rescaled(tmp_path, cat):
+    a16 = (np.asarray(cat.convert("L"), dtype=np.uint16) * 257)
+    p = tmp_path / "grey16.png"
+    Image.fromarray(a16).save(p)
+    im, notes = read_image(str(p))
+    a = np.asarray(im)
+    assert im.mode == "RGB" and a.max() == 255 and a.min() == 0
+    assert any("8 bits" in n for n in notes)
+
+
+def test_rgba_upload_is_composited_on_white(tmp_path, cat):
+    rgba = cat.convert("RGBA")
+    alpha = np.full(cat.size[::-1], 255, np.uint8)
+    alpha[:, : cat.size[0] // 2] = 0  # left half fully transparent
+    rgba.putalpha(Image.fromarray(alpha))
+    p = tmp_path / "rgba.png"
+    rgba.save(p)
+    im, notes = read_image(str(p))
+    a = np.asarray(im)
+    assert im.mode == "RGB"
+    assert (a[:, : cat.size[0] // 2] == 255).all()
+    assert np.array_equal(a[:, cat.size[0] // 2:], np.asarray(cat)[:, cat.size[0] // 2:])
+    assert any("alpha" in n for n in notes)
+
+
+def test_not_an_image_gives_clear_message(tmp_path):
+    p = tmp_path / "notes.jpg"
+    p.write_text("this is a text file, not a photo\n")
+    with pytest.raises(ImageInputError, match="not an image file"):
+        read_image(str(p))
+
+
+def test_truncated_jpeg_gives_clear_message(tmp_path):
+    data = Path(CAT).read_bytes()
+    p = tmp_path / "truncated.jpg"
+    p.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageInputError, match="damaged or truncated"):
+        read_image(str(p))
+
+
+def test_huge_image_is_refused_and_large_one_downscaled(monkeypatch, tmp_path, cat):
+    import demos.images as images
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 50_000)
+    with pytest.raises(ImageInputError, match="too large.*megapixels"):
+        read_image(CAT)
+    monkeypatch.setattr(images, "MAX_PIXELS", 40_000_000)
+    monkeypatch.setattr(images, "WORK_SIDE", 100)
+    im, notes = read_image(CAT)
+    assert max(im.size) == 100 and any("downscaled" in n for n in notes)
+
+
+def test_missing_and_empty_inputs():
+    with pytest.raises(ImageInputError, match="No image"):
+        read_image(None)
+    with pytest.raises(ImageInputError, match="could not be found"):
+        read_image("/nonexistent/upload.png")
+
+
+def test_square_crop_is_centred(cat):
+    sq = square_crop(cat)
+    w, h = cat.size
+    assert sq.size == (h, h)
+    off = (w - h) // 2
+    assert np.array_equal(np.asarray(sq), np.asarray(cat)[:, off:off + h])
+
+
+# --- merge analysis -------------------------------------------------------------------------------
+
+def test_r_setting_schedules():
+    assert r_setting(8) == 8
+    assert r_setting(8.0, "decreasing") == (8, -0.5)
+    assert r_setting(8, "increasing") == (8, 0.5)
+    with pytest.raises(ValueError, match="schedule"):
+        r_setting(8, "sideways")
+    with pytest.raises(ValueError, match="non-negative"):
+        r_setting(-1)
+
+
+def test_model_input_normalises_with_model_stats(dm):
+    grey = Image.new("RGB", (50, 40), (128, 64, 255))
+    x = model_input(dm, grey)
+    assert x.shape == (1, 3, *dm.input_size)
+    want = (torch.tensor([128, 64, 255]) / 255 - torch.tensor(dm.mean)) / torch.tensor(dm.std)
+    assert torch.allclose(x[0, :, 3, 5], want.float(), atol=1e-5)
+
+
+def test_top_k_orders_classes_by_probability():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0, 0.5]])
+    out = top_k(logits, list("abcdef"), k=3)
+    assert list(out) == ["b", "d", "c"]
+    p = logits.softmax(-1)[0]
+    assert out["b"] == pytest.approx(float(p[1]))
+
+
+def test_token_table():
+    assert token_table([65, 57, 50, 50]) == [[1, 65, 8, 57], [2, 57, 7, 50], [3, 50, 0, 50]]
+
+
+def test_analyse_counts_tokens_and_groups(dm, cat):
+    r = 4
+    res = analyse(dm, cat, r)
+    n0 = dm.num_patches + dm.model.num_prefix_tokens
+    assert res.tokens_per_layer == [n0 - r * i for i in range(dm.depth + 1)]
+    assert res.layer == dm.depth and res.groups == res.tokens_per_layer[-1] - dm.model.num_prefix_tokens
+    assert res.visualisation.size == (384, 384) and res.visualisation.mode == "RGB"
+    assert len(res.before) == 5 and len(res.after) == 5
+    assert set(res.before) <= set(dm.classes)
+    mid = analyse(dm, cat, r, layer=2)
+    assert mid.groups == dm.num_patches - 2 * r
+    assert "patch groups after block" in res.summary(dm, r, "constant")
+
+
+def test_analyse_layer_zero_and_r_zero(dm, cat):
+    from visiontools.vis import render_merges
+
+    res = analyse(dm, cat, 0, layer=0)
+    assert res.groups == dm.num_patches
+    view = square_crop(cat).resize((384, 384), Image.Resampling.BICUBIC)
+    want = render_merges(view, torch.arange(dm.num_patches), grid_size=dm.grid_size)
+    assert np.array_equal(np.asarray(res.visualisation), np.asarray(want))
+    # r=0: the patched model computes what the unpatched one does
+    for k, v in res.before.items():
+        assert res.after[k] == pytest.approx(v, abs=1e-4)
+    with pytest.raises(ValueError, match="layer must be between"):
+        analyse(dm, cat, 4, layer=dm.depth + 1)
+
+
+def test_opacity_blends_drawing_with_photo(dm, cat):
+    full = analyse(dm, cat, 4, layer=3)
+    half = analyse(dm, cat, 4, layer=3, opacity=0.5)
+    view = np.asarray(square_crop(cat).resize((384, 384), Image.Resampling.BICUBIC), dtype=np.float64)
+    want = 0.5 * view + 0.5 * np.asarray(full.visualisation, dtype=np.float64)
+    assert np.abs(np.asarray(half.visualisation, dtype=np.float64) - want).max() <= 1.0
+    with pytest.raises(ValueError, match="opacity"):
+        analyse(dm, cat, 4, opacity=1.5)
+
+
+def test_decreasing_schedule_merges_more_early(dm, cat):
+    res = analyse(dm, cat, 4, "decreasing")
+    merged = [row[2] for row in res.table]
+    assert merged[0] > merged[-1]
+
+
+def test_concurrent_requests_do_not_share_settings(dm, cat):
+    """Requests patch their own shallow copy; the cached model stays unpatched."""
+    results, errors = {}, []
+
+    def work(r):
+        try:
+            results[r] = analyse(dm, cat, r).tokens_per_layer
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in (0, 1, 3, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    n0 = dm.num_patches + dm.model.num_prefix_tokens
+    for r, tokens in results.items():
+        assert tokens[1] == n0 - r
+    assert not hasattr(dm.model, "tome_r")
+    assert type(dm.model).__name__ == "VisionTransformer"
+
+
+# --- model cache ----------------------------------------------------------------------------------
+
+def test_cache_loads_each_model_once_across_threads():
+    cache = ModelCache(allow_download=False)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(cache.get("default"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cache.loads == 1 and len(got) == 4 and all(g is got[0] for g in got)
+    assert cache.get("cifar10_vit") is got[0] and cache.get("") is got[0]
+
+
+def test_default_model_is_the_shipped_checkpoint_or_says_why_not(dm):
+    assert dm.classes[:3] == ["airplane", "automobile", "bird"] and dm.input_size == (32, 32)
+    if dm.trained:
+        assert "shipped CIFAR-10 checkpoint" in dm.description and not dm.notice
+    else:
+        assert "random weights" in dm.notice and "meaningless" in dm.notice
+
+
+def test_checkpoint_paths_only_from_the_command_line():
+    from visiontools.models import SHIPPED
+
+    path = str(SHIPPED["cifar10_vit"])
+    with pytest.raises(ValueError, match="only be chosen when the demo is started"):
+        ModelCache(allow_download=False).get(path)
+    if Path(path).is_file():
+        dm = ModelCache(allow_download=False, default=path).get(path)
+        assert dm.classes[3] == "cat" and dm.input_size == (32, 32) and "cifar10_vit.safetensors" in dm.description
+
+
+def test_unknown_model_name_gives_message():
+    with pytest.raises(ValueError, match="not a timm model name"):
+        load_model("vit_does_not_exist_123", allow_download=False)
+
+
+def test_hub_only_model_without_download_is_refused_with_reason():
+    with pytest.raises(ValueError, match="only defined on the Hugging Face hub.*Downloads are turned off"):
+        load_model("hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", allow_download=False)
+
+
+def test_non_vit_model_is_refused_with_reason():
+    with pytest.raises(ValueError, match="cannot be used in this demo.*VisionTransformer"):
+        load_model("resnet18", allow_download=False)
+
+
+def test_timm_vit_without_download_uses_random_weights_with_notice():
+    m = load_model("vit_tiny_patch16_224", allow_download=False)
+    assert not m.trained and "random weights" in m.notice and "meaningless" in m.notice
+    assert m.grid_size == (14, 14) and len(m.classes) == 1000 and m.classes[0] == "tench"
+
+
+# --- speed ----------------------------------------------------------------------------------------
+
+def test_measure_speed_reports_all_candidates_and_flop_ratio(dm, cat):
+    from demos.speed import measure_speed, speed_chart, sweep_values
+
+    seen = []
+    res = measure_speed(dm, model_input(dm, cat), 8, batch_size=2, repeats=2, sweep=True,
+                        progress=lambda f, text: seen.append(f))
+    names = [row.name for row in res.rows]
+    assert names[0] == "unpatched" and names[-1] == "ToMe r=8 (constant)"
+    assert names[1:-1] == [f"ToMe r={v} (constant)" for v in sweep_values(8)[:-1]]
+    table = res.table()
+    assert table[0][3] == 1.0 and table[0][5] == 1.0
+    flop_ratios = [row[5] for row in table]
+    assert flop_ratios == sorted(flop_ratios) and flop_ratios[-1] > 1.5  # more merging, fewer FLOPs
+    assert table[-1][6] == dm.num_patches + 1 - 8 * (dm.depth - 1)
+    assert all(row[1] > 0 and row[2] > 0 for row in table)
+    assert seen[0] == 0 and seen[-1] == 1.0 and seen == sorted(seen)
+    fig = speed_chart(res)
+    assert len(fig.axes[0].patches) == len(names)
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_speed(dm, model_input(dm, cat), 8, batch_size=0)
+
+
+def test_measure_speed_thread_setting_is_used_and_restored(dm, cat):
+    from demos.speed import measure_speed
+
+    before = torch.get_num_threads()
+    res = measure_speed(dm, model_input(dm, cat), 4, batch_size=1, repeats=1, warmup=0, threads=2)
+    assert "2 threads" in res.machine and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        measure_speed(dm, model_input(dm, cat), 4, threads=0)
+
+
+def test_thread_choices():
+    import os
+
+    from demos.app import thread_choices
+
+    ch = thread_choices()
+    assert ch[0] == 1 and ch[-1] == (os.cpu_count() or 1) and ch == sorted(set(ch))
+
+
+def test_sweep_values():
+    from demos.speed import sweep_values
+
+    assert sweep_values(8) == [2, 4, 6, 8]
+    assert sweep_values(2) == [1, 2]
+    assert sweep_values(0) == [0]
+
+
+# --- Gradio callbacks and app ---------------------------------------------------------------------
+
+def test_run_merge_callback_outputs_and_bad_uploads(tmp_path):
+    from demos import app
+
+    vis, table, summary, before, after, status = app.run_merge(CAT, "default", 4, "constant", 3)
+    assert isinstance(vis, Image.Image) and len(table) >= 3 and "after block 3" in summary
+    assert len(before) == 5 and len(after) == 5
+
+    bad = tmp_path / "upload.png"
+    bad.write_bytes(b"\x00\x01 definitely not a png")
+    with pytest.warns(UserWarning):
+        out = app.run_merge(str(bad), "default", 4, "constant", 3)
+    assert out[0] is None and "Could not use this upload" in out[-1] and "not an image file" in out[-1]
+
+    grey = tmp_path / "grey.jpg"
+    Image.open(CAT).convert("L").save(grey)
+    out = app.run_merge(str(grey), "default", 4, "constant", 3)
+    assert isinstance(out[0], Image.Image) and "greyscale" in out[-1]
+
+    assert app.run_merge(None, "default", 4, "constant", 3)[-1].startswith("Upload an image")
+
+
+def test_run_merge_reports_unexpected_failures_instead_of_raising(monkeypatch):
+    import demos.merging
+    from demos import app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure inside the model")
+
+    monkeypatch.setattr(demos.merging, "analyse", broken)
+    with pytest.warns(UserWarning):
+        out = app.run_merge(CAT, "default", 4, "constant", 3)
+    assert out[0] is None and "Something went wrong: RuntimeError: simulated failure" in out[-1]
+
+
+def test_run_speed_callback(tmp_path):
+    from demos import app
+
+    fig, table, note = app.run_speed(CAT, "default", 4, "decreasing", 2, 2, False, 1)
+    assert [row[0] for row in table] == ["unpatched", "ToMe r=4 (decreasing)"]
+    assert "measured speedup" in note and "fewer FLOPs" in note and fig.axes
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"")
+    with pytest.warns(UserWarning):
+        fig, table, note = app.run_speed(str(bad), "default", 4, "constant", 2, 2, False, 1)
+    assert fig is None and "not an image file" in note
+
+
+def test_load_model_callback_reports_unknown_model():
+    from demos import app
+
+    with pytest.warns(UserWarning):
+        out = app.load_model_ui("no_such_model_xyz")
+    assert "Could not load model" in out[-1] and "not a timm model name" in out[-1]
+
+
+def test_switching_model_updates_sliders_and_warns_about_random_weights(monkeypatch):
+    from demos import app
+
+    monkeypatch.setattr(app, "_CACHE", ModelCache(allow_download=False))
+    with pytest.warns(UserWarning, match="random weights"):
+        info, r, layer, status = app.load_model_ui("deit_tiny_patch16_224")
+    assert "14x14 = 196 patches" in info and "meaningless" in info
+    assert r["maximum"] == 98 and r["value"] == app.DEFAULT_R and layer["maximum"] == 12 and layer["value"] == 12
+    vis, table, summary, before, after, _ = app.run_merge(CAT, "deit_tiny_patch16_224", 16, "decreasing", 12)
+    assert vis.size == (384, 384) and len(table) == 12 and table[0][1] == 197
+    assert sum(row[2] for row in table) == 197 - table[-1][3]
+    assert all(k in app._CACHE.get("deit_tiny_patch16_224").classes for k in before)
+
+
+def test_upload_path_accepts_raw_component_values():
+    from gradio.data_classes import FileData
+
+    from demos.app import upload_path
+
+    assert upload_path(None) is None and upload_path(CAT) == CAT
+    assert upload_path({"path": CAT, "url": "http://x/file=cat.jpg", "orig_name": "cat.jpg"}) == CAT
+    assert upload_path(FileData(path=CAT)) == CAT
+
+
+def test_build_demo_and_cli_options():
+    from demos import app
+
+    demo = app.build_demo()
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert {"input-image", "r-slider", "layer-slider", "merge-vis", "token-table", "top5-before",
+            "top5-after", "speed-chart", "measure"} <= ids
+    parser = argparse.ArgumentParser()
+    app.add_arguments(parser)
+    assert all(a.help for a in parser._actions if a.dest != "help")
+    args = parser.parse_args([])
+    assert (args.host, args.port, args.model, args.share) == ("127.0.0.1", 7860, "default", False)
+
+
+# --- Stable Diffusion tab ---------------------------------------------------------------------------
+
+def _sd_available():
+    from demos.sd_tab import available
+
+    return available()
+
+
+@pytest.mark.skipif(not _sd_available(), reason="diffusers / patches.diffusers not installed")
+def test_sd_latent_from_image(cat):
+    from demos.sd_tab import image_latent
+
+    x = image_latent(cat, 32)
+    assert x.shape == (1, 4, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.allclose(x[0, 3], 0.299 * x[0, 0] + 0.587 * x[0, 1] + 0.114 * x[0, 2])
+
+
+@pytest.mark.skipif(not _sd_available(), reason="diffusers / patches.diffusers not installed")
+def test_sd_merge_maps_show_the_plan_the_patched_block_used(cat):
+    """The plan drawn is the one the patched attention used: recomputing the block's self-attention
+    with it reproduces the block's output."""
+    from patches.diffusers import apply_tome_sd
+    from visiontools import merge2d
+
+    from demos.sd_tab import (
+        TIMESTEP, _text_embedding, exact_plan_options, image_latent, sd_merge_maps, shared_copy, tiny_unet,
+    )
+
+    maps = sd_merge_maps(cat, 0.5, 2, latent_side=32, display_side=128)
+    assert [(b.downsample, b.grid) for b in maps][:2] == [(1, (32, 32)), (2, (16, 16))]
+    assert all(b.merged == b.grid[0] * b.grid[1] // 2 for b in maps)
+    assert all(b.picture.size == (128, 128) for b in maps)
+    assert "512 of 1024 merged" in maps[0].caption
+
+    unet = apply_tome_sd(shared_copy(tiny_unet()), ratio=0.5, max_downsample=1, **exact_plan_options())
+    attn1 = unet.get_submodule(maps[0].name).attn1
+    seen = {}
+
+    def grab_in(module, args, kwargs):
+        seen["in"] = args[0] if args else kwargs["hidden_states"]
+
+    def grab_out(module, args, output):
+        seen["out"] = output
+
+    h1 = attn1.register_forward_pre_hook(grab_in, with_kwargs=True)
+    h2 = attn1.register_forward_hook(grab_out)
+    with torch.inference_mode():
+        unet(image_latent(cat, 32), torch.tensor(TIMESTEP), _text_embedding(unet))
+        h1.remove(), h2.remove()
+        plan = merge2d.plan_merge_2d(seen["in"], 32, 32, 512, 2, 2, None)
+        again = merge2d.unmerge(attn1.processor.inner(attn1, merge2d.merge_2d(plan, seen["in"])), plan.index)
+    assert torch.allclose(again, seen["out"], atol=1e-5)
+    # and a different plan (other destinations) would not reproduce it
+    other = merge2d.plan_merge_2d(seen["in"], 32, 32, 512, 2, 2, 123)
+    with torch.inference_mode():
+        wrong = merge2d.unmerge(attn1.processor.inner(attn1, merge2d.merge_2d(other, seen["in"])), other.index)
+    assert not torch.allclose(wrong, seen["out"], atol=1e-3)
+
+
+@pytest.mark.skipif(not _sd_available(), reason="diffusers / patches.diffusers not installed")
+def test_sd_speed_rows():
+    from demos.sd_tab import sd_speed
+
+    rows, machine = sd_speed(0.5, 1, latent_side=32, repeats=1, warmup=0)
+    assert [r[0] for r in rows] == ["unpatched", "ToMe-SD merge @ 0.5", "ToMe-SD downsample @ 0.5"]
+    assert rows[0][2] == 1.0 and rows[0][3] == 1.0
+    assert rows[1][3] > 1.2 and rows[2][3] > 1.2  # fewer FLOPs in self-attention
+    assert all(r[1] > 0 for r in rows) and "CPU" in machine or "cuda" in machine.lower()
+
+
+# --- Hyena tab --------------------------------------------------------------------------------------
+
+def _hyena_available():
+    from demos.hyena_tab import available
+
+    return available()
+
+
+@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / patches.timm_hyena not installed")
+def test_hyena_filter_bank_is_what_the_layer_convolves_with():
+    from patches.timm_hyena import hyena_layers
+
+    from demos.hyena_tab import filter_bank, filter_figure, hyena_model
+
+    model, desc, trained = hyena_model()
+    assert ("random weights" in desc) != trained
+    k = filter_bank(model, 1, 1)
+    mixer = hyena_layers(model)[1].mixer
+    h, w = model.patch_embed.grid_size
+    assert k.shape == (mixer.dim, 2 * h - 1, 2 * w - 1)
+    with torch.no_grad():
+        assert torch.equal(k, mixer.filter((h, w))[mixer.dim:2 * mixer.dim])
+    assert not torch.equal(k, filter_bank(model, 1, 0))
+    fig = filter_figure(k, show=8)
+    assert len(fig.axes) == 8
+    from demos.hyena_tab import filters_ui
+
+    fig, note = filters_ui(2, 0)
+    assert len(fig.axes) == 8 and "block 2" in fig._suptitle.get_text() and "Red = positive" in note
+    with pytest.raises(ValueError, match="block must be between"):
+        filter_bank(model, len(model.blocks), 0)
+
+
+@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / patches.timm_hyena not installed")
+def test_hyena_block_timing_rows():
+    from demos.hyena_tab import TIMING_HEADERS, block_timing, timing_figure, timing_rows
+
+    result = block_timing((4, 8), dim=32, heads=2, repeats=1)
+    rows = timing_rows(result)
+    assert [r[:2] for r in rows] == [["4x4", 16], ["8x8", 64]] and all(len(r) == len(TIMING_HEADERS) for r in rows)
+    for row, raw in zip(rows, result["rows"]):
+        assert row[3] > 0 and row[4] > 0
+        assert row[5] == pytest.approx(raw["attn_ms"] / raw["hyena_ms"], abs=0.01)
+    assert len(timing_figure(result).axes[0].lines) == 3
+
+
+@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / patches.timm_hyena not installed")
+def test_hyena_checkpoint_is_used_when_shipped():
+    from visiontools.models import CHECKPOINT_DIR
+
+    from demos.hyena_tab import hyena_model
+
+    model, desc, trained = hyena_model()
+    shipped = sorted(CHECKPOINT_DIR.glob("*hyena*.safetensors"))
+    assert trained == bool(shipped)
+    if shipped:
+        assert shipped[0].name in desc
+
+
+@pytest.mark.skipif(not _sd_available(), reason="diffusers / patches.diffusers not installed")
+def test_sd_tab_callback_and_bad_upload(tmp_path):
+    from demos.sd_tab import LATENT_SIDES, merge_maps_ui
+
+    side = next(k for k, v in LATENT_SIDES.items() if v == 32)
+    gallery, note = merge_maps_ui({"path": CAT}, 0.5, 1, side)
+    assert len(gallery) == 3 and all(isinstance(p, Image.Image) for p, _ in gallery)
+    assert "3 patched self-attention blocks" in note and "1536 of 3072 tokens merged" in note
+    bad = tmp_path / "latent.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.warns(UserWarning):
+        gallery, note = merge_maps_ui(str(bad), 0.5, 1, side)
+    assert gallery == [] and "⚠️" in note

@@ -1,0 +1,198 @@
+"""End-to-end test of the Gradio demo in a real headless Chromium: start `visiontools demo` on a free
+local port, pick a bundled example, move the r slider, and check that the merge picture and the token
+counts update. A screenshot is saved to artifacts/demo_browser.png."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (the CI script installs it)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Runs `visiontools demo` with a Python audit hook that logs every DNS lookup or connection to a
+# host other than this machine, so the test can check that nothing reaches for the internet.
+LAUNCHER = """
+import sys
+LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0", None)
+def hook(event, args):
+    host = None
+    if event == "socket.getaddrinfo":
+        host = args[0]
+    elif event == "socket.connect" and isinstance(args[1], tuple):
+        host = args[1][0]
+    else:
+        return
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host not in LOCAL:
+        print(f"NETWORK ACCESS: {event} {host}", file=sys.stderr, flush=True)
+sys.addaudithook(hook)
+from visiontools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`visiontools demo` in a subprocess on a free port (environment as a user would have it, minus
+    threads); yields its URL and start-up time."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_OFFLINE")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "demo_server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", "--port", str(port), "--threads", "1"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the demo exited with code {proc.returncode}:\n{(ARTIFACTS / 'demo_server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > 60:
+                pytest.fail("the demo did not answer within 60 s")
+            time.sleep(0.3)
+        yield url, time.monotonic() - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _token_rows(page) -> list[list[str]]:
+    rows = page.locator("#token-table [role=row].virtual-row")  # Gradio's data grid: one div per row
+    return [[c.strip() for c in rows.nth(i).locator("[role=gridcell]").all_text_contents()]
+            for i in range(rows.count())]
+
+
+def test_pick_example_and_move_r_slider(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, startup_s = server
+    bad_upload = tmp_path / "holiday.jpg"
+    bad_upload.write_text("not a photo: a text file with an image name\n")
+    external: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})
+            page.set_default_timeout(30_000)
+            page.on("request", lambda req: external.append(req.url)
+                    if not req.url.startswith(("http://127.0.0.1", "http://localhost", "data:", "blob:")) else None)
+            page.goto(url)
+
+            vis = page.locator("#merge-vis img")
+            # the page opens on a bundled photo, already analysed
+            expect(vis).to_have_count(1)
+            expect(page.locator("#token-summary")).to_contain_text("patch groups")
+            first_src = vis.get_attribute("src")
+
+            # pick another bundled example: the picture and the summary follow
+            summary_before = page.locator("#token-summary").inner_text()
+            page.locator("#examples button.gallery-item").nth(0).click()   # astronaut.jpg (sorted first)
+            expect(vis).not_to_have_attribute("src", first_src)
+            example_src = vis.get_attribute("src")
+
+            # move the r slider's thumb with the keyboard (as a user dragging it would change it)
+            r_before = page.locator("#r-slider input[type=number]").input_value()
+            merged_cell = page.locator("#token-table [data-testid='cell-0-2']")
+            expect(merged_cell).to_have_text(r_before)
+            new_r = str(int(r_before) + 4)
+            thumb = page.locator("#r-slider input[type=range]")
+            thumb.focus()
+            for _ in range(4):
+                page.keyboard.press("ArrowRight")
+            expect(thumb).to_have_value(new_r)
+            expect(page.locator("#r-slider input[type=number]")).to_have_value(new_r)
+            expect(merged_cell).to_have_text(new_r)
+            expect(vis).not_to_have_attribute("src", example_src)
+            rows = _token_rows(page)
+            assert len(rows) >= 2, rows
+            ins = [int(r[1]) for r in rows]
+            outs = [int(r[3]) for r in rows]
+            assert all(int(r[2]) == int(new_r) for r in rows if int(r[1]) > 2 * int(new_r) + 1)
+            assert outs[:-1] == ins[1:] and outs[-1] < ins[0]
+            assert page.locator("#token-summary").inner_text() != summary_before
+            expect(page.locator("#top5-after")).to_contain_text("%")
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "demo_browser.png"), full_page=True)
+
+            # a file that is not an image: a clear message, and the app keeps working
+            status = page.locator("#status")
+            page.locator("#input-image input[type=file]").set_input_files(str(bad_upload))
+            expect(status).to_contain_text("Could not use this upload")
+            expect(status).to_contain_text("not an image file")
+            page.screenshot(path=str(ARTIFACTS / "demo_browser_bad_upload.png"))
+            page.locator("#examples button.gallery-item").nth(1).click()
+            expect(status).not_to_contain_text("Could not use this upload")
+            expect(vis).to_have_count(1)
+
+            # a second user at the same time gets their own result
+            other = browser.new_page(viewport={"width": 1280, "height": 1000})
+            other.goto(url)
+            other.locator("#examples button.gallery-item").nth(2).click()
+            expect(other.locator("#merge-vis img")).to_have_count(1)
+            other.locator("#r-slider input[type=number]").fill("1")
+            other.locator("#r-slider input[type=number]").press("Enter")
+            expect(other.locator("#token-table [data-testid='cell-0-2']")).to_have_text("1")
+            expect(merged_cell).to_have_text(new_r)  # the first user's page is unchanged
+            other.close()
+
+            # measured speed, with the chart and the table
+            page.get_by_role("tab", name="Measured speed").click()
+            page.locator("#measure").click()
+            expect(page.locator("#speed-table [data-testid='cell-0-0']")).to_have_text("unpatched", timeout=45_000)
+            expect(page.locator("#speed-table [data-testid='cell-1-0']")).to_contain_text(f"ToMe r={new_r}")
+            expect(page.locator("#speed-chart img").first).to_be_visible()
+            expect(page.locator("#speed-note")).to_contain_text("measured speedup")
+            page.screenshot(path=str(ARTIFACTS / "demo_browser_speed.png"), full_page=True)
+
+            # the Stable Diffusion and Hyena tabs, when those parts are installed
+            if page.get_by_role("tab", name="Stable Diffusion (ToMe-SD)").count():
+                page.get_by_role("tab", name="Stable Diffusion (ToMe-SD)").click()
+                page.locator("#sd-show").click()
+                expect(page.locator("#sd-note")).to_contain_text("tokens merged", timeout=45_000)
+                expect(page.locator("#sd-gallery img").first).to_be_visible()
+                page.screenshot(path=str(ARTIFACTS / "demo_browser_sd.png"), full_page=True)
+            if page.get_by_role("tab", name="Hyena").count():
+                page.get_by_role("tab", name="Hyena").click()  # selecting the tab draws the filters
+                expect(page.locator("#hyena-note")).to_contain_text("Red = positive")
+                expect(page.locator("#hyena-filters img").first).to_be_visible()
+                page.screenshot(path=str(ARTIFACTS / "demo_browser_hyena.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not external, f"the page tried to reach the internet: {external}"
+    server_log = (ARTIFACTS / "demo_server.log").read_text()
+    assert "NETWORK ACCESS" not in server_log, server_log
