@@ -1,0 +1,429 @@
+"""ToMe-SD / token downsampling for diffusers UNets (patches/diffusers.py, visiontools/merge2d.py).
+
+Offline: every model is built from a tiny config with random weights.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
+
+from patches.diffusers import apply_tome_sd, is_patched, patched_blocks, remove_tome_sd  # noqa: E402
+from visiontools import merge2d  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    """SD-1.x-like layout: attention at x1 and x2, none at x4."""
+    torch.manual_seed(seed)
+    config = dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SDXL-like layout: no attention at x1, attention at x2 and x4, text_time conditioning."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=32, norm_num_groups=8,
+    ).eval()
+
+
+def inputs(h=13, w=18, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, h, w, generator=g), torch.tensor(500), torch.randn(batch, 7, 32, generator=g)
+
+
+def run(unet, x, t, e, **kw):
+    with torch.no_grad():
+        return unet(x, t, e, **kw).sample
+
+
+class Recorder(AttnProcessor2_0):
+    """SDPA processor that records (query tokens, key/value tokens) of each call."""
+
+    def __init__(self, log, name):
+        super().__init__()
+        self.log, self.name = log, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        kv = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        self.log.append((self.name, hidden_states.shape[1], kv.shape[1]))
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def install_recorders(unet):
+    log = []
+    unet.set_attn_processor({name: Recorder(log, name) for name in unet.attn_processors})
+    return log
+
+
+# ---------------------------------------------------------------------------------------------- merge2d
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (7, 9), (12, 5)])
+def test_merge2d_matches_tomesd_with_fixed_destinations(h, w):
+    from tomesd.merge import bipartite_soft_matching_random2d
+
+    x = torch.randn(2, h * w, 16, generator=torch.Generator().manual_seed(0))
+    r = int(h * w * 0.5)
+    m = merge2d.plan_merge_2d(x, h, w, merge2d.num_merged(h * w, 0.5, 2, 2, h, w), 2, 2, seed=None)
+    ours = merge2d.unmerge(merge2d.merge_2d(m, x), m.index)
+    tm, tu = bipartite_soft_matching_random2d(x, w, h, 2, 2, r, no_rand=True)
+    assert merge2d.merge_2d(m, x).shape == tm(x).shape
+    torch.testing.assert_close(ours, tu(tm(x)), rtol=0, atol=0)
+
+
+def test_merge2d_destinations_one_per_window_and_deterministic():
+    h, w = 9, 10  # 4 x 5 full windows, one row left over
+    for seed in (None, 3, torch.tensor(3)):
+        dst, src = merge2d.destinations(h, w, 2, 2, seed)
+        assert dst.numel() == 20 and src.numel() == h * w - 20
+        assert torch.equal(torch.sort(torch.cat([dst, src])).values, torch.arange(h * w))
+        win = (dst // w // 2) * 5 + (dst % w) // 2
+        assert torch.equal(torch.sort(win).values, torch.arange(20))
+    a, _ = merge2d.destinations(h, w, 2, 2, 3)
+    b, _ = merge2d.destinations(h, w, 2, 2, 3)
+    c, _ = merge2d.destinations(h, w, 2, 2, 4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    off = merge2d.window_offsets(10000, 4, 7)
+    assert off.min() == 0 and off.max() == 3 and (off.bincount() > 2200).all()  # roughly uniform
+
+
+def test_merge2d_merge_is_mean_and_unmerge_restores_shapes():
+    h, w = 6, 6
+    x = torch.randn(1, h * w, 8)
+    m = merge2d.plan_merge_2d(x, h, w, 18, seed=1)
+    y = merge2d.merge_2d(m, x)
+    assert y.shape == (1, 18, 8) and m.index.max() == 17
+    # every merged token is the mean of the input tokens that map to it
+    idx = m.index[..., None].expand(-1, -1, 8)
+    expect = torch.zeros(1, 18, 8).scatter_reduce(1, idx, x, "mean", include_self=False)
+    torch.testing.assert_close(y, expect)
+    assert merge2d.unmerge(y, m.index).shape == x.shape
+
+
+def test_downsample_tokens_sizes_and_avg():
+    x = torch.randn(2, 12 * 10, 4)
+    assert merge2d.kv_grid_size(12, 10, 0.75) == (6, 5)
+    assert merge2d.kv_grid_size(13, 9, 0.75) == (7, 5)
+    y = merge2d.downsample_tokens(x, 12, 10, (6, 5), "avg")
+    ref = torch.nn.functional.avg_pool2d(x.transpose(1, 2).reshape(2, 4, 12, 10), 2)
+    torch.testing.assert_close(y, ref.flatten(2).transpose(1, 2))
+    assert merge2d.downsample_tokens(x, 12, 10, (9, 8)).shape == (2, 72, 4)
+    with pytest.raises(ValueError, match="tokens"):
+        merge2d.downsample_tokens(x, 11, 10, (6, 5))
+
+
+# ------------------------------------------------------------------------------------- patch: UNet
+
+
+@pytest.mark.parametrize("mode", ["merge", "downsample"])
+def test_ratio_zero_is_identical_and_remove_restores_bit_for_bit(mode):
+    unet = tiny_unet()
+    x, t, e = inputs()
+    ref = run(unet, x, t, e)
+    apply_tome_sd(unet, ratio=0.0, mode=mode, max_downsample=2)
+    assert is_patched(unet)
+    assert torch.equal(run(unet, x, t, e), ref)
+    apply_tome_sd(unet, ratio=0.5, mode=mode, max_downsample=2)  # re-apply replaces the patch
+    patched = run(unet, x, t, e)
+    assert not torch.equal(patched, ref)
+    rel = ((patched - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.5
+    remove_tome_sd(unet)
+    assert not is_patched(unet)
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    assert torch.equal(run(unet, x, t, e), ref)
+    remove_tome_sd(unet)  # removing twice is a no-op
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (13, 18), (9, 7)])
+def test_tokens_seen_by_each_attention_match_ratio(h, w):
+    unet = tiny_unet()
+    x, t, e = inputs(h, w)
+    x1, x2, x4 = merge2d.grid_at(h, w, 1), merge2d.grid_at(h, w, 2), merge2d.grid_at(h, w, 4)
+    n1, n2, n4 = x1[0] * x1[1], x2[0] * x2[1], x4[0] * x4[1]
+    full = {"down_blocks.0": n1, "up_blocks.2": n1, "down_blocks.1": n2, "up_blocks.1": n2, "mid_block": n4}
+
+    log = install_recorders(unet)
+    apply_tome_sd(unet, ratio=0.5, mode="merge")  # default max_downsample: x1 only on this layout
+    assert [ds for _, ds in patched_blocks(unet)] == [1, 1, 1]
+    run(unet, x, t, e)
+    seen = {(name.split(".attentions")[0], name.rsplit(".", 2)[-2]): (q, kv) for name, q, kv in log}
+    want1 = n1 - merge2d.num_merged(n1, 0.5, 2, 2, *x1)
+    assert want1 == n1 - n1 // 2
+    assert len(seen) == 10
+    for (blk, attn), (q, kv) in seen.items():
+        level1 = full[blk] == n1
+        if attn == "attn1":
+            assert (q, kv) == ((want1, want1) if level1 else (full[blk], full[blk])), (blk, attn)
+        else:
+            assert q == full[blk] and kv == 7
+
+    log.clear()
+    apply_tome_sd(unet, ratio=0.75, mode="downsample", max_downsample=2)
+    run(unet, x, t, e)
+    k1, k2 = merge2d.kv_grid_size(*x1, 0.75), merge2d.kv_grid_size(*x2, 0.75)
+    self_attn = sorted({(q, kv) for name, q, kv in log if name.endswith("attn1.processor")})
+    assert self_attn == sorted({(n1, k1[0] * k1[1]), (n2, k2[0] * k2[1]), (n4, n4)})
+    assert k1 == (-(-x1[0] // 2), -(-x1[1] // 2))
+
+
+def test_merge_crossattn_and_mlp_use_the_plan_and_work_with_chunked_feed_forward():
+    unet = tiny_unet()
+    x, t, e = inputs(12, 12)
+    ref = run(unet, x, t, e)
+    log = install_recorders(unet)
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True, merge_mlp=True)
+    calls = []
+    hooks = [b.ff.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
+             for name, b in unet.named_modules() if name in dict(patched_blocks(unet))]
+    out = run(unet, x, t, e)
+    assert {(q, kv) for n, q, kv in log if n.startswith("down_blocks.0") and "attn2" in n} == {(72, 7)}
+    assert calls == [72, 72, 72]  # the ff hooks registered after ours see merged tokens
+    for hk in hooks:
+        hk.remove()
+    patched = [b for name, b in unet.named_modules() if name in dict(patched_blocks(unet))]
+    for b in patched:  # feed-forward chunks along the tokens are left unmerged, and still work
+        b.set_chunk_feed_forward(8, dim=1)
+    chunked = run(unet, x, t, e)
+    for b in patched:
+        b.set_chunk_feed_forward(None, 0)
+    assert not torch.equal(chunked, out)
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True, merge_mlp=False)
+    torch.testing.assert_close(chunked, run(unet, x, t, e))
+    remove_tome_sd(unet)
+    assert torch.equal(run(unet, x, t, e), ref)
+
+
+@pytest.mark.parametrize("mode", ["merge", "downsample"])
+def test_grids_smaller_than_a_window_run_unmerged(mode):
+    unet = tiny_unet()
+    x, t, e = inputs(5, 3)  # x4 level: 2x1 tokens, no full 2x2 window
+    ref = run(unet, x, t, e)
+    log = install_recorders(unet)
+    apply_tome_sd(unet, ratio=0.5, mode=mode, max_downsample=4)
+    out = run(unet, x, t, e)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert ("mid_block.attentions.0.transformer_blocks.0.attn1.processor", 2, 2) in log
+    assert merge2d.num_merged(2, 0.5, 2, 2, 2, 1) == 0
+
+
+def test_keyword_call_and_seeded_determinism():
+    unet = tiny_unet()
+    x, t, e = inputs()
+    apply_tome_sd(unet, ratio=0.5, mode="merge", seed=5)
+    a = run(unet, x, t, e)
+    with torch.no_grad():
+        b = unet(sample=x, timestep=t, encoder_hidden_states=e).sample
+    assert torch.equal(a, b)
+    assert torch.equal(run(unet, x, t, e), a)  # no state carried from call to call
+    other_t = run(unet, x, torch.tensor(499), e)  # destinations re-drawn per timestep
+    apply_tome_sd(unet, ratio=0.5, mode="merge", seed=6)
+    assert not torch.equal(run(unet, x, t, e), a)
+    apply_tome_sd(unet, ratio=0.5, mode="merge", seed=5)
+    assert torch.equal(run(unet, x, t, e), a)
+    assert not torch.equal(other_t, a)
+    for dtype in ("float32", "bfloat16"):  # the matching matmul's dtype only changes which tokens pair up
+        apply_tome_sd(unet, ratio=0.5, mode="merge", seed=5, similarity_dtype=dtype)
+        out = run(unet, x, t, e)
+        assert torch.equal(run(unet, x, t, e), out) and torch.isfinite(out).all()
+
+
+def test_no_plan_outlives_a_call_and_a_second_concurrent_call_is_refused():
+    import threading
+
+    unet = tiny_unet()
+    x, t, e = inputs(12, 12)
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True)
+    solo = run(unet, x, t, e)
+    state = unet._visiontools_tome_sd
+    assert state.slots and all(s.plan is None for s in state.slots) and state.ctx.hw is None
+
+    entered, go, result = threading.Event(), threading.Event(), {}
+
+    class Blocking(AttnProcessor2_0):
+        def __call__(self, *args, **kw):
+            entered.set()
+            go.wait(30)
+            return super().__call__(*args, **kw)
+
+    remove_tome_sd(unet)
+    unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.set_processor(Blocking())
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True)
+    worker = threading.Thread(target=lambda: result.setdefault("out", run(unet, x, t, e)))
+    worker.start()
+    assert entered.wait(30)
+    with pytest.raises(RuntimeError, match="already running"):
+        run(unet, x, t, e)
+    go.set()
+    worker.join(30)
+    assert torch.equal(result["out"], solo)  # the running call was not disturbed by the refused one
+    assert torch.equal(run(unet, x, t, e), solo)
+
+
+def test_sdxl_style_unet_is_patched_by_default_and_warns_when_nothing_is():
+    unet = tiny_sdxl_unet()
+    x, t, e = inputs(12, 10)
+    cond = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    ref = run(unet, x, t, e, added_cond_kwargs=cond)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_tome_sd(unet, ratio=0.5)
+    blocks = patched_blocks(unet)
+    assert len(blocks) == 3 and {ds for _, ds in blocks} == {2}  # 1 down + 2 up transformer blocks at x2
+    out = run(unet, x, t, e, added_cond_kwargs=cond)
+    assert out.shape == ref.shape and not torch.equal(out, ref)
+    with pytest.warns(UserWarning, match="patched 0 of"):
+        apply_tome_sd(unet, ratio=0.5, max_downsample=1)
+    assert torch.equal(run(unet, x, t, e, added_cond_kwargs=cond), ref)
+    remove_tome_sd(unet)
+    assert torch.equal(run(unet, x, t, e, added_cond_kwargs=cond), ref)
+
+
+@pytest.mark.parametrize("mode", ["merge", "downsample"])
+def test_torch_compile_fullgraph(mode):
+    unet = tiny_unet()
+    x, t, e = inputs()
+    apply_tome_sd(unet, ratio=0.5, mode=mode)
+    ref = run(unet, x, t, e)
+    compiled = torch.compile(unet, fullgraph=True, backend="eager")  # graph breaks raise here
+    torch._dynamo.reset()
+    torch.testing.assert_close(run(compiled, x, t, e), ref)
+    torch.testing.assert_close(run(compiled, x, torch.tensor(499), e), run(unet, x, torch.tensor(499), e))
+
+
+def test_errors():
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="ratio"):
+        apply_tome_sd(unet, ratio=0.8)  # > 1 - 1/(2*2)
+    with pytest.raises(ValueError, match="ratio"):
+        apply_tome_sd(unet, ratio=-0.1)
+    with pytest.raises(ValueError, match="ratio"):
+        apply_tome_sd(unet, ratio=1.0, mode="downsample")
+    with pytest.raises(TypeError, match="ratio"):
+        apply_tome_sd(unet, ratio="0.5")
+    with pytest.raises(ValueError, match="mode"):
+        apply_tome_sd(unet, mode="prune")
+    with pytest.raises(ValueError, match="max_downsample"):
+        apply_tome_sd(unet, max_downsample=3)
+    with pytest.raises(ValueError, match="mode='merge' only"):
+        apply_tome_sd(unet, mode="downsample", merge_mlp=True)
+    with pytest.raises(ValueError, match="sx"):
+        apply_tome_sd(unet, sx=0)
+    with pytest.raises(ValueError, match="similarity_dtype"):
+        apply_tome_sd(unet, similarity_dtype="int8")
+    with pytest.raises(ValueError, match="downsample_method"):
+        apply_tome_sd(unet, mode="downsample", downsample_method="lanczos")
+    assert not is_patched(unet)
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        apply_tome_sd(torch.nn.Linear(2, 2))
+    from diffusers import UNet2DModel
+
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        apply_tome_sd(UNet2DModel(sample_size=8, block_out_channels=(32, 32), norm_num_groups=8,
+                                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
+    no_attn = tiny_unet(down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+                        mid_block_type="UNetMidBlock2D")
+    with pytest.raises(TypeError, match="no transformer blocks"):
+        apply_tome_sd(no_attn)
+    apply_tome_sd(unet)
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    with pytest.raises(RuntimeError, match="outside a forward"):
+        block(torch.randn(1, 64, 32), encoder_hidden_states=torch.randn(1, 7, 32))
+
+
+# ------------------------------------------------------------------------------------- pipeline
+
+
+def tiny_sd_pipeline():
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                max_position_embeddings=16)).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=tiny_unet(),
+                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
+                                   feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeds = text_encoder(ids).last_hidden_state  # (prompt, negative prompt); no tokenizer offline
+    return pipe, embeds[:1], embeds[1:]
+
+
+def test_pipeline_generates_with_each_mode_deterministically():
+    pipe, pos, neg = tiny_sd_pipeline()
+
+    def generate(seed=0):
+        return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=40, width=56, num_inference_steps=2,
+                    guidance_scale=5.0, output_type="np", generator=torch.Generator().manual_seed(seed)).images
+
+    ref = generate()
+    assert ref.shape == (1, 40, 56, 3)
+    images = {}
+    for mode in ("merge", "downsample"):
+        apply_tome_sd(pipe, ratio=0.5, mode=mode)
+        assert len(patched_blocks(pipe)) == 3
+        images[mode] = generate()
+        assert images[mode].shape == ref.shape and (images[mode] >= 0).all() and (images[mode] <= 1).all()
+        assert not (images[mode] == ref).all()
+        assert (generate() == images[mode]).all()  # same seed, same image, without re-applying
+        remove_tome_sd(pipe)
+    assert not (images["merge"] == images["downsample"]).all()
+    assert (generate() == ref).all()
+
+
+# ------------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_sd_tiny_smoke(tmp_path):
+    import argparse
+    import json
+
+    from visiontools import bench_sd
+
+    parser = argparse.ArgumentParser()
+    bench_sd.add_arguments(parser)
+    out = tmp_path / "sd.json"
+    args = parser.parse_args(["--tiny", "--resolutions", "72", "--candidates", "tomesd@0.5", "merge@0.5",
+                              "downsample@0.75", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                              "--out-json", str(out), "--out-md", str(tmp_path / "sd.md")])
+    assert bench_sd.run(args) == 0
+    md = (tmp_path / "sd.md").read_text()
+    assert "| 9² (72²) | downsample | 0.75 |" in md and "CPU" in md
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("sdpa", 0), ("tomesd", 0.5), ("merge", 0.5),
+                                                         ("downsample", 0.75)]
+    assert rows[0]["rel_l2"] == 0 and rows[0]["flop_ratio"] == 1
+    for r in rows[1:]:
+        assert r["flop_ratio"] > 1 and 0 < r["rel_l2"] < 1 and r["median_s"] > 0
+    # tomesd and our merge mode do the same work
+    assert rows[1]["flops"] == rows[2]["flops"]
+    with pytest.raises(SystemExit, match="METHOD@RATIO"):
+        bench_sd.run(parser.parse_args(["--tiny", "--candidates", "merge"]))
+    with pytest.raises(SystemExit, match="merge ratios must be in"):  # downsample allows up to < 1
+        bench_sd.run(parser.parse_args(["--tiny", "--candidates", "downsample@0.9", "merge@0.9"]))
