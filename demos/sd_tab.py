@@ -9,7 +9,6 @@ recomputed here from each block's input is exactly the one the patched block use
 """
 from __future__ import annotations
 
-import copy
 import threading
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from demos.images import square_crop
+from visiontools.bench_sd import shared_copy
 
 LATENT_SIDES = {"32x32 (256 px image)": 32, "64x64 (512 px image)": 64}
 TIMESTEP = 500
@@ -50,12 +50,6 @@ def tiny_unet():
             _UNET = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
             torch.random.set_rng_state(g)
         return _UNET
-
-
-def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy sharing every parameter and buffer, so each request patches its own UNet."""
-    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return copy.deepcopy(module, memo)
 
 
 def image_latent(image: Image.Image, side: int) -> torch.Tensor:

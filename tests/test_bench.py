@@ -53,3 +53,16 @@ def test_cli_bench_writes_json(tmp_path, capsys):
         n -= min(4, (n - 1) // 2)
     assert res["rows"][1]["final_tokens"] == n == 2
     assert "| ToMe r=4 |" in capsys.readouterr().out
+
+
+def test_count_flops_counts_ffts_which_torch_misses():
+    """Hyena's long convolutions are FFTs: 5·n·log2(n) per complex transform of n points, half for real."""
+    x = torch.randn(2, 3, 8, 8)
+    spec = torch.fft.rfft2(x, s=(16, 16))  # zero-padded, as in Hyena: 6 real transforms of 256 points
+    assert count_flops(lambda: torch.fft.rfft2(x, s=(16, 16))) == 2.5 * 6 * 256 * 8
+    assert count_flops(lambda: torch.fft.irfft2(spec, s=(16, 16))) == 2.5 * 6 * 256 * 8
+    assert count_flops(lambda: torch.fft.fft(x, dim=-1)) == 2.5 * 48 * 8 * 3  # real input: one-sided
+    xc = torch.randn(2, 3, 8, 8, dtype=torch.complex64)
+    assert count_flops(lambda: torch.fft.fft(xc, dim=-1)) == 5 * 48 * 8 * 3
+    w = torch.randn(8, 8)
+    assert count_flops(lambda: x @ w) == 2 * 48 * 8 * 8  # torch's own formulas still apply

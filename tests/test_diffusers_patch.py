@@ -154,6 +154,18 @@ def test_ratio_zero_is_identical_and_remove_restores_bit_for_bit(mode):
     remove_tome_sd(unet)  # removing twice is a no-op
 
 
+def test_top_level_apply_tome_dispatches_to_the_diffusers_adapter():
+    import visiontools
+
+    unet = tiny_unet()
+    x, t, e = inputs()
+    ref = run(unet, x, t, e)
+    assert visiontools.apply_tome(unet, ratio=0.75, mode="downsample") is unet and is_patched(unet)
+    assert not torch.equal(run(unet, x, t, e), ref)
+    visiontools.remove_tome(unet)
+    assert not is_patched(unet) and torch.equal(run(unet, x, t, e), ref)
+
+
 @pytest.mark.parametrize("h,w", [(16, 16), (13, 18), (9, 7)])
 def test_tokens_seen_by_each_attention_match_ratio(h, w):
     unet = tiny_unet()

@@ -40,6 +40,18 @@ def test_shipped_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(dat
     assert meta["eval"]["rows"][0]["name"] == "unpatched" and meta["eval"]["n_images"] == 10000
 
 
+@pytest.mark.parametrize("name,floor", [("hyena_cifar10", 45.0), ("attn_cifar10", 30.0)])
+def test_shipped_hyena_and_its_attention_twin_classify_real_cifar10_at_their_recorded_accuracy(name, floor,
+                                                                                             datasets_dir):
+    assert SHIPPED[name].is_file() and SHIPPED[name].stat().st_size < 2e6
+    model, meta = load_checkpoint_model(name)
+    rec = meta["subset_accuracy"]  # recorded when the checkpoint was shipped
+    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=rec["per_class"])
+    acc = top1(model, normalize(ds.images, meta["mean"], meta["std"]), ds.labels)
+    assert acc == pytest.approx(rec["top1"], abs=1.0) and acc > floor  # trained (chance is 10%)
+    assert meta["params"] == sum(p.numel() for p in model.parameters())
+
+
 def test_eval_table_on_real_cifar10_subset(tmp_path, datasets_dir):
     res = evaluate(data_dir=str(datasets_dir / "cifar10"), per_class=5, rs=[0, 8], schedules=[(8, -0.5)],
                    batch_size=25, timing_batch_size=8, repeats=2, warmup=1, progress=False)
@@ -58,7 +70,29 @@ def test_eval_table_on_real_cifar10_subset(tmp_path, datasets_dir):
     assert rows["ToMe r=8,-0.5"]["r"] == [8, -0.5]
     assert rows["unpatched"]["speedup"] == 1.0 and all(r["images_per_s"] > 0 for r in res["rows"])
     md = markdown_table(res)
-    assert md.count("\n") == 2 + 4 and "| ToMe r=8 | 65 -> 25 |" in md
+    params = sum(p.numel() for p in load_default_model()[0].parameters())
+    assert all(r["params"] == params for r in res["rows"])  # ToMe adds no parameters
+    assert md.count("\n") == 2 + 4 and f"| ToMe r=8 | {params / 1e6:.2f} | 65 -> 25 |" in md
+
+
+def test_eval_compare_puts_other_checkpoints_beside_the_model(datasets_dir):
+    """--compare: the Hyena ViT beside the CIFAR-10 ViT, on the same images, timed in the same rounds."""
+    from visiontools.evaluate import load_comparisons
+
+    data_dir = str(datasets_dir / "cifar10")
+    res = evaluate(checkpoint="cifar10_vit", compare=["hyena_cifar10"], data_dir=data_dir, per_class=3, rs=[4],
+                   batch_size=30, timing_batch_size=4, repeats=2, warmup=1, progress=False)
+    assert [r["name"] for r in res["rows"]] == ["unpatched", "ToMe r=4", "hyena_cifar10"]
+    hy = res["rows"][2]
+    alone = evaluate(checkpoint="hyena_cifar10", data_dir=data_dir, per_class=3, rs=[], batch_size=30,
+                     timing_batch_size=4, repeats=1, warmup=0, progress=False)["rows"][0]
+    assert (hy["top1"], hy["top5"], hy["n"]) == (alone["top1"], alone["top5"], 30)
+    assert hy["params"] == sum(p.numel() for p in load_checkpoint_model("hyena_cifar10")[0].parameters())
+    assert hy["tokens_per_layer"] is None and hy["speedup"] > 0 and hy["gflops"] > 0
+    assert "| hyena_cifar10 | 0.30 | all |" in markdown_table(res)
+    _, desc = load_default_model()
+    with pytest.raises(ValueError, match="--compare hyena_cifar10: its mean"):
+        load_comparisons(["hyena_cifar10"], {**desc, "mean": [0.5, 0.5, 0.5]}, torch.device("cpu"))
 
 
 def test_eval_cli_writes_markdown_json_and_plot(tmp_path, datasets_dir):

@@ -18,7 +18,7 @@ def apply_tome(model, **kwargs):
     if _is_timm_vit(model):
         from patches.timm import apply_tome as apply
         return apply(model, **kwargs)
-    if type(model).__module__.startswith("diffusers."):
+    if type(model).__module__.startswith("diffusers.") or hasattr(model, "unet"):  # a UNet, or a pipeline
         from patches.diffusers import apply_tome_sd
         return apply_tome_sd(model, **kwargs)
     raise TypeError(f"no ToMe adapter for {type(model).__name__} (from {type(model).__module__}); "

@@ -68,10 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-md", default=None, help="write the Markdown table (with the machine) to this file")
 
 
-def _shared_copy(unet):
-    """A structural copy of ``unet`` sharing every parameter and buffer (no extra weight memory)."""
-    memo = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
-    return copy.deepcopy(unet, memo)
+def shared_copy(module):
+    """A structural copy of ``module`` sharing every parameter and buffer (no extra weight memory),
+    so each candidate can carry its own patch."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
 
 
 def _patch(unet, method: str, ratio: float, max_downsample: int):
@@ -158,13 +159,13 @@ def run(args: argparse.Namespace) -> int:
         fns, outputs, flops = {}, {}, {}
         for method, ratio in candidates:
             name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
-            unet = _patch(_shared_copy(base), method, ratio, args.max_downsample)
+            unet = _patch(shared_copy(base), method, ratio, args.max_downsample)
 
             def call(unet=unet, name=name):
                 outputs[name] = unet(x, t, e).sample.float()
 
             fns[name] = call
-            m = _patch(_shared_copy(meta), method, ratio, args.max_downsample)
+            m = _patch(shared_copy(meta), method, ratio, args.max_downsample)
             xm, em, tm = x.to("meta"), e.to("meta"), t.to("meta")
             flops[name] = count_flops(lambda m=m: m(xm, tm, em))
         print(f"\n{res}x{res} (latent {lat}x{lat}): timing {len(fns)} candidates, "

@@ -5,7 +5,9 @@ CIFAR-10/100 or an ImageNet validation-style folder, unpatched and with ToMe at 
 (and schedule), and writes a markdown table, JSON and an accuracy-vs-throughput plot. Throughput is
 timed with all candidates interleaved in one process (``visiontools.timing.interleaved_times``);
 FLOPs come from ``torch.utils.flop_counter``. Runs under ``torchrun`` too (accuracy is sharded over
-the processes; timing runs on rank 0 alone while the others wait).
+the processes; timing runs on rank 0 alone while the others wait). ``--compare`` adds other
+checkpoints trained on the same data (for example the Hyena ViT beside its attention twin): they are
+evaluated unpatched on the same images and timed in the same interleaved rounds.
 """
 from __future__ import annotations
 
@@ -191,12 +193,14 @@ def tokens_after_merging(model: torch.nn.Module, x: torch.Tensor) -> list[int] |
 
 def markdown_table(result: dict) -> str:
     """The result rows as a markdown table."""
-    lines = ["| variant | tokens (first -> last block) | top-1 % | top-5 % | images/s | speedup | GFLOPs/img | FLOP ratio |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | params (M) | tokens (first -> last block) | top-1 % | top-5 % | images/s | speedup "
+             "| GFLOPs/img | FLOP ratio |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         tok = row.get("tokens_per_layer")
         tok_s = f"{tok[0]} -> {tok[-2] if len(tok) > 1 else tok[0]}" if tok else "all"
-        lines.append(f"| {row['name']} | {tok_s} | {row['top1']:.2f} | {row['top5']:.2f} | "
+        params = f"{row['params'] / 1e6:.2f}" if "params" in row else "—"
+        lines.append(f"| {row['name']} | {params} | {tok_s} | {row['top1']:.2f} | {row['top5']:.2f} | "
                      f"{row['images_per_s']:.1f} | {row['speedup']:.2f}x | {row['gflops']:.3f} | "
                      f"{row['flop_ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -210,10 +214,12 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     rows = result["rows"]
-    xs = [r["images_per_s"] for r in rows]
-    ys = [r["top1"] for r in rows]
-    ax.plot(xs[1:], ys[1:], "o", color="tab:blue", label="ToMe")
-    ax.plot(xs[:1], ys[:1], "s", color="tab:red", label="unpatched")
+    kinds = [("ToMe", "o", "tab:blue", [r for r in rows if r["name"].startswith("ToMe")]),
+             ("unpatched", "s", "tab:red", rows[:1]),
+             ("other checkpoints", "^", "tab:green", [r for r in rows[1:] if not r["name"].startswith("ToMe")])]
+    for label, marker, color, group in kinds:
+        if group:
+            ax.plot([r["images_per_s"] for r in group], [r["top1"] for r in group], marker, color=color, label=label)
     for i, r in enumerate(rows):  # staggered labels, so close points stay readable
         ax.annotate(r["name"].replace("ToMe ", ""), (r["images_per_s"], r["top1"]), textcoords="offset points",
                     xytext=(4, 4 + 9 * (i % 3)), fontsize=8)
@@ -231,16 +237,32 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 
 # ----------------------------------------------------------------------------- driver
 
+def load_comparisons(checkpoints: Sequence[str], desc: dict, device: torch.device) -> dict[str, torch.nn.Module]:
+    """``{file stem: model}`` for each ``--compare`` checkpoint; ``ValueError`` unless it was trained
+    on the same dataset, classes and normalisation as the evaluated model (``desc``)."""
+    from visiontools.models import load_checkpoint_model
+
+    out = {}
+    for ckpt in checkpoints:
+        model, other = load_checkpoint_model(ckpt, device=device)
+        for key in ("dataset", "classes", "mean", "std"):
+            if other.get(key) != desc.get(key):
+                raise ValueError(f"--compare {ckpt}: its {key} ({other.get(key)}) differs from the evaluated "
+                                 f"model's ({desc.get(key)}); compare checkpoints trained on the same data")
+        out[Path(other["path"]).stem] = model
+    return out
+
+
 def load_model_for_eval(checkpoint: str | None, model_name: str | None, pretrained: bool, dataset: str,
                         device: torch.device) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, description with classes/mean/std) from a checkpoint or a timm name."""
     from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS
-    from visiontools.models import create_model, load_checkpoint_model
+    from visiontools.models import DEFAULT_CHECKPOINT, create_model, load_checkpoint_model
 
     if checkpoint is not None and model_name is not None:
         raise ValueError("give either --checkpoint or --model, not both")
     if model_name is None:
-        model, desc = load_checkpoint_model(checkpoint or "cifar10_vit", device=device)
+        model, desc = load_checkpoint_model(checkpoint or DEFAULT_CHECKPOINT, device=device)
         return model, desc
     num_classes = CIFAR_NUM_CLASSES.get(dataset, 1000 if dataset == "imagenet" else None)
     kwargs = {} if (pretrained and dataset == "imagenet") else {"num_classes": num_classes}
@@ -256,8 +278,10 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
              per_class: int | None = None, rs: Sequence[int] = (0, 2, 4, 6, 8),
              schedules: Sequence[tuple[int, float]] = (), prop_attn: bool = True, batch_size: int = 250,
              timing_batch_size: int = 256, repeats: int = 10, warmup: int = 2, device: str | None = None,
-             amp: str = "off", num_workers: int = 0, progress: bool = True) -> dict:
-    """Run the whole evaluation and return the result dict (rows, machine, settings); see module doc."""
+             amp: str = "off", num_workers: int = 0, progress: bool = True, compare: Sequence[str] = ()) -> dict:
+    """Run the whole evaluation and return the result dict (rows, machine, settings); see module doc.
+    ``compare``: more checkpoints, evaluated unpatched beside the model (rows named by their file)."""
+    from visiontools.models import DEFAULT_CHECKPOINT
     from visiontools.timing import machine_description
     from visiontools.train import amp_dtype, barrier, init_distributed
 
@@ -278,9 +302,15 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     adt = amp_dtype(amp, dev)
     settings = candidate_settings(rs, schedules)
     models = build_candidates(model, settings, prop_attn)
+    for name, other in load_comparisons(compare, desc, dev).items():
+        if name in models:
+            raise ValueError(f"--compare: two candidates are named {name!r}")
+        settings.append((name, None))
+        models[name] = other
 
     acc = accuracy(models, data, batch_size, dev, adt, rank, world, progress)
-    result = {"model": desc.get("path") or desc["model"], "architecture": desc["model"], "dataset": dataset,
+    shown = desc["model"] if model_name is not None else str(checkpoint or DEFAULT_CHECKPOINT)  # as the user named it
+    result = {"model": shown, "architecture": desc["model"], "dataset": dataset,
               "data_dir": data_dir, "n_images": next(iter(acc.values()))["n"], "device": str(dev),
               "machine": machine_description(dev), "amp": amp, "timing_batch_size": timing_batch_size,
               "repeats": repeats, "warmup": warmup, "prop_attn": prop_attn, "world_size": world, "rows": []}
@@ -294,7 +324,8 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
                 "name": name, "r": list(r) if isinstance(r, tuple) else r, **acc[name],
                 "images_per_s": s["images_per_s"], "median_s": s["median_s"], "times_s": s["times_s"],
                 "speedup": base["median_s"] / s["median_s"], "gflops": s["gflops"],
-                "flop_ratio": base["gflops"] / s["gflops"], "tokens_per_layer": tokens_after_merging(models[name], x)})
+                "flop_ratio": base["gflops"] / s["gflops"], "tokens_per_layer": tokens_after_merging(models[name], x),
+                "params": sum(p.numel() for p in models[name].parameters())})
     barrier(world)
     return result
 
@@ -306,6 +337,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="visiontools checkpoint (.safetensors) or shipped name; if neither this nor --model is given, "
                           "the shipped cifar10_vit")
     src.add_argument("--model", default=None, help="a timm model name instead of a checkpoint")
+    src.add_argument("--compare", nargs="+", default=[], metavar="CHECKPOINT",
+                     help="more checkpoints trained on the same data, evaluated unpatched on the same images and "
+                          "timed in the same interleaved rounds (e.g. hyena_cifar10 beside its attention twin)")
     src.add_argument("--pretrained", action="store_true", help="with --model: load timm's pretrained weights "
                                                                "(needs a network)")
     d = parser.add_argument_group("data")
@@ -350,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
                       per_class=args.per_class, rs=args.r, schedules=schedules, prop_attn=not args.no_prop_attn,
                       batch_size=args.batch_size, timing_batch_size=args.timing_batch_size, repeats=args.repeats,
                       warmup=args.warmup, device=args.device, amp=args.amp, num_workers=args.num_workers,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, compare=args.compare)
     if result["rows"]:  # rank 0
         name = Path(str(result["model"])).stem if args.model is None else args.model
         prefix = Path(args.out) if args.out else Path("runs/eval") / f"{name}_{result['dataset']}"

@@ -34,6 +34,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 SHIPPED = {
     "cifar10_vit": CHECKPOINT_DIR / "cifar10_vit.safetensors",
     "hyena_cifar10": CHECKPOINT_DIR / "hyena_cifar10.safetensors",
+    "attn_cifar10": CHECKPOINT_DIR / "attn_cifar10.safetensors",  # attention twin of hyena_cifar10
 }
 DEFAULT_CHECKPOINT = "cifar10_vit"
 META_KEY = "visiontools"  # safetensors metadata entry holding the JSON model description

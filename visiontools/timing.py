@@ -6,6 +6,7 @@ the other, and the median is reported. FLOPs come from ``torch.utils.flop_counte
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import statistics
 import time
@@ -19,9 +20,36 @@ def _cpu_flash_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=N
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _fft_flop(signal_shape, dims, real: bool) -> int:
+    """FLOPs of an FFT over ``dims`` of a signal of ``signal_shape``: the usual 5·n·log2(n) per
+    complex transform of n points (a multi-dimensional one is n = product of the sizes), half that
+    when the signal is real (``rfft``/``irfft``)."""
+    n = math.prod(signal_shape[d] for d in dims)
+    batch = math.prod(signal_shape) // max(1, n)
+    flops = 5 * batch * n * math.log2(n) if n > 1 else 0
+    return int(flops / 2 if real else flops)
+
+
+def _fft_r2c_flop(input_shape, dim, normalization, onesided, *args, out_shape=None, **kwargs) -> int:
+    return _fft_flop(input_shape, dim, real=True)
+
+
+def _fft_c2r_flop(input_shape, dim, normalization, last_dim_size, *args, out_shape=None, **kwargs) -> int:
+    return _fft_flop(out_shape, dim, real=True)  # the real signal is the output
+
+
+def _fft_c2c_flop(input_shape, dim, normalization, forward, *args, out_shape=None, **kwargs) -> int:
+    return _fft_flop(input_shape, dim, real=False)
+
+
 # torch's counter knows the CUDA SDPA kernels but not the CPU flash kernel, which CPU SDPA uses
 # (with or without a float mask); without this, attention FLOPs would silently count as zero.
-_EXTRA_FORMULAS = {}
+# It does not count FFTs either (Hyena's long convolutions), so those are added too.
+_EXTRA_FORMULAS = {
+    torch.ops.aten._fft_r2c: _fft_r2c_flop,
+    torch.ops.aten._fft_c2r: _fft_c2r_flop,
+    torch.ops.aten._fft_c2c: _fft_c2c_flop,
+}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa_flop
 
@@ -65,7 +93,8 @@ def median(xs: list[float]) -> float:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` (a multiply-add counts as 2), from ``torch.utils.flop_counter``."""
+    """FLOPs of one call of ``fn`` (a multiply-add counts as 2), from ``torch.utils.flop_counter``
+    (plus CPU flash attention and FFTs, which it misses)."""
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     with torch.inference_mode(), counter:
         fn()
