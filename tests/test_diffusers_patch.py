@@ -423,11 +423,13 @@ def test_bench_sd_tiny_smoke(tmp_path):
     out = tmp_path / "sd.json"
     args = parser.parse_args(["--tiny", "--resolutions", "72", "--candidates", "tomesd@0.5", "merge@0.5",
                               "downsample@0.75", "--repeats", "1", "--warmup", "0", "--device", "cpu",
-                              "--out-json", str(out), "--out-md", str(tmp_path / "sd.md")])
+                              "--similarity-dtype", "float32", "--out-json", str(out), "--out-md", str(tmp_path / "sd.md")])
     assert bench_sd.run(args) == 0
     md = (tmp_path / "sd.md").read_text()
     assert "| 9² (72²) | downsample | 0.75 |" in md and "CPU" in md
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["similarity_dtype"] == "float32"
     assert [(r["method"], r["ratio"]) for r in rows] == [("sdpa", 0), ("tomesd", 0.5), ("merge", 0.5),
                                                          ("downsample", 0.75)]
     assert rows[0]["rel_l2"] == 0 and rows[0]["flop_ratio"] == 1

@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
     parser.add_argument("--max-downsample", type=int, default=1,
                         help="patch levels downsampled at most this much (1 = tomesd's default, 64x64 at 512px)")
+    parser.add_argument("--similarity-dtype", default="auto", choices=["auto", "input", "float32", "bfloat16", "float16"],
+                        help="dtype of merge mode's matching matmul (auto: bf16 for fp32 on CPUs with hardware bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--tiny", action="store_true", help="tiny UNet with the SD 1.5 layout (smoke test)")
     parser.add_argument("--out-json", default=None, help="write all results to this JSON file")
@@ -75,14 +77,16 @@ def shared_copy(module):
     return copy.deepcopy(module, memo)
 
 
-def _patch(unet, method: str, ratio: float, max_downsample: int):
+def _patch(unet, method: str, ratio: float, max_downsample: int, similarity_dtype: str = "auto"):
     from patches.diffusers import apply_tome_sd
 
     if method == "tomesd":
         import tomesd
 
         tomesd.apply_patch(unet, ratio=ratio, max_downsample=max_downsample)
-    elif method in ("merge", "downsample"):
+    elif method == "merge":
+        apply_tome_sd(unet, ratio=ratio, mode=method, max_downsample=max_downsample, similarity_dtype=similarity_dtype)
+    elif method == "downsample":
         apply_tome_sd(unet, ratio=ratio, mode=method, max_downsample=max_downsample)
     return unet
 
@@ -159,13 +163,13 @@ def run(args: argparse.Namespace) -> int:
         fns, outputs, flops = {}, {}, {}
         for method, ratio in candidates:
             name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
-            unet = _patch(shared_copy(base), method, ratio, args.max_downsample)
+            unet = _patch(shared_copy(base), method, ratio, args.max_downsample, args.similarity_dtype)
 
             def call(unet=unet, name=name):
                 outputs[name] = unet(x, t, e).sample.float()
 
             fns[name] = call
-            m = _patch(shared_copy(meta), method, ratio, args.max_downsample)
+            m = _patch(shared_copy(meta), method, ratio, args.max_downsample, args.similarity_dtype)
             xm, em, tm = x.to("meta"), e.to("meta"), t.to("meta")
             flops[name] = count_flops(lambda m=m: m(xm, tm, em))
         print(f"\n{res}x{res} (latent {lat}x{lat}): timing {len(fns)} candidates, "
@@ -194,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.out_json, "w") as f:
             json.dump(dict(machine=machine, device=str(device), dtype=dtype_name, batch=args.batch,
                            threads=torch.get_num_threads(), params=n_params, tiny=bool(args.tiny),
-                           max_downsample=args.max_downsample, repeats=args.repeats, warmup=args.warmup,
+                           max_downsample=args.max_downsample, similarity_dtype=args.similarity_dtype,
+                           repeats=args.repeats, warmup=args.warmup,
                            rows=rows), f, indent=2)
         print(f"wrote {args.out_json}")
     return 0
