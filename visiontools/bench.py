@@ -15,7 +15,7 @@ import torch
 
 from visiontools import models as zoo
 from visiontools.timing import (
-    autocast_context, count_flops, interleaved_times, machine_description, median,
+    autocast_context, count_flops, interleaved_times, machine_description, median, resolve_device,
 )
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -42,13 +42,6 @@ def schedule_label(r) -> str:
     if isinstance(r, list):
         return "r=[" + ",".join(map(str, r)) + "]"
     return f"r={r}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:

@@ -284,7 +284,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``visiontools bench hyena``."""
-    from visiontools.bench import resolve_device, resolve_dtype
+    from visiontools.bench import resolve_dtype
+    from visiontools.timing import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -107,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from visiontools.timing import count_flops, interleaved_times, machine_description, median
+    from visiontools.timing import count_flops, interleaved_times, machine_description, median, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     if args.candidates:

@@ -282,10 +282,10 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     """Run the whole evaluation and return the result dict (rows, machine, settings); see module doc.
     ``compare``: more checkpoints, evaluated unpatched beside the model (rows named by their file)."""
     from visiontools.models import DEFAULT_CHECKPOINT
-    from visiontools.timing import machine_description
+    from visiontools.timing import machine_description, resolve_device
     from visiontools.train import amp_dtype, barrier, init_distributed
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     rank, world, local_rank = init_distributed(dev.type)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local_rank)

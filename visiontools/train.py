@@ -258,9 +258,9 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
     from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, iterate_batches, load_cifar, mixup, \
         normalize, rand_augment, random_crop_flip, shard_indices
     from visiontools.models import create_model, model_description
-    from visiontools.timing import autocast_context
+    from visiontools.timing import autocast_context, resolve_device
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     rank, world, local_rank = init_distributed(dev.type)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
