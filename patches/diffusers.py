@@ -30,7 +30,7 @@ import torch
 
 from visiontools import merge2d
 
-__all__ = ["ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks"]
+__all__ = ["ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks", "transformer_blocks"]
 
 _ATTR = "_visiontools_tome_sd"
 MODES = ("merge", "downsample")
@@ -104,6 +104,9 @@ class _State:
         self.ctx = _CallContext()
         self.hooks: list = []
         self.processors: list[tuple[torch.nn.Module, object]] = []  # (attention module, original)
+        self.wrappers: list[tuple[torch.nn.Module, object]] = []  # (attention module, our processor)
+        self.checkpointable: list[torch.nn.Module] = []  # UNet parts with a `gradient_checkpointing` flag
+        self.warned_replaced = False
         self.blocks: list[tuple[str, int]] = []  # (name, downsampling factor) of patched blocks
         self.slots: list[_BlockSlot] = []  # merge plans handed within a block, emptied after each call
 
@@ -210,7 +213,7 @@ def _find_unet(obj):
     return unet
 
 
-def _transformer_blocks(unet) -> list[tuple[str, torch.nn.Module, int]]:
+def transformer_blocks(unet) -> list[tuple[str, torch.nn.Module, int]]:
     """(name, BasicTransformerBlock, downsampling factor) of every transformer block in the UNet."""
     from diffusers.models.attention import BasicTransformerBlock
 
@@ -313,23 +316,34 @@ def apply_tome_sd(
     cfg = ToMeSDConfig(ratio, mode, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
                        merge_mlp, downsample_method, similarity_dtype)
     _check_config(cfg)
-    blocks = _transformer_blocks(unet)
+    blocks = transformer_blocks(unet)
     if not blocks:
         raise TypeError(f"{type(unet).__name__} has no transformer blocks (BasicTransformerBlock) to patch")
     if cfg.max_downsample is None:
         cfg = dataclasses.replace(cfg, max_downsample=min(ds for _, _, ds in blocks))
+    chosen = [(n, b, ds) for n, b, ds in blocks if ds <= cfg.max_downsample]
+    fused = [n for n, b, _ in chosen if getattr(b.attn1, "fused_projections", False)]
+    if cfg.mode == "downsample" and fused:
+        more = f" (and {len(fused) - 1} more blocks)" if len(fused) > 1 else ""
+        raise ValueError(f"mode='downsample' needs separate key/value projections, but {fused[0]}{more} has "
+                         "fused q/k/v projections; call unfuse_qkv_projections() on the UNet or pipeline first "
+                         "(merge mode works with fused projections)")
     remove_tome_sd(unet)
 
     state = _State(cfg)
-    chosen = [(n, b, ds) for n, b, ds in blocks if ds <= cfg.max_downsample]
+    state.checkpointable = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+
+    def wrap(attn, processor):
+        state.processors.append((attn, attn.processor))
+        state.wrappers.append((attn, processor))
+        attn.set_processor(processor)
+
     for index, (name, block, ds) in enumerate(chosen):
         slot = _BlockSlot()
         state.slots.append(slot)
-        state.processors.append((block.attn1, block.attn1.processor))
-        block.attn1.set_processor(ToMeSDSelfAttnProcessor(block.attn1.processor, state, slot, ds, index, name))
+        wrap(block.attn1, ToMeSDSelfAttnProcessor(block.attn1.processor, state, slot, ds, index, name))
         if cfg.mode == "merge" and cfg.merge_crossattn and block.attn2 is not None:
-            state.processors.append((block.attn2, block.attn2.processor))
-            block.attn2.set_processor(ToMeSDCrossAttnProcessor(block.attn2.processor, slot))
+            wrap(block.attn2, ToMeSDCrossAttnProcessor(block.attn2.processor, slot))
         if cfg.mode == "merge" and cfg.merge_mlp:
             state.hooks += _ff_hooks(block.ff, slot)
         state.blocks.append((name, ds))
@@ -343,6 +357,18 @@ def apply_tome_sd(
             state.ctx.rejected += 1
             raise RuntimeError("ToMe-SD: this patched UNet is already running a forward call (from another "
                                "thread, or re-entrantly); a patched UNet serves one call at a time")
+        if torch.is_grad_enabled() and any(m.gradient_checkpointing for m in state.checkpointable):
+            raise RuntimeError("ToMe-SD cannot run under gradient checkpointing with gradients on: the "
+                               "checkpointed blocks are recomputed in backward, after this UNet call has ended; "
+                               "call unet.disable_gradient_checkpointing(), run under torch.no_grad(), or "
+                               "remove_tome_sd() before training")
+        if not state.warned_replaced and any(a.processor is not p for a, p in state.wrappers):
+            state.warned_replaced = True
+            lost = sum(a.processor is not p for a, p in state.wrappers)
+            warnings.warn(f"ToMe-SD: {lost} of {len(state.wrappers)} patched attention processors were replaced "
+                          "after apply_tome_sd (set_attn_processor, fuse_qkv_projections, ...); those attentions "
+                          "now run without ToMe-SD. Call apply_tome_sd again to patch the new processors.",
+                          UserWarning, stacklevel=2)
         state.ctx.hw = (sample.shape[-2], sample.shape[-1])
         state.ctx.seed = _timestep_seed(cfg.seed, timestep).to(sample.device)
         return None

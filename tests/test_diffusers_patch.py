@@ -362,6 +362,68 @@ def test_errors():
         block(torch.randn(1, 64, 32), encoder_hidden_states=torch.randn(1, 7, 32))
 
 
+def test_fused_qkv_projections():
+    """Merge mode wraps diffusers' fused q/k/v processor; downsample mode, which needs a separate
+    key/value projection, refuses it with the fix in the message and leaves the UNet unpatched."""
+    unet = tiny_unet()
+    x, t, e = inputs(12, 10)
+    ref = run(unet, x, t, e)
+    unet.fuse_qkv_projections()
+    torch.testing.assert_close(run(unet, x, t, e), ref, rtol=1e-4, atol=1e-5)
+    apply_tome_sd(unet, ratio=0.0)
+    torch.testing.assert_close(run(unet, x, t, e), ref, rtol=1e-4, atol=1e-5)
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True)
+    fused_merged = run(unet, x, t, e)
+    assert not torch.allclose(fused_merged, ref, atol=1e-4)
+    remove_tome_sd(unet)
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        apply_tome_sd(unet, ratio=0.5, mode="downsample")
+    assert not is_patched(unet)
+    unet.unfuse_qkv_projections()
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True)
+    torch.testing.assert_close(run(unet, x, t, e), fused_merged, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["merge", "downsample"])
+def test_processors_replaced_after_patching_warn_once(mode):
+    unet = tiny_unet()
+    x, t, e = inputs(12, 12)
+    ref = run(unet, x, t, e)
+    apply_tome_sd(unet, ratio=0.5, mode=mode)
+    patched = run(unet, x, t, e)
+    unet.set_attn_processor(AttnProcessor2_0())  # drops our wrappers
+    n = len(patched_blocks(unet))
+    with pytest.warns(UserWarning, match=rf"{n} of {n} patched attention processors were replaced"):
+        out = run(unet, x, t, e)
+    torch.testing.assert_close(out, ref)  # what the warning says: these attentions run without ToMe
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(unet, x, t, e)  # once per patch, not every step
+        apply_tome_sd(unet, ratio=0.5, mode=mode)
+        assert torch.equal(run(unet, x, t, e), patched)
+
+
+@pytest.mark.parametrize("mode", ["merge", "downsample"])
+def test_training_works_but_gradient_checkpointing_is_refused(mode):
+    unet = tiny_unet().train()
+    x, t, e = inputs(12, 12)
+    apply_tome_sd(unet, ratio=0.5, mode=mode)
+    unet(x, t, e).sample.square().mean().backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k.weight.grad.abs().sum() > 0
+
+    unet.enable_gradient_checkpointing()
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        unet(x, t, e)
+    state = unet._visiontools_tome_sd
+    assert state.ctx.hw is None and all(s.plan is None for s in state.slots)
+    unet.eval()
+    expected = run(unet, x, t, e)  # under no_grad nothing is recomputed, so it runs
+    unet.disable_gradient_checkpointing()
+    assert torch.equal(run(unet, x, t, e), expected)
+
+
 # ------------------------------------------------------------------------------------- pipeline
 
 
@@ -435,6 +497,8 @@ def test_bench_sd_tiny_smoke(tmp_path):
     assert rows[0]["rel_l2"] == 0 and rows[0]["flop_ratio"] == 1
     for r in rows[1:]:
         assert r["flop_ratio"] > 1 and 0 < r["rel_l2"] < 1 and r["median_s"] > 0
+    for r in rows:  # time inside the patched-level blocks: part of each call, one value per timed round
+        assert len(r["blocks_times_s"]) == 1 and 0 < r["blocks_s"] < r["median_s"]
     # tomesd and our merge mode do the same work
     assert rows[1]["flops"] == rows[2]["flops"]
     with pytest.raises(SystemExit, match="METHOD@RATIO"):

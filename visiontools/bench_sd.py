@@ -5,12 +5,15 @@ The real SD 1.5 UNet architecture (~860M parameters) is built from its config wi
 interleaved in one process. Speed-up: ratio of medians, and the median of per-round ratios (robust
 to load that drifts during the run). Beside it: the FLOP ratio (counted on a meta-device copy, so it
 costs no compute) and the relative L2 distance of the predicted noise to the unpatched UNet's.
+The time spent inside the transformer blocks at the patched levels is reported too, to show where
+a candidate's saving (or overhead) is.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import time
 
 # diffusers' config of runwayml/stable-diffusion-v1-5 unet/config.json (architecture only).
 SD15_UNET_CONFIG = {
@@ -91,14 +94,50 @@ def _patch(unet, method: str, ratio: float, max_downsample: int, similarity_dtyp
     return unet
 
 
+class _BlockTimer:
+    """Seconds spent inside the transformer blocks at levels <= ``max_downsample``, per UNet call
+    (forward hooks; CUDA events on a GPU, so timing adds no synchronisation)."""
+
+    def __init__(self, unet, max_downsample: int, device):
+        from patches.diffusers import transformer_blocks
+
+        self.cuda = device.type == "cuda"
+        self.calls: list[list[list]] = []  # per call: [start, end] stamps of each block
+        for _, block, ds in transformer_blocks(unet):
+            if ds <= max_downsample:
+                block.register_forward_pre_hook(lambda module, args: self.calls[-1].append([self._stamp(), None]))
+                block.register_forward_hook(lambda module, args, out: self.calls[-1][-1].__setitem__(1, self._stamp()))
+
+    def _stamp(self):
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def new_call(self) -> None:
+        self.calls.append([])
+
+    def seconds(self) -> list[float]:
+        """Block seconds of every call so far."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return [sum(b.elapsed_time(e) / 1000 for b, e in call) for call in self.calls]
+        return [sum(e - b for b, e in call) for call in self.calls]
+
+
 def _markdown(rows: list[dict]) -> str:
     lines = ["| latent (image) | method | ratio | median s | speed-up vs SDPA | per-round speed-up | FLOP ratio "
-             "| rel. L2 of noise pred. |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| patched-level blocks s | rel. L2 of noise pred. |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['latent']}² ({r['resolution']}²) | {r['method']} | {r['ratio']:g} | {r['median_s']:.3f} "
                      f"| {r['speedup']:.2f}× | {r['speedup_paired']:.2f}× | {r['flop_ratio']:.2f}× "
-                     f"| {r['rel_l2']:.4f} |")
+                     f"| {r['blocks_s']:.3f} | {r['rel_l2']:.4f} |")
     return "\n".join(lines)
 
 
@@ -160,12 +199,14 @@ def run(args: argparse.Namespace) -> int:
         x = torch.randn(args.batch, 4, lat, lat, generator=g).to(device, dtype)
         e = torch.randn(args.batch, 77, config["cross_attention_dim"], generator=g).to(device, dtype)
         t = torch.tensor(500, device=device)
-        fns, outputs, flops = {}, {}, {}
+        fns, outputs, flops, timers = {}, {}, {}, {}
         for method, ratio in candidates:
             name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
             unet = _patch(shared_copy(base), method, ratio, args.max_downsample, args.similarity_dtype)
+            timers[name] = _BlockTimer(unet, args.max_downsample, device)
 
             def call(unet=unet, name=name):
+                timers[name].new_call()
                 outputs[name] = unet(x, t, e).sample.float()
 
             fns[name] = call
@@ -182,10 +223,12 @@ def run(args: argparse.Namespace) -> int:
             rel = ((outputs[name] - ref_out).norm() / ref_out.norm()).item()
             # per-round ratio to the baseline of the same round: robust to load drifting over the run
             paired = median([b / c for b, c in zip(times["sdpa"], times[name])])
+            blocks = timers[name].seconds()[-args.repeats:]
             rows.append(dict(resolution=res, latent=lat, method=method, ratio=ratio, median_s=med,
                              min_s=min(times[name]), times_s=times[name], speedup=ref_t / med,
                              speedup_paired=paired, flops=flops[name],
-                             flop_ratio=flops["sdpa"] / flops[name], rel_l2=rel))
+                             flop_ratio=flops["sdpa"] / flops[name], blocks_s=median(blocks),
+                             blocks_times_s=blocks, rel_l2=rel))
         print(_markdown([r for r in rows if r["resolution"] == res]))
 
     print("\n" + _markdown(rows))
