@@ -88,6 +88,17 @@ def max_r(r: int, num_tokens: int, num_protected: int = 0) -> int:
     return min(int(r), (num_tokens - num_protected) // 2)
 
 
+def match(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matching rule shared by ToMe and ToMe-SD: each token of ``a`` ``(B, Na, C)`` picks its most
+    similar token of ``b`` (dot product; pass normalised vectors for cosine), and the ``r`` best
+    matched ``a`` tokens merge. Returns ``(unm_idx, src_idx, dst_idx)``, ``(B, n)`` long: the ``a``
+    tokens kept, the ``a`` tokens merged, and the ``b`` token each merged one goes to."""
+    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    return unm_idx, src_idx, node_idx.gather(1, src_idx)
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0) -> Merge:
     """Plan one ToMe merge step from ``metric`` ``(B, N, C)`` (the keys averaged over heads).
 
@@ -100,14 +111,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0
     with torch.no_grad():
         metric = metric[:, num_protected:]
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx = edge_idx[:, r:]
-        src_idx = edge_idx[:, :r]
-        dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
-    return Merge(num_protected, unm_idx, src_idx, dst_idx, N)
+        unm_idx, src_idx, dst_idx = match(metric[:, ::2], metric[:, 1::2], r)
+    return Merge(num_protected, unm_idx[..., None], src_idx[..., None], dst_idx[..., None], N)
 
 
 def merge(m: Merge, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:

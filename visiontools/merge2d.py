@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from visiontools.merge import unmerge
+from visiontools.merge import match, unmerge
 
 __all__ = [
     "Merge2d", "grid_at", "max_merge_ratio", "check_ratio", "num_merged", "window_offsets",
@@ -135,11 +135,7 @@ def plan_merge_2d(metric: torch.Tensor, h: int, w: int, r: int, sx: int = 2, sy:
         m = metric / metric.norm(dim=-1, keepdim=True)
         if sim_dtype is not None:
             m = m.to(sim_dtype)
-        a, b = m.index_select(1, a_pos), m.index_select(1, dst_pos)
-        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)
-        unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
-        dst_idx = node_idx.gather(1, src_idx)
+        unm_idx, src_idx, dst_idx = match(m.index_select(1, a_pos), m.index_select(1, dst_pos), r)
         unm_pos, src_pos = a_pos[unm_idx], a_pos[src_idx]
         n_unm = n_a - r
         index = torch.empty(B, N, dtype=torch.int64, device=device)
