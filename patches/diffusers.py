@@ -103,8 +103,7 @@ class _State:
         self.config = config
         self.ctx = _CallContext()
         self.hooks: list = []
-        self.processors: list[tuple[torch.nn.Module, object]] = []  # (attention module, original)
-        self.wrappers: list[tuple[torch.nn.Module, object]] = []  # (attention module, our processor)
+        self.wrappers: list[tuple[torch.nn.Module, object]] = []  # (attention module, our processor around .inner)
         self.checkpointable: list[torch.nn.Module] = []  # UNet parts with a `gradient_checkpointing` flag
         self.warned_replaced = False
         self.blocks: list[tuple[str, int]] = []  # (name, downsampling factor) of patched blocks
@@ -175,8 +174,8 @@ class ToMeSDCrossAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if temb is not None:
             kwargs["temb"] = temb
-        plan = self.slot.plan
-        if plan is None or hidden_states.ndim != 3 or tuple(hidden_states.shape[:2]) != tuple(plan.index.shape):
+        plan = _plan_for(self.slot, hidden_states)
+        if plan is None:
             return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, **kwargs)
         out = self.inner(attn, merge2d.merge_2d(plan, hidden_states), encoder_hidden_states=encoder_hidden_states,
@@ -184,11 +183,19 @@ class ToMeSDCrossAttnProcessor:
         return merge2d.unmerge(out, plan.index)
 
 
+def _plan_for(slot: _BlockSlot, x: torch.Tensor):
+    """The block's merge plan if it applies to tokens ``x`` (same batch and token count), else None."""
+    plan = slot.plan
+    if plan is None or x.ndim != 3 or tuple(x.shape[:2]) != tuple(plan.index.shape):
+        return None
+    return plan
+
+
 def _ff_hooks(ff: torch.nn.Module, slot: _BlockSlot):
     """Forward hooks that run ``ff`` on merged tokens (skipped for feed-forward chunks)."""
     def pre(module, args):
-        x, plan = args[0], slot.plan
-        if plan is None or x.ndim != 3 or tuple(x.shape[:2]) != tuple(plan.index.shape):
+        x, plan = args[0], _plan_for(slot, args[0])
+        if plan is None:
             return None
         return (merge2d.merge_2d(plan, x),) + tuple(args[1:])
 
@@ -334,7 +341,6 @@ def apply_tome_sd(
     state.checkpointable = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
 
     def wrap(attn, processor):
-        state.processors.append((attn, attn.processor))
         state.wrappers.append((attn, processor))
         attn.set_processor(processor)
 
@@ -404,9 +410,9 @@ def remove_tome_sd(pipe_or_unet):
         return pipe_or_unet
     for h in state.hooks:
         h.remove()
-    for attn, original in reversed(state.processors):
-        if isinstance(attn.processor, (ToMeSDSelfAttnProcessor, ToMeSDCrossAttnProcessor)):
-            attn.set_processor(original)
+    for attn, wrapper in reversed(state.wrappers):
+        if attn.processor is wrapper:  # a processor set after patching is the user's: keep it
+            attn.set_processor(wrapper.inner)
     delattr(unet, _ATTR)
     return pipe_or_unet
 

@@ -87,10 +87,8 @@ def _patch(unet, method: str, ratio: float, max_downsample: int, similarity_dtyp
         import tomesd
 
         tomesd.apply_patch(unet, ratio=ratio, max_downsample=max_downsample)
-    elif method == "merge":
+    elif method in ("merge", "downsample"):  # similarity_dtype is used by merge mode only
         apply_tome_sd(unet, ratio=ratio, mode=method, max_downsample=max_downsample, similarity_dtype=similarity_dtype)
-    elif method == "downsample":
-        apply_tome_sd(unet, ratio=ratio, mode=method, max_downsample=max_downsample)
     return unet
 
 
