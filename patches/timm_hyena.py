@@ -28,7 +28,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from visiontools.data import CIFAR_STATS
-from visiontools.hyena import HyenaAttention, set_call_grid
+from visiontools.hyena import GridKey, HyenaAttention, set_call_grid
 
 __all__ = ["swap_attention_for_hyena", "configure_hyena", "hyena_layers"]
 
@@ -41,7 +41,7 @@ def hyena_layers(model: nn.Module) -> list[HyenaAttention]:
 def _record_grid(patch_embed: nn.Module, inputs, output) -> None:
     # dynamic_img_size: patch_embed returns NHWC, so the grid of this input is output.shape[1:3]
     if output.dim() == 4:
-        set_call_grid(id(patch_embed), output.shape[1:3])
+        set_call_grid(patch_embed._hyena_grid_key, output.shape[1:3])
 
 
 def configure_hyena(model: VisionTransformer) -> VisionTransformer:
@@ -52,10 +52,12 @@ def configure_hyena(model: VisionTransformer) -> VisionTransformer:
     layers = hyena_layers(model)
     pe = model.patch_embed
     grid = tuple(int(g) for g in getattr(pe, "grid_size", ()) or ())
+    if getattr(pe, "_hyena_grid_key", None) is None:
+        pe._hyena_grid_key = GridKey()
     for layer in layers:
         layer.num_prefix_tokens = int(model.num_prefix_tokens)
         layer.grid_size = grid if len(grid) == 2 else None
-        layer.grid_owner = id(pe)
+        layer.grid_owner = pe._hyena_grid_key
     if getattr(pe, "_hyena_hook", None) is not None:
         pe._hyena_hook.remove()
         pe._hyena_hook = None

@@ -264,6 +264,29 @@ def test_registered_models_and_resolution_flexibility():
     assert all(layer.grid_size == (8, 8) for layer in th.hyena_layers(hy))  # per-call grids leave no state
 
 
+def test_deep_copied_model_keeps_its_per_call_grid():
+    # A copy (e.g. a model-EMA wrapper's) must read its own patch grid: a 4x16 grid has 64 tokens,
+    # which would otherwise be mistaken for the default 8x8 grid.
+    import copy
+
+    hy = timm.create_model("hyena_vit_cifar").eval()
+    twin = copy.deepcopy(hy)
+    with torch.no_grad():
+        for shape in [(2, 3, 16, 64), (1, 3, 48, 64)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(twin(x), hy(x), rtol=0, atol=0)
+    assert twin.patch_embed._hyena_grid_key is not hy.patch_embed._hyena_grid_key
+    assert all(layer.grid_owner is twin.patch_embed._hyena_grid_key for layer in th.hyena_layers(twin))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_hyena_built_in_a_dtype_runs_in_it(dtype):
+    hy = Hyena2d(8, dtype=dtype)
+    assert {p.dtype for p in hy.parameters()} == {dtype}
+    assert hy(torch.randn(2, 4, 5, 8, dtype=dtype)).dtype == dtype
+    assert {p.device.type for p in Hyena2d(8, device="meta").parameters()} == {"meta"}
+
+
 def test_concurrent_calls_with_transposed_grids_do_not_mix():
     # 48x64 and 64x48 images both give 192 tokens; only the per-call grid tells them apart
     hy = timm.create_model("hyena_vit_cifar").eval()

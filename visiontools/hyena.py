@@ -133,10 +133,10 @@ def direct_conv2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 class _Sin(nn.Module):
     """``sin(freq * x)`` with a learnable frequency per feature (the SIREN-style activation of Hyena)."""
 
-    def __init__(self, dim: int, w: float = 1.0):
+    def __init__(self, dim: int, w: float = 1.0, device=None, dtype=None):
         super().__init__()
         self.w = w
-        self.freq = nn.Parameter(torch.full((dim,), float(w)))
+        self.freq = nn.Parameter(torch.full((dim,), float(w), device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sin(self.freq * x)
@@ -167,9 +167,9 @@ class ImplicitFilter2d(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.channels, self.bands = channels, bands
         in_features = 2 + 4 * bands
-        mods: list[nn.Module] = [nn.Linear(in_features, hidden, **dd), _Sin(hidden, w)]
+        mods: list[nn.Module] = [nn.Linear(in_features, hidden, **dd), _Sin(hidden, w, **dd)]
         for _ in range(layers - 1):
-            mods += [nn.Linear(hidden, hidden, **dd), _Sin(hidden, w)]
+            mods += [nn.Linear(hidden, hidden, **dd), _Sin(hidden, w, **dd)]
         mods.append(nn.Linear(hidden, channels, bias=False, **dd))
         self.mlp = nn.Sequential(*mods)
         rates = torch.linspace(math.log(1 / target) / fast_decay, math.log(1 / target) / slow_decay,
@@ -309,10 +309,15 @@ class Hyena2d(nn.Module):
 # The patch grid of the input now running through a model, per thread/async task (a ContextVar, so
 # concurrent calls with different image sizes never see each other's grid). Set by an adapter that
 # knows the grid (e.g. a hook on a timm ``patch_embed``), keyed by that model so no other model reads it.
-_CALL_GRID: ContextVar[Optional[tuple[int, tuple[int, int]]]] = ContextVar("hyena_call_grid", default=None)
+_CALL_GRID: ContextVar[Optional[tuple[object, tuple[int, int]]]] = ContextVar("hyena_call_grid", default=None)
 
 
-def set_call_grid(owner: int, grid: Sequence[int]) -> None:
+class GridKey:
+    """Identity that pairs a model's grid source with its Hyena layers. An object held by both, not
+    an ``id()``, so a ``copy.deepcopy`` of the model gets its own key, still shared by both sides."""
+
+
+def set_call_grid(owner: GridKey, grid: Sequence[int]) -> None:
     """Declare the (H, W) patch grid of the current call for the Hyena layers whose ``grid_owner`` is ``owner``."""
     _CALL_GRID.set((owner, (int(grid[0]), int(grid[1]))))
 
@@ -350,7 +355,7 @@ class HyenaAttention(nn.Module):
                              out_dropout=proj_drop, device=device, dtype=dtype, **hyena_kwargs)
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = tuple(grid_size) if grid_size is not None else None
-        self.grid_owner: Optional[int] = None  # key of a per-call grid (see set_call_grid)
+        self.grid_owner: Optional[GridKey] = None  # key of a per-call grid (see set_call_grid)
 
     def resolve_grid(self, n: int) -> tuple[int, tuple[int, int]]:
         """(number of prefix tokens, (H, W)) for a sequence of ``n`` tokens, or a ValueError."""
@@ -363,7 +368,7 @@ class HyenaAttention(nn.Module):
         if n <= p:
             raise ValueError(f"sequence of {n} tokens has no grid after {p} prefix tokens")
         call = _CALL_GRID.get()
-        g = call[1] if call is not None and call[0] == self.grid_owner else self.grid_size
+        g = call[1] if call is not None and call[0] is self.grid_owner else self.grid_size
         if g is not None and g[0] * g[1] == n - p:
             return p, (int(g[0]), int(g[1]))
         sq = _square_grid(n - p)
