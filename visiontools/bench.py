@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from visiontools import models as zoo
 from visiontools.timing import (
     autocast_context, count_flops, interleaved_times, machine_description, median, resolve_device,
 )
@@ -137,6 +136,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(name: str, pretrained: bool = False, img_size=None) -> torch.nn.Module:
     """A timm model by name (built for ``img_size`` when given), or a shipped/saved checkpoint
     when ``visiontools.models`` knows the name."""
+    from visiontools import models as zoo  # imports timm: only when a model is loaded, not for --help
+
     if name in zoo.SHIPPED or name.endswith(".safetensors"):
         return zoo.load_checkpoint_model(name)[0]
     import timm

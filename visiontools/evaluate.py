@@ -285,10 +285,7 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     from visiontools.timing import machine_description, resolve_device
     from visiontools.train import amp_dtype, barrier, init_distributed
 
-    dev = resolve_device(device)
-    rank, world, local_rank = init_distributed(dev.type)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", local_rank)
+    rank, world, dev = init_distributed(resolve_device(device))
     if dataset is None:
         dataset = "cifar10" if model_name is None else "imagenet"
     model, desc = load_model_for_eval(checkpoint, model_name, pretrained, dataset, dev)

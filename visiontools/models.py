@@ -22,6 +22,7 @@ import timm
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from visiontools.checkpoint import META_KEY  # safetensors metadata entry holding the JSON model description
 from visiontools.data import CIFAR_STATS, CIFAR10_CLASSES
 
 try:  # Hyena ViTs register themselves with timm when their adapter is installed.
@@ -37,7 +38,6 @@ SHIPPED = {
     "attn_cifar10": CHECKPOINT_DIR / "attn_cifar10.safetensors",  # attention twin of hyena_cifar10
 }
 DEFAULT_CHECKPOINT = "cifar10_vit"
-META_KEY = "visiontools"  # safetensors metadata entry holding the JSON model description
 
 
 def _cifar_cfg(dataset: str = "cifar10") -> dict:
@@ -77,7 +77,7 @@ def vit_cifar_mini_p4(pretrained: bool = False, **kwargs) -> VisionTransformer:
 
 def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
     """``timm.create_model`` with a clear error for unknown names (this module's models included)."""
-    if name not in timm.list_models() and not timm.is_model(name):
+    if not timm.is_model(name):  # every name timm.list_models() gives passes this too
         raise ValueError(f"unknown model {name!r}: not a registered timm model "
                          f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
     if num_classes is not None:

@@ -146,16 +146,21 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> di
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); initialises torch.distributed when launched by torchrun."""
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises torch.distributed when launched by torchrun, where
+    each CUDA process takes GPU ``LOCAL_RANK``. Gloo carries CPU tensors (the metric sums of
+    :func:`all_reduce_sum`), NCCL the CUDA ones (DDP's gradients)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, 0
+        return 0, 1, device
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def all_reduce_sum(values: list[float], world: int) -> list[float]:
@@ -260,11 +265,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
     from visiontools.models import create_model, model_description
     from visiontools.timing import autocast_context, resolve_device
 
-    dev = resolve_device(device)
-    rank, world, local_rank = init_distributed(dev.type)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
+    rank, world, dev = init_distributed(resolve_device(device))
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     if cfg["batch_size"] % world:
@@ -370,11 +371,12 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            loss_sum += loss.item() * y.shape[0]
+            loss_value = loss.item()
+            loss_sum += loss_value * y.shape[0]
             correct += (logits.argmax(1) == y).sum().item()
             seen += y.shape[0]
             if show:
-                batches.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", refresh=False)
+                batches.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False)
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], world)
         record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_images": int(seen),
                   "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen,
