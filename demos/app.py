@@ -191,9 +191,8 @@ def upload_path(value) -> str | None:
     return getattr(value, "path", None)
 
 
-def _extra_tabs(gr, image) -> list[str]:
+def _extra_tabs(gr, image) -> None:
     """Tabs for the Stable Diffusion and Hyena parts when those modules are installed."""
-    added = []
     for module in ("demos.sd_tab", "demos.hyena_tab"):
         try:
             mod = __import__(module, fromlist=["build_tab"])
@@ -201,8 +200,6 @@ def _extra_tabs(gr, image) -> list[str]:
             continue
         if mod.available():
             mod.build_tab(gr, image)
-            added.append(module)
-    return added
 
 
 def build_demo(default_model: str = DEFAULT_MODEL):
@@ -261,7 +258,8 @@ def build_demo(default_model: str = DEFAULT_MODEL):
             with gr.Row():
                 batch = gr.Slider(1, 64, value=16, step=1, label="Batch size")
                 repeats = gr.Slider(2, 30, value=6, step=1, label="Timed rounds")
-                threads = gr.Dropdown(thread_choices(), value=min(thread_choices(), key=lambda t: abs(t - torch_threads())),
+                choices = thread_choices()
+                threads = gr.Dropdown(choices, value=min(choices, key=lambda t: abs(t - torch_threads())),
                                       label="CPU threads", info="on small shared CPUs, fewer threads can be faster")
                 sweep = gr.Checkbox(False, label="Also time smaller r (throughput vs r)")
             measure = gr.Button("Measure speed", variant="primary", elem_id="measure")

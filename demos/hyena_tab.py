@@ -42,9 +42,11 @@ def hyena_model():
                 shipped = []
             why = "no Hyena checkpoint is shipped"
             if shipped:
+                from demos.model_cache import accuracy_note
+
                 try:
                     model, desc = vt_models.load_checkpoint_model(shipped[0])
-                    _MODEL = (model, f"shipped checkpoint {shipped[0].name} ({desc['model']}{_accuracy(desc)})", True)
+                    _MODEL = (model, f"shipped checkpoint {shipped[0].name} ({desc['model']}{accuracy_note(desc)})", True)
                 except (OSError, ValueError) as e:
                     why = f"{shipped[0].name} could not be loaded: {e}"
             if _MODEL is None:
@@ -55,12 +57,6 @@ def hyena_model():
                 _MODEL = (model, f"hyena_vit_cifar with random weights ({why}): "
                                  "the filters shown are the untrained initial ones", False)
         return _MODEL
-
-
-def _accuracy(desc: dict) -> str:
-    history = desc.get("history") or []
-    top1 = history[-1].get("test_top1") if history and isinstance(history[-1], dict) else None
-    return f", CIFAR-10 test top-1 {top1:.1f}%" if isinstance(top1, (int, float)) else ""
 
 
 def filter_bank(model, block: int, order_index: int = 0) -> torch.Tensor:

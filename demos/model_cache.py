@@ -8,7 +8,7 @@ import os
 import socket
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -34,7 +34,6 @@ class DemoModel:
     notice: str = ""          # shown in the UI, e.g. "random weights: predictions are meaningless"
     trained: bool = True      # False when the weights are random
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -133,10 +132,9 @@ def _load_default() -> DemoModel:
                         "with random weights: its predictions are meaningless (merging and speed are "
                         f"still real). Reason: {e}"),
                 description=f"{FALLBACK_DEFAULT} (random weights)")
-        acc = _accuracy_note(desc)
+        acc = accuracy_note(desc)
         return DemoModel("default", model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
-                         description=f"shipped CIFAR-10 checkpoint ({desc['model']}, 32x32 input){acc}",
-                         extra=desc)
+                         description=f"shipped CIFAR-10 checkpoint ({desc['model']}, 32x32 input){acc}")
     # visiontools.models not installed: a random-weight ViT-Tiny on 32x32 images
     import timm
 
@@ -147,7 +145,7 @@ def _load_default() -> DemoModel:
                             "predictions are meaningless.", description="ViT-Tiny/4 on 32x32 (random weights)")
 
 
-def _accuracy_note(desc: dict) -> str:
+def accuracy_note(desc: dict) -> str:
     """``", test top-1 NN.N%"`` from a checkpoint description (its training history), or ``""``."""
     top1 = desc.get("test_top1")
     history = desc.get("history") or []
@@ -167,7 +165,7 @@ def _load_checkpoint(path: str) -> DemoModel:
 
     model, desc = vt_models.load_checkpoint_model(path)
     return DemoModel(path, model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
-                     description=f"checkpoint {Path(path).name} ({desc['model']})", extra=desc)
+                     description=f"checkpoint {Path(path).name} ({desc['model']})")
 
 
 def _load_timm(name: str, allow_download: bool) -> DemoModel:
@@ -200,7 +198,7 @@ def _load_timm(name: str, allow_download: bool) -> DemoModel:
             raise ValueError(f"{name} is only defined on the Hugging Face hub, which could not be used: {notice}")
         model, trained = timm.create_model(name, pretrained=False), False
     model.eval()
-    check_tome_supported(model, name)
+    check_tome_supported(model, name)  # before reading patch_embed below
     n = getattr(model, "num_classes", 0)
     classes = vt_models_classes(name, n) or _imagenet_classes(model) or [f"class {i}" for i in range(n)]
     mean, std = _cfg_stats(model)
@@ -248,7 +246,7 @@ class ModelCache:
     def __init__(self, allow_download: bool = True, max_cached: int = MAX_CACHED, default: str = DEFAULT_MODEL):
         self.allow_download = allow_download  # only the start-up model (``default``) may be a file path
         self.max_cached = max_cached
-        self.default = default
+        self.default = DEFAULT_MODEL if default in DEFAULT_ALIASES else default  # the key get() uses
         self._models: OrderedDict[str, DemoModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -267,7 +265,12 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key]
-            dm = load_model(key, allow_download=self.allow_download, allow_path=key == self.default)
+            try:
+                dm = load_model(key, allow_download=self.allow_download, allow_path=key == self.default)
+            except BaseException:  # drop this name's load lock after a failed load too
+                with self._lock:
+                    self._loading.pop(key, None)
+                raise
             with self._lock:
                 self.loads += 1
                 self._models[key] = dm

@@ -69,13 +69,7 @@ def _text_embedding(unet) -> torch.Tensor:
 def exact_plan_options() -> dict:
     """``apply_tome_sd`` options under which the plan recomputed from a block's input is exactly the
     one the block used: fixed destinations, and the matching done in the tokens' own dtype."""
-    import inspect
-
-    from patches.diffusers import apply_tome_sd
-
-    opts = {"use_rand": False, "similarity_dtype": "input"}
-    accepted = inspect.signature(apply_tome_sd).parameters
-    return {k: v for k, v in opts.items() if k in accepted}
+    return {"use_rand": False, "similarity_dtype": "input"}
 
 
 @dataclass
@@ -157,18 +151,9 @@ def sd_speed(ratio: float, max_downsample: int, latent_side: int = 64, repeats: 
             apply_tome_sd(m, ratio=ratio, mode=method, max_downsample=max_downsample)
         fns[method] = (lambda u: (lambda: u(x, t, e)))(unet)
         flops[method] = count_flops(lambda m=m: m(x.to("meta"), t.to("meta"), e.to("meta")))
-    names = list(fns)
-    times = {n: [] for n in names}
-    total = warmup + repeats
     with _LOCK:
-        for i in range(total):
-            if progress:
-                progress(i / total, f"UNet timing round {i + 1} of {total}")
-            order = names[i % len(names):] + names[: i % len(names)]
-            got = interleaved_times({n: fns[n] for n in order}, repeats=1, warmup=0)
-            if i >= warmup:
-                for n in names:
-                    times[n].extend(got[n])
+        times = interleaved_times(fns, repeats=repeats, warmup=warmup, progress=progress or False)
+    names = list(fns)
     base_t = median(times["unpatched"])
     rows = [[n if n == "unpatched" else f"ToMe-SD {n} @ {ratio:g}", round(median(times[n]) * 1e3, 1),
              round(base_t / median(times[n]), 2), round(flops["unpatched"] / flops[n], 2)] for n in names]

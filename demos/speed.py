@@ -62,7 +62,7 @@ def measure_speed(dm: DemoModel, x: torch.Tensor, r: int, schedule: str = "const
     ``None`` keeps the current setting). On small CPUs shared with other work the thread count can
     decide whether ToMe's many small merge operations pay off, so it is a choice, not a constant."""
     from patches.timm import tome_forward
-    from visiontools.timing import machine_description, median
+    from visiontools.timing import count_flops, interleaved_times, machine_description, median
 
     if batch_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, repeats >= 1, warmup >= 0; got {batch_size}, {repeats}, {warmup}")
@@ -83,35 +83,13 @@ def measure_speed(dm: DemoModel, x: torch.Tensor, r: int, schedule: str = "const
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            flops, times = _time_rounds(fns, warmup, repeats, progress)
+            flops = {n: count_flops(fn) for n, fn in fns.items()}
+            times = interleaved_times(fns, repeats=repeats, warmup=warmup, progress=progress)
             machine = machine_description(xb.device)
         finally:
             torch.set_num_threads(saved_threads)
     rows = [SpeedRow(n, median(times[n]), batch_size, flops[n], last_tokens[n]) for n in fns]
     return SpeedResult(rows, machine, repeats)
-
-
-def _time_rounds(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
-                 progress: Callable[[float, str], None] | None):
-    """FLOPs of each candidate, then ``warmup + repeats`` rounds, each timing every candidate once,
-    in an order that rotates from round to round; returns ``(flops, kept times per candidate)``."""
-    from visiontools.timing import count_flops, interleaved_times
-
-    names = list(fns)
-    flops = {n: count_flops(fns[n]) for n in names}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    total = warmup + repeats
-    for i in range(total):
-        if progress:
-            progress(i / total, f"{'warm-up' if i < warmup else 'timing'} round {i + 1} of {total}")
-        order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
-        round_times = interleaved_times({n: fns[n] for n in order}, repeats=1, warmup=0)
-        if i >= warmup:
-            for n in names:
-                times[n].extend(round_times[n])
-    if progress:
-        progress(1.0, "done")
-    return flops, times
 
 
 def speed_chart(result: SpeedResult):

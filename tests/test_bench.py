@@ -22,6 +22,11 @@ def test_interleaved_times_runs_every_candidate_in_rotating_order():
     times = interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert [len(v) for v in times.values()] == [3, 3]
+    reports = []  # a UI callback sees every round start, then 1.0
+    interleaved_times({"a": lambda: reports.append(len(reports))}, repeats=2, warmup=1,
+                      progress=lambda f, text: reports.append((f, text)))
+    assert reports == [(0.0, "warm-up round 1 of 3"), 1, (1 / 3, "timing round 2 of 3"), 3,
+                       (2 / 3, "timing round 3 of 3"), 5, (1.0, "done")]
 
 
 def test_parse_schedule():

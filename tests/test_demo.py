@@ -250,6 +250,16 @@ def test_cache_loads_each_model_once_across_threads():
     assert cache.get("cifar10_vit") is got[0] and cache.get("") is got[0]
 
 
+def test_start_up_model_named_by_alias_is_never_evicted_and_failed_loads_leave_no_lock():
+    cache = ModelCache(allow_download=False, max_cached=0, default="cifar10_vit")
+    start = cache.get(None)
+    cache.get("vit_tiny_patch16_224")  # over max_cached: evicted again, but not the start-up model
+    assert cache.get("default") is start and cache.loads == 2
+    with pytest.raises(ValueError, match="cannot be used in this demo"):
+        cache.get("resnet18")
+    assert not cache._loading  # the failed name's load lock is gone
+
+
 def test_default_model_is_the_shipped_checkpoint_or_says_why_not(dm):
     assert dm.classes[:3] == ["airplane", "automobile", "bird"] and dm.input_size == (32, 32)
     if dm.trained:
@@ -503,7 +513,7 @@ def test_sd_speed_rows():
     assert [r[0] for r in rows] == ["unpatched", "ToMe-SD merge @ 0.5", "ToMe-SD downsample @ 0.5"]
     assert rows[0][2] == 1.0 and rows[0][3] == 1.0
     assert rows[1][3] > 1.2 and rows[2][3] > 1.2  # fewer FLOPs in self-attention
-    assert all(r[1] > 0 for r in rows) and "CPU" in machine or "cuda" in machine.lower()
+    assert all(r[1] > 0 for r in rows) and ("CPU" in machine or "cuda" in machine.lower())
 
 
 # --- Hyena tab --------------------------------------------------------------------------------------

@@ -71,18 +71,24 @@ def interleaved_times(
     repeats: int = 10,
     warmup: int = 2,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[float, str], object] = False,
 ) -> dict[str, list[float]]:
     """Time each zero-argument callable ``repeats`` times, interleaved round-robin, after
-    ``warmup`` untimed rounds. Returns the seconds of every timed call, per name."""
+    ``warmup`` untimed rounds. Returns the seconds of every timed call, per name. ``progress``:
+    ``True`` for a progress bar, or a callable ``(fraction, text)`` (e.g. a UI's) called before every
+    round and with 1.0 at the end."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
-    rounds = range(warmup + repeats)
-    if progress:
+    total = warmup + repeats
+    rounds = range(total)
+    report = progress if callable(progress) else None
+    if progress is True:
         from tqdm.auto import tqdm
         rounds = tqdm(rounds, desc="timing", unit="round")
     with torch.inference_mode():
         for i in rounds:
+            if report:
+                report(i / total, f"{'warm-up' if i < warmup else 'timing'} round {i + 1} of {total}")
             order = names[i % len(names):] + names[: i % len(names)]
             for name in order:
                 _sync(device)
@@ -91,6 +97,8 @@ def interleaved_times(
                 _sync(device)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - t0)
+    if report:
+        report(1.0, "done")
     return times
 
 
