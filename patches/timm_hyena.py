@@ -24,10 +24,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.data import CIFAR_STATS
 from visiontools.hyena import GridKey, HyenaAttention, set_call_grid
 
 __all__ = ["swap_attention_for_hyena", "configure_hyena", "hyena_layers"]
@@ -97,12 +97,6 @@ def swap_attention_for_hyena(model: nn.Module, order: int = 2, **hyena_kwargs) -
 
 # ----------------------------------------------------------------------------- registered models
 
-def _cfg(img_size: int, num_classes: int, mean, std) -> dict:
-    return {"url": "", "num_classes": num_classes, "input_size": (3, img_size, img_size), "pool_size": None,
-            "crop_pct": 1.0 if img_size <= 64 else 0.9, "interpolation": "bicubic", "mean": tuple(mean),
-            "std": tuple(std), "first_conv": "patch_embed.proj", "classifier": "head"}
-
-
 CIFAR_DIMS = dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0,
                   class_token=False, global_pool="avg", num_classes=10, dynamic_img_size=True)
 SMALL_224_DIMS = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
@@ -111,33 +105,16 @@ SMALL_224_DIMS = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_
 
 def _build(variant: str, pretrained: bool, dims: dict, hyena: bool, order: int = 2,
            hyena_kwargs: Optional[dict] = None, **kwargs) -> VisionTransformer:
-    if pretrained:
-        raise ValueError(f"{variant} has no downloadable weights; load a visiontools checkpoint instead "
-                         "(visiontools.models.load_checkpoint_model)")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # passed by timm.create_model
-        kwargs.pop(key, None)
-    args = {**dims, **kwargs}
-    if hyena:
-        if order != 2 or hyena_kwargs:
-            # timm's Block passes a fixed set of arguments to attn_layer: bind ours in a subclass
-            bound = dict(order=order, **(hyena_kwargs or {}))
+    from visiontools.models import build_registered_vit  # not at the top: visiontools.models imports this module
 
-            class _Bound(HyenaAttention):
-                def __init__(self, dim, **kw):
-                    super().__init__(dim, **{**kw, **bound})
-            args["attn_layer"] = _Bound
-        else:
-            args["attn_layer"] = HyenaAttention
-    model = VisionTransformer(**args)
+    if hyena:
+        default = {} if order == 2 and not hyena_kwargs else dict(order=order, **(hyena_kwargs or {}))
+        dims = {**dims, "attn_layer": HyenaAttention.bound(**default)}
+    img_size = kwargs.get("img_size", dims["img_size"])
+    stats = None if img_size <= 64 else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    model = build_registered_vit(variant, pretrained, dims, kwargs, stats)
     if hyena:
         configure_hyena(model)
-    if args["img_size"] <= 64:
-        mean, std = CIFAR_STATS["cifar100" if args.get("num_classes") == 100 else "cifar10"]
-    else:
-        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    cfg = _cfg(args["img_size"], args.get("num_classes", 1000), mean, std)
-    model.pretrained_cfg = cfg
-    model.default_cfg = cfg
     return model
 
 

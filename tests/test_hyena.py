@@ -8,11 +8,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import patches.timm_hyena as th
-from visiontools.data import CIFAR_STATS
+from visiontools.data import CIFAR_STATS, load_cifar, normalize
 from visiontools.hyena import (
     Hyena2d, HyenaAttention, ImplicitFilter2d, direct_conv2d, fft_conv2d, fft_size,
 )
@@ -331,18 +330,9 @@ def test_torch_compile_runs():
 
 
 def _cifar_batch(datasets_dir, n: int = 64):
-    root = datasets_dir / "cifar10" / "train"
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    per = n // len(classes) + 1
-    images, labels = [], []
-    for label, c in enumerate(classes):
-        for path in sorted((root / c).glob("*.jpg"))[:per]:
-            images.append(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
-            labels.append(label)
-    x = torch.from_numpy(np.stack(images[:n])).permute(0, 3, 1, 2)
-    mean, std = CIFAR_STATS["cifar10"]
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    return x, torch.tensor(labels[:n])
+    """The first ``n`` of the first few real CIFAR-10 training images of every class, normalised."""
+    ds = load_cifar("cifar10", "train", datasets_dir / "cifar10", max_per_class=n // 10 + 1).subset(range(n))
+    return normalize(ds.images, *CIFAR_STATS["cifar10"]), ds.labels
 
 
 def test_tiny_hyena_vit_learns_real_cifar10(datasets_dir):

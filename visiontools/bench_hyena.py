@@ -50,7 +50,7 @@ def parse_grid(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def build_blocks(dim: int, num_heads: int, order: int, mlp_ratio: float, device, dtype=torch.float32):
+def build_blocks(dim: int, num_heads: int, order: int, mlp_ratio: float, device):
     """(attention block, Hyena block): timm ``Block`` s of equal width and MLP, in eval mode."""
     from timm.layers import Attention
     from timm.models.vision_transformer import Block
@@ -64,12 +64,9 @@ def build_blocks(dim: int, num_heads: int, order: int, mlp_ratio: float, device,
         raise RuntimeError("timm Attention is not using fused SDPA here (TIMM_FUSED_ATTN=0?); "
                            "the comparison would be against the slow path")
 
-    class _Hyena(HyenaAttention):  # Block passes a fixed argument set; bind the order
-        def __init__(self, d, **kw):
-            super().__init__(d, **{**kw, "order": order, "num_prefix_tokens": 0})
-
-    hyena = Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, attn_layer=_Hyena)
-    return attn.to(device, dtype).eval(), hyena.to(device, dtype).eval()
+    hyena = Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
+                  attn_layer=HyenaAttention.bound(order=order, num_prefix_tokens=0))
+    return attn.to(device).eval(), hyena.to(device).eval()
 
 
 def uncached_copy(hyena_block):
@@ -289,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (args.batch_size is not None and args.batch_size < 1) or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--batch-size and --repeats must be >= 1 and --warmup >= 0")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     result = benchmark(args.grids, dim=args.dim, num_heads=args.num_heads, order=args.order,

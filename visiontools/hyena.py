@@ -357,6 +357,19 @@ class HyenaAttention(nn.Module):
         self.grid_size = tuple(grid_size) if grid_size is not None else None
         self.grid_owner: Optional[GridKey] = None  # key of a per-call grid (see set_call_grid)
 
+    @classmethod
+    def bound(cls, **fixed):
+        """``cls``, or a subclass that always passes ``fixed`` (e.g. ``order``) to the constructor: timm's
+        ``Block`` calls ``attn_layer`` with a fixed argument set, so Hyena's own options are bound here."""
+        if not fixed:
+            return cls
+
+        class Bound(cls):
+            def __init__(self, dim, **kw):
+                super().__init__(dim, **{**kw, **fixed})
+
+        return Bound
+
     def resolve_grid(self, n: int) -> tuple[int, tuple[int, int]]:
         """(number of prefix tokens, (H, W)) for a sequence of ``n`` tokens, or a ValueError."""
         p = self.num_prefix_tokens

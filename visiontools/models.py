@@ -40,27 +40,30 @@ SHIPPED = {
 DEFAULT_CHECKPOINT = "cifar10_vit"
 
 
-def _cifar_cfg(dataset: str = "cifar10") -> dict:
-    mean, std = CIFAR_STATS[dataset]
-    return {"url": "", "num_classes": 10 if dataset == "cifar10" else 100, "input_size": (3, 32, 32),
-            "pool_size": None, "crop_pct": 1.0, "interpolation": "bicubic", "mean": mean, "std": std,
-            "first_conv": "patch_embed.proj", "classifier": "head"}
-
-
-def _create_cifar_vit(variant: str, pretrained: bool, dims: dict, **kwargs) -> VisionTransformer:
+def build_registered_vit(variant: str, pretrained: bool, dims: dict, kwargs: dict, stats=None) -> VisionTransformer:
+    """A ``VisionTransformer`` for a model this project registers with timm: ``dims`` updated by the
+    caller's ``kwargs``, with a ``pretrained_cfg`` giving its input size and normalisation (``stats``
+    ``(mean, std)``; default: CIFAR-100's for 100 classes, else CIFAR-10's). There are no downloadable
+    weights, so ``pretrained=True`` is refused."""
     if pretrained:
         raise ValueError(f"{variant} has no downloadable weights; load a visiontools checkpoint instead "
                          "(visiontools.models.load_checkpoint_model)")
-    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # passed by timm.create_model
-        kwargs.pop(k, None)
-    args = dict(img_size=32, patch_size=4, num_classes=10, **dims)
-    args.update(kwargs)
+    args = {**dims, **{k: v for k, v in kwargs.items()
+                       if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}}  # from timm.create_model
     model = VisionTransformer(**args)
-    cfg = _cifar_cfg("cifar100" if args["num_classes"] == 100 else "cifar10")
-    cfg["num_classes"] = args["num_classes"]
+    num_classes = args.get("num_classes", 1000)
+    mean, std = stats or CIFAR_STATS["cifar100" if num_classes == 100 else "cifar10"]
+    img = args["img_size"]
+    cfg = {"url": "", "num_classes": num_classes, "input_size": (3, img, img), "pool_size": None,
+           "crop_pct": 1.0 if img <= 64 else 0.9, "interpolation": "bicubic", "mean": tuple(mean),
+           "std": tuple(std), "first_conv": "patch_embed.proj", "classifier": "head"}
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
     return model
+
+
+def _create_cifar_vit(variant: str, pretrained: bool, dims: dict, **kwargs) -> VisionTransformer:
+    return build_registered_vit(variant, pretrained, dict(img_size=32, patch_size=4, num_classes=10, **dims), kwargs)
 
 
 @register_model
