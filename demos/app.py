@@ -274,7 +274,9 @@ def build_demo(default_model: str = DEFAULT_MODEL):
         # picking an example sets the value without an input event, so it gets its own trigger.
         example_picked = getattr(gallery, "load_input_event", None)
         image_triggers = (image.input, example_picked.then) if example_picked is not None else (image.change,)
-        for trigger in (*image_triggers, r.change, schedule.change, layer.change, opacity.change):
+        # .input, not .change: a model switch sets r and layer itself and then runs run_merge once
+        # (below); .change would also fire for those programmatic updates and run it twice more.
+        for trigger in (*image_triggers, r.input, schedule.input, layer.input, opacity.input):
             trigger(run_merge, merge_inputs, merge_outputs, trigger_mode="always_last", preprocess=False,
                     show_progress="minimal", concurrency_id="merge")
         demo.load(run_merge, merge_inputs, merge_outputs, preprocess=False, concurrency_id="merge")
