@@ -71,19 +71,21 @@ def measure_speed(dm: DemoModel, x: torch.Tensor, r: int, schedule: str = "const
     xb = x.expand(batch_size, *x.shape[1:]).contiguous()
     settings = [(f"ToMe r={v} (constant)", r_setting(v, "constant")) for v in sweep_values(r)[:-1]] if sweep else []
     settings.append((f"ToMe r={r} ({schedule})", r_setting(r, schedule)))
+    # FLOPs (linear in the batch) and token counts from one single-image forward per candidate
     fns: dict[str, Callable[[], object]] = {"unpatched": lambda: dm.model(xb)}
+    flops = {"unpatched": count_flops(lambda: dm.model(x)) * batch_size}
     last_tokens = {"unpatched": dm.num_patches + dm.model.num_prefix_tokens}
     for name, setting in settings:
         patched = dm.patched(setting)
         fns[name] = (lambda m: (lambda: m(xb)))(patched)
-        with torch.inference_mode():
-            last_tokens[name] = tome_forward(patched, x)[1].tokens_per_layer[-2]
+        info = []
+        flops[name] = count_flops(lambda: info.append(tome_forward(patched, x)[1])) * batch_size
+        last_tokens[name] = info[0].tokens_per_layer[-2]
     with _MEASURE_LOCK:
         saved_threads = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)
         try:
-            flops = {n: count_flops(fn) for n, fn in fns.items()}
             times = interleaved_times(fns, repeats=repeats, warmup=warmup, progress=progress)
             machine = machine_description(xb.device)
         finally:
