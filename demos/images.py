@@ -100,3 +100,8 @@ def square_crop(im: Image.Image) -> Image.Image:
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     return im.crop((left, top, left + s, top + s))
+
+
+def square_resized(im: Image.Image, width: int, height: int) -> Image.Image:
+    """The centred square of ``im`` in RGB, resized (bicubic) to ``width x height``."""
+    return square_crop(im.convert("RGB")).resize((width, height), Image.Resampling.BICUBIC)

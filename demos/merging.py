@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from demos.images import square_crop
+from demos.images import square_resized
 from demos.model_cache import DemoModel
+from visiontools.data import normalize
 
 SCHEDULES = {"constant": 0.0, "decreasing": -0.5, "increasing": 0.5}
 DISPLAY_SIDE = 384
@@ -32,11 +33,8 @@ def r_setting(r: int, schedule: str = "constant"):
 def model_input(dm: DemoModel, image: Image.Image) -> torch.Tensor:
     """``image`` as the model sees it: centre square crop, resized to the input size, normalised; ``(1, 3, H, W)``."""
     h, w = dm.input_size
-    x = square_crop(image.convert("RGB")).resize((w, h), Image.Resampling.BICUBIC)
-    t = torch.from_numpy(np.asarray(x, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(dm.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(dm.std, dtype=torch.float32)[:, None, None]
-    return ((t - mean) / std).unsqueeze(0)
+    x = torch.from_numpy(np.array(square_resized(image, w, h))).permute(2, 0, 1)[None]  # uint8
+    return normalize(x, dm.mean, dm.std)
 
 
 def top_k(logits: torch.Tensor, classes: list[str], k: int = 5) -> dict[str, float]:
@@ -94,7 +92,7 @@ def analyse(dm: DemoModel, image: Image.Image, r: int, schedule: str = "constant
         logits_before = dm.model(x)
         logits_after, info = tome_forward(patched, x, trace_source=True)
     source = torch.arange(dm.num_patches) if layer == 0 else info.layer_sources[layer - 1][0]
-    view = square_crop(image.convert("RGB")).resize((display_side, display_side), Image.Resampling.BICUBIC)
+    view = square_resized(image, display_side, display_side)
     vis = render_merges(view, source, grid_size=dm.grid_size)
     if opacity < 1.0:
         vis = Image.blend(view, vis, float(opacity))

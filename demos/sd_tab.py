@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from demos.images import square_crop
+from demos.images import square_resized
 from visiontools.bench_sd import shared_copy
 
 LATENT_SIDES = {"32x32 (256 px image)": 32, "64x64 (512 px image)": 64}
@@ -55,7 +55,7 @@ def tiny_unet():
 def image_latent(image: Image.Image, side: int) -> torch.Tensor:
     """``(1, 4, side, side)``: the centre square of ``image`` resized to the latent grid, RGB scaled
     to [-1, 1] plus luminance as the fourth channel (a stand-in for a VAE latent)."""
-    im = square_crop(image.convert("RGB")).resize((side, side), Image.Resampling.BICUBIC)
+    im = square_resized(image, side, side)
     rgb = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     lum = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[None]
     return torch.cat([rgb, lum]).unsqueeze(0)
@@ -115,7 +115,7 @@ def sd_merge_maps(image: Image.Image, ratio: float, max_downsample: int, latent_
     finally:
         for h in hooks:
             h.remove()
-    view = square_crop(image.convert("RGB")).resize((display_side, display_side), Image.Resampling.BICUBIC)
+    view = square_resized(image, display_side, display_side)
     cfg_sx = cfg_sy = 2
     out = []
     for name, ds in blocks:
