@@ -129,8 +129,8 @@ def load_eval_data(dataset: str, data_dir: str | None, model: torch.nn.Module, m
 def accuracy(models: dict[str, torch.nn.Module], data: EvalData, batch_size: int, device: torch.device,
              amp: torch.dtype | None = None, rank: int = 0, world: int = 1, progress: bool = False
              ) -> dict[str, dict[str, float]]:
-    """Top-1/top-5 accuracy (%) of every model on the whole dataset; each batch is loaded once and
-    fed to all models. Sharded over ranks and summed exactly."""
+    """Top-1/top-5 accuracy (%) and mean cross-entropy (``loss``) of every model on the whole dataset;
+    each batch is loaded once and fed to all models. Sharded over ranks and summed exactly."""
     from visiontools.data import eval_shard
     from visiontools.timing import autocast_context
     from visiontools.train import all_reduce_sum
@@ -139,6 +139,7 @@ def accuracy(models: dict[str, torch.nn.Module], data: EvalData, batch_size: int
     names = list(models)
     c1 = {n: 0.0 for n in names}
     c5 = {n: 0.0 for n in names}
+    loss = {n: 0.0 for n in names}
     batches = data.batches(idx, batch_size)
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -148,13 +149,16 @@ def accuracy(models: dict[str, torch.nn.Module], data: EvalData, batch_size: int
         for n in names:
             with autocast_context(device, amp):
                 logits = models[n](x).float()
+            loss[n] += F.cross_entropy(logits, y, reduction="sum").item()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             c1[n] += (top[:, 0] == y).sum().item()
             c5[n] += (top == y[:, None]).any(dim=1).sum().item()
-    sums = all_reduce_sum([c1[n] for n in names] + [c5[n] for n in names] + [float(len(idx))], world)
+    k = len(names)
+    sums = all_reduce_sum([c1[n] for n in names] + [c5[n] for n in names] + [loss[n] for n in names]
+                          + [float(len(idx))], world)
     total = sums[-1]
-    return {n: {"top1": 100.0 * sums[i] / total, "top5": 100.0 * sums[len(names) + i] / total, "n": int(total)}
-            for i, n in enumerate(names)}
+    return {n: {"top1": 100.0 * sums[i] / total, "top5": 100.0 * sums[k + i] / total, "loss": sums[2 * k + i] / total,
+                "n": int(total)} for i, n in enumerate(names)}
 
 
 def speed_and_flops(models: dict[str, torch.nn.Module], x: torch.Tensor, device: torch.device,

@@ -216,38 +216,6 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate_tensor_dataset(model: torch.nn.Module, ds, mean, std, device: torch.device, batch_size: int = 500,
-                            rank: int = 0, world: int = 1, amp: torch.dtype | None = None,
-                            progress: bool = False) -> dict[str, float]:
-    """Top-1/top-5 accuracy and mean cross-entropy of ``model`` on an in-memory dataset, sharded over
-    ranks and summed exactly (every image counted once)."""
-    from visiontools.data import eval_shard, iterate_batches, normalize
-    from visiontools.timing import autocast_context
-
-    model.eval()
-    idx = eval_shard(len(ds), rank, world)
-    correct1 = correct5 = loss_sum = 0.0
-    batches = iterate_batches(ds, idx, batch_size)
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, total=math.ceil(len(idx) / batch_size), desc="eval", unit="batch", leave=False)
-    for x, y in batches:
-        x = normalize(x.to(device), mean, std)
-        y = y.to(device)
-        with autocast_context(device, amp):
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-    c1, c5, ls, n = all_reduce_sum([correct1, correct5, loss_sum, float(len(idx))], world)
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": ls / n, "n": int(n)}
-
-
 # ----------------------------------------------------------------------------- training
 
 def _jsonl(records: list[dict]) -> str:
@@ -262,6 +230,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
     from visiontools import checkpoint as ckpt
     from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, iterate_batches, load_cifar, mixup, \
         normalize, rand_augment, random_crop_flip, shard_indices
+    from visiontools.evaluate import EvalData, accuracy
     from visiontools.models import create_model, model_description
     from visiontools.timing import autocast_context, resolve_device
 
@@ -382,8 +351,9 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
                   "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen,
                   "seconds": round(time.time() - t0, 2)}
         if (epoch + 1) % max(1, int(cfg["eval_every"])) == 0 or epoch + 1 == cfg["epochs"]:
-            ev = evaluate_tensor_dataset(model, test_ds, mean, std, dev, rank=rank, world=world, amp=adt,
-                                         progress=show)
+            model.eval()
+            ev = accuracy({"model": model}, EvalData("tensor", tensor_ds=test_ds, mean=mean, std=std), 500, dev,
+                          adt, rank, world, show)["model"]
             record.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"], test_images=ev["n"])
         history.append(record)
         if rank == 0:
