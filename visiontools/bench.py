@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from pathlib import Path
 
 import torch
 
 from visiontools.timing import (
-    autocast_context, count_flops, interleaved_times, machine_description, median, resolve_device,
+    add_run_arguments, autocast_context, count_flops, interleaved_times, machine_description, median,
+    resolve_device,
 )
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -123,14 +123,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
                    help="input size (one value for square, or H W); default: the model's own")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every candidate once)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out-json", type=Path, default=None, help="write the full result (all timings) here")
-    p.add_argument("--out-md", type=Path, default=None, help="write the markdown table here")
+    add_run_arguments(p, repeats=10, warmup=3)
 
 
 def load_model(name: str, pretrained: bool = False, img_size=None) -> torch.nn.Module:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from visiontools.timing import (
-    autocast_context, count_flops, interleaved_times, machine_description, median,
+    add_run_arguments, autocast_context, count_flops, interleaved_times, machine_description, median,
 )
 
 DEFAULT_GRIDS = [14, 16, 24, 32, 48, 64, 96, 128]
@@ -267,14 +267,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per forward at every grid (default: about --max-tokens tokens per forward)")
     p.add_argument("--max-tokens", type=int, default=4096,
                    help="with no --batch-size: batch = max(1, max_tokens // tokens)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU); Hyena's FFTs stay float32")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs both blocks once)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out-json", type=Path, default=None, help="write the full result (all timings) here")
-    p.add_argument("--out-md", type=Path, default=None, help="write the markdown table here")
+    add_run_arguments(p, repeats=5, warmup=1)
     p.add_argument("--plot", type=Path, default=None, help="write a log-log PNG of time and memory vs tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -15,6 +15,8 @@ import copy
 import json
 import time
 
+from visiontools.timing import add_run_arguments
+
 # diffusers' config of runwayml/stable-diffusion-v1-5 unet/config.json (architecture only).
 SD15_UNET_CONFIG = {
     "act_fn": "silu",
@@ -57,20 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", nargs="+", default=None, metavar="METHOD@RATIO",
                         help="explicit candidates such as merge@0.5 downsample@0.75 (overrides --methods/--ratios)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the UNet call")
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds per candidate")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--device", default=None, help="device to run on; unset: cuda if available, else cpu")
+    add_run_arguments(parser, repeats=2, warmup=1)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="weights/activations dtype; unset: fp16 on cuda, fp32 on cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
     parser.add_argument("--max-downsample", type=int, default=1,
                         help="patch levels downsampled at most this much (1 = tomesd's default, 64x64 at 512px)")
     parser.add_argument("--similarity-dtype", default="auto", choices=["auto", "input", "float32", "bfloat16", "float16"],
                         help="dtype of merge mode's matching matmul (auto: bf16 for fp32 on CPUs with hardware bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--tiny", action="store_true", help="tiny UNet with the SD 1.5 layout (smoke test)")
-    parser.add_argument("--out-json", default=None, help="write all results to this JSON file")
-    parser.add_argument("--out-md", default=None, help="write the Markdown table (with the machine) to this file")
 
 
 def shared_copy(module):

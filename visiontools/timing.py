@@ -10,6 +10,7 @@ import math
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -52,6 +53,17 @@ _EXTRA_FORMULAS = {
 }
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa_flop
+
+
+def add_run_arguments(parser, repeats: int, warmup: int) -> None:
+    """The options every ``visiontools bench`` target shares: device, CPU threads, interleaved rounds,
+    and the files the results go to."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (each runs every candidate once)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
+    parser.add_argument("--out-json", type=Path, default=None, help="write the full result (all timings) here")
+    parser.add_argument("--out-md", type=Path, default=None, help="write the markdown table (with the machine) here")
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
