@@ -13,15 +13,15 @@ import sys
 
 TITLE = "visiontools: Token Merging (ToMe) demo"
 DEFAULT_R = 4
-DEFAULT_MODEL = "default"  # demos.model_cache.DEFAULT_MODEL (not imported here: it imports torch)
+DEFAULT_MODEL = "default"  # visiontools.demos.model_cache.DEFAULT_MODEL (not imported here: it imports torch)
 
-_CACHE = None  # the process-wide demos.model_cache.ModelCache
+_CACHE = None  # the process-wide visiontools.demos.model_cache.ModelCache
 
 
 def _cache():
     global _CACHE
     if _CACHE is None:
-        from demos.model_cache import ModelCache
+        from visiontools.demos.model_cache import ModelCache
 
         _CACHE = ModelCache()
     return _CACHE
@@ -90,8 +90,8 @@ def run_merge(image, model_name: str, r, schedule: str, layer, opacity=1.0):
     status). Bad uploads or settings give a status message (and a warning toast), never an exception."""
     import gradio as gr
 
-    from demos.images import ImageInputError, read_image
-    from demos.merging import TOKEN_TABLE_HEADERS, analyse
+    from visiontools.demos.images import ImageInputError, read_image
+    from visiontools.demos.merging import TOKEN_TABLE_HEADERS, analyse
 
     empty = (None, gr.update(value=[], headers=TOKEN_TABLE_HEADERS), "", None, None)
     image = upload_path(image)
@@ -132,9 +132,9 @@ def run_speed(image, model_name: str, r, schedule: str, batch_size, repeats, swe
     import gradio as gr
     import torch
 
-    from demos.images import ImageInputError, read_image
-    from demos.merging import model_input
-    from demos.speed import SPEED_HEADERS, measure_speed, speed_chart
+    from visiontools.demos.images import ImageInputError, read_image
+    from visiontools.demos.merging import model_input
+    from visiontools.demos.speed import SPEED_HEADERS, measure_speed, speed_chart
 
     image = upload_path(image)
     try:
@@ -182,7 +182,7 @@ def torch_threads() -> int:
 
 def upload_path(value) -> str | None:
     """The file path inside an image component's raw value. The merge and speed events run with
-    ``preprocess=False``, so uploads reach :func:`demos.images.read_image` undecoded and a bad file
+    ``preprocess=False``, so uploads reach :func:`visiontools.demos.images.read_image` undecoded and a bad file
     gets its own clear message instead of a generic processing error."""
     if value is None or isinstance(value, str):
         return value
@@ -193,7 +193,7 @@ def upload_path(value) -> str | None:
 
 def _extra_tabs(gr, image) -> None:
     """Tabs for the Stable Diffusion and Hyena parts when those modules are installed."""
-    for module in ("demos.sd_tab", "demos.hyena_tab"):
+    for module in ("visiontools.demos.sd_tab", "visiontools.demos.hyena_tab"):
         try:
             mod = __import__(module, fromlist=["build_tab"])
         except ImportError:
@@ -207,10 +207,10 @@ def build_demo(default_model: str = DEFAULT_MODEL):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from demos.images import example_images
-    from demos.merging import SCHEDULES, TOKEN_TABLE_HEADERS
-    from demos.model_cache import SUGGESTED_MODELS
-    from demos.speed import SPEED_HEADERS
+    from visiontools.demos.images import example_images
+    from visiontools.demos.merging import SCHEDULES, TOKEN_TABLE_HEADERS
+    from visiontools.demos.model_cache import SUGGESTED_MODELS
+    from visiontools.demos.speed import SPEED_HEADERS
 
     dm = _cache().get(default_model)
     r_max = max_r_for(dm)
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from demos.model_cache import ModelCache
+    from visiontools.demos.model_cache import ModelCache
 
     global _CACHE
     _CACHE = ModelCache(allow_download=not args.no_download, default=args.model)
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"visiontools demo: cannot start with model {args.model!r}: {e}", file=sys.stderr)
         return 2
     demo.queue(max_size=args.max_size, default_concurrency_limit=args.concurrency)
-    from demos.images import ASSETS_DIR
+    from visiontools.demos.images import ASSETS_DIR
 
     kwargs = dict(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                   max_file_size="25mb", allowed_paths=[str(ASSETS_DIR)],
@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m demos.app``: the same as ``visiontools demo``."""
+    """``python -m visiontools.demos.app``: the same as ``visiontools demo``."""
     parser = argparse.ArgumentParser(prog="visiontools demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)

@@ -18,7 +18,7 @@ TIMING_HEADERS = ["grid", "tokens", "batch", "attention ms / image", "Hyena ms /
 def available() -> bool:
     """Whether the Hyena operator and its timm adapter are installed."""
     try:
-        import patches.timm_hyena  # noqa: F401
+        import visiontools.patches.timm_hyena  # noqa: F401
         import visiontools.hyena  # noqa: F401
     except ImportError:
         return False
@@ -33,7 +33,7 @@ def hyena_model():
         if _MODEL is None:
             import timm
 
-            import patches.timm_hyena  # noqa: F401  (registers hyena_vit_cifar)
+            import visiontools.patches.timm_hyena  # noqa: F401  (registers hyena_vit_cifar)
 
             try:
                 from visiontools import models as vt_models
@@ -42,7 +42,7 @@ def hyena_model():
                 shipped = []
             why = "no Hyena checkpoint is shipped"
             if shipped:
-                from demos.model_cache import accuracy_note
+                from visiontools.demos.model_cache import accuracy_note
 
                 try:
                     model, desc = vt_models.load_checkpoint_model(shipped[0])
@@ -62,7 +62,7 @@ def hyena_model():
 def filter_bank(model, block: int, order_index: int = 0) -> torch.Tensor:
     """The long filters ``(C, 2H-1, 2W-1)`` that Hyena order ``order_index`` of block ``block`` applies
     on the model's patch grid."""
-    from patches.timm_hyena import hyena_layers
+    from visiontools.patches.timm_hyena import hyena_layers
 
     layers = hyena_layers(model)
     if not 0 <= block < len(layers):

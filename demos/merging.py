@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from demos.images import square_resized
-from demos.model_cache import DemoModel
+from visiontools.demos.images import square_resized
+from visiontools.demos.model_cache import DemoModel
 from visiontools.data import normalize
 
 SCHEDULES = {"constant": 0.0, "decreasing": -0.5, "increasing": 0.5}
@@ -80,7 +80,7 @@ def analyse(dm: DemoModel, image: Image.Image, r: int, schedule: str = "constant
     ``opacity`` < 1 blends the drawing (group colours and outlines) with the photo."""
     if not 0.0 <= float(opacity) <= 1.0:
         raise ValueError(f"opacity must be between 0 and 1, got {opacity}")
-    from patches.timm import tome_forward
+    from visiontools.patches.timm import tome_forward
     from visiontools.vis import group_count, render_merges
 
     layer = dm.depth if layer is None else int(layer)

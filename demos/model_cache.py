@@ -58,7 +58,7 @@ class DemoModel:
     def patched(self, r) -> torch.nn.Module:
         """A ToMe-patched view of the model sharing its weights (a shallow copy: the cached model
         itself stays unpatched, and concurrent requests get their own ``tome_r``)."""
-        from patches.timm import apply_tome
+        from visiontools.patches.timm import apply_tome
 
         return apply_tome(copy.copy(self.model), r=r)
 
@@ -107,7 +107,7 @@ def _cfg_stats(model) -> tuple[tuple, tuple]:
 
 def check_tome_supported(model: torch.nn.Module, name: str) -> None:
     """Raise ``ValueError`` naming the problem when ToMe cannot patch ``model``."""
-    from patches.timm import apply_tome
+    from visiontools.patches.timm import apply_tome
 
     try:
         apply_tome(copy.copy(model), r=0)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from demos.images import square_resized
+from visiontools.demos.images import square_resized
 from visiontools.bench_sd import shared_copy
 
 LATENT_SIDES = {"32x32 (256 px image)": 32, "64x64 (512 px image)": 64}
@@ -31,7 +31,7 @@ def available() -> bool:
     from importlib.util import find_spec
 
     try:
-        return all(find_spec(m) is not None for m in ("diffusers", "patches.diffusers", "visiontools.bench_sd"))
+        return all(find_spec(m) is not None for m in ("diffusers", "visiontools.patches.diffusers", "visiontools.bench_sd"))
     except (ImportError, ValueError):
         return False
 
@@ -92,7 +92,7 @@ def sd_merge_maps(image: Image.Image, ratio: float, max_downsample: int, latent_
                   display_side: int = 512) -> list[BlockMerge]:
     """Run the (tiny) UNet patched with ToMe-SD at ``ratio`` on levels downsampled at most
     ``max_downsample`` times, and draw, for every patched block, which latent tokens merged."""
-    from patches.diffusers import apply_tome_sd, patched_blocks
+    from visiontools.patches.diffusers import apply_tome_sd, patched_blocks
     from visiontools import merge2d
     from visiontools.vis import render_merges
 
@@ -132,7 +132,7 @@ def sd_speed(ratio: float, max_downsample: int, latent_side: int = 64, repeats: 
     interleaved; rows ``[method, ms, speedup, FLOP ratio]`` and the machine description."""
     from diffusers import UNet2DConditionModel
 
-    from patches.diffusers import apply_tome_sd
+    from visiontools.patches.diffusers import apply_tome_sd
     from visiontools.bench_sd import TINY_UNET_CONFIG
     from visiontools.timing import count_flops, interleaved_times, machine_description, median
 
@@ -168,8 +168,8 @@ def merge_maps_ui(img, ratio, max_ds, side_label):
     a warning and a note instead of an exception."""
     import gradio as gr
 
-    from demos.app import upload_path
-    from demos.images import ImageInputError, read_image
+    from visiontools.demos.app import upload_path
+    from visiontools.demos.images import ImageInputError, read_image
 
     try:
         im, _ = read_image(upload_path(img))

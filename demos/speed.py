@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from demos.merging import r_setting
-from demos.model_cache import DemoModel
+from visiontools.demos.merging import r_setting
+from visiontools.demos.model_cache import DemoModel
 
 SPEED_HEADERS = ["model", "ms / batch", "images / s", "speedup", "GFLOPs / image", "FLOP ratio", "tokens at last block"]
 _MEASURE_LOCK = threading.Lock()  # one measurement at a time, or they would slow each other down
@@ -61,7 +61,7 @@ def measure_speed(dm: DemoModel, x: torch.Tensor, r: int, schedule: str = "const
     ``threads``: torch CPU threads during the measurement (process-wide, restored afterwards;
     ``None`` keeps the current setting). On small CPUs shared with other work the thread count can
     decide whether ToMe's many small merge operations pay off, so it is a choice, not a constant."""
-    from patches.timm import tome_forward
+    from visiontools.patches.timm import tome_forward
     from visiontools.timing import count_flops, interleaved_times, machine_description, median
 
     if batch_size < 1 or repeats < 1 or warmup < 0:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from demos.images import ImageInputError, example_images, read_image, square_crop
-from demos.merging import analyse, model_input, r_setting, token_table, top_k
-from demos.model_cache import ModelCache, load_model
+from visiontools.demos.images import ImageInputError, example_images, read_image, square_crop
+from visiontools.demos.merging import analyse, model_input, r_setting, token_table, top_k
+from visiontools.demos.model_cache import ModelCache, load_model
 
 CAT = next(p for p in example_images() if p.endswith("cat.jpg"))
 
@@ -110,7 +110,7 @@ def test_truncated_jpeg_gives_clear_message(tmp_path):
 
 
 def test_huge_image_is_refused_and_large_one_downscaled(monkeypatch, tmp_path, cat):
-    import demos.images as images
+    import visiontools.demos.images as images
 
     monkeypatch.setattr(images, "MAX_PIXELS", 50_000)
     with pytest.raises(ImageInputError, match="too large.*megapixels"):
@@ -303,7 +303,7 @@ def test_timm_vit_without_download_uses_random_weights_with_notice():
 # --- speed ----------------------------------------------------------------------------------------
 
 def test_measure_speed_reports_all_candidates_and_flop_ratio(dm, cat):
-    from demos.speed import measure_speed, speed_chart, sweep_values
+    from visiontools.demos.speed import measure_speed, speed_chart, sweep_values
 
     seen = []
     res = measure_speed(dm, model_input(dm, cat), 8, batch_size=2, repeats=2, sweep=True,
@@ -325,7 +325,7 @@ def test_measure_speed_reports_all_candidates_and_flop_ratio(dm, cat):
 
 
 def test_measure_speed_thread_setting_is_used_and_restored(dm, cat):
-    from demos.speed import measure_speed
+    from visiontools.demos.speed import measure_speed
 
     before = torch.get_num_threads()
     res = measure_speed(dm, model_input(dm, cat), 4, batch_size=1, repeats=1, warmup=0, threads=2)
@@ -337,14 +337,14 @@ def test_measure_speed_thread_setting_is_used_and_restored(dm, cat):
 def test_thread_choices():
     import os
 
-    from demos.app import thread_choices
+    from visiontools.demos.app import thread_choices
 
     ch = thread_choices()
     assert ch[0] == 1 and ch[-1] == (os.cpu_count() or 1) and ch == sorted(set(ch))
 
 
 def test_sweep_values():
-    from demos.speed import sweep_values
+    from visiontools.demos.speed import sweep_values
 
     assert sweep_values(8) == [2, 4, 6, 8]
     assert sweep_values(2) == [1, 2]
@@ -354,7 +354,7 @@ def test_sweep_values():
 # --- Gradio callbacks and app ---------------------------------------------------------------------
 
 def test_run_merge_callback_outputs_and_bad_uploads(tmp_path):
-    from demos import app
+    from visiontools.demos import app
 
     vis, table, summary, before, after, status = app.run_merge(CAT, "default", 4, "constant", 3)
     assert isinstance(vis, Image.Image) and len(table) >= 3 and "after block 3" in summary
@@ -375,20 +375,20 @@ def test_run_merge_callback_outputs_and_bad_uploads(tmp_path):
 
 
 def test_run_merge_reports_unexpected_failures_instead_of_raising(monkeypatch):
-    import demos.merging
-    from demos import app
+    import visiontools.demos.merging
+    from visiontools.demos import app
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure inside the model")
 
-    monkeypatch.setattr(demos.merging, "analyse", broken)
+    monkeypatch.setattr(visiontools.demos.merging, "analyse", broken)
     with pytest.warns(UserWarning):
         out = app.run_merge(CAT, "default", 4, "constant", 3)
     assert out[0] is None and "Something went wrong: RuntimeError: simulated failure" in out[-1]
 
 
 def test_run_speed_callback(tmp_path):
-    from demos import app
+    from visiontools.demos import app
 
     fig, table, note = app.run_speed(CAT, "default", 4, "decreasing", 2, 2, False, 1)
     assert [row[0] for row in table] == ["unpatched", "ToMe r=4 (decreasing)"]
@@ -401,7 +401,7 @@ def test_run_speed_callback(tmp_path):
 
 
 def test_load_model_callback_reports_unknown_model():
-    from demos import app
+    from visiontools.demos import app
 
     with pytest.warns(UserWarning):
         out = app.load_model_ui("no_such_model_xyz")
@@ -409,7 +409,7 @@ def test_load_model_callback_reports_unknown_model():
 
 
 def test_switching_model_updates_sliders_and_warns_about_random_weights(monkeypatch):
-    from demos import app
+    from visiontools.demos import app
 
     monkeypatch.setattr(app, "_CACHE", ModelCache(allow_download=False))
     with pytest.warns(UserWarning, match="random weights"):
@@ -425,7 +425,7 @@ def test_switching_model_updates_sliders_and_warns_about_random_weights(monkeypa
 def test_upload_path_accepts_raw_component_values():
     from gradio.data_classes import FileData
 
-    from demos.app import upload_path
+    from visiontools.demos.app import upload_path
 
     assert upload_path(None) is None and upload_path(CAT) == CAT
     assert upload_path({"path": CAT, "url": "http://x/file=cat.jpg", "orig_name": "cat.jpg"}) == CAT
@@ -433,7 +433,7 @@ def test_upload_path_accepts_raw_component_values():
 
 
 def test_build_demo_and_cli_options():
-    from demos import app
+    from visiontools.demos import app
 
     demo = app.build_demo()
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
@@ -449,28 +449,28 @@ def test_build_demo_and_cli_options():
 # --- Stable Diffusion tab ---------------------------------------------------------------------------
 
 def _sd_available():
-    from demos.sd_tab import available
+    from visiontools.demos.sd_tab import available
 
     return available()
 
 
-@pytest.mark.skipif(not _sd_available(), reason="diffusers / patches.diffusers not installed")
+@pytest.mark.skipif(not _sd_available(), reason="diffusers / visiontools.patches.diffusers not installed")
 def test_sd_latent_from_image(cat):
-    from demos.sd_tab import image_latent
+    from visiontools.demos.sd_tab import image_latent
 
     x = image_latent(cat, 32)
     assert x.shape == (1, 4, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert torch.allclose(x[0, 3], 0.299 * x[0, 0] + 0.587 * x[0, 1] + 0.114 * x[0, 2])
 
 
-@pytest.mark.skipif(not _sd_available(), reason="diffusers / patches.diffusers not installed")
+@pytest.mark.skipif(not _sd_available(), reason="diffusers / visiontools.patches.diffusers not installed")
 def test_sd_merge_maps_show_the_plan_the_patched_block_used(cat):
     """The plan drawn is the one the patched attention used: recomputing the block's self-attention
     with it reproduces the block's output."""
-    from patches.diffusers import apply_tome_sd
+    from visiontools.patches.diffusers import apply_tome_sd
     from visiontools import merge2d
 
-    from demos.sd_tab import (
+    from visiontools.demos.sd_tab import (
         TIMESTEP, _text_embedding, exact_plan_options, image_latent, sd_merge_maps, shared_copy, tiny_unet,
     )
 
@@ -505,9 +505,9 @@ def test_sd_merge_maps_show_the_plan_the_patched_block_used(cat):
     assert not torch.allclose(wrong, seen["out"], atol=1e-3)
 
 
-@pytest.mark.skipif(not _sd_available(), reason="diffusers / patches.diffusers not installed")
+@pytest.mark.skipif(not _sd_available(), reason="diffusers / visiontools.patches.diffusers not installed")
 def test_sd_speed_rows():
-    from demos.sd_tab import sd_speed
+    from visiontools.demos.sd_tab import sd_speed
 
     rows, machine = sd_speed(0.5, 1, latent_side=32, repeats=1, warmup=0)
     assert [r[0] for r in rows] == ["unpatched", "ToMe-SD merge @ 0.5", "ToMe-SD downsample @ 0.5"]
@@ -519,16 +519,16 @@ def test_sd_speed_rows():
 # --- Hyena tab --------------------------------------------------------------------------------------
 
 def _hyena_available():
-    from demos.hyena_tab import available
+    from visiontools.demos.hyena_tab import available
 
     return available()
 
 
-@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / patches.timm_hyena not installed")
+@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / visiontools.patches.timm_hyena not installed")
 def test_hyena_filter_bank_is_what_the_layer_convolves_with():
-    from patches.timm_hyena import hyena_layers
+    from visiontools.patches.timm_hyena import hyena_layers
 
-    from demos.hyena_tab import filter_bank, filter_figure, hyena_model
+    from visiontools.demos.hyena_tab import filter_bank, filter_figure, hyena_model
 
     model, desc, trained = hyena_model()
     assert ("random weights" in desc) != trained
@@ -541,7 +541,7 @@ def test_hyena_filter_bank_is_what_the_layer_convolves_with():
     assert not torch.equal(k, filter_bank(model, 1, 0))
     fig = filter_figure(k, show=8)
     assert len(fig.axes) == 8
-    from demos.hyena_tab import filters_ui
+    from visiontools.demos.hyena_tab import filters_ui
 
     fig, note = filters_ui(2, 0)
     assert len(fig.axes) == 8 and "block 2" in fig._suptitle.get_text() and "Red = positive" in note
@@ -549,9 +549,9 @@ def test_hyena_filter_bank_is_what_the_layer_convolves_with():
         filter_bank(model, len(model.blocks), 0)
 
 
-@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / patches.timm_hyena not installed")
+@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / visiontools.patches.timm_hyena not installed")
 def test_hyena_block_timing_rows():
-    from demos.hyena_tab import TIMING_HEADERS, block_timing, timing_figure, timing_rows
+    from visiontools.demos.hyena_tab import TIMING_HEADERS, block_timing, timing_figure, timing_rows
 
     result = block_timing((4, 8), dim=32, heads=2, repeats=1)
     rows = timing_rows(result)
@@ -562,11 +562,11 @@ def test_hyena_block_timing_rows():
     assert len(timing_figure(result).axes[0].lines) == 3
 
 
-@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / patches.timm_hyena not installed")
+@pytest.mark.skipif(not _hyena_available(), reason="visiontools.hyena / visiontools.patches.timm_hyena not installed")
 def test_hyena_checkpoint_is_used_when_shipped():
     from visiontools.models import CHECKPOINT_DIR
 
-    from demos.hyena_tab import hyena_model
+    from visiontools.demos.hyena_tab import hyena_model
 
     model, desc, trained = hyena_model()
     shipped = sorted(CHECKPOINT_DIR.glob("*hyena*.safetensors"))
@@ -575,9 +575,9 @@ def test_hyena_checkpoint_is_used_when_shipped():
         assert shipped[0].name in desc
 
 
-@pytest.mark.skipif(not _sd_available(), reason="diffusers / patches.diffusers not installed")
+@pytest.mark.skipif(not _sd_available(), reason="diffusers / visiontools.patches.diffusers not installed")
 def test_sd_tab_callback_and_bad_upload(tmp_path):
-    from demos.sd_tab import LATENT_SIDES, merge_maps_ui
+    from visiontools.demos.sd_tab import LATENT_SIDES, merge_maps_ui
 
     side = next(k for k, v in LATENT_SIDES.items() if v == 32)
     gallery, note = merge_maps_ui({"path": CAT}, 0.5, 1, side)

@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 
-from patches.diffusers import apply_tome_sd, is_patched, patched_blocks, remove_tome_sd  # noqa: E402
+from visiontools.patches.diffusers import apply_tome_sd, is_patched, patched_blocks, remove_tome_sd  # noqa: E402
 from visiontools import merge2d  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

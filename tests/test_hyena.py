@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-import patches.timm_hyena as th
+import visiontools.patches.timm_hyena as th
 from visiontools.data import CIFAR_STATS, load_cifar, normalize
 from visiontools.hyena import (
     Hyena2d, HyenaAttention, ImplicitFilter2d, direct_conv2d, fft_conv2d, fft_size,

@@ -1,4 +1,4 @@
-"""patches.timm: ToMe on timm ViTs (random weights, built offline)."""
+"""visiontools.patches.timm: ToMe on timm ViTs (random weights, built offline)."""
 import threading
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from patches.timm import apply_tome, remove_tome, tome_forward
+from visiontools.patches.timm import apply_tome, remove_tome, tome_forward
 from visiontools.merge import parse_r
 
 torch.manual_seed(0)

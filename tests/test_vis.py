@@ -4,7 +4,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from patches.timm import apply_tome, tome_forward
+from visiontools.patches.timm import apply_tome, tome_forward
 from visiontools.vis import group_count, render_merges
 
 

@@ -16,10 +16,10 @@ def apply_tome(model, **kwargs):
     """Token merging in one line: ``apply_tome(timm_vit, r=16)`` or
     ``apply_tome(sd_pipeline_or_unet, ratio=0.5)``; dispatches to the adapter in ``patches/``."""
     if _is_timm_vit(model):
-        from patches.timm import apply_tome as apply
+        from visiontools.patches.timm import apply_tome as apply
         return apply(model, **kwargs)
     if type(model).__module__.startswith("diffusers.") or hasattr(model, "unet"):  # a UNet, or a pipeline
-        from patches.diffusers import apply_tome_sd
+        from visiontools.patches.diffusers import apply_tome_sd
         return apply_tome_sd(model, **kwargs)
     raise TypeError(f"no ToMe adapter for {type(model).__name__} (from {type(model).__module__}); "
                     "supported: timm VisionTransformer, diffusers UNet2DConditionModel and SD pipelines")
@@ -28,7 +28,7 @@ def apply_tome(model, **kwargs):
 def remove_tome(model):
     """Undo :func:`apply_tome`, restoring the model exactly."""
     if _is_timm_vit(model):
-        from patches.timm import remove_tome as remove
+        from visiontools.patches.timm import remove_tome as remove
         return remove(model)
-    from patches.diffusers import remove_tome_sd
+    from visiontools.patches.diffusers import remove_tome_sd
     return remove_tome_sd(model)

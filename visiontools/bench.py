@@ -55,7 +55,7 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
                   progress: bool = True) -> dict:
     """Time ``model`` unpatched and ToMe-patched at each r setting in ``rs`` (interleaved, medians)
     and count FLOPs per image. Returns a dict with one row per candidate."""
-    from patches.timm import apply_tome, tome_forward
+    from visiontools.patches.timm import apply_tome, tome_forward
 
     device = torch.device(device)
     model = model.eval().to(device)

@@ -78,7 +78,7 @@ def shared_copy(module):
 
 
 def _patch(unet, method: str, ratio: float, max_downsample: int, similarity_dtype: str = "auto"):
-    from patches.diffusers import apply_tome_sd
+    from visiontools.patches.diffusers import apply_tome_sd
 
     if method == "tomesd":
         import tomesd
@@ -94,7 +94,7 @@ class _BlockTimer:
     (forward hooks; CUDA events on a GPU, so timing adds no synchronisation)."""
 
     def __init__(self, unet, max_downsample: int, device):
-        from patches.diffusers import transformer_blocks
+        from visiontools.patches.diffusers import transformer_blocks
 
         self.cuda = device.type == "cuda"
         self.calls: list[list[list]] = []  # per call: [start, end] stamps of each block

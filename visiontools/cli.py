@@ -13,7 +13,7 @@ import sys
 COMMANDS = {
     "train": ("visiontools.train", "train a model on CIFAR-10/100 from a YAML config"),
     "eval": ("visiontools.evaluate", "accuracy, throughput and FLOPs with and without ToMe"),
-    "demo": ("demos.app", "start the Gradio demo"),
+    "demo": ("visiontools.demos.app", "start the Gradio demo"),
 }
 BENCH_TARGETS = {
     "vit": ("visiontools.bench", "timm ViT: unpatched (fused attention) vs ToMe at several r"),

@@ -49,7 +49,7 @@ def candidate_settings(rs: Sequence[int], schedules: Sequence[tuple[int, float]]
 def build_candidates(model: torch.nn.Module, settings: list[tuple[str, Any]], prop_attn: bool = True
                      ) -> dict[str, torch.nn.Module]:
     """One model per row: the unpatched original, and ToMe-patched copies with their r."""
-    from patches.timm import apply_tome
+    from visiontools.patches.timm import apply_tome
 
     out = {}
     for name, r in settings:
@@ -184,7 +184,7 @@ def speed_and_flops(models: dict[str, torch.nn.Module], x: torch.Tensor, device:
 
 def tokens_after_merging(model: torch.nn.Module, x: torch.Tensor) -> list[int] | None:
     """Tokens entering each block (and after the last) for a ToMe-patched model, else None."""
-    from patches.timm import ToMeVisionTransformer, tome_forward
+    from visiontools.patches.timm import ToMeVisionTransformer, tome_forward
 
     if not isinstance(model, ToMeVisionTransformer):
         return None

@@ -7,7 +7,7 @@ Registered models (``timm.create_model(name)`` works once this module is importe
 - ``vit_cifar_mini_p4``: dim 192, depth 6, 3 heads, 4x4 patches; trains on a 2-core CPU in about an hour.
   The shipped checkpoint is this model.
 
-Both are plain ``timm`` ``VisionTransformer`` instances, so timm tooling and ``patches.timm`` (ToMe)
+Both are plain ``timm`` ``VisionTransformer`` instances, so timm tooling and ``visiontools.patches.timm`` (ToMe)
 apply to them unchanged.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from visiontools.checkpoint import META_KEY  # safetensors metadata entry holdin
 from visiontools.data import CIFAR_STATS, CIFAR10_CLASSES
 
 try:  # Hyena ViTs register themselves with timm when their adapter is installed.
-    import patches.timm_hyena  # noqa: F401
+    import visiontools.patches.timm_hyena  # noqa: F401
 except ImportError as e:  # only a missing Hyena adapter is tolerated, not a broken one
-    if e.name not in ("patches", "patches.timm_hyena"):
+    if e.name not in ("visiontools.patches", "visiontools.patches.timm_hyena"):
         raise
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"

@@ -1,0 +1,428 @@
+"""Token merging (ToMe-SD) and token downsampling (ToDo) for diffusers Stable Diffusion UNets.
+
+``apply_tome_sd(pipe_or_unet, ratio=0.5, mode="merge" | "downsample")`` patches a
+``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` (anything with a ``.unet``) or a bare
+``UNet2DConditionModel`` in place; ``remove_tome_sd(pipe_or_unet)`` undoes it exactly.
+
+The transformer blocks themselves are not replaced: the patch wraps their attention *processors*
+(``attn1``, and ``attn2`` when asked) around whatever processor was installed (SDPA by default),
+plus forward hooks on ``ff`` for ``merge_mlp``. So positional embeddings, GLIGEN, ada-norms and
+chunked feed-forward keep working and the state dict is unchanged. A forward pre-hook on the UNet
+reads the latent ``h x w`` of the current call (any size, non-square, odd) into a per-call context
+that a forward hook clears again; each level's grid is the latent size ceil-divided by its
+downsampling factor, as the stride-2 convolutions produce it.
+
+- ``mode="merge"`` (ToMe for SD, Bolya & Hoffman 2023): one destination per ``sy x sx`` window
+  (pseudo-random, seeded per call from ``seed`` and the timestep, or fixed top-left); ``ratio`` of
+  the tokens merge into their most similar destination before self-attention, and are copied back
+  after it.
+- ``mode="downsample"`` (ToDo, 2024): queries untouched; keys/values of self-attention come from
+  the token grid resized so that ``ratio`` of the tokens go (0.75 = half the side). Nothing to
+  unmerge, and the fused SDPA kernel stays in use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from visiontools import merge2d
+
+__all__ = ["ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks", "transformer_blocks"]
+
+_ATTR = "_visiontools_tome_sd"
+MODES = ("merge", "downsample")
+
+
+@dataclass(frozen=True)
+class ToMeSDConfig:
+    """Settings of one patch (see :func:`apply_tome_sd`)."""
+
+    ratio: float = 0.5
+    mode: str = "merge"
+    max_downsample: int | None = None
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    seed: int = 0
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+    downsample_method: str = "nearest-exact"
+    similarity_dtype: str = "auto"
+
+
+SIMILARITY_DTYPES = {"auto": None, "input": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                     "float16": torch.float16}
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16; Linux flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+_CPU_FAST_BF16 = _cpu_has_fast_bf16()
+
+
+def _similarity_dtype(choice: str, x: torch.Tensor) -> torch.dtype | None:
+    """dtype of the merge-matching matmul: ``auto`` = bf16 for fp32 tokens on a CPU with hardware
+    bf16 (about 9x faster there; only the choice of partners can change), else the tokens' dtype."""
+    if choice == "auto":
+        fast = _CPU_FAST_BF16 and x.device.type == "cpu" and x.dtype == torch.float32
+        return torch.bfloat16 if fast else None
+    return SIMILARITY_DTYPES[choice]
+
+
+class _CallContext:
+    """What the current UNet call knows: latent grid and the per-call seed (None between calls)."""
+
+    def __init__(self):
+        self.hw: tuple[int, int] | None = None
+        self.seed: torch.Tensor | None = None
+        self.rejected = 0  # calls refused because another was running (their end hook must not clear)
+
+
+class _BlockSlot:
+    """Hands one block's merge plan from its ``attn1`` to its ``attn2``/``ff`` within a call."""
+
+    def __init__(self):
+        self.plan = None
+
+
+class _State:
+    """Everything needed to run and to remove the patch of one UNet."""
+
+    def __init__(self, config: ToMeSDConfig):
+        self.config = config
+        self.ctx = _CallContext()
+        self.hooks: list = []
+        self.wrappers: list[tuple[torch.nn.Module, object]] = []  # (attention module, our processor around .inner)
+        self.checkpointable: list[torch.nn.Module] = []  # UNet parts with a `gradient_checkpointing` flag
+        self.warned_replaced = False
+        self.blocks: list[tuple[str, int]] = []  # (name, downsampling factor) of patched blocks
+        self.slots: list[_BlockSlot] = []  # merge plans handed within a block, emptied after each call
+
+
+def _grid(ctx: _CallContext, downsample: int, num_tokens: int, name: str) -> tuple[int, int]:
+    """Token grid of a block at ``downsample`` in the current call, checked against its token count."""
+    if ctx.hw is None:
+        raise RuntimeError(f"{name}: ToMe-SD attention called outside a forward of the patched UNet; "
+                           "call the UNet (or pipeline), not its blocks directly")
+    h, w = merge2d.grid_at(ctx.hw[0], ctx.hw[1], downsample)
+    if h * w != num_tokens:
+        raise ValueError(f"{name}: expected {h}x{w} = {h * w} tokens at downsampling x{downsample} of a "
+                         f"{ctx.hw[0]}x{ctx.hw[1]} latent, got {num_tokens}; this UNet layout is not supported")
+    return h, w
+
+
+class ToMeSDSelfAttnProcessor:
+    """Around ``attn1``: merge -> original processor -> unmerge, or downsampled keys/values."""
+
+    def __init__(self, inner, state: _State, slot: _BlockSlot, downsample: int, index: int, name: str):
+        self.inner = inner
+        self.state = state
+        self.slot = slot
+        self.downsample = downsample
+        self.index = index
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        cfg = self.state.config
+        self.slot.plan = None
+        if temb is not None:
+            kwargs["temb"] = temb
+        plain = (cfg.ratio == 0 or hidden_states.ndim != 3 or encoder_hidden_states is not None
+                 or attention_mask is not None)
+        if plain:  # nothing to do (or a case ToMe does not handle): exactly the original attention
+            return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, **kwargs)
+        h, w = _grid(self.state.ctx, self.downsample, hidden_states.shape[1], self.name)
+        if cfg.mode == "downsample":
+            kv = merge2d.downsample_tokens(hidden_states, h, w, merge2d.kv_grid_size(h, w, cfg.ratio),
+                                           cfg.downsample_method)
+            return self.inner(attn, hidden_states, encoder_hidden_states=kv, attention_mask=None, **kwargs)
+        seed = None
+        if cfg.use_rand:
+            seed = self.state.ctx.seed + 7919 * self.index
+        r = merge2d.num_merged(h * w, cfg.ratio, cfg.sx, cfg.sy, h, w)
+        if r == 0:  # grid smaller than one window, or too few tokens for this ratio
+            return self.inner(attn, hidden_states, attention_mask=None, **kwargs)
+        plan = merge2d.plan_merge_2d(hidden_states, h, w, r, cfg.sx, cfg.sy, seed,
+                                     _similarity_dtype(cfg.similarity_dtype, hidden_states))
+        if cfg.merge_crossattn or cfg.merge_mlp:
+            self.slot.plan = plan
+        if not cfg.merge_attn:
+            return self.inner(attn, hidden_states, attention_mask=None, **kwargs)
+        out = self.inner(attn, merge2d.merge_2d(plan, hidden_states), attention_mask=None, **kwargs)
+        return merge2d.unmerge(out, plan.index)
+
+
+class ToMeSDCrossAttnProcessor:
+    """Around ``attn2`` (``merge_crossattn``): the block's plan merges the queries, then unmerges."""
+
+    def __init__(self, inner, slot: _BlockSlot):
+        self.inner = inner
+        self.slot = slot
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if temb is not None:
+            kwargs["temb"] = temb
+        plan = _plan_for(self.slot, hidden_states)
+        if plan is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, **kwargs)
+        out = self.inner(attn, merge2d.merge_2d(plan, hidden_states), encoder_hidden_states=encoder_hidden_states,
+                         attention_mask=attention_mask, **kwargs)
+        return merge2d.unmerge(out, plan.index)
+
+
+def _plan_for(slot: _BlockSlot, x: torch.Tensor):
+    """The block's merge plan if it applies to tokens ``x`` (same batch and token count), else None."""
+    plan = slot.plan
+    if plan is None or x.ndim != 3 or tuple(x.shape[:2]) != tuple(plan.index.shape):
+        return None
+    return plan
+
+
+def _ff_hooks(ff: torch.nn.Module, slot: _BlockSlot):
+    """Forward hooks that run ``ff`` on merged tokens (skipped for feed-forward chunks)."""
+    def pre(module, args):
+        x, plan = args[0], _plan_for(slot, args[0])
+        if plan is None:
+            return None
+        return (merge2d.merge_2d(plan, x),) + tuple(args[1:])
+
+    def post(module, args, out):
+        plan = slot.plan
+        if plan is None or out.ndim != 3 or tuple(out.shape[:2]) != (plan.index.shape[0], plan.index.shape[1] - plan.r):
+            return None
+        return merge2d.unmerge(out, plan.index)
+
+    return [ff.register_forward_pre_hook(pre), ff.register_forward_hook(post)]
+
+
+def _find_unet(obj):
+    """The ``UNet2DConditionModel`` of a pipeline, or the UNet itself; ``TypeError`` otherwise."""
+    from diffusers import UNet2DConditionModel
+
+    unet = obj if isinstance(obj, UNet2DConditionModel) else getattr(obj, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel):
+        what = type(obj).__name__ if unet is None else f"{type(obj).__name__} whose .unet is a {type(unet).__name__}"
+        raise TypeError(f"ToMe-SD patches a StableDiffusionPipeline / StableDiffusionXLPipeline (anything with a "
+                        f"UNet2DConditionModel as .unet) or a UNet2DConditionModel, got a {what}")
+    return unet
+
+
+def transformer_blocks(unet) -> list[tuple[str, torch.nn.Module, int]]:
+    """(name, BasicTransformerBlock, downsampling factor) of every transformer block in the UNet."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    out = []
+    level = 0
+
+    def collect(prefix: str, part: torch.nn.Module, lvl: int):
+        for name, m in part.named_modules(prefix=prefix):
+            if isinstance(m, BasicTransformerBlock):
+                out.append((name, m, 2 ** lvl))
+
+    for i, blk in enumerate(unet.down_blocks):
+        collect(f"down_blocks.{i}", blk, level)
+        if getattr(blk, "downsamplers", None) is not None:
+            level += 1
+    if unet.mid_block is not None:
+        collect("mid_block", unet.mid_block, level)
+    for i, blk in enumerate(unet.up_blocks):
+        collect(f"up_blocks.{i}", blk, level)
+        if getattr(blk, "upsamplers", None) is not None:
+            level -= 1
+    return out
+
+
+def _check_int(v, what: str, lo: int = 1) -> int:
+    """``v`` if it is an int >= ``lo``, else ``ValueError``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{what} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _check_config(cfg: ToMeSDConfig) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first bad setting of ``cfg``."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    _check_int(cfg.sx, "sx")
+    _check_int(cfg.sy, "sy")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    if cfg.max_downsample is not None:
+        md = _check_int(cfg.max_downsample, "max_downsample")
+        if md & (md - 1):
+            raise ValueError(f"max_downsample must be a power of two (1, 2, 4, 8), got {md}")
+    if cfg.similarity_dtype not in SIMILARITY_DTYPES:
+        raise ValueError(f"similarity_dtype must be one of {tuple(SIMILARITY_DTYPES)}, got {cfg.similarity_dtype!r}")
+    if cfg.mode == "merge":
+        if cfg.sx * cfg.sy < 2:
+            raise ValueError("sx * sy must be >= 2 in merge mode (one destination per window)")
+        merge2d.check_ratio(cfg.ratio, merge2d.max_merge_ratio(cfg.sx, cfg.sy),
+                            what=f"ratio (merge mode, sx={cfg.sx}, sy={cfg.sy})")
+    else:
+        merge2d.check_ratio(cfg.ratio, 1.0, inclusive=False, what="ratio (downsample mode)")
+        if cfg.merge_crossattn or cfg.merge_mlp or not cfg.merge_attn:
+            raise ValueError("merge_attn/merge_crossattn/merge_mlp apply to mode='merge' only; downsample mode "
+                             "always acts on the keys/values of self-attention")
+        if cfg.downsample_method not in merge2d.DOWNSAMPLE_METHODS:
+            raise ValueError(f"downsample_method must be one of {merge2d.DOWNSAMPLE_METHODS}, "
+                             f"got {cfg.downsample_method!r}")
+
+
+def _timestep_seed(seed: int, timestep) -> torch.Tensor:
+    """Per-call seed: ``seed`` mixed with the (first) timestep, as a 0-d int64 tensor."""
+    if timestep is None:
+        return torch.tensor(seed, dtype=torch.int64)
+    t = torch.as_tensor(timestep).reshape(-1)[0].float()
+    return (t * 16).round().to(torch.int64) * 1000003 + seed
+
+
+def apply_tome_sd(
+    pipe_or_unet,
+    ratio: float = 0.5,
+    mode: str = "merge",
+    max_downsample: int | None = None,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    seed: int = 0,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    downsample_method: str = "nearest-exact",
+    similarity_dtype: str = "auto",
+):
+    """Patch a Stable Diffusion pipeline or UNet in place with ToMe-SD (``mode="merge"``) or token
+    downsampling (``mode="downsample"``); returns ``pipe_or_unet``. An existing patch is replaced.
+
+    - ``ratio``: fraction of tokens removed (merge: from self-attention, at most ``1 - 1/(sx*sy)``;
+      downsample: from its keys/values, < 1; 0.75 halves the grid side).
+    - ``max_downsample``: patch only levels downsampled at most this much (1, 2, 4, 8); ``None``
+      = the highest-resolution level that has attention (x1 on SD 1.x/2.x, x2 on SDXL).
+    - ``sx, sy``: destination window; ``use_rand``: pseudo-random destination per window, seeded per
+      UNet call from ``seed`` and the timestep (deterministic), else top-left.
+    - ``merge_attn / merge_crossattn / merge_mlp``: where merged tokens are used (merge mode).
+    - ``downsample_method``: ``F.interpolate`` mode or ``"avg"`` for the key/value grid.
+    - ``similarity_dtype``: dtype of the matching matmul (merge mode): ``"auto"`` (bf16 for fp32 on
+      CPUs with AMX/AVX512-BF16, else the tokens' dtype), ``"input"``, ``"float32"``, ``"bfloat16"``,
+      ``"float16"``.
+    """
+    unet = _find_unet(pipe_or_unet)
+    cfg = ToMeSDConfig(ratio, mode, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
+                       merge_mlp, downsample_method, similarity_dtype)
+    _check_config(cfg)
+    blocks = transformer_blocks(unet)
+    if not blocks:
+        raise TypeError(f"{type(unet).__name__} has no transformer blocks (BasicTransformerBlock) to patch")
+    if cfg.max_downsample is None:
+        cfg = dataclasses.replace(cfg, max_downsample=min(ds for _, _, ds in blocks))
+    chosen = [(n, b, ds) for n, b, ds in blocks if ds <= cfg.max_downsample]
+    fused = [n for n, b, _ in chosen if getattr(b.attn1, "fused_projections", False)]
+    if cfg.mode == "downsample" and fused:
+        more = f" (and {len(fused) - 1} more blocks)" if len(fused) > 1 else ""
+        raise ValueError(f"mode='downsample' needs separate key/value projections, but {fused[0]}{more} has "
+                         "fused q/k/v projections; call unfuse_qkv_projections() on the UNet or pipeline first "
+                         "(merge mode works with fused projections)")
+    remove_tome_sd(unet)
+
+    state = _State(cfg)
+    state.checkpointable = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+
+    def wrap(attn, processor):
+        state.wrappers.append((attn, processor))
+        attn.set_processor(processor)
+
+    for index, (name, block, ds) in enumerate(chosen):
+        slot = _BlockSlot()
+        state.slots.append(slot)
+        wrap(block.attn1, ToMeSDSelfAttnProcessor(block.attn1.processor, state, slot, ds, index, name))
+        if cfg.mode == "merge" and cfg.merge_crossattn and block.attn2 is not None:
+            wrap(block.attn2, ToMeSDCrossAttnProcessor(block.attn2.processor, slot))
+        if cfg.mode == "merge" and cfg.merge_mlp:
+            state.hooks += _ff_hooks(block.ff, slot)
+        state.blocks.append((name, ds))
+
+    def pre(module, args, kwargs):  # start of a UNet call: its latent size and seed
+        sample = args[0] if args else kwargs.get("sample")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if sample is None or sample.ndim != 4:
+            raise ValueError("ToMe-SD: the UNet's first input `sample` must be a (B, C, H, W) tensor")
+        if state.ctx.hw is not None:
+            state.ctx.rejected += 1
+            raise RuntimeError("ToMe-SD: this patched UNet is already running a forward call (from another "
+                               "thread, or re-entrantly); a patched UNet serves one call at a time")
+        if torch.is_grad_enabled() and any(m.gradient_checkpointing for m in state.checkpointable):
+            raise RuntimeError("ToMe-SD cannot run under gradient checkpointing with gradients on: the "
+                               "checkpointed blocks are recomputed in backward, after this UNet call has ended; "
+                               "call unet.disable_gradient_checkpointing(), run under torch.no_grad(), or "
+                               "remove_tome_sd() before training")
+        if not state.warned_replaced and any(a.processor is not p for a, p in state.wrappers):
+            state.warned_replaced = True
+            lost = sum(a.processor is not p for a, p in state.wrappers)
+            warnings.warn(f"ToMe-SD: {lost} of {len(state.wrappers)} patched attention processors were replaced "
+                          "after apply_tome_sd (set_attn_processor, fuse_qkv_projections, ...); those attentions "
+                          "now run without ToMe-SD. Call apply_tome_sd again to patch the new processors.",
+                          UserWarning, stacklevel=2)
+        state.ctx.hw = (sample.shape[-2], sample.shape[-1])
+        state.ctx.seed = _timestep_seed(cfg.seed, timestep).to(sample.device)
+        return None
+
+    def post(module, args, kwargs, output):  # end of the call (also on errors): forget it
+        if state.ctx.rejected:  # the end of a refused call, not of the one running
+            state.ctx.rejected -= 1
+            return None
+        state.ctx.hw = None
+        state.ctx.seed = None
+        for slot in state.slots:
+            slot.plan = None
+        return None
+
+    state.hooks.append(unet.register_forward_pre_hook(pre, with_kwargs=True))
+    state.hooks.append(unet.register_forward_hook(post, with_kwargs=True, always_call=True))
+    setattr(unet, _ATTR, state)
+
+    if not chosen:
+        levels = sorted({ds for _, _, ds in blocks})
+        warnings.warn(f"ToMe-SD patched 0 of {len(blocks)} transformer blocks: max_downsample={cfg.max_downsample}"
+                      f" but this UNet has attention only at downsampling {levels}; use max_downsample>={levels[0]}"
+                      " (or None for the default)", UserWarning, stacklevel=2)
+    return pipe_or_unet
+
+
+def remove_tome_sd(pipe_or_unet):
+    """Undo :func:`apply_tome_sd` exactly (original processors back, hooks gone); a no-op when the
+    model is not patched. Returns ``pipe_or_unet``."""
+    unet = _find_unet(pipe_or_unet)
+    state = getattr(unet, _ATTR, None)
+    if state is None:
+        return pipe_or_unet
+    for h in state.hooks:
+        h.remove()
+    for attn, wrapper in reversed(state.wrappers):
+        if attn.processor is wrapper:  # a processor set after patching is the user's: keep it
+            attn.set_processor(wrapper.inner)
+    delattr(unet, _ATTR)
+    return pipe_or_unet
+
+
+def is_patched(pipe_or_unet) -> bool:
+    """Whether :func:`apply_tome_sd` is in effect on this pipeline/UNet."""
+    return getattr(_find_unet(pipe_or_unet), _ATTR, None) is not None
+
+
+def patched_blocks(pipe_or_unet) -> list[tuple[str, int]]:
+    """Names and downsampling factors of the transformer blocks the current patch acts on."""
+    state = getattr(_find_unet(pipe_or_unet), _ATTR, None)
+    return [] if state is None else list(state.blocks)

@@ -1,0 +1,243 @@
+"""Stable Diffusion UNet forward: diffusers' SDPA vs tomesd vs ToMe-SD (merge) vs token downsampling.
+
+The real SD 1.5 UNet architecture (~860M parameters) is built from its config with random weights
+(nothing is downloaded). All candidates are copies of one UNet that share its weights, timed
+interleaved in one process. Speed-up: ratio of medians, and the median of per-round ratios (robust
+to load that drifts during the run). Beside it: the FLOP ratio (counted on a meta-device copy, so it
+costs no compute) and the relative L2 distance of the predicted noise to the unpatched UNet's.
+The time spent inside the transformer blocks at the patched levels is reported too, to show where
+a candidate's saving (or overhead) is.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+from visiontools.timing import add_run_arguments
+
+# diffusers' config of runwayml/stable-diffusion-v1-5 unet/config.json (architecture only).
+SD15_UNET_CONFIG = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+}
+
+# A few-million-parameter UNet with the same layout, for smoke tests (--tiny).
+TINY_UNET_CONFIG = {
+    **SD15_UNET_CONFIG,
+    "block_out_channels": (32, 32, 64, 64),
+    "cross_attention_dim": 32,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``visiontools bench sd``."""
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[768, 512],
+                        help="image sizes in pixels (square); the latent is size/8")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5],
+                        help="token ratios for tomesd, merge and downsample (fraction of tokens removed)")
+    parser.add_argument("--methods", nargs="+", default=["tomesd", "merge", "downsample"],
+                        choices=["tomesd", "merge", "downsample"], help="candidates besides the SDPA baseline")
+    parser.add_argument("--candidates", nargs="+", default=None, metavar="METHOD@RATIO",
+                        help="explicit candidates such as merge@0.5 downsample@0.75 (overrides --methods/--ratios)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of the UNet call")
+    add_run_arguments(parser, repeats=2, warmup=1)
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="weights/activations dtype; unset: fp16 on cuda, fp32 on cpu")
+    parser.add_argument("--max-downsample", type=int, default=1,
+                        help="patch levels downsampled at most this much (1 = tomesd's default, 64x64 at 512px)")
+    parser.add_argument("--similarity-dtype", default="auto", choices=["auto", "input", "float32", "bfloat16", "float16"],
+                        help="dtype of merge mode's matching matmul (auto: bf16 for fp32 on CPUs with hardware bf16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--tiny", action="store_true", help="tiny UNet with the SD 1.5 layout (smoke test)")
+
+
+def shared_copy(module):
+    """A structural copy of ``module`` sharing every parameter and buffer (no extra weight memory),
+    so each candidate can carry its own patch."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
+
+
+def _patch(unet, method: str, ratio: float, max_downsample: int, similarity_dtype: str = "auto"):
+    from visiontools.patches.diffusers import apply_tome_sd
+
+    if method == "tomesd":
+        import tomesd
+
+        tomesd.apply_patch(unet, ratio=ratio, max_downsample=max_downsample)
+    elif method in ("merge", "downsample"):  # similarity_dtype is used by merge mode only
+        apply_tome_sd(unet, ratio=ratio, mode=method, max_downsample=max_downsample, similarity_dtype=similarity_dtype)
+    return unet
+
+
+class _BlockTimer:
+    """Seconds spent inside the transformer blocks at levels <= ``max_downsample``, per UNet call
+    (forward hooks; CUDA events on a GPU, so timing adds no synchronisation)."""
+
+    def __init__(self, unet, max_downsample: int, device):
+        from visiontools.patches.diffusers import transformer_blocks
+
+        self.cuda = device.type == "cuda"
+        self.calls: list[list[list]] = []  # per call: [start, end] stamps of each block
+        for _, block, ds in transformer_blocks(unet):
+            if ds <= max_downsample:
+                block.register_forward_pre_hook(lambda module, args: self.calls[-1].append([self._stamp(), None]))
+                block.register_forward_hook(lambda module, args, out: self.calls[-1][-1].__setitem__(1, self._stamp()))
+
+    def _stamp(self):
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def new_call(self) -> None:
+        self.calls.append([])
+
+    def seconds(self) -> list[float]:
+        """Block seconds of every call so far."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return [sum(b.elapsed_time(e) / 1000 for b, e in call) for call in self.calls]
+        return [sum(e - b for b, e in call) for call in self.calls]
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| latent (image) | method | ratio | median s | speed-up vs SDPA | per-round speed-up | FLOP ratio "
+             "| patched-level blocks s | rel. L2 of noise pred. |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['latent']}² ({r['resolution']}²) | {r['method']} | {r['ratio']:g} | {r['median_s']:.3f} "
+                     f"| {r['speedup']:.2f}× | {r['speedup_paired']:.2f}× | {r['flop_ratio']:.2f}× "
+                     f"| {r['blocks_s']:.3f} | {r['rel_l2']:.4f} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print a Markdown table (and write JSON with ``--out-json``)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from visiontools.timing import count_flops, interleaved_times, machine_description, median, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    if args.candidates:
+        pairs = []
+        for c in args.candidates:
+            method, _, ratio = c.partition("@")
+            if method not in ("tomesd", "merge", "downsample") or not ratio:
+                raise SystemExit(f"--candidates: expected METHOD@RATIO with METHOD tomesd|merge|downsample, got {c!r}")
+            try:
+                pairs.append((method, float(ratio)))
+            except ValueError:
+                raise SystemExit(f"--candidates: bad ratio in {c!r}") from None
+    else:
+        pairs = [(m, r) for r in args.ratios for m in args.methods]
+    if any(m == "tomesd" for m, _ in pairs):
+        try:
+            import tomesd  # noqa: F401
+        except ImportError as e:
+            raise SystemExit("tomesd is not installed (pip install tomesd), or leave it out of --methods") from e
+    for m, r in pairs:
+        if m == "downsample" and not 0 < r < 1:
+            raise SystemExit(f"downsample ratios must be in (0, 1), got {r}")
+        if m != "downsample" and not 0 < r <= 0.75:
+            raise SystemExit(f"{m} ratios must be in (0, 0.75] (the 2x2-window merge limit), got {r}")
+
+    config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
+    torch.manual_seed(args.seed)
+    base = UNet2DConditionModel(**config).eval()
+    base.to(device)
+    if dtype != torch.float32:
+        base.to(dtype)
+    with torch.device("meta"):
+        meta = UNet2DConditionModel(**config).eval()
+    n_params = sum(p.numel() for p in base.parameters())
+    candidates = [("sdpa", 0.0)] + pairs
+    machine = machine_description(device)
+    print(f"{'tiny' if args.tiny else 'SD 1.5'} UNet, {n_params / 1e6:.0f}M parameters, {dtype_name}, "
+          f"batch {args.batch}; {machine}")
+
+    rows = []
+    for res in args.resolutions:
+        if res % 8:
+            raise SystemExit(f"--resolutions must be multiples of 8 (latent = size/8), got {res}")
+        lat = res // 8
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(args.batch, 4, lat, lat, generator=g).to(device, dtype)
+        e = torch.randn(args.batch, 77, config["cross_attention_dim"], generator=g).to(device, dtype)
+        t = torch.tensor(500, device=device)
+        fns, outputs, flops, timers = {}, {}, {}, {}
+        for method, ratio in candidates:
+            name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
+            unet = _patch(shared_copy(base), method, ratio, args.max_downsample, args.similarity_dtype)
+            timers[name] = _BlockTimer(unet, args.max_downsample, device)
+
+            def call(unet=unet, name=name):
+                timers[name].new_call()
+                outputs[name] = unet(x, t, e).sample.float()
+
+            fns[name] = call
+            m = _patch(shared_copy(meta), method, ratio, args.max_downsample, args.similarity_dtype)
+            xm, em, tm = x.to("meta"), e.to("meta"), t.to("meta")
+            flops[name] = count_flops(lambda m=m: m(xm, tm, em))
+        print(f"\n{res}x{res} (latent {lat}x{lat}): timing {len(fns)} candidates, "
+              f"{args.warmup} warm-up + {args.repeats} rounds")
+        times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device, progress=True)
+        ref_t, ref_out = median(times["sdpa"]), outputs["sdpa"]
+        for method, ratio in candidates:
+            name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
+            med = median(times[name])
+            rel = ((outputs[name] - ref_out).norm() / ref_out.norm()).item()
+            # per-round ratio to the baseline of the same round: robust to load drifting over the run
+            paired = median([b / c for b, c in zip(times["sdpa"], times[name])])
+            blocks = timers[name].seconds()[-args.repeats:]
+            rows.append(dict(resolution=res, latent=lat, method=method, ratio=ratio, median_s=med,
+                             min_s=min(times[name]), times_s=times[name], speedup=ref_t / med,
+                             speedup_paired=paired, flops=flops[name],
+                             flop_ratio=flops["sdpa"] / flops[name], blocks_s=median(blocks),
+                             blocks_times_s=blocks, rel_l2=rel))
+        print(_markdown([r for r in rows if r["resolution"] == res]))
+
+    print("\n" + _markdown(rows))
+    if args.out_md:
+        with open(args.out_md, "w") as f:
+            f.write(f"SD 1.5 UNet{' (tiny)' if args.tiny else ''}, {dtype_name}, batch {args.batch}, "
+                    f"{args.warmup} warm-up + {args.repeats} interleaved rounds; {machine}\n\n{_markdown(rows)}\n")
+        print(f"wrote {args.out_md}")
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(dict(machine=machine, device=str(device), dtype=dtype_name, batch=args.batch,
+                           threads=torch.get_num_threads(), params=n_params, tiny=bool(args.tiny),
+                           max_downsample=args.max_downsample, similarity_dtype=args.similarity_dtype,
+                           repeats=args.repeats, warmup=args.warmup,
+                           rows=rows), f, indent=2)
+        print(f"wrote {args.out_json}")
+    return 0

@@ -1,0 +1,281 @@
+"""Models for the demo: the shipped CIFAR-10 ViT by default, or any timm ViT by name, loaded once
+and cached (thread-safe). Every request patches a shallow copy of the cached model, so users with
+different ToMe settings never change each other's model."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+DEFAULT_MODEL = "default"
+DEFAULT_ALIASES = ("default", "cifar10_vit")
+FALLBACK_DEFAULT = "vit_cifar_mini_p4"  # architecture of the shipped checkpoint
+SUGGESTED_MODELS = ["default", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224",
+                    "deit_small_patch16_224", "vit_base_patch16_224"]
+MAX_CACHED = 3  # models kept in memory besides the default one
+
+
+@dataclass
+class DemoModel:
+    """A loaded, unpatched model in eval mode with what the demo needs to feed and explain it."""
+
+    name: str
+    model: torch.nn.Module
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    notice: str = ""          # shown in the UI, e.g. "random weights: predictions are meaningless"
+    trained: bool = True      # False when the weights are random
+    description: str = ""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Input ``(height, width)`` in pixels."""
+        return tuple(self.model.patch_embed.img_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)``."""
+        return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.model.blocks)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens (prefix tokens such as the class token not included)."""
+        return self.grid_size[0] * self.grid_size[1]
+
+    def patched(self, r) -> torch.nn.Module:
+        """A ToMe-patched view of the model sharing its weights (a shallow copy: the cached model
+        itself stays unpatched, and concurrent requests get their own ``tome_r``)."""
+        from visiontools.patches.timm import apply_tome
+
+        return apply_tome(copy.copy(self.model), r=r)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (where timm's pretrained weights live) can be reached; checked
+    with one TCP connection so that machines without network fail in seconds, not a minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _register_visiontools_models() -> bool:
+    try:
+        import visiontools.models  # noqa: F401  (registers vit_cifar_* with timm)
+        return True
+    except ImportError:
+        return False
+
+
+def _imagenet_classes(model) -> list[str] | None:
+    """Class names for ImageNet-1k/21k heads (from timm's bundled label lists), else None."""
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if subset is None:
+            return None
+        info = ImageNetInfo(subset)
+        return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+    except Exception:
+        return None
+
+
+def _cfg_stats(model) -> tuple[tuple, tuple]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return mean, std
+
+
+def check_tome_supported(model: torch.nn.Module, name: str) -> None:
+    """Raise ``ValueError`` naming the problem when ToMe cannot patch ``model``."""
+    from visiontools.patches.timm import apply_tome
+
+    try:
+        apply_tome(copy.copy(model), r=0)
+    except TypeError as e:
+        raise ValueError(f"{name} cannot be used in this demo: {e}") from None
+    if not hasattr(model, "patch_embed") or getattr(model.patch_embed, "dynamic_img_size", False):
+        raise ValueError(f"{name} cannot be used in this demo: it needs a fixed-size patch grid")
+
+
+def _load_default() -> DemoModel:
+    if _register_visiontools_models():
+        from visiontools import models as vt_models
+
+        try:
+            model, desc = vt_models.load_default_model()
+        except (FileNotFoundError, ValueError) as e:
+            model = vt_models.create_model(FALLBACK_DEFAULT).eval()
+            mean, std = _cfg_stats(model)
+            return DemoModel(
+                "default", model, list(vt_models.CIFAR10_CLASSES), mean, std, trained=False,
+                notice=(f"The shipped CIFAR-10 checkpoint could not be loaded, so {FALLBACK_DEFAULT} runs "
+                        "with random weights: its predictions are meaningless (merging and speed are "
+                        f"still real). Reason: {e}"),
+                description=f"{FALLBACK_DEFAULT} (random weights)")
+        acc = accuracy_note(desc)
+        return DemoModel("default", model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
+                         description=f"shipped CIFAR-10 checkpoint ({desc['model']}, 32x32 input){acc}")
+    # visiontools.models not installed: a random-weight ViT-Tiny on 32x32 images
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10).eval()
+    mean, std = _cfg_stats(model)
+    return DemoModel("default", model, [f"class {i}" for i in range(10)], mean, std, trained=False,
+                     notice="visiontools.models is not available: using a random-weight ViT-Tiny; "
+                            "predictions are meaningless.", description="ViT-Tiny/4 on 32x32 (random weights)")
+
+
+def accuracy_note(desc: dict) -> str:
+    """``", test top-1 NN.N%"`` from a checkpoint description (its training history), or ``""``."""
+    top1 = desc.get("test_top1")
+    history = desc.get("history") or []
+    if top1 is None and history and isinstance(history[-1], dict):
+        top1 = history[-1].get("test_top1")
+    if not isinstance(top1, (int, float)):
+        return ""
+    pct = top1 * 100 if top1 <= 1 else top1
+    note = f", CIFAR-10 test top-1 {pct:.1f}%" if desc.get("dataset", "cifar10") == "cifar10" else f", test top-1 {pct:.1f}%"
+    return note + (" (provisional checkpoint)" if desc.get("provisional") else "")
+
+
+def _load_checkpoint(path: str) -> DemoModel:
+    if not _register_visiontools_models():
+        raise ValueError("loading a visiontools checkpoint needs visiontools.models")
+    from visiontools import models as vt_models
+
+    model, desc = vt_models.load_checkpoint_model(path)
+    return DemoModel(path, model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
+                     description=f"checkpoint {Path(path).name} ({desc['model']})")
+
+
+def _load_timm(name: str, allow_download: bool) -> DemoModel:
+    import timm
+
+    _register_visiontools_models()
+    from_hub = name.startswith("hf-hub:")
+    if not from_hub and not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise ValueError(f"{name!r} is not a timm model name.{hint}")
+    cfg = None if from_hub else timm.models.get_pretrained_cfg(name)
+    has_weights = from_hub or bool(cfg and (cfg.hf_hub_id or cfg.url))
+    notice, trained, model = "", True, None
+    if not has_weights:
+        notice = f"{name} has no downloadable pretrained weights: using random weights, predictions are meaningless."
+    elif not allow_download:
+        notice = f"Downloads are turned off: {name} uses random weights, predictions are meaningless."
+    elif not _hub_reachable():
+        notice = (f"The Hugging Face hub cannot be reached from this machine, so {name}'s pretrained weights "
+                  "could not be downloaded: using random weights, predictions are meaningless.")
+    else:
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as e:  # network errors, missing files, hub auth...
+            notice = (f"Downloading pretrained weights for {name} failed ({type(e).__name__}: {str(e)[:200]}): "
+                      "using random weights, predictions are meaningless.")
+    if model is None:
+        if from_hub:
+            raise ValueError(f"{name} is only defined on the Hugging Face hub, which could not be used: {notice}")
+        model, trained = timm.create_model(name, pretrained=False), False
+    model.eval()
+    check_tome_supported(model, name)  # before reading patch_embed below
+    n = getattr(model, "num_classes", 0)
+    classes = vt_models_classes(name, n) or _imagenet_classes(model) or [f"class {i}" for i in range(n)]
+    mean, std = _cfg_stats(model)
+    h, w = model.patch_embed.img_size
+    return DemoModel(name, model, classes, mean, std, notice=notice, trained=trained,
+                     description=f"timm {name} ({'pretrained' if trained else 'random weights'}, {h}x{w} input)")
+
+
+def vt_models_classes(name: str, n: int) -> list[str] | None:
+    """CIFAR-10 class names for visiontools' own 10-class CIFAR models."""
+    if name.startswith("vit_cifar_") and n == 10:
+        from visiontools.data import CIFAR10_CLASSES
+
+        return list(CIFAR10_CLASSES)
+    return None
+
+
+def load_model(name: str, allow_download: bool = True, allow_path: bool = True) -> DemoModel:
+    """Load a model for the demo (no caching; use :class:`ModelCache`). ``name``: ``default`` (the
+    shipped CIFAR-10 checkpoint), a path to a visiontools ``.safetensors`` checkpoint (when
+    ``allow_path``), or a timm model name (pretrained weights when they can be downloaded, random
+    weights and a notice otherwise). Raises ``ValueError`` with a message for the user when the name
+    cannot be used."""
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("No model name given.")
+    if name in DEFAULT_ALIASES:
+        dm = _load_default()
+    elif name.endswith(".safetensors"):
+        if not allow_path:
+            raise ValueError("Checkpoint files can only be chosen when the demo is started "
+                             "(visiontools demo --model PATH), not from the page.")
+        dm = _load_checkpoint(name)
+    else:
+        dm = _load_timm(name, allow_download)
+    check_tome_supported(dm.model, name)
+    return dm
+
+
+class ModelCache:
+    """Thread-safe cache: each model is loaded once, even when several requests ask at once; the
+    default model is kept, and at most ``max_cached`` others (least recently used dropped). Only the
+    default (start-up) model may be a checkpoint path: names typed on the page never open files."""
+
+    def __init__(self, allow_download: bool = True, max_cached: int = MAX_CACHED, default: str = DEFAULT_MODEL):
+        self.allow_download = allow_download  # only the start-up model (``default``) may be a file path
+        self.max_cached = max_cached
+        self.default = DEFAULT_MODEL if default in DEFAULT_ALIASES else default  # the key get() uses
+        self._models: OrderedDict[str, DemoModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self.loads = 0  # how many times a model was actually loaded (for tests and logs)
+
+    def get(self, name: str | None) -> DemoModel:
+        """The cached model for ``name`` (the default when empty), loading it on first use."""
+        key = (name or "").strip() or self.default
+        key = DEFAULT_MODEL if key in DEFAULT_ALIASES else key
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            load_lock = self._loading.setdefault(key, threading.Lock())
+        with load_lock:  # one loader per name; others wait for it
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            try:
+                dm = load_model(key, allow_download=self.allow_download, allow_path=key == self.default)
+            except BaseException:  # drop this name's load lock after a failed load too
+                with self._lock:
+                    self._loading.pop(key, None)
+                raise
+            with self._lock:
+                self.loads += 1
+                self._models[key] = dm
+                others = [k for k in self._models if k != self.default]
+                for k in others[: max(0, len(others) - self.max_cached)]:
+                    del self._models[k]
+                self._loading.pop(key, None)
+        return dm

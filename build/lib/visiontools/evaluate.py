@@ -1,0 +1,405 @@
+"""Accuracy, throughput and FLOPs of a model with and without ToMe: ``visiontools eval``.
+
+Evaluates a visiontools checkpoint (default: the shipped CIFAR-10 ViT) or a timm model name on
+CIFAR-10/100 or an ImageNet validation-style folder, unpatched and with ToMe at every requested r
+(and schedule), and writes a markdown table, JSON and an accuracy-vs-throughput plot. Throughput is
+timed with all candidates interleaved in one process (``visiontools.timing.interleaved_times``);
+FLOPs come from ``torch.utils.flop_counter``. Runs under ``torchrun`` too (accuracy is sharded over
+the processes; timing runs on rank 0 alone while the others wait). ``--compare`` adds other
+checkpoints trained on the same data (for example the Hyena ViT beside its attention twin): they are
+evaluated unpatched on the same images and timed in the same interleaved rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- candidates
+
+def parse_schedule(text: str) -> tuple[int, float]:
+    """``"8,-0.5"`` -> ``(8, -0.5)``: ToMe's (r, inflection) schedule."""
+    try:
+        r, inflect = text.split(",")
+        return int(r), float(inflect)
+    except ValueError:
+        raise ValueError(f"a schedule is 'r,inflection' such as '8,-0.5', got {text!r}") from None
+
+
+def candidate_settings(rs: Sequence[int], schedules: Sequence[tuple[int, float]]) -> list[tuple[str, Any]]:
+    """(name, tome_r) for every row: ``("unpatched", None)`` first, then ToMe at each r and schedule."""
+    rows: list[tuple[str, Any]] = [("unpatched", None)]
+    for r in rs:
+        if int(r) < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
+        rows.append((f"ToMe r={int(r)}", int(r)))
+    for r, inflect in schedules:
+        rows.append((f"ToMe r={r},{inflect:g}", (int(r), float(inflect))))
+    return rows
+
+
+def build_candidates(model: torch.nn.Module, settings: list[tuple[str, Any]], prop_attn: bool = True
+                     ) -> dict[str, torch.nn.Module]:
+    """One model per row: the unpatched original, and ToMe-patched copies with their r."""
+    from visiontools.patches.timm import apply_tome
+
+    out = {}
+    for name, r in settings:
+        if r is None:
+            out[name] = model
+        else:
+            out[name] = apply_tome(copy.deepcopy(model), r=r, prop_attn=prop_attn).eval()
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+class EvalData:
+    """Normalised float batches of a dataset for one model: an in-memory CIFAR split (resized to the
+    model's input size if needed) or an ImageNet folder read with the model's own transform."""
+
+    def __init__(self, kind: str, tensor_ds=None, mean=None, std=None, input_size=None, folder=None,
+                 num_workers: int = 0):
+        self.kind, self.tensor_ds, self.mean, self.std = kind, tensor_ds, mean, std
+        self.input_size, self.folder, self.num_workers = input_size, folder, num_workers
+
+    def __len__(self) -> int:
+        return len(self.tensor_ds) if self.kind == "tensor" else len(self.folder)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.tensor_ds.classes if self.kind == "tensor" else self.folder.classes
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        from visiontools.data import normalize
+
+        x = normalize(x, self.mean, self.std)
+        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
+            x = F.interpolate(x, size=tuple(self.input_size), mode="bicubic", align_corners=False)
+        return x
+
+    def batches(self, indices: Sequence[int], batch_size: int):
+        """Yield (float images, labels) for ``indices``."""
+        if self.kind == "tensor":
+            from visiontools.data import iterate_batches
+            for x, y in iterate_batches(self.tensor_ds, indices, batch_size):
+                yield self._prep(x), y
+        else:
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.folder, list(indices)),
+                                                 batch_size=batch_size, shuffle=False,
+                                                 num_workers=self.num_workers)
+            yield from loader
+
+    def first(self, n: int) -> torch.Tensor:
+        """The first ``n`` images (repeated if the dataset is smaller), as one float batch."""
+        idx = [i % len(self) for i in range(n)]
+        return torch.cat([x for x, _ in self.batches(idx, n)])[:n]
+
+
+def load_eval_data(dataset: str, data_dir: str | None, model: torch.nn.Module, mean, std, download: bool = False,
+                   per_class: int | None = None, num_workers: int = 0, progress: bool = False) -> EvalData:
+    """The evaluation split of ``dataset`` (cifar10, cifar100 or imagenet), prepared for ``model``."""
+    from visiontools.data import ImageNetFolder, load_cifar, timm_eval_transform
+
+    if dataset in ("cifar10", "cifar100"):
+        ds = load_cifar(dataset, "test", data_dir, download, per_class, progress)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        input_size = tuple(cfg.get("input_size", (3,) + tuple(ds.images.shape[-2:])))[-2:]
+        return EvalData("tensor", tensor_ds=ds, mean=mean, std=std, input_size=input_size)
+    if dataset == "imagenet":
+        if data_dir is None:
+            raise ValueError("--dataset imagenet needs --data-dir: a folder with one sub-folder per WordNet id "
+                             "(e.g. ../shared/datasets/imagenet-samples)")
+        folder = ImageNetFolder(data_dir, transform=timm_eval_transform(model), max_per_class=per_class)
+        return EvalData("folder", folder=folder, num_workers=num_workers)
+    raise ValueError(f"unknown dataset {dataset!r}; expected cifar10, cifar100 or imagenet")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+@torch.no_grad()
+def accuracy(models: dict[str, torch.nn.Module], data: EvalData, batch_size: int, device: torch.device,
+             amp: torch.dtype | None = None, rank: int = 0, world: int = 1, progress: bool = False
+             ) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy (``loss``) of every model on the whole dataset;
+    each batch is loaded once and fed to all models. Sharded over ranks and summed exactly."""
+    from visiontools.data import eval_shard
+    from visiontools.timing import autocast_context
+    from visiontools.train import all_reduce_sum
+
+    idx = eval_shard(len(data), rank, world)
+    names = list(models)
+    c1 = {n: 0.0 for n in names}
+    c5 = {n: 0.0 for n in names}
+    loss = {n: 0.0 for n in names}
+    batches = data.batches(idx, batch_size)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, total=math.ceil(len(idx) / batch_size), desc="accuracy", unit="batch")
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        for n in names:
+            with autocast_context(device, amp):
+                logits = models[n](x).float()
+            loss[n] += F.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            c1[n] += (top[:, 0] == y).sum().item()
+            c5[n] += (top == y[:, None]).any(dim=1).sum().item()
+    k = len(names)
+    sums = all_reduce_sum([c1[n] for n in names] + [c5[n] for n in names] + [loss[n] for n in names]
+                          + [float(len(idx))], world)
+    total = sums[-1]
+    return {n: {"top1": 100.0 * sums[i] / total, "top5": 100.0 * sums[k + i] / total, "loss": sums[2 * k + i] / total,
+                "n": int(total)} for i, n in enumerate(names)}
+
+
+def speed_and_flops(models: dict[str, torch.nn.Module], x: torch.Tensor, device: torch.device,
+                    amp: torch.dtype | None, repeats: int, warmup: int, progress: bool = False) -> dict[str, dict]:
+    """Interleaved throughput (images/s, median of ``repeats``) on batch ``x``, and GFLOPs per image."""
+    from visiontools.timing import autocast_context, count_flops, interleaved_times, median
+
+    def call(m, inp):
+        def f():
+            with autocast_context(device, amp):
+                return m(inp)
+        return f
+
+    times = interleaved_times({n: call(m, x) for n, m in models.items()}, repeats=repeats, warmup=warmup,
+                              device=device, progress=progress)
+    out = {}
+    for n, m in models.items():
+        flops = count_flops(call(m, x[:1]))
+        out[n] = {"images_per_s": x.shape[0] / median(times[n]), "median_s": median(times[n]),
+                  "times_s": times[n], "gflops": flops / 1e9}
+    return out
+
+
+def tokens_after_merging(model: torch.nn.Module, x: torch.Tensor) -> list[int] | None:
+    """Tokens entering each block (and after the last) for a ToMe-patched model, else None."""
+    from visiontools.patches.timm import ToMeVisionTransformer, tome_forward
+
+    if not isinstance(model, ToMeVisionTransformer):
+        return None
+    with torch.no_grad():
+        _, info = tome_forward(model, x[:1])
+    return list(info.tokens_per_layer)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def markdown_table(result: dict) -> str:
+    """The result rows as a markdown table."""
+    lines = ["| variant | params (M) | tokens (first -> last block) | top-1 % | top-5 % | images/s | speedup "
+             "| GFLOPs/img | FLOP ratio |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        tok = row.get("tokens_per_layer")
+        tok_s = f"{tok[0]} -> {tok[-2] if len(tok) > 1 else tok[0]}" if tok else "all"
+        params = f"{row['params'] / 1e6:.2f}" if "params" in row else "—"
+        lines.append(f"| {row['name']} | {params} | {tok_s} | {row['top1']:.2f} | {row['top5']:.2f} | "
+                     f"{row['images_per_s']:.1f} | {row['speedup']:.2f}x | {row['gflops']:.3f} | "
+                     f"{row['flop_ratio']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+    """Accuracy against throughput, one labelled point per row (PNG, matplotlib Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    rows = result["rows"]
+    kinds = [("ToMe", "o", "tab:blue", [r for r in rows if r["name"].startswith("ToMe")]),
+             ("unpatched", "s", "tab:red", rows[:1]),
+             ("other checkpoints", "^", "tab:green", [r for r in rows[1:] if not r["name"].startswith("ToMe")])]
+    for label, marker, color, group in kinds:
+        if group:
+            ax.plot([r["images_per_s"] for r in group], [r["top1"] for r in group], marker, color=color, label=label)
+    for i, r in enumerate(rows):  # staggered labels, so close points stay readable
+        ax.annotate(r["name"].replace("ToMe ", ""), (r["images_per_s"], r["top1"]), textcoords="offset points",
+                    xytext=(4, 4 + 9 * (i % 3)), fontsize=8)
+    ax.set_xlabel("throughput (images/s)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{result['model']} on {result['dataset']} ({result['n_images']} images)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.text(0.01, 0.01, result["machine"], fontsize=6, color="gray")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def load_comparisons(checkpoints: Sequence[str], desc: dict, device: torch.device) -> dict[str, torch.nn.Module]:
+    """``{file stem: model}`` for each ``--compare`` checkpoint; ``ValueError`` unless it was trained
+    on the same dataset, classes and normalisation as the evaluated model (``desc``)."""
+    from visiontools.models import load_checkpoint_model
+
+    out = {}
+    for ckpt in checkpoints:
+        model, other = load_checkpoint_model(ckpt, device=device)
+        for key in ("dataset", "classes", "mean", "std"):
+            if other.get(key) != desc.get(key):
+                raise ValueError(f"--compare {ckpt}: its {key} ({other.get(key)}) differs from the evaluated "
+                                 f"model's ({desc.get(key)}); compare checkpoints trained on the same data")
+        out[Path(other["path"]).stem] = model
+    return out
+
+
+def load_model_for_eval(checkpoint: str | None, model_name: str | None, pretrained: bool, dataset: str,
+                        device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, description with classes/mean/std) from a checkpoint or a timm name."""
+    from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS
+    from visiontools.models import DEFAULT_CHECKPOINT, create_model, load_checkpoint_model
+
+    if checkpoint is not None and model_name is not None:
+        raise ValueError("give either --checkpoint or --model, not both")
+    if model_name is None:
+        model, desc = load_checkpoint_model(checkpoint or DEFAULT_CHECKPOINT, device=device)
+        return model, desc
+    num_classes = CIFAR_NUM_CLASSES.get(dataset, 1000 if dataset == "imagenet" else None)
+    kwargs = {} if (pretrained and dataset == "imagenet") else {"num_classes": num_classes}
+    model = create_model(model_name, pretrained=pretrained, **kwargs).to(device).eval()
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean, std = CIFAR_STATS[dataset] if dataset in CIFAR_STATS else (cfg.get("mean"), cfg.get("std"))
+    return model, {"model": model_name, "mean": list(mean), "std": list(std), "classes": None,
+                   "pretrained": pretrained}
+
+
+def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretrained: bool = False,
+             dataset: str | None = None, data_dir: str | None = None, download: bool = False,
+             per_class: int | None = None, rs: Sequence[int] = (0, 2, 4, 6, 8),
+             schedules: Sequence[tuple[int, float]] = (), prop_attn: bool = True, batch_size: int = 250,
+             timing_batch_size: int = 256, repeats: int = 10, warmup: int = 2, device: str | None = None,
+             amp: str = "off", num_workers: int = 0, progress: bool = True, compare: Sequence[str] = ()) -> dict:
+    """Run the whole evaluation and return the result dict (rows, machine, settings); see module doc.
+    ``compare``: more checkpoints, evaluated unpatched beside the model (rows named by their file)."""
+    from visiontools.models import DEFAULT_CHECKPOINT
+    from visiontools.timing import machine_description, resolve_device
+    from visiontools.train import amp_dtype, barrier, init_distributed
+
+    rank, world, dev = init_distributed(resolve_device(device))
+    if dataset is None:
+        dataset = "cifar10" if model_name is None else "imagenet"
+    model, desc = load_model_for_eval(checkpoint, model_name, pretrained, dataset, dev)
+    if desc.get("dataset") and dataset != desc["dataset"] and dataset != "imagenet":
+        raise ValueError(f"{desc.get('path', 'the checkpoint')} was trained on {desc['dataset']}, not {dataset}")
+    data = load_eval_data(dataset, data_dir, model, desc["mean"], desc["std"], download, per_class, num_workers,
+                          progress and rank == 0)
+    if desc.get("classes") and dataset != "imagenet" and list(desc["classes"]) != list(data.classes):
+        raise ValueError(f"the model's classes {desc['classes'][:4]}... do not match the dataset's "
+                         f"{data.classes[:4]}... (wrong --dataset or --data-dir?)")
+    adt = amp_dtype(amp, dev)
+    settings = candidate_settings(rs, schedules)
+    models = build_candidates(model, settings, prop_attn)
+    for name, other in load_comparisons(compare, desc, dev).items():
+        if name in models:
+            raise ValueError(f"--compare: two candidates are named {name!r}")
+        settings.append((name, None))
+        models[name] = other
+
+    acc = accuracy(models, data, batch_size, dev, adt, rank, world, progress)
+    shown = desc["model"] if model_name is not None else str(checkpoint or DEFAULT_CHECKPOINT)  # as the user named it
+    result = {"model": shown, "architecture": desc["model"], "dataset": dataset,
+              "data_dir": data_dir, "n_images": next(iter(acc.values()))["n"], "device": str(dev),
+              "machine": machine_description(dev), "amp": amp, "timing_batch_size": timing_batch_size,
+              "repeats": repeats, "warmup": warmup, "prop_attn": prop_attn, "world_size": world, "rows": []}
+    if rank == 0:
+        x = data.first(timing_batch_size).to(dev)
+        speed = speed_and_flops(models, x, dev, adt, repeats, warmup, progress)
+        base = speed["unpatched"]
+        for name, r in settings:
+            s = speed[name]
+            result["rows"].append({
+                "name": name, "r": list(r) if isinstance(r, tuple) else r, **acc[name],
+                "images_per_s": s["images_per_s"], "median_s": s["median_s"], "times_s": s["times_s"],
+                "speedup": base["median_s"] / s["median_s"], "gflops": s["gflops"],
+                "flop_ratio": base["gflops"] / s["gflops"], "tokens_per_layer": tokens_after_merging(models[name], x),
+                "params": sum(p.numel() for p in models[name].parameters())})
+    barrier(world)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``visiontools eval``."""
+    src = parser.add_argument_group("model")
+    src.add_argument("--checkpoint", default=None,
+                     help="visiontools checkpoint (.safetensors) or shipped name; if neither this nor --model is given, "
+                          "the shipped cifar10_vit")
+    src.add_argument("--model", default=None, help="a timm model name instead of a checkpoint")
+    src.add_argument("--compare", nargs="+", default=[], metavar="CHECKPOINT",
+                     help="more checkpoints trained on the same data, evaluated unpatched on the same images and "
+                          "timed in the same interleaved rounds (e.g. hyena_cifar10 beside its attention twin)")
+    src.add_argument("--pretrained", action="store_true", help="with --model: load timm's pretrained weights "
+                                                               "(needs a network)")
+    d = parser.add_argument_group("data")
+    d.add_argument("--dataset", choices=["cifar10", "cifar100", "imagenet"], default=None,
+                   help="if not given: cifar10 for checkpoints, imagenet for --model")
+    d.add_argument("--data-dir", default=None,
+                   help="CIFAR: ImageFolder root with test/<class>/* (e.g. ../shared/datasets/cifar10) or "
+                        "torchvision's files; ImageNet: folder of <wnid>/<image> (e.g. ../shared/datasets/imagenet-samples)")
+    d.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs a network)")
+    d.add_argument("--per-class", type=int, default=None, help="only the first N images of every class")
+    d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image folders")
+    t = parser.add_argument_group("ToMe")
+    t.add_argument("--r", "--tome-r", dest="r", type=int, nargs="*", default=[0, 2, 4, 6, 8],
+                   help="ToMe r values (tokens merged per block); under torchrun spell it --tome-r "
+                        "(torchrun reads --r as an abbreviation of its own --rdzv-* options)")
+    t.add_argument("--schedule", nargs="*", default=[], metavar="R,INFLECTION",
+                   help="ToMe schedules such as 8,-0.5 (the decreasing schedule)")
+    t.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
+    m = parser.add_argument_group("measurement")
+    m.add_argument("--batch-size", type=int, default=250, help="batch size for the accuracy pass")
+    m.add_argument("--timing-batch-size", type=int, default=256, help="batch size for throughput timing")
+    m.add_argument("--repeats", type=int, default=10, help="timed rounds (interleaved)")
+    m.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds")
+    m.add_argument("--device", default=None, help="cpu or cuda; if not given, cuda when available")
+    m.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default="off", help="autocast dtype")
+    m.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", default=None,
+                   help="output prefix: writes PREFIX.md, PREFIX.json and PREFIX.png; if not given, runs/eval/<model>_<dataset>")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``visiontools eval``."""
+    from visiontools.checkpoint import atomic_write_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    schedules = [parse_schedule(s) for s in args.schedule]
+    result = evaluate(checkpoint=args.checkpoint, model_name=args.model, pretrained=args.pretrained,
+                      dataset=args.dataset, data_dir=args.data_dir, download=args.download,
+                      per_class=args.per_class, rs=args.r, schedules=schedules, prop_attn=not args.no_prop_attn,
+                      batch_size=args.batch_size, timing_batch_size=args.timing_batch_size, repeats=args.repeats,
+                      warmup=args.warmup, device=args.device, amp=args.amp, num_workers=args.num_workers,
+                      progress=not args.no_progress, compare=args.compare)
+    if result["rows"]:  # rank 0
+        name = Path(str(result["model"])).stem if args.model is None else args.model
+        prefix = Path(args.out) if args.out else Path("runs/eval") / f"{name}_{result['dataset']}"
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        md = (f"{result['model']} on {result['dataset']} ({result['n_images']} images), "
+              f"timing batch {result['timing_batch_size']}, median of {result['repeats']} interleaved rounds; "
+              f"{result['machine']}\n\n" + markdown_table(result))
+        atomic_write_text(str(prefix) + ".md", md)
+        atomic_write_text(str(prefix) + ".json", json.dumps(result, indent=1))
+        plot(result, str(prefix) + ".png")
+        print(md)
+        print(f"wrote {prefix}.md, {prefix}.json, {prefix}.png")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,407 @@
+"""A 2D Hyena operator ("Hyena Hierarchy", Poli et al., ICML 2023) for the patch grid of a ViT.
+
+Hyena replaces attention with long implicit convolutions and element-wise gating, so a token mixer
+costs O(N log N) time and O(N) memory in the number of tokens N instead of O(N^2).
+
+Recursion (Definition 3.1 of the paper, order ``N``, default 2): an input projection to ``(N+1)*d``
+channels, a short 3x3 depthwise convolution, a split into a value ``z`` and gates ``g_1..g_N``, then
+for each order ``n``: ``z <- g_n * (h_n (*) z + D_n * z)``, where ``h_n (*)`` is a long 2D convolution
+with an implicit filter covering the whole grid and ``D_n`` a learned per-channel skip; the last
+gate is the output gate, followed by the output projection. (In the reference implementation,
+``order`` N means N-1 long convolutions with an extra gate on the value before the first one; here
+order N means N long convolutions, as in the paper's definition.)
+
+Implicit filters (:class:`ImplicitFilter2d`): an MLP with sine activations over positional features
+of the 2D offset ``(dy, dx)``, times an exponential decay window in the offset radius whose rate
+differs per channel. Kernels are non-causal (centred) and span every offset of the current grid,
+``(2H-1) x (2W-1)``; they are generated for the grid of each input, so one model runs at several
+resolutions (offsets are measured in units of ``max(H, W)``, so a filter keeps its shape relative
+to the image when the resolution changes).
+
+The long convolution is computed with ``torch.fft.rfft2`` as a *linear* (zero-padded), not circular,
+convolution, in float32 even under autocast: see :func:`fft_conv2d`.
+
+This module imports no timm; :class:`HyenaAttention` only matches the constructor and call signature
+that ``timm.models.vision_transformer.Block`` uses for its ``attn_layer`` (adapter:
+``patches/timm_hyena.py``).
+"""
+from __future__ import annotations
+
+import math
+from contextvars import ContextVar
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "fft_conv2d",
+    "kernel_spectrum",
+    "direct_conv2d",
+    "fft_size",
+    "ImplicitFilter2d",
+    "Hyena2d",
+    "HyenaAttention",
+]
+
+
+def fft_size(n: int) -> int:
+    """Smallest 2,3,5-smooth integer >= ``2n - 1``: the FFT length for a linear convolution of an
+    ``n``-long signal with a centred ``2n-1``-long kernel (smooth sizes are fast in pocketfft/cuFFT)."""
+    m = max(2 * n - 1, 1)
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def _check_conv_args(x: torch.Tensor, kernel: torch.Tensor) -> tuple[int, int]:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    if kernel.dim() != 3 or kernel.shape != (C, 2 * H - 1, 2 * W - 1):
+        raise ValueError(
+            f"kernel must be (C, 2H-1, 2W-1) = ({C}, {2 * H - 1}, {2 * W - 1}) for x of shape "
+            f"{tuple(x.shape)}, got {tuple(kernel.shape)}")
+    return H, W
+
+
+@torch.compiler.disable
+def kernel_spectrum(kernel: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The rfft2 of centred kernels (C, 2H-1, 2W-1), laid out for :func:`fft_conv2d` on an H x W grid:
+    complex (C, P, Q//2+1) with ``P, Q = fft_size(H), fft_size(W)``, in float32 (float64 stays)."""
+    if kernel.dim() != 3 or kernel.shape[-2:] != (2 * H - 1, 2 * W - 1):
+        raise ValueError(f"kernel must be (C, 2H-1, 2W-1) = (C, {2 * H - 1}, {2 * W - 1}) for an "
+                         f"{H}x{W} grid, got {tuple(kernel.shape)}")
+    P, Q = fft_size(H), fft_size(W)
+    dt = torch.promote_types(kernel.dtype, torch.float32)
+    with torch.autocast(device_type=kernel.device.type, enabled=False):
+        k = F.pad(kernel.to(dt), (0, Q - (2 * W - 1), 0, P - (2 * H - 1)))
+        k = torch.roll(k, shifts=(-(H - 1), -(W - 1)), dims=(-2, -1))
+        return torch.fft.rfft2(k, s=(P, Q))
+
+
+@torch.compiler.disable
+def fft_conv2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise 'same' 2D convolution of ``x`` (B, C, H, W) with centred kernels ``kernel``
+    (C, 2H-1, 2W-1) by FFT: ``y[c, i, j] = sum_{m, n} kernel[c, i-m+H-1, j-n+W-1] * x[c, m, n]``.
+    ``kernel`` may also be its precomputed :func:`kernel_spectrum` (complex).
+
+    Linear, not circular: both operands are zero-padded to ``P x Q = fft_size(H) x fft_size(W)``
+    (>= 2H-1 x 2W-1), with the kernel rolled so that offset 0 sits at index 0 and negative offsets
+    wrap to the end. Offsets between output and input positions lie in (-H, H), and with P >= 2H-1
+    the negative ones land at indices >= P-H+1 >= H, never on a positive one, so nothing aliases and
+    ``y`` is the top-left H x W block. (Padding only to H would be a circular convolution, which
+    mixes the left and right borders of the image; the minimal linear size is chosen to keep the FFT
+    small.) Computed in float32 (float64 stays float64) with autocast disabled (half-precision FFTs
+    are unsupported on CPU and for non-power-of-two sizes on GPU); the result is returned in ``x``'s
+    dtype. Kept out of ``torch.compile`` graphs (complex tensors), so a compiled model graph-breaks
+    around it.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    P, Q = fft_size(H), fft_size(W)
+    if kernel.is_complex():
+        if kernel.shape != (C, P, Q // 2 + 1):
+            raise ValueError(f"kernel spectrum must be (C, P, Q//2+1) = ({C}, {P}, {Q // 2 + 1}) for x "
+                             f"of shape {tuple(x.shape)}, got {tuple(kernel.shape)}")
+        kf = kernel
+    else:
+        _check_conv_args(x, kernel)
+        kf = kernel_spectrum(kernel, H, W)
+    dt = torch.promote_types(x.dtype, torch.float32)   # half/bf16 -> float32, float64 stays
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = torch.fft.rfft2(x.to(dt), s=(P, Q))
+        y = torch.fft.irfft2(xf * kf, s=(P, Q))[..., :H, :W]
+    return y.to(x.dtype)
+
+
+def direct_conv2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`fft_conv2d` without FFT: ``F.conv2d`` (a cross-correlation) with the
+    flipped kernel and ``H-1, W-1`` zero padding. O(N^2) per channel; for tests only."""
+    H, W = _check_conv_args(x, kernel)
+    w = torch.flip(kernel, dims=(-2, -1)).unsqueeze(1).to(x.dtype)
+    return F.conv2d(x, w, padding=(H - 1, W - 1), groups=x.shape[1])
+
+
+class _Sin(nn.Module):
+    """``sin(freq * x)`` with a learnable frequency per feature (the SIREN-style activation of Hyena)."""
+
+    def __init__(self, dim: int, w: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        self.w = w
+        self.freq = nn.Parameter(torch.full((dim,), float(w), device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.freq * x)
+
+    def init_weights(self) -> None:
+        nn.init.constant_(self.freq, self.w)
+
+
+class ImplicitFilter2d(nn.Module):
+    """Implicit long 2D filters: ``h_c(dy, dx) = MLP(pos(dy, dx))_c * exp(-a_c * r)``.
+
+    ``pos`` are the offsets ``t = (dy, dx) / max(H, W)`` plus sines and cosines of ``pi * k * t`` for
+    ``k = 1..bands``; the MLP has ``layers`` hidden layers of width ``hidden`` with sine activations;
+    ``r = |t|`` and the decay rates ``a_c`` are spread over the channels so that the window falls to
+    ``target`` at radius ``fast_decay`` for the first channel and ``slow_decay`` for the last
+    (short- and long-range filters side by side). Returns centred kernels (channels, 2H-1, 2W-1).
+    """
+
+    def __init__(self, channels: int, hidden: int = 64, bands: int = 4, layers: int = 2,
+                 w: float = 1.0, fast_decay: float = 0.3, slow_decay: float = 1.5,
+                 target: float = 1e-2, device=None, dtype=None):
+        super().__init__()
+        if channels < 1 or hidden < 1 or bands < 0 or layers < 1:
+            raise ValueError(f"invalid ImplicitFilter2d sizes: channels={channels}, hidden={hidden}, "
+                             f"bands={bands}, layers={layers}")
+        if not 0 < fast_decay <= slow_decay:
+            raise ValueError(f"need 0 < fast_decay <= slow_decay, got {fast_decay}, {slow_decay}")
+        dd = {"device": device, "dtype": dtype}
+        self.channels, self.bands = channels, bands
+        in_features = 2 + 4 * bands
+        mods: list[nn.Module] = [nn.Linear(in_features, hidden, **dd), _Sin(hidden, w, **dd)]
+        for _ in range(layers - 1):
+            mods += [nn.Linear(hidden, hidden, **dd), _Sin(hidden, w, **dd)]
+        mods.append(nn.Linear(hidden, channels, bias=False, **dd))
+        self.mlp = nn.Sequential(*mods)
+        rates = torch.linspace(math.log(1 / target) / fast_decay, math.log(1 / target) / slow_decay,
+                               channels)
+        self.register_buffer("decay_rates", rates.to(device=device), persistent=False)
+
+    def init_weights(self) -> None:
+        """PyTorch's default init for the MLP (called by timm's ViT init after its own Linear init,
+        which would otherwise shrink the filter MLP to std 0.02)."""
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+            elif isinstance(m, _Sin):
+                m.init_weights()
+
+    def positions(self, H: int, W: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positional features (2H-1, 2W-1, 2+4*bands) and radius (2H-1, 2W-1) of all offsets."""
+        scale = float(max(H, W))
+        ty = torch.arange(-(H - 1), H, device=device, dtype=torch.float32) / scale
+        tx = torch.arange(-(W - 1), W, device=device, dtype=torch.float32) / scale
+        ty, tx = torch.meshgrid(ty, tx, indexing="ij")
+        feats = [ty, tx]
+        for k in range(1, self.bands + 1):
+            feats += [torch.sin(math.pi * k * ty), torch.cos(math.pi * k * ty),
+                      torch.sin(math.pi * k * tx), torch.cos(math.pi * k * tx)]
+        return torch.stack(feats, dim=-1), torch.sqrt(ty * ty + tx * tx)
+
+    def forward(self, grid: Sequence[int]) -> torch.Tensor:
+        H, W = int(grid[0]), int(grid[1])
+        if H < 1 or W < 1:
+            raise ValueError(f"grid must be positive (H, W), got {tuple(grid)}")
+        device = self.decay_rates.device
+        feats, r = self.positions(H, W, device)
+        *hidden_layers, last = self.mlp
+        with torch.autocast(device_type=device.type, enabled=False):
+            h = feats.reshape(-1, feats.shape[-1]).to(last.weight.dtype)
+            for layer in hidden_layers:
+                h = layer(h)
+            # last layer and window channel-first: (C, offsets), no transpose of the big result
+            h = torch.mm(last.weight, h.t()).float()
+            window = torch.exp(-self.decay_rates[:, None] * r.reshape(1, -1))
+            return (h * window).view(self.channels, 2 * H - 1, 2 * W - 1)
+
+
+class Hyena2d(nn.Module):
+    """The 2D Hyena operator on a channels-last grid: (B, H, W, dim) -> (B, H, W, dim).
+
+    Optional ``prefix`` tokens (B, P, dim), e.g. a ViT's class/register tokens, are mixed as tokens
+    outside the grid: they use the same projections and gates, only the centre tap of the short
+    convolution, and in place of the long convolution the mean over the grid (a constant filter) plus
+    their own skip term. So a class token reads the whole grid in every block, while grid tokens do
+    not see prefix tokens (the long convolution is defined on the grid only).
+
+    The filters and their FFTs depend only on the weights and the grid size. With ``cache_filters``
+    (default) and gradients disabled (``torch.no_grad``/``inference_mode``), they are kept per grid
+    size and reused until a filter parameter changes (tracked by tensor versions), so inference at a
+    fixed resolution does not regenerate them; training always regenerates them.
+    """
+
+    def __init__(self, dim: int, order: int = 2, filter_hidden: int = 64, filter_bands: int = 4,
+                 filter_layers: int = 2, short_kernel: int = 3, bias: bool = True,
+                 out_bias: bool = True, dropout: float = 0.0, out_dropout: float = 0.0,
+                 cache_filters: bool = True, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(order, int) or order < 1:
+            raise ValueError(f"order must be an integer >= 1, got {order!r}")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if short_kernel < 1 or short_kernel % 2 == 0:
+            raise ValueError(f"short_kernel must be odd and >= 1, got {short_kernel}")
+        dd = {"device": device, "dtype": dtype}
+        self.dim, self.order = dim, order
+        self.in_proj = nn.Linear(dim, (order + 1) * dim, bias=bias, **dd)
+        self.short_conv = nn.Conv2d((order + 1) * dim, (order + 1) * dim, short_kernel,
+                                    padding=short_kernel // 2, groups=(order + 1) * dim, bias=bias,
+                                    **dd)
+        self.filter = ImplicitFilter2d(order * dim, hidden=filter_hidden, bands=filter_bands,
+                                       layers=filter_layers, **dd)
+        self.skip = nn.Parameter(torch.randn(order, dim, **dd))   # D_n, as in the reference code
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(dim, dim, bias=out_bias, **dd)
+        self.out_dropout = nn.Dropout(out_dropout)
+        self.cache_filters = cache_filters
+        self._filter_cache: dict = {}
+
+    @torch.compiler.disable
+    def filter_spectra(self, H: int, W: int) -> list[torch.Tensor]:
+        """The ``order`` kernel spectra (each complex (dim, P, Q//2+1)) for an H x W grid; cached when
+        gradients are disabled (see the class docstring)."""
+        if not (self.cache_filters and not torch.is_grad_enabled()):
+            return list(kernel_spectrum(self.filter((H, W)), H, W).split(self.dim, dim=0))
+        params = list(self.filter.parameters())
+        state = tuple((p.data_ptr(), p._version, p.dtype) for p in params) + (self.filter.decay_rates.data_ptr(),)
+        key = (H, W)
+        hit = self._filter_cache.get(key)
+        if hit is not None and hit[0] == state:
+            return hit[1]
+        spectra = list(kernel_spectrum(self.filter((H, W)), H, W).split(self.dim, dim=0))
+        if len(self._filter_cache) >= 8:  # a handful of resolutions at most
+            self._filter_cache.clear()
+        self._filter_cache[key] = (state, spectra)
+        return spectra
+
+    def forward(self, x: torch.Tensor, prefix: Optional[torch.Tensor] = None):
+        """Mix ``x`` (B, H, W, dim); returns the mixed grid, or ``(grid, prefix)`` when a prefix
+        (B, P, dim) is given."""
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
+        B, H, W, C = x.shape
+        if prefix is not None and (prefix.dim() != 3 or prefix.shape[0] != B or prefix.shape[-1] != C):
+            raise ValueError(f"prefix must be (B, P, {C}) with B={B}, got shape {tuple(prefix.shape)}")
+        N = self.order
+        u = self.in_proj(x).permute(0, 3, 1, 2)                           # (B, (N+1)C, H, W)
+        u = self.short_conv(u).contiguous()  # NCHW: FFTs and gates on contiguous channel blocks
+        v, *gates = u.split(C, dim=1)
+        spectra = self.filter_spectra(H, W)                                # N x (C, P, Q//2+1)
+        if prefix is not None:
+            w = self.short_conv.weight[:, 0, self.short_conv.kernel_size[0] // 2,
+                                       self.short_conv.kernel_size[1] // 2]
+            up = self.in_proj(prefix) * w
+            if self.short_conv.bias is not None:
+                up = up + self.short_conv.bias
+            vp, *gates_p = up.split(C, dim=-1)
+        for n in range(N):
+            d = self.skip[n].view(1, C, 1, 1)
+            z = fft_conv2d(v, spectra[n]) + v * d
+            if prefix is not None:
+                zp = v.mean(dim=(2, 3)).unsqueeze(1) + vp * self.skip[n]
+                vp = self.dropout(gates_p[n] * zp)
+            v = self.dropout(gates[n] * z)
+        y = self.out_dropout(self.out_proj(v.permute(0, 2, 3, 1)))
+        if prefix is None:
+            return y
+        return y, self.out_dropout(self.out_proj(vp))
+
+
+# The patch grid of the input now running through a model, per thread/async task (a ContextVar, so
+# concurrent calls with different image sizes never see each other's grid). Set by an adapter that
+# knows the grid (e.g. a hook on a timm ``patch_embed``), keyed by that model so no other model reads it.
+_CALL_GRID: ContextVar[Optional[tuple[object, tuple[int, int]]]] = ContextVar("hyena_call_grid", default=None)
+
+
+class GridKey:
+    """Identity that pairs a model's grid source with its Hyena layers. An object held by both, not
+    an ``id()``, so a ``copy.deepcopy`` of the model gets its own key, still shared by both sides."""
+
+
+def set_call_grid(owner: GridKey, grid: Sequence[int]) -> None:
+    """Declare the (H, W) patch grid of the current call for the Hyena layers whose ``grid_owner`` is ``owner``."""
+    _CALL_GRID.set((owner, (int(grid[0]), int(grid[1]))))
+
+
+def _square_grid(n: int) -> Optional[tuple[int, int]]:
+    s = math.isqrt(n)
+    return (s, s) if s * s == n and n > 0 else None
+
+
+class HyenaAttention(nn.Module):
+    """:class:`Hyena2d` behind the attention interface of a ViT block: (B, N, dim) -> (B, N, dim).
+
+    The constructor takes the keyword arguments that timm's ``Block`` passes to ``attn_layer``;
+    ``qkv_bias``/``proj_bias`` set the bias of the input/output projections, ``attn_drop``/``proj_drop``
+    the dropout after each gate/after the output projection; ``num_heads``, ``qk_norm``,
+    ``scale_norm`` and ``norm_layer`` have no meaning for Hyena and are ignored.
+
+    Tokens are ``num_prefix_tokens`` prefix (class/register) tokens followed by a row-major grid. The
+    grid shape is the per-call grid declared with :func:`set_call_grid` (the timm adapter does this
+    for ``dynamic_img_size`` models), else ``grid_size`` when set and consistent with N, otherwise
+    the grid must be square. With ``torch.compile`` on a model whose image size varies, pass
+    ``dynamic=False`` (one graph per grid): torch 2.14's dynamic-shape path fails in the backward of
+    timm's position-embedding resampling once the grid comes from the per-call context. With
+    ``num_prefix_tokens=None`` the prefix count is inferred as the smallest P making N-P a perfect
+    square. Prefix tokens are mixed as described in :class:`Hyena2d` (they read the grid mean).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 1, qkv_bias: bool = True, qk_norm: bool = False,
+                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, norm_layer=None, order: int = 2,
+                 num_prefix_tokens: Optional[int] = None, grid_size: Optional[Sequence[int]] = None,
+                 device=None, dtype=None, **hyena_kwargs):
+        super().__init__()
+        self.mixer = Hyena2d(dim, order=order, bias=qkv_bias, out_bias=proj_bias, dropout=attn_drop,
+                             out_dropout=proj_drop, device=device, dtype=dtype, **hyena_kwargs)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = tuple(grid_size) if grid_size is not None else None
+        self.grid_owner: Optional[GridKey] = None  # key of a per-call grid (see set_call_grid)
+
+    @classmethod
+    def bound(cls, **fixed):
+        """``cls``, or a subclass that always passes ``fixed`` (e.g. ``order``) to the constructor: timm's
+        ``Block`` calls ``attn_layer`` with a fixed argument set, so Hyena's own options are bound here."""
+        if not fixed:
+            return cls
+
+        class Bound(cls):
+            def __init__(self, dim, **kw):
+                super().__init__(dim, **{**kw, **fixed})
+
+        return Bound
+
+    def resolve_grid(self, n: int) -> tuple[int, tuple[int, int]]:
+        """(number of prefix tokens, (H, W)) for a sequence of ``n`` tokens, or a ValueError."""
+        p = self.num_prefix_tokens
+        if p is None:
+            for q in range(n):
+                if _square_grid(n - q) is not None:
+                    return q, _square_grid(n - q)
+            raise ValueError(f"cannot infer a square token grid from {n} tokens")
+        if n <= p:
+            raise ValueError(f"sequence of {n} tokens has no grid after {p} prefix tokens")
+        call = _CALL_GRID.get()
+        g = call[1] if call is not None and call[0] is self.grid_owner else self.grid_size
+        if g is not None and g[0] * g[1] == n - p:
+            return p, (int(g[0]), int(g[1]))
+        sq = _square_grid(n - p)
+        if sq is None:
+            raise ValueError(
+                f"{n - p} grid tokens ({n} tokens minus {p} prefix tokens) do not form a square grid "
+                f"and grid_size={g} does not match; set HyenaAttention.grid_size to (H, W)")
+        return p, sq
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("HyenaAttention supports neither attn_mask nor is_causal (its long "
+                             "convolutions are non-causal and see the whole grid)")
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, N, C), got shape {tuple(x.shape)}")
+        B, n, C = x.shape
+        p, (H, W) = self.resolve_grid(n)
+        grid = x[:, p:].reshape(B, H, W, C)
+        if p == 0:
+            return self.mixer(grid).reshape(B, H * W, C)
+        y, yp = self.mixer(grid, prefix=x[:, :p])
+        return torch.cat([yp, y.reshape(B, H * W, C)], dim=1)

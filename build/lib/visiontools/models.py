@@ -1,0 +1,197 @@
+"""Small ViTs for 32x32 images (registered with timm), and loading of visiontools checkpoints,
+including the CIFAR-10 ViT shipped inside the package (``load_default_model``).
+
+Registered models (``timm.create_model(name)`` works once this module is imported):
+
+- ``vit_cifar_tiny_p4``: ViT-Tiny shape (dim 192, depth 12, 3 heads) with 4x4 patches: 64 tokens + cls.
+- ``vit_cifar_mini_p4``: dim 192, depth 6, 3 heads, 4x4 patches; trains on a 2-core CPU in about an hour.
+  The shipped checkpoint is this model.
+
+Both are plain ``timm`` ``VisionTransformer`` instances, so timm tooling and ``visiontools.patches.timm`` (ToMe)
+apply to them unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import timm
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from visiontools.checkpoint import META_KEY  # safetensors metadata entry holding the JSON model description
+from visiontools.data import CIFAR_STATS, CIFAR10_CLASSES
+
+try:  # Hyena ViTs register themselves with timm when their adapter is installed.
+    import visiontools.patches.timm_hyena  # noqa: F401
+except ImportError as e:  # only a missing Hyena adapter is tolerated, not a broken one
+    if e.name not in ("visiontools.patches", "visiontools.patches.timm_hyena"):
+        raise
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+SHIPPED = {
+    "cifar10_vit": CHECKPOINT_DIR / "cifar10_vit.safetensors",
+    "hyena_cifar10": CHECKPOINT_DIR / "hyena_cifar10.safetensors",
+    "attn_cifar10": CHECKPOINT_DIR / "attn_cifar10.safetensors",  # attention twin of hyena_cifar10
+}
+DEFAULT_CHECKPOINT = "cifar10_vit"
+
+
+def build_registered_vit(variant: str, pretrained: bool, dims: dict, kwargs: dict, stats=None) -> VisionTransformer:
+    """A ``VisionTransformer`` for a model this project registers with timm: ``dims`` updated by the
+    caller's ``kwargs``, with a ``pretrained_cfg`` giving its input size and normalisation (``stats``
+    ``(mean, std)``; default: CIFAR-100's for 100 classes, else CIFAR-10's). There are no downloadable
+    weights, so ``pretrained=True`` is refused."""
+    if pretrained:
+        raise ValueError(f"{variant} has no downloadable weights; load a visiontools checkpoint instead "
+                         "(visiontools.models.load_checkpoint_model)")
+    args = {**dims, **{k: v for k, v in kwargs.items()
+                       if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}}  # from timm.create_model
+    model = VisionTransformer(**args)
+    num_classes = args.get("num_classes", 1000)
+    mean, std = stats or CIFAR_STATS["cifar100" if num_classes == 100 else "cifar10"]
+    img = args["img_size"]
+    cfg = {"url": "", "num_classes": num_classes, "input_size": (3, img, img), "pool_size": None,
+           "crop_pct": 1.0 if img <= 64 else 0.9, "interpolation": "bicubic", "mean": tuple(mean),
+           "std": tuple(std), "first_conv": "patch_embed.proj", "classifier": "head"}
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    return model
+
+
+def _create_cifar_vit(variant: str, pretrained: bool, dims: dict, **kwargs) -> VisionTransformer:
+    return build_registered_vit(variant, pretrained, dict(img_size=32, patch_size=4, num_classes=10, **dims), kwargs)
+
+
+@register_model
+def vit_cifar_tiny_p4(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-Tiny (dim 192, depth 12, 3 heads) with 4x4 patches on 32x32 images (65 tokens)."""
+    return _create_cifar_vit("vit_cifar_tiny_p4", pretrained, dict(embed_dim=192, depth=12, num_heads=3), **kwargs)
+
+
+@register_model
+def vit_cifar_mini_p4(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Half-depth ViT-Tiny (dim 192, depth 6, 3 heads) with 4x4 patches on 32x32 images (65 tokens)."""
+    return _create_cifar_vit("vit_cifar_mini_p4", pretrained, dict(embed_dim=192, depth=6, num_heads=3), **kwargs)
+
+
+def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """``timm.create_model`` with a clear error for unknown names (this module's models included)."""
+    if not timm.is_model(name):  # every name timm.list_models() gives passes this too
+        raise ValueError(f"unknown model {name!r}: not a registered timm model "
+                         f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def model_description(name: str, model_kwargs: dict, classes: list[str], mean, std, **extra) -> dict:
+    """The JSON description stored with every checkpoint: enough to rebuild and feed the model."""
+    return {"model": name, "model_kwargs": dict(model_kwargs), "classes": list(classes),
+            "mean": list(mean), "std": list(std), **extra}
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a .safetensors file written by "
+                                f"`visiontools train`, or one of the shipped names {sorted(SHIPPED)})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from None
+    return tensors, meta
+
+
+def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """A shipped checkpoint name (e.g. ``cifar10_vit``) or a file path -> the file path."""
+    if str(path_or_name) in SHIPPED:
+        return SHIPPED[str(path_or_name)]
+    return Path(path_or_name)
+
+
+def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the model described in a visiontools checkpoint (a training checkpoint or an exported
+    one), load its weights, and return ``(model in eval mode, description)``. The description holds
+    ``model``, ``model_kwargs``, ``classes``, ``mean``, ``std`` and, for shipped files, the contents of
+    the sibling ``.json`` (training summary, evaluation table)."""
+    path = resolve_checkpoint(path_or_name)
+    tensors, meta = read_checkpoint(path)
+    if META_KEY not in meta:
+        raise ValueError(f"{path} has no '{META_KEY}' metadata; it was not written by visiontools "
+                         "(expected the model name, kwargs, classes, mean and std in the safetensors metadata)")
+    desc = json.loads(meta[META_KEY])
+    model = create_model(desc["model"], **desc.get("model_kwargs", {}))
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if not state:
+        state = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))}
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.to(device=device, dtype=dtype).eval()
+    side = path.with_suffix(".json")
+    if side.is_file():
+        desc = {**json.loads(side.read_text()), **desc}
+    desc["path"] = str(path)
+    return model, desc
+
+
+def load_default_model(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The CIFAR-10 ViT shipped with visiontools (trained by the project itself), in eval mode, with
+    its description (class names, mean/std, training summary, evaluation table)."""
+    return load_checkpoint_model(DEFAULT_CHECKPOINT, device=device)
+
+
+__all__ = ["vit_cifar_tiny_p4", "vit_cifar_mini_p4", "create_model", "load_checkpoint_model",
+           "load_default_model", "read_checkpoint", "model_description", "CIFAR10_CLASSES"]
+
+
+# ----------------------------------------------------------------------------- shipping a checkpoint
+
+def subset_accuracy(model: torch.nn.Module, desc: dict, data_dir: str | os.PathLike, per_class: int = 20) -> dict:
+    """Top-1/top-5 (%) on the first ``per_class`` CIFAR test images of every class (fp32, CPU): the
+    fixed subset whose accuracy is recorded with a shipped checkpoint and checked by the tests."""
+    from visiontools.data import load_cifar, normalize
+
+    ds = load_cifar(desc.get("dataset", "cifar10"), "test", data_dir, max_per_class=per_class)
+    with torch.no_grad():
+        logits = model(normalize(ds.images, desc["mean"], desc["std"]))
+    top5 = logits.topk(5, 1).indices
+    return {"per_class": per_class, "n": len(ds), "top1": 100.0 * (top5[:, 0] == ds.labels).float().mean().item(),
+            "top5": 100.0 * (top5 == ds.labels[:, None]).any(1).float().mean().item()}
+
+
+def ship_checkpoint(train_checkpoint: str | os.PathLike, dst: str | os.PathLike, data_dir: str | os.PathLike,
+                    eval_json: str | os.PathLike | None = None, notes: dict | None = None) -> dict:
+    """Export a training checkpoint as fp16 weights to ``dst`` and write ``dst.json`` beside it (config,
+    training log, subset accuracy, the ``visiontools eval`` result and ``notes``). Returns that JSON."""
+    from visiontools.checkpoint import atomic_write_text, export_for_inference, load_training_state
+
+    _, desc, state = load_training_state(train_checkpoint)
+    dst = Path(dst)
+    export_for_inference(train_checkpoint, dst, dtype=torch.float16)
+    model32, _ = load_checkpoint_model(train_checkpoint)
+    model16, _ = load_checkpoint_model(dst)
+    card = {
+        "name": dst.stem, "file": dst.name, "weights_dtype": "float16", "description": desc,
+        "config": state["config"], "epochs_completed": state["epoch"], "steps": state["step"],
+        "world_size": state.get("world_size", 1), "history": state["history"],
+        "training_minutes": round(sum(r["seconds"] for r in state["history"]) / 60, 1),
+        "subset_accuracy": subset_accuracy(model16, desc, data_dir),
+        "subset_accuracy_fp32_weights": subset_accuracy(model32, desc, data_dir),
+        **(notes or {}),
+    }
+    if eval_json is not None:
+        ev = json.loads(Path(eval_json).read_text())
+        for row in ev["rows"]:
+            row.pop("times_s", None)
+        card["eval"] = ev
+    atomic_write_text(dst.with_suffix(".json"), json.dumps(card, indent=1))
+    return card

@@ -1,0 +1,153 @@
+"""Measuring speed honestly: interleaved timing of several candidates in one process, and FLOP counts.
+
+Machines are noisy, so candidates are timed round-robin (in a rotating order) rather than one after
+the other, and the median is reported. FLOPs come from ``torch.utils.flop_counter``, not by hand.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_flash_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _fft_flop(signal_shape, dims, real: bool) -> int:
+    """FLOPs of an FFT over ``dims`` of a signal of ``signal_shape``: the usual 5·n·log2(n) per
+    complex transform of n points (a multi-dimensional one is n = product of the sizes), half that
+    when the signal is real (``rfft``/``irfft``)."""
+    n = math.prod(signal_shape[d] for d in dims)
+    batch = math.prod(signal_shape) // max(1, n)
+    flops = 5 * batch * n * math.log2(n) if n > 1 else 0
+    return int(flops / 2 if real else flops)
+
+
+def _fft_r2c_flop(input_shape, dim, normalization, onesided, *args, out_shape=None, **kwargs) -> int:
+    return _fft_flop(input_shape, dim, real=True)
+
+
+def _fft_c2r_flop(input_shape, dim, normalization, last_dim_size, *args, out_shape=None, **kwargs) -> int:
+    return _fft_flop(out_shape, dim, real=True)  # the real signal is the output
+
+
+def _fft_c2c_flop(input_shape, dim, normalization, forward, *args, out_shape=None, **kwargs) -> int:
+    return _fft_flop(input_shape, dim, real=False)
+
+
+# torch's counter knows the CUDA SDPA kernels but not the CPU flash kernel, which CPU SDPA uses
+# (with or without a float mask); without this, attention FLOPs would silently count as zero.
+# It does not count FFTs either (Hyena's long convolutions), so those are added too.
+_EXTRA_FORMULAS = {
+    torch.ops.aten._fft_r2c: _fft_r2c_flop,
+    torch.ops.aten._fft_c2r: _fft_c2r_flop,
+    torch.ops.aten._fft_c2c: _fft_c2c_flop,
+}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa_flop
+
+
+def add_run_arguments(parser, repeats: int, warmup: int) -> None:
+    """The options every ``visiontools bench`` target shares: device, CPU threads, interleaved rounds,
+    and the files the results go to."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (each runs every candidate once)")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
+    parser.add_argument("--out-json", type=Path, default=None, help="write the full result (all timings) here")
+    parser.add_argument("--out-md", type=Path, default=None, help="write the markdown table (with the machine) here")
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"`` -> cuda when available, else cpu; anything else as given."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = 10,
+    warmup: int = 2,
+    device: torch.device | str | None = None,
+    progress: bool | Callable[[float, str], object] = False,
+) -> dict[str, list[float]]:
+    """Time each zero-argument callable ``repeats`` times, interleaved round-robin, after
+    ``warmup`` untimed rounds. Returns the seconds of every timed call, per name. ``progress``:
+    ``True`` for a progress bar, or a callable ``(fraction, text)`` (e.g. a UI's) called before every
+    round and with 1.0 at the end."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    total = warmup + repeats
+    rounds = range(total)
+    report = progress if callable(progress) else None
+    if progress is True:
+        from tqdm.auto import tqdm
+        rounds = tqdm(rounds, desc="timing", unit="round")
+    with torch.inference_mode():
+        for i in rounds:
+            if report:
+                report(i / total, f"{'warm-up' if i < warmup else 'timing'} round {i + 1} of {total}")
+            order = names[i % len(names):] + names[: i % len(names)]
+            for name in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                fns[name]()
+                _sync(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    if report:
+        report(1.0, "done")
+    return times
+
+
+def median(xs: list[float]) -> float:
+    """Median of a list of timings."""
+    return statistics.median(xs)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (a multiply-add counts as 2), from ``torch.utils.flop_counter``
+    (plus CPU flash attention and FFTs, which it misses)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    with torch.inference_mode(), counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on the given device when ``dtype`` is set, else a no-op context."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def machine_description(device: torch.device | str) -> str:
+    """A short human-readable description of the machine a benchmark ran on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    import os
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -1,0 +1,410 @@
+"""Train any registered timm model on CIFAR-10/100 from a YAML config: ``visiontools train --config
+configs/vit_cifar10_cpu.yaml [--set epochs=2 ...] [--resume]``; runs under ``torchrun`` too (DDP).
+
+Config format (YAML; every key is optional and defaults to the value below; ``--set key=value``
+overrides any key on the command line, values parsed as YAML, dotted keys reach nested entries)::
+
+    model: vit_cifar_mini_p4      # any registered timm model name (visiontools.models and
+                                  # visiontools.patches.timm_hyena register theirs on import)
+    model_kwargs: {}              # extra keyword arguments for timm.create_model (e.g. drop_path_rate: 0.1)
+    dataset: cifar10              # cifar10 | cifar100 (num_classes is set from it)
+    data_dir: ../shared/datasets/cifar10  # ImageFolder root with train/ and test/, or torchvision's files;
+                                  # null = ~/.cache/visiontools/data (torchvision)
+    download: false               # let torchvision download CIFAR (needs a network)
+    train_per_class: null         # keep only the first N training images of every class (tests, quick runs)
+    test_per_class: null          # same for the test set
+    epochs: 10
+    batch_size: 128               # global batch size, split evenly over the torchrun processes
+    lr: 1.0e-3                    # peak AdamW learning rate
+    min_lr: 1.0e-5                # end of the cosine schedule
+    warmup_epochs: 1.0            # linear warm-up from 0 (fractions allowed), then cosine decay per step
+    weight_decay: 0.05            # AdamW weight decay (not applied to biases, norms, pos_embed, cls_token)
+    betas: [0.9, 0.999]
+    label_smoothing: 0.1
+    grad_clip: 1.0                # max gradient norm; null = no clipping
+    crop_padding: 4               # random crop with this zero padding; 0 = off
+    hflip: true                   # random horizontal flip
+    randaugment: null             # e.g. [2, 9] = RandAugment(num_ops=2, magnitude=9); null = off
+    mixup_alpha: 0.0              # > 0 enables mixup with Beta(alpha, alpha)
+    amp: auto                     # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
+    seed: 0
+    threads: null                 # torch.set_num_threads per process; null = torch's default
+    eval_every: 1                 # evaluate on the test set every N epochs (and after the last)
+    out_dir: runs/vit_cifar10     # last.safetensors (resumable checkpoint) and log.jsonl go here
+    export: null                  # after training, also write the weights alone (fp16) to this path
+
+Outputs in ``out_dir``: ``last.safetensors`` (written atomically after every epoch: weights, AdamW
+state, epoch/step and log history), ``log.jsonl`` (one JSON object per epoch: loss, train/test
+accuracy, lr, seconds), and ``config.yaml`` (the resolved config).
+
+Resuming (``--resume``) restarts after the last completed epoch and gives the same result as an
+uninterrupted run: the learning rate is a function of the step, the optimizer state is restored,
+and all randomness (data order, augmentation, dropout) is re-seeded from (seed, epoch, rank).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DEFAULTS: dict[str, Any] = {
+    "model": "vit_cifar_mini_p4",
+    "model_kwargs": {},
+    "dataset": "cifar10",
+    "data_dir": "../shared/datasets/cifar10",
+    "download": False,
+    "train_per_class": None,
+    "test_per_class": None,
+    "epochs": 10,
+    "batch_size": 128,
+    "lr": 1.0e-3,
+    "min_lr": 1.0e-5,
+    "warmup_epochs": 1.0,
+    "weight_decay": 0.05,
+    "betas": [0.9, 0.999],
+    "label_smoothing": 0.1,
+    "grad_clip": 1.0,
+    "crop_padding": 4,
+    "hflip": True,
+    "randaugment": None,
+    "mixup_alpha": 0.0,
+    "amp": "auto",
+    "seed": 0,
+    "threads": None,
+    "eval_every": 1,
+    "out_dir": "runs/vit_cifar10",
+    "export": None,
+}
+
+# Flags that are shortcuts for --set key=value.
+FLAG_KEYS = {"epochs": int, "batch_size": int, "lr": float, "data_dir": str, "out_dir": str, "model": str,
+             "dataset": str, "seed": int, "threads": int, "amp": str, "export": str}
+
+
+# ----------------------------------------------------------------------------- config
+
+def _parse_value(text: str):
+    import yaml
+    return yaml.safe_load(text)
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` overrides (YAML values; ``a.b=1`` sets ``cfg['a']['b']``) to a copy of ``cfg``."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts[0] not in DEFAULTS:
+            raise ValueError(f"unknown config key {parts[0]!r} in --set {item!r}; known keys: {', '.join(DEFAULTS)}")
+        d = cfg
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ValueError(f"--set {item!r}: {p!r} is not a mapping")
+        d[parts[-1]] = _parse_value(value)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict:
+    """DEFAULTS, updated from the YAML file at ``path`` and then from ``overrides``; unknown keys are errors."""
+    import yaml
+
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist (see configs/ for examples)")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a YAML mapping of config keys, got {type(loaded).__name__}")
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"{path}: unknown config key(s) {unknown}; known keys: {', '.join(DEFAULTS)}")
+        cfg.update(loaded)
+    cfg = apply_overrides(cfg, list(overrides))
+    if cfg["dataset"] not in ("cifar10", "cifar100"):
+        raise ValueError(f"dataset must be cifar10 or cifar100, got {cfg['dataset']!r}")
+    if cfg["amp"] is False or cfg["amp"] is None:  # YAML reads a bare `off` as false
+        cfg["amp"] = "off"
+    if cfg["amp"] not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"amp must be auto, bf16, fp16 or off, got {cfg['amp']!r}")
+    if not isinstance(cfg["model_kwargs"], dict):
+        raise ValueError(f"model_kwargs must be a mapping, got {cfg['model_kwargs']!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises torch.distributed when launched by torchrun, where
+    each CUDA process takes GPU ``LOCAL_RANK``. Gloo carries CPU tensors (the metric sums of
+    :func:`all_reduce_sum`), NCCL the CUDA ones (DDP's gradients)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(values: list[float], world: int) -> list[float]:
+    """Sum a list of numbers over all processes (identity when not distributed)."""
+    if world <= 1:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- schedule / optimizer
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
+    """AdamW; no weight decay on 1-d parameters (biases, norms) nor on position embeddings/tokens."""
+    decay, no_decay = [], []
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+
+
+def amp_dtype(cfg_amp: str, device: torch.device) -> torch.dtype | None:
+    if cfg_amp == "off":
+        return None
+    if cfg_amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cfg_amp == "bf16" else torch.float16
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          device: str | None = None, stop_after: int | None = None) -> dict:
+    """Train as described by ``cfg`` (see the module docstring); returns the last log record.
+    ``stop_after`` ends the run after that many completed epochs (as if killed there; the schedule
+    still targets ``cfg['epochs']``, so ``--resume`` continues it exactly)."""
+    from visiontools import checkpoint as ckpt
+    from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, iterate_batches, load_cifar, mixup, \
+        normalize, rand_augment, random_crop_flip, shard_indices
+    from visiontools.evaluate import EvalData, accuracy
+    from visiontools.models import create_model, model_description
+    from visiontools.timing import autocast_context, resolve_device
+
+    rank, world, dev = init_distributed(resolve_device(device))
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    if cfg["batch_size"] % world:
+        raise ValueError(f"batch_size {cfg['batch_size']} is not divisible by the {world} processes")
+    local_bs = cfg["batch_size"] // world
+
+    out_dir = Path(cfg["out_dir"])
+    last = out_dir / "last.safetensors"
+    log_path = out_dir / "log.jsonl"
+    if last.exists() and not resume and not overwrite:
+        raise FileExistsError(f"{last} already exists: pass --resume to continue that run, --overwrite to "
+                              f"start again (the old checkpoint is kept as {last.name}.bak), or another --out-dir")
+    if resume and not last.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from")
+
+    # Data (every rank holds the arrays; only its shard of indices is visited).
+    num_classes = CIFAR_NUM_CLASSES[cfg["dataset"]]
+    mean, std = CIFAR_STATS[cfg["dataset"]]
+    show = progress and rank == 0
+    train_ds = load_cifar(cfg["dataset"], "train", cfg["data_dir"], cfg["download"], cfg["train_per_class"], show)
+    test_ds = load_cifar(cfg["dataset"], "test", cfg["data_dir"], False, cfg["test_per_class"], show)
+
+    torch.manual_seed(cfg["seed"])
+    model = create_model(cfg["model"], num_classes=num_classes, **cfg["model_kwargs"]).to(dev)
+    desc = model_description(cfg["model"], {**cfg["model_kwargs"], "num_classes": num_classes}, train_ds.classes,
+                             mean, std, dataset=cfg["dataset"])
+    optimizer = build_optimizer(model, cfg)
+    adt = amp_dtype(cfg["amp"], dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=(adt == torch.float16))
+
+    steps_per_epoch = math.ceil(len(train_ds) / world) // local_bs
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg['batch_size']} is larger than the {len(train_ds)} training images")
+    total_steps = steps_per_epoch * cfg["epochs"]
+    warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+
+    start_epoch, step, history = 0, 0, []
+    if resume:
+        tensors, _, state = ckpt.load_training_state(last)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+        optimizer.load_state_dict(ckpt.unpack_optimizer_state(tensors, state))
+        if "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+            raise ValueError(f"cannot resume {last}: it was trained with {state['steps_per_epoch']} steps per "
+                             f"epoch, this config gives {steps_per_epoch} (batch size or data changed)")
+        if rank == 0:  # the log on disk may be ahead of or behind the checkpoint after a kill
+            ckpt.atomic_write_text(log_path, _jsonl(history))
+    elif rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if last.exists():
+            os.replace(last, last.with_name(last.name + ".bak"))
+        ckpt.atomic_write_text(log_path, "")
+    if rank == 0:
+        import yaml
+        ckpt.atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    barrier(world)
+
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    record: dict = history[-1] if history else {}
+    end_epoch = cfg["epochs"] if stop_after is None else min(cfg["epochs"], int(stop_after))
+    for epoch in range(start_epoch, end_epoch):
+        # All randomness of an epoch is a function of (seed, epoch, rank): resumable exactly.
+        torch.manual_seed(_epoch_seed(cfg["seed"], epoch, rank))
+        gen = torch.Generator().manual_seed(_epoch_seed(cfg["seed"] + 1, epoch, rank))
+        order = shard_indices(len(train_ds), rank, world, shuffle=True, seed=cfg["seed"], epoch=epoch)
+        train_model.train()
+        t0 = time.time()
+        loss_sum = correct = seen = 0.0
+        batches = iterate_batches(train_ds, order, local_bs, drop_last=True)
+        if show:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                           unit="step", mininterval=5, file=sys.stderr)
+        for x, y in batches:
+            x = random_crop_flip(x, cfg["crop_padding"], cfg["hflip"], gen)
+            if cfg["randaugment"]:
+                x = rand_augment(x, int(cfg["randaugment"][0]), int(cfg["randaugment"][1]), gen)
+            x = normalize(x.to(dev, non_blocking=True), mean, std)
+            y = y.to(dev, non_blocking=True)
+            if cfg["mixup_alpha"] > 0:
+                x, target = mixup(x, y, num_classes, cfg["mixup_alpha"], cfg["label_smoothing"], gen)
+            else:
+                target = y
+            lr = lr_at(step, total_steps, warmup_steps, cfg["lr"], cfg["min_lr"])
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with autocast_context(dev, adt):
+                logits = train_model(x)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, target, label_smoothing=0.0 if cfg["mixup_alpha"] > 0
+                                   else cfg["label_smoothing"])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss_value = loss.item()
+            loss_sum += loss_value * y.shape[0]
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += y.shape[0]
+            if show:
+                batches.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False)
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], world)
+        record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_images": int(seen),
+                  "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen,
+                  "seconds": round(time.time() - t0, 2)}
+        if (epoch + 1) % max(1, int(cfg["eval_every"])) == 0 or epoch + 1 == cfg["epochs"]:
+            model.eval()
+            ev = accuracy({"model": model}, EvalData("tensor", tensor_ds=test_ds, mean=mean, std=std), 500, dev,
+                          adt, rank, world, show)["model"]
+            record.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"], test_images=ev["n"])
+        history.append(record)
+        if rank == 0:
+            state = {"epoch": epoch + 1, "step": step, "steps_per_epoch": steps_per_epoch, "history": history,
+                     "config": cfg, "world_size": world}
+            tensors, meta = ckpt.pack_training_state(model, optimizer, desc, state, scaler)
+            ckpt.save_safetensors_atomic(last, tensors, meta)
+            ckpt.atomic_write_text(log_path, _jsonl(history))  # whole file: never a partial line
+            print(json.dumps(record), flush=True)
+        barrier(world)
+
+    if rank == 0 and cfg["export"] and end_epoch == cfg["epochs"]:
+        ckpt.export_for_inference(last, cfg["export"], extra={"history": history})
+    barrier(world)
+    return record
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``visiontools train``."""
+    parser.add_argument("--config", help="YAML config file (see configs/ and this module's docstring)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (YAML value, dotted keys for nested entries); repeatable")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/last.safetensors")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over although <out_dir>/last.safetensors exists (it is kept as .bak)")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                        help="stop after this many completed epochs (resume later with --resume)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--device", default=None, help="cpu or cuda; if not given, cuda when available")
+    parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs a network)")
+    for key, typ in FLAG_KEYS.items():
+        parser.add_argument("--" + key.replace("_", "-"), dest="flag_" + key, type=typ, default=None,
+                            metavar=key.upper(), help=f"shortcut for --set {key}={key.upper()}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``visiontools train``."""
+    overrides = list(args.overrides)
+    for key in FLAG_KEYS:
+        v = getattr(args, "flag_" + key)
+        if v is not None:
+            overrides.append(f"{key}={v}")
+    if args.download:
+        overrides.append("download=true")
+    cfg = load_config(args.config, overrides)
+    record = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                   device=args.device, stop_after=args.stop_after)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {json.dumps(record)}; checkpoint {Path(cfg['out_dir']) / 'last.safetensors'}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,53 @@
+"""The built wheel installs exactly one top-level package, ``visiontools`` (issue 13, part 4)."""
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel of this checkout, built without network or build isolation."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out), str(ROOT)], check=True, capture_output=True, text=True)
+    (whl,) = out.glob("visiontools-*.whl")
+    return whl
+
+
+def test_wheel_has_one_top_level_package(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"visiontools"}
+    for module in ("visiontools/patches/timm.py", "visiontools/patches/diffusers.py",
+                   "visiontools/demos/app.py", "visiontools/checkpoints/cifar10_vit.safetensors"):
+        assert module in names
+
+
+def test_wheel_in_clean_venv_imports_as_visiontools_only(wheel, tmp_path):
+    """In a fresh venv (no torch: nothing is imported that needs it), the adapters resolve inside
+    visiontools and no top-level ``patches``/``demos`` module exists."""
+    env = tmp_path / "venv"
+    venv.create(env, with_pip=False)
+    py = env / "bin" / "python"
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with zipfile.ZipFile(wheel) as z:  # what `pip install --no-deps` does for a pure wheel
+        z.extractall(site)
+    check = ("import importlib.util as u, sys; "
+             "assert u.find_spec('patches') is None and u.find_spec('demos') is None; "
+             "s = u.find_spec('visiontools.patches.timm'); assert s and s.origin.startswith(sys.prefix), s; "
+             "assert u.find_spec('visiontools.demos.app') is not None; print('ok')")
+    out = subprocess.run([py, "-c", check], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_license_is_an_spdx_string():
+    import tomllib
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == "Apache-2.0"
