@@ -66,24 +66,42 @@ def test_one_chunk_equals_full_shared_qk_attention(N, n_hashes):
     assert (out - ref).abs().max() < 1e-6
 
 
-def test_matches_token_by_token_definition_with_padding_and_odd_length():
+@pytest.mark.parametrize("impl", ["flash", "matmul"])
+def test_matches_token_by_token_definition_with_padding_and_odd_length(impl):
     torch.manual_seed(1)
     for N, c, nh, before, after in [(37, 8, 2, 1, 1), (37, 8, 3, 1, 0), (20, 4, 1, 1, 1), (9, 4, 2, 1, 1)]:
         qk, v = torch.randn(2, N, 6, dtype=torch.float64), torch.randn(2, N, 5, dtype=torch.float64)
         rot = rotations(6, nh, default_n_buckets(N, c), seed=N + c)
-        out = lsh_attention(qk, v, rot, c, before, after)
+        out = lsh_attention(qk, v, rot, c, before, after, impl=impl)
         assert out.shape == (2, N, 5)
         assert (out - naive_lsh(qk, v, rot, c, before, after)).abs().max() < 1e-10, (N, c, nh, before, after)
 
 
-def test_padding_is_never_attended():
+@pytest.mark.parametrize("impl", ["flash", "matmul"])
+def test_padding_is_never_attended(impl):
     # the values of padding would be zeros; if padding were a key, scaling v of real tokens would not
     # scale the output exactly
     torch.manual_seed(2)
     qk, v = torch.randn(1, 30, 8, dtype=torch.float64), torch.randn(1, 30, 8, dtype=torch.float64)
     rot = rotations(8, 2, default_n_buckets(30, 8))
-    a = lsh_attention(qk, v, rot, 8)
-    assert torch.allclose(lsh_attention(qk, v + 1.0, rot, 8), a + 1.0, atol=1e-12)
+    a = lsh_attention(qk, v, rot, 8, impl=impl)
+    assert torch.allclose(lsh_attention(qk, v + 1.0, rot, 8, impl=impl), a + 1.0, atol=1e-12)
+
+
+def test_flash_and_matmul_agree_in_float32_with_gradients():
+    torch.manual_seed(4)
+    qk = torch.randn(3, 300, 16, requires_grad=True)
+    v = torch.randn(3, 300, 16, requires_grad=True)
+    rot = rotations(16, 4, default_n_buckets(300, 32), dtype=torch.float32)
+    outs = []
+    for impl in ("flash", "matmul"):
+        out = lsh_attention(qk, v, rot, 32, impl=impl)
+        g = torch.autograd.grad((out * torch.linspace(-1, 1, 16)).sum(), [qk, v])
+        outs.append((out, *g))
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="impl='flash' needs"):
+        lsh_attention(qk.bfloat16(), v.bfloat16(), rot, 32, impl="flash")
 
 
 def test_a_token_attends_to_itself_only_without_other_targets():
@@ -110,12 +128,13 @@ def test_error_against_full_attention_falls_with_n_hashes():
     assert errs[-1] < 0.75 * errs[0], errs
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("impl", ["flash", "matmul"])
+def test_gradients_match_finite_differences(impl):
     torch.manual_seed(3)
     qk = torch.randn(1, 21, 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 21, 4, dtype=torch.float64, requires_grad=True)
     rot = rotations(4, 2, default_n_buckets(21, 4))
-    assert torch.autograd.gradcheck(lambda a, b: lsh_attention(a, b, rot, 4), (qk, v), eps=1e-7, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda a, b: lsh_attention(a, b, rot, 4, impl=impl), (qk, v), eps=1e-7, atol=1e-6)
 
 
 def test_layer_hashes_reproducibly_in_eval_and_draws_from_global_rng_in_training():

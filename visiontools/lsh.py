@@ -74,31 +74,73 @@ def hash_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         return torch.cat([rot, -rot], dim=-1).argmax(dim=-1).transpose(-1, -2).contiguous()
 
 
-def _chunk_context(t: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """(..., nc, c, *) -> (..., nc, (1+before+after)*c, *): each chunk followed by the chunks it attends to
-    (wrapping around; neighbours that would repeat a chunk already included are left out)."""
-    nc = t.shape[-3] if t.dim() >= 3 else 1
-    parts, seen = [t], {0}
+def _neighbour_shifts(nc: int, before: int, after: int) -> list[int]:
+    """Chunk offsets a chunk attends to: itself, ``before`` back, ``after`` forward (wrapping; no chunk twice)."""
+    shifts, seen = [0], {0}
     for s in [-i for i in range(1, before + 1)] + list(range(1, after + 1)):
-        if s % nc in seen:
-            continue
-        seen.add(s % nc)
-        parts.append(torch.roll(t, shifts=-s, dims=-3))
-    return torch.cat(parts, dim=-2) if len(parts) > 1 else t
+        if s % nc not in seen:
+            seen.add(s % nc)
+            shifts.append(s)
+    return shifts
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _FlashChunkAttention(torch.autograd.Function):
+    """Softmax attention of (M, 1, c, D) queries over (M, 1, w, D) keys/values with an additive (c, w)
+    mask, returning the output and the row log-sum-exps, through PyTorch's fused CPU flash-attention
+    kernel (no (c, w) probability tensor is kept). The last column of ``v`` must be all ones: backward
+    passes the log-sum-exp's gradient through it (``d lse_i / d s_ij = p_ij``, which is what the kernel
+    gives a ones column of values once that column of the output is zeroed), so one kernel call
+    returns the gradients of both outputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        out = out.clone()
+        out[..., -1] = 0
+        g = g_out.clone()
+        g[..., -1] = g_lse
+        dq, dk, dv = _FLASH_CPU_BWD(g.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _use_flash(x: torch.Tensor, dropout: bool) -> bool:
+    return (_FLASH_CPU is not None and _FLASH_CPU_BWD is not None and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and not dropout)
 
 
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, bucket_size: int,
                   chunks_before: int = 1, chunks_after: int = 1, scale: Optional[float] = None,
-                  dropout_p: float = 0.0, training: bool = False, return_buckets: bool = False):
+                  dropout_p: float = 0.0, training: bool = False, return_buckets: bool = False,
+                  impl: str = "auto"):
     """Shared-QK LSH attention (see module docstring) of ``qk``/``v`` (B, N, d), e.g. B = batch x heads.
 
     ``rotations`` (d, n_hashes, n_buckets/2) (:func:`random_rotations`); ``bucket_size`` is the chunk
-    length. ``scale`` defaults to ``d ** -0.5``. Returns (B, N, d) (and the (B, n_hashes, N) buckets with
-    ``return_buckets``)."""
+    length. ``scale`` defaults to ``d ** -0.5``. ``impl``: ``"flash"`` runs the attention inside chunks
+    through PyTorch's fused CPU flash-attention kernel (float32/64 on CPU, no attention dropout),
+    ``"matmul"`` through plain matmul + softmax (any device/dtype, dropout), ``"auto"`` picks flash
+    where it applies. Returns (B, N, d) (and the (B, n_hashes, N) buckets with ``return_buckets``)."""
     if qk.dim() != 3 or v.shape[:2] != qk.shape[:2]:
         raise ValueError(f"qk and v must be (B, N, d) with equal B and N, got {tuple(qk.shape)} and {tuple(v.shape)}")
     if bucket_size < 1:
         raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
+    if impl not in ("auto", "flash", "matmul"):
+        raise ValueError(f"impl must be 'auto', 'flash' or 'matmul', got {impl!r}")
+    dropout = bool(dropout_p and training)
+    flash = _use_flash(qk, dropout) if impl == "auto" else impl == "flash"
+    if flash and not _use_flash(qk, dropout):
+        raise ValueError("impl='flash' needs float32/float64 CPU tensors, no attention dropout, and a PyTorch "
+                         "with the CPU flash-attention kernel")
     B, N, d = qk.shape
     dv = v.shape[-1]
     nh = rotations.shape[1]
@@ -112,37 +154,58 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, bu
     if n_pad:  # padding: a bucket of its own past the last, so it sorts to the end of each round
         qk = F.pad(qk, (0, 0, 0, n_pad))
         v = F.pad(v, (0, 0, 0, n_pad))
-        pad_bucket = 2 * rotations.shape[2]
-        buckets = F.pad(buckets, (0, n_pad), value=pad_bucket)
+        buckets = F.pad(buckets, (0, n_pad), value=2 * rotations.shape[2])
     # stable sort by bucket keeps position order inside a bucket: a sort by (bucket, position)
     order = torch.sort(buckets, dim=-1, stable=True).indices                      # (B, nh, Np)
-    idx = order.reshape(B, nh * Np, 1)
-    sq = qk.gather(1, idx.expand(-1, -1, d)).view(B, nh, nc, c, d)
-    sv = v.gather(1, idx.expand(-1, -1, dv)).view(B, nh, nc, c, dv)
-    sk = F.normalize(sq, dim=-1)
-    kctx = _chunk_context(sk, chunks_before, chunks_after)                        # (B, nh, nc, w*c, d)
-    vctx = _chunk_context(sv, chunks_before, chunks_after)
-    w = kctx.shape[-2]
-    # self-logits: query i of a chunk is key i of the same chunk (a token occurs once per round)
-    bias = torch.zeros(c, w, dtype=qk.dtype, device=qk.device)
-    bias.diagonal().fill_(SELF_LOGIT)
-    dots = torch.baddbmm(bias, sq.reshape(-1, c, d), kctx.reshape(-1, w, d).transpose(1, 2),
-                         alpha=scale).view(B, nh, nc, c, w)
-    if n_pad:
-        is_pad = (order >= N).view(B, nh, nc, 1, c)
-        kpad = _chunk_context(is_pad.transpose(-1, -2), chunks_before, chunks_after).transpose(-1, -2)
-        dots = dots.masked_fill(kpad, torch.finfo(dots.dtype).min)
-    lse = torch.logsumexp(dots, dim=-1, keepdim=True)                             # (B, nh, nc, c, 1)
-    p = torch.exp(dots - lse)
-    if dropout_p and training:
-        p = F.dropout(p, dropout_p, training=True)
-    so = (p.view(-1, c, w) @ vctx.reshape(-1, w, dv)).view(B, nh * Np, dv)
-    slse = lse.view(B, nh * Np)
+    rows = (order + torch.arange(B, device=order.device).view(B, 1, 1) * Np).view(B, nh, nc, c)
+    # the keys of chunk i: the rows of chunks i, i-1, i+1 (wrapping inside the round): gathered in one
+    # index_select straight from the unsorted tokens (its backward is one index_add)
+    shifts = _neighbour_shifts(nc, chunks_before, chunks_after)
+    ctx_rows = torch.cat([torch.roll(rows, -sh, dims=2) for sh in shifts], dim=3).reshape(-1)
+    rows = rows.reshape(-1)
+    w = len(shifts) * c
+    k = F.normalize(qk, dim=-1)
+    if flash:
+        # extra columns: q' = [q, 0.., 1, 0], k' = [k, 0.., pad bias, 0], v' = [v, 0.., 0, 1] (the ones
+        # column carries the log-sum-exp's gradient; the pad-bias column masks padding keys)
+        D = max(d, dv) + 2
+        col = qk.new_zeros(B, Np, 1)
+        one = qk.new_ones(B, Np, 1)
+        padb = col
+        if n_pad:
+            padb = qk.new_zeros(B, Np, 1)
+            padb[:, N:] = -1e9
+        qx = torch.cat([F.pad(qk, (0, D - 2 - d)), one, col], -1).view(B * Np, D)
+        kx = torch.cat([F.pad(k, (0, D - 2 - d)), padb, col], -1).view(B * Np, D)
+        vx = torch.cat([F.pad(v, (0, D - 2 - dv)), col, one], -1).view(B * Np, D)
+        mask = torch.zeros(c, w, dtype=qk.dtype, device=qk.device)
+        mask.diagonal().fill_(SELF_LOGIT)
+        so, lse = _FlashChunkAttention.apply(qx.index_select(0, rows).view(-1, 1, c, D),
+                                             kx.index_select(0, ctx_rows).view(-1, 1, w, D),
+                                             vx.index_select(0, ctx_rows).view(-1, 1, w, D), mask, scale)
+        so = so[..., :dv].reshape(B * nh * Np, dv)
+        slse = lse.reshape(B * nh * Np)
+    else:
+        sq = qk.reshape(B * Np, d).index_select(0, rows).view(-1, c, d)
+        kctx = k.reshape(B * Np, d).index_select(0, ctx_rows).view(-1, w, d)
+        vctx = v.reshape(B * Np, dv).index_select(0, ctx_rows).view(-1, w, dv)
+        dots = (sq @ kctx.transpose(1, 2)).mul_(scale)
+        dots[..., :c].diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)  # self chunk comes first
+        if n_pad:
+            kpad = (ctx_rows % Np >= N).view(-1, 1, w)
+            dots = dots.masked_fill(kpad, torch.finfo(dots.dtype).min)
+        # softmax, and the log-sum-exp from it: lse = max - log(max p) (its gradient is p, as it should be)
+        p = torch.softmax(dots, dim=-1)
+        lse = dots.amax(-1) - torch.log(p.amax(-1))
+        if dropout:
+            p = F.dropout(p, dropout_p, training=True)
+        so = (p @ vctx).view(B * nh * Np, dv)
+        slse = lse.reshape(B * nh * Np)
     # undo the sort: sorted slot j of round r holds token order[r, j]
     inv = torch.empty_like(order).scatter_(-1, order, torch.arange(Np, device=order.device).expand_as(order))
-    inv = (inv + torch.arange(nh, device=order.device).view(1, nh, 1) * Np).view(B, nh * Np)
-    o = so.gather(1, inv.unsqueeze(-1).expand(-1, -1, dv)).view(B, nh, Np, dv)[:, :, :N]
-    logits = slse.gather(1, inv).view(B, nh, Np, 1)[:, :, :N]
+    inv = (inv + torch.arange(B * nh, device=order.device).view(B, nh, 1) * Np)[:, :, :N].reshape(-1)
+    o = so.index_select(0, inv).view(B, nh, N, dv)
+    logits = slse.index_select(0, inv).view(B, nh, N, 1)
     if nh == 1:
         out = o[:, 0]
     else:
@@ -188,7 +251,7 @@ class LSHAttention(nn.Module):
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0, norm_layer=None, bucket_size: int = 64, n_hashes: int = 4,
                  n_buckets: Optional[int] = None, chunks_before: int = 1, chunks_after: int = 1,
-                 seed: int = 0, num_prefix_tokens: int = 0, device=None, dtype=None, **kwargs):
+                 seed: int = 0, num_prefix_tokens: int = 0, impl: str = "auto", device=None, dtype=None, **kwargs):
         super().__init__()
         if qk_norm or scale_norm:
             raise ValueError("LSHAttention has no qk_norm/scale_norm (its keys are the unit-normalised queries)")
@@ -204,6 +267,7 @@ class LSHAttention(nn.Module):
         self.bucket_size, self.n_hashes, self.n_buckets = bucket_size, n_hashes, n_buckets
         self.chunks_before, self.chunks_after = chunks_before, chunks_after
         self.num_prefix_tokens = num_prefix_tokens
+        self.impl = impl
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
         self.qkv = nn.Linear(dim, 2 * dim, bias=qkv_bias, device=device, dtype=dtype)  # shared QK, V
         self.attn_drop = float(attn_drop)
@@ -245,7 +309,7 @@ class LSHAttention(nn.Module):
         qk, v = self.qkv(x).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4).reshape(2, B * h, N, d).unbind(0)
         rot = self.rotations(N, x.device, qk.dtype)
         out = lsh_attention(qk, v, rot, self.bucket_size, self.chunks_before, self.chunks_after, self.scale,
-                            self.attn_drop, self.training)
+                            self.attn_drop, self.training, impl=self.impl)
         p = int(self.num_prefix_tokens or 0)
         if p:
             if p >= N:
