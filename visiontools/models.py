@@ -151,6 +151,8 @@ def attn_vit_small_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
 # lsh_vit_*: the attention twins above with shared-QK LSH attention (visiontools.lsh) as attn_layer.
 # rev_vit_*: the same ViTs with reversible two-stream blocks (visiontools.reversible); any mixer as F.
 
+SHIPPED["lsh_cifar10"] = CHECKPOINT_DIR / "lsh_cifar10.safetensors"  # LSH twin of attn_cifar10, same recipe
+
 LSH_DEFAULTS = {"cifar": dict(bucket_size=16, n_hashes=2), "cifar_p2": dict(bucket_size=32, n_hashes=2),
                 "small_224": dict(bucket_size=32, n_hashes=4)}
 _SIZES = {"cifar": CIFAR_DIMS, "cifar_p2": {**CIFAR_DIMS, "patch_size": 2}, "small_224": SMALL_224_DIMS}
