@@ -175,9 +175,9 @@ class _ToMeTower:
     """Mixin for a patched vision tower: each forward opens its own per-call ToMe context."""
 
     def forward(self, *args, **kwargs):
-        if self.training and getattr(self, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
-            raise ValueError("ToMe on transformers models does not support gradient checkpointing: "
-                             "call model.gradient_checkpointing_disable() or remove_tome(model)")
+        if self.training and torch.is_grad_enabled() and _checkpointing(self):
+            raise ValueError("ToMe on transformers models does not support gradient (activation) checkpointing: "
+                             "call model.activation_checkpointing_disable() or remove_tome(model)")
         family = TOWERS[_base(type(self)).__name__]
         rs = parse_r(len(family.layers(self)), self.tome_r)
         call = _Call(rs, family.num_protected(self.config), self.tome_prop_attn)
@@ -192,6 +192,11 @@ class _ToMeTower:
         if record is not None:
             record.append(call.info)
         return out
+
+
+def _checkpointing(model) -> bool:
+    """Whether transformers' gradient/activation checkpointing is on (the name changed in 5.x)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 class _SizeBiasedMHA(nn.MultiheadAttention):
