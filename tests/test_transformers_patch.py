@@ -38,23 +38,31 @@ def build(name: str, attn: str = "sdpa"):
                                                                    attn_implementation=attn))
     elif name == "SiglipVisionModel":
         m = T.SiglipVisionModel(T.SiglipVisionConfig(**SMALL, **mlp, attn_implementation=attn))
+    elif name == "SiglipModel":  # no projections: text and image embeddings share the width
+        text = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+        m = T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=dict(SMALL, **mlp), attn_implementation=attn))
     else:
         raise KeyError(name)
     return m.eval()
 
 
 NAMES = ["ViTForImageClassification", "ViTModel", "CLIPVisionModel", "CLIPModel", "Dinov2Model",
-         "Dinov2WithRegistersModel", "SiglipVisionModel"]
-PREFIX = {"Dinov2WithRegistersModel": 3, "SiglipVisionModel": 0}  # class + register tokens; others: 1
+         "Dinov2WithRegistersModel", "SiglipVisionModel", "SiglipModel"]
+PREFIX = {"Dinov2WithRegistersModel": 3, "SiglipVisionModel": 0, "SiglipModel": 0}  # class + register tokens; others: 1
 N_PATCHES = (IMG // PATCH) ** 2
 
 
 def run(model, x):
     """The model's main output for images ``x``: logits, image embeddings or pooled features."""
-    if isinstance(model, T.CLIPModel):
+    if isinstance(model, (T.CLIPModel, T.SiglipModel)):  # the vision tower of a vision-language model
         return model.get_image_features(pixel_values=x).pooler_output
     out = model(pixel_values=x)
     return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+def tower(model):
+    """The module to call for token counts: the vision tower of a vision-language model, else the model."""
+    return model.vision_model if isinstance(model, (T.CLIPModel, T.SiglipModel)) else model
 
 
 def snapshot(model):
@@ -75,9 +83,7 @@ def test_r0_equals_unpatched_tokens_follow_r_and_remove_restores_bit_for_bit(nam
         assert (run(model, x) - ref).abs().max() <= 1e-5
 
         apply_tome(model, r=5)
-        out, info = tome_forward(model, pixel_values=x) if not isinstance(model, T.CLIPModel) else (None, None)
-        if info is None:  # CLIPModel: through get_image_features
-            _, info = tome_forward(model.vision_model, pixel_values=x)
+        _, info = tome_forward(tower(model), pixel_values=x)
         n = N_PATCHES + PREFIX.get(name, 1)
         expected = [n - 5 * i for i in range(LAYERS + 1)]
         assert info.tokens_per_layer == expected
@@ -211,7 +217,7 @@ def test_proportional_attention_makes_merging_duplicate_tokens_exact(name):
     with torch.no_grad():
         ref = run(model, x)
         apply_tome(model, r=6)
-        _, info = (tome_forward(model.vision_model if isinstance(model, T.CLIPModel) else model, pixel_values=x))
+        _, info = tome_forward(tower(model), pixel_values=x)
         assert info.tokens_per_layer[-1] < info.tokens_per_layer[0]
         assert (run(model, x) - ref).abs().max() <= 1e-4
         apply_tome(model, r=6, prop_attn=False)  # without the size bias, duplicates are over/under-weighted
@@ -267,3 +273,16 @@ def test_gradient_checkpointing_is_refused_in_one_line():
     model.activation_checkpointing_disable()
     model(pixel_values=torch.randn(1, 3, IMG, IMG)).pooler_output.sum().backward()  # training works otherwise
     assert model.embeddings.cls_token.grad is not None
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipModel"])
+def test_only_the_vision_tower_of_a_vision_language_model_merges(name):
+    model = build(name)
+    ids, x = torch.randint(0, 99, (2, 7)), torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=x)
+        apply_tome(model, r=6)
+        out = model(input_ids=ids, pixel_values=x)
+    assert all(type(layer).__name__ == type(layer).__name__.removeprefix("ToMe") for layer in model.text_model.encoder.layers)
+    assert torch.equal(out.text_embeds, ref.text_embeds)  # text tower untouched
+    assert not torch.allclose(out.image_embeds, ref.image_embeds, atol=1e-4)
