@@ -90,10 +90,6 @@ def _attention(attn: nn.Module, x: torch.Tensor, mask, out_proj: nn.Module, scal
     k = attn.k_proj(x).view(shape).transpose(1, 2)
     v = attn.v_proj(x).view(shape).transpose(1, 2)
     impl = attn.config._attn_implementation
-    if mask is not None and impl not in MASKABLE_ATTENTION:
-        raise ValueError(f"proportional attention needs an attention implementation that takes a float mask "
-                         f"({', '.join(MASKABLE_ATTENTION)}), not {impl!r}: use "
-                         f"model.set_attn_implementation('sdpa') or apply_tome(model, prop_attn=False)")
     eager = sys.modules[type(attn).__module__].eager_attention_forward  # looked up per call, like the model does
     fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
     if mask is not None:
@@ -167,7 +163,7 @@ class _ToMeLayer:
             return super().forward(hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
             raise ValueError("token merging changes the token count, so it cannot be combined with an "
-                             "attention_mask; remove_tome(model) first")
+                             "attention_mask (or flex attention's block mask); remove_tome(model) first")
         return type(self)._tome_run(self, hidden_states, call)
 
 
@@ -178,6 +174,11 @@ class _ToMeTower:
         if self.training and torch.is_grad_enabled() and _checkpointing(self):
             raise ValueError("ToMe on transformers models does not support gradient (activation) checkpointing: "
                              "call model.activation_checkpointing_disable() or remove_tome(model)")
+        impl = self.config._attn_implementation
+        if self.tome_prop_attn and impl not in MASKABLE_ATTENTION:
+            raise ValueError(f"proportional attention needs an attention implementation that takes a float mask "
+                             f"({', '.join(MASKABLE_ATTENTION)}), not {impl!r}: use "
+                             f"model.set_attn_implementation('sdpa') or apply_tome(model, prop_attn=False)")
         family = TOWERS[_base(type(self)).__name__]
         rs = parse_r(len(family.layers(self)), self.tome_r)
         call = _Call(rs, family.num_protected(self.config), self.tome_prop_attn)

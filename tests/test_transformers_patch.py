@@ -286,3 +286,15 @@ def test_only_the_vision_tower_of_a_vision_language_model_merges(name):
     assert all(type(layer).__name__ == type(layer).__name__.removeprefix("ToMe") for layer in model.text_model.encoder.layers)
     assert torch.equal(out.text_embeds, ref.text_embeds)  # text tower untouched
     assert not torch.allclose(out.image_embeds, ref.image_embeds, atol=1e-4)
+
+
+def test_attention_masks_and_unmaskable_attention_are_refused_in_one_line():
+    model = apply_tome(build("ViTModel"), r=4)
+    x = torch.randn(2, 3, IMG, IMG)
+    mask = torch.ones(2, N_PATCHES + 1)
+    mask[:, -3:] = 0
+    with pytest.raises(ValueError, match="cannot be combined with an attention_mask"):
+        model(pixel_values=x, attention_mask=mask)
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="proportional attention needs .*not 'flex_attention'"):
+        model(pixel_values=x)
