@@ -479,8 +479,10 @@ def test_sd_latent_from_image(cat):
 def test_sd_merge_maps_show_the_plan_the_patched_block_used(cat):
     """The plan drawn is the one the patched attention used: recomputing the block's self-attention
     with it reproduces the block's output."""
-    from visiontools.patches.diffusers import apply_tome_sd
     from visiontools import merge2d
+    from visiontools.demos.images import square_resized
+    from visiontools.patches.diffusers import apply_tome_sd
+    from visiontools.vis import render_merges
 
     from visiontools.demos.sd_tab import (
         TIMESTEP, _text_embedding, exact_plan_options, image_latent, sd_merge_maps, shared_copy, tiny_unet,
@@ -493,8 +495,12 @@ def test_sd_merge_maps_show_the_plan_the_patched_block_used(cat):
     assert "512 of 1024 merged" in maps[0].caption
 
     unet = apply_tome_sd(shared_copy(tiny_unet()), ratio=0.5, max_downsample=1, **exact_plan_options())
-    attn1 = unet.get_submodule(maps[0].name).attn1
+    block = unet.get_submodule(maps[0].name)
+    attn1 = block.attn1
     seen = {}
+
+    def grab_block(module, args, kwargs):
+        seen["block"] = args[0] if args else kwargs["hidden_states"]
 
     def grab_in(module, args, kwargs):
         seen["in"] = args[0] if args else kwargs["hidden_states"]
@@ -502,19 +508,23 @@ def test_sd_merge_maps_show_the_plan_the_patched_block_used(cat):
     def grab_out(module, args, output):
         seen["out"] = output
 
-    h1 = attn1.register_forward_pre_hook(grab_in, with_kwargs=True)
-    h2 = attn1.register_forward_hook(grab_out)
+    hooks = [block.register_forward_pre_hook(grab_block, with_kwargs=True),
+             attn1.register_forward_pre_hook(grab_in, with_kwargs=True), attn1.register_forward_hook(grab_out)]
     with torch.inference_mode():
         unet(image_latent(cat, 32), torch.tensor(TIMESTEP), _text_embedding(unet))
-        h1.remove(), h2.remove()
-        plan = merge2d.plan_merge_2d(seen["in"], 32, 32, 512, 2, 2, None)
+        for h in hooks:
+            h.remove()
+        plan = merge2d.plan_merge_2d(seen["block"], 32, 32, 512, 2, 2, None)  # from the block's input
         again = merge2d.unmerge(attn1.processor.inner(attn1, merge2d.merge_2d(plan, seen["in"])), plan.index)
-    assert torch.allclose(again, seen["out"], atol=1e-5)
-    # and a different plan (other destinations) would not reproduce it
-    other = merge2d.plan_merge_2d(seen["in"], 32, 32, 512, 2, 2, 123)
-    with torch.inference_mode():
-        wrong = merge2d.unmerge(attn1.processor.inner(attn1, merge2d.merge_2d(other, seen["in"])), other.index)
-    assert not torch.allclose(wrong, seen["out"], atol=1e-3)
+    torch.testing.assert_close(again, seen["out"], rtol=0, atol=0)  # the same computation, bit for bit
+    view = square_resized(cat, 128, 128)
+    assert np.array_equal(np.asarray(maps[0].picture), np.asarray(render_merges(view, plan.index[0], (32, 32))))
+    # and a different plan (from the normed tokens, or other destinations) would not reproduce it
+    for other in (merge2d.plan_merge_2d(seen["in"], 32, 32, 512, 2, 2, None),
+                  merge2d.plan_merge_2d(seen["block"], 32, 32, 512, 2, 2, 123)):
+        with torch.inference_mode():
+            wrong = merge2d.unmerge(attn1.processor.inner(attn1, merge2d.merge_2d(other, seen["in"])), other.index)
+        assert not torch.allclose(wrong, seen["out"], atol=1e-3)
 
 
 def test_sd_speed_rows():
