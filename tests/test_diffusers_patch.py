@@ -495,9 +495,11 @@ def test_fused_qkv_projections():
     x, t, e = inputs(12, 10)
     ref = run(unet, x, t, e)
     unet.fuse_qkv_projections()
-    torch.testing.assert_close(run(unet, x, t, e), ref, rtol=1e-4, atol=1e-5)
+    # the same dot products, only the BLAS blocking may differ: a few float32 ulps of unit-scale outputs
+    # (0 on the project's CPU)
+    torch.testing.assert_close(run(unet, x, t, e), ref, rtol=0, atol=2e-6)
     apply_tome_sd(unet, ratio=0.0)
-    torch.testing.assert_close(run(unet, x, t, e), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(unet, x, t, e), ref, rtol=0, atol=2e-6)
     apply_tome_sd(unet, ratio=0.5, merge_crossattn=True)
     fused_merged = run(unet, x, t, e)
     assert not torch.allclose(fused_merged, ref, atol=1e-4)
@@ -507,7 +509,7 @@ def test_fused_qkv_projections():
     assert not is_patched(unet)
     unet.unfuse_qkv_projections()
     apply_tome_sd(unet, ratio=0.5, merge_crossattn=True)
-    torch.testing.assert_close(run(unet, x, t, e), fused_merged, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run(unet, x, t, e), fused_merged, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("mode", ["merge", "downsample"])
