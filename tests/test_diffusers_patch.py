@@ -350,7 +350,8 @@ def test_merge_crossattn_and_mlp_use_the_plan_and_work_with_chunked_feed_forward
         b.set_chunk_feed_forward(None, 0)
     assert not torch.equal(chunked, out)
     apply_tome_sd(unet, ratio=0.5, merge_crossattn=True, merge_mlp=False)
-    torch.testing.assert_close(chunked, run(unet, x, t, e))
+    # chunking the feed-forward changes only the BLAS call shapes (0 difference on the project's CPU)
+    torch.testing.assert_close(chunked, run(unet, x, t, e), rtol=0, atol=2e-6)
     remove_tome_sd(unet)
     assert torch.equal(run(unet, x, t, e), ref)
 
@@ -444,8 +445,8 @@ def test_torch_compile_fullgraph(mode):
     ref = run(unet, x, t, e)
     compiled = torch.compile(unet, fullgraph=True, backend="eager")  # graph breaks raise here
     torch._dynamo.reset()
-    torch.testing.assert_close(run(compiled, x, t, e), ref)
-    torch.testing.assert_close(run(compiled, x, torch.tensor(499), e), run(unet, x, torch.tensor(499), e))
+    assert torch.equal(run(compiled, x, t, e), ref)  # the eager backend runs the same kernels
+    assert torch.equal(run(compiled, x, torch.tensor(499), e), run(unet, x, torch.tensor(499), e))
 
 
 def test_errors():
@@ -523,7 +524,7 @@ def test_processors_replaced_after_patching_warn_once(mode):
     n = len(patched_blocks(unet))
     with pytest.warns(UserWarning, match=rf"{n} of {n} patched attention processors were replaced"):
         out = run(unet, x, t, e)
-    torch.testing.assert_close(out, ref)  # what the warning says: these attentions run without ToMe
+    assert torch.equal(out, ref)  # what the warning says: these attentions run without ToMe
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(unet, x, t, e)  # once per patch, not every step
