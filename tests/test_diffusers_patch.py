@@ -280,6 +280,7 @@ def test_ratio_zero_is_identical_and_remove_restores_bit_for_bit(mode):
     remove_tome_sd(unet)
     assert not is_patched(unet)
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())  # no hook left behind
     assert torch.equal(run(unet, x, t, e), ref)
     remove_tome_sd(unet)  # removing twice is a no-op
 
