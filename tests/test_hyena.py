@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+import visiontools.models  # noqa: F401  (registers the Hyena ViTs)
 import visiontools.patches.timm_hyena as th
 from visiontools.data import CIFAR_STATS, load_cifar, normalize
 from visiontools.hyena import (
