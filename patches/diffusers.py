@@ -132,7 +132,7 @@ def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsa
         slot.plan = None
         x = args[0] if args else kwargs.get("hidden_states")
         cfg = state.config
-        if cfg.ratio == 0 or x is None or x.ndim != 3:
+        if cfg.ratio == 0 or x is None or x.ndim != 3 or not (cfg.merge_attn or cfg.merge_crossattn or cfg.merge_mlp):
             return None
         h, w = _grid(state.ctx, downsample, x.shape[1], name)
         r = merge2d.num_merged(h * w, cfg.ratio, cfg.sx, cfg.sy, h, w)
