@@ -132,6 +132,9 @@ def test_pick_example_and_move_r_slider(server, tmp_path):
             page.goto(url)
 
             vis = page.locator("#merge-vis img")
+            # the server runs the shipped checkpoint (no fallback to random weights)
+            expect(page.locator("#model-info")).to_contain_text("shipped CIFAR-10 checkpoint")
+            expect(page.locator("#model-info")).not_to_contain_text("random weights")
             # the page opens on a bundled photo, already analysed
             expect(vis).to_have_count(1)
             expect(page.locator("#token-summary")).to_contain_text("patch groups")
