@@ -288,9 +288,9 @@ def test_checkpoint_paths_only_from_the_command_line():
     path = str(SHIPPED["cifar10_vit"])
     with pytest.raises(ValueError, match="only be chosen when the demo is started"):
         ModelCache(allow_download=False).get(path)
-    if Path(path).is_file():
-        dm = ModelCache(allow_download=False, default=path).get(path)
-        assert dm.classes[3] == "cat" and dm.input_size == (32, 32) and "cifar10_vit.safetensors" in dm.description
+    dm = ModelCache(allow_download=False, default=path).get(path)
+    assert dm.trained and dm.classes[3] == "cat" and dm.input_size == (32, 32)
+    assert "cifar10_vit.safetensors" in dm.description
 
 
 def test_unknown_model_name_gives_message():
