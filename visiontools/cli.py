@@ -1,4 +1,4 @@
-"""The ``visiontools`` command line: ``bench`` (vit | sd | hyena), ``train``, ``eval``, ``demo``.
+"""The ``visiontools`` command line: ``bench`` (vit | sd | hyena), ``train``, ``eval``, ``demo``, ``video``.
 
 Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args)``;
 modules keep heavy imports (diffusers, gradio) inside ``run`` so that ``--help`` stays fast.
@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("visiontools.train", "train a model on CIFAR-10/100 from a YAML config"),
     "eval": ("visiontools.evaluate", "accuracy, throughput and FLOPs with and without ToMe"),
     "demo": ("visiontools.demos.app", "start the Gradio demo"),
+    "video": ("visiontools.video", "annotate a video: ToMe merge map, tokens and FPS on every frame"),
 }
 BENCH_TARGETS = {
     "vit": ("visiontools.bench", "timm ViT: unpatched (fused attention) vs ToMe at several r"),
