@@ -46,6 +46,7 @@ def _cv2():
     except ModuleNotFoundError:
         raise VideoInputError("video needs OpenCV: pip install opencv-python-headless "
                               "(or pip install 'visiontools[video]')") from None
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # silent, even when cv2 was imported before this module set OPENCV_LOG_LEVEL
     return cv2
 
 
