@@ -105,3 +105,29 @@ def test_upload_example_clip_and_get_an_annotated_clip(server):
             page.screenshot(path=str(ARTIFACTS / "demo_browser_video.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_webcam_stream_gets_merge_maps(server):
+    """Chromium's fake camera (a moving test pattern) streams into the webcam section: annotated frames
+    come back and keep changing."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 1400}, permissions=["camera"])
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.get_by_role("tab", name="Video").click()
+            page.get_by_text("Webcam (live)").click()
+            page.get_by_text("Click to Access Webcam").click()
+            page.locator("#webcam button[aria-label='capture photo']").click()   # Record: start streaming
+            out = page.locator("#webcam-out img")
+            expect(out).to_have_count(1)
+            first = out.get_attribute("src")
+            expect(out).not_to_have_attribute("src", first)   # a later frame replaced it
+            page.screenshot(path=str(ARTIFACTS / "demo_browser_webcam.png"), full_page=True)
+        finally:
+            browser.close()
