@@ -222,3 +222,46 @@ def test_bad_settings_are_refused(clip, vit, tmp_path):
     with pytest.raises(SystemExit, match="unknown model 'not_a_vit'"):
         main(["video", "--in", str(clip), "--out", str(tmp_path / "o.mp4"), "--model", "not_a_vit"])
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------- demo tab
+
+def test_demo_tab_annotates_caps_long_clips_and_explains_bad_ones(clip, tmp_path, monkeypatch):
+    from visiontools.demos import video_tab
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    example = video_tab.example_clip()
+    assert Path(example).parent == tmp_path / "cache" / "visiontools"
+    assert video.probe_video(example).frame_count == 48
+    mtime = Path(example).stat().st_mtime_ns
+    assert video_tab.example_clip() == example and Path(example).stat().st_mtime_ns == mtime  # made once
+
+    monkeypatch.setattr(video_tab, "MAX_FRAMES", 8)
+    out, fig, note = video_tab.run_video(str(clip), 4, 2, 4)
+    frames, fourcc = read_all(out)
+    assert len(frames) == 8 and fourcc == "VP80"
+    assert f"The clip has {FRAMES} frames (2.0 s); the demo processes the first 8 (0.8 s)" in note
+    assert "57 of 65 tokens** after block 2" in note
+    assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2   # tokens per block; FPS with / without ToMe
+
+    bad = tmp_path / "notes.webm"
+    bad.write_text("not a clip")
+    out, fig, note = video_tab.run_video({"path": str(bad)}, 4, 2, 4)
+    assert out is None and fig is None and "Could not use this clip" in note and "is not a video file" in note
+    assert video_tab.run_video(None, 4, 2, 4)[2] == "Upload a clip or pick the example."
+
+
+def test_demo_webcam_frame_is_the_still_image_map(vit):
+    from visiontools.demos import video_tab
+    from visiontools.demos.app import _cache
+
+    frame = shapes_frame(3)
+    shown = video_tab.webcam_frame(frame, 6, 3)
+    dm = _cache().get(None)
+    pw, ph = video.display_size(W, H, video_tab.OUT_HEIGHT)
+    x = video.model_input([frame], dm.input_size, dm.mean, dm.std)
+    with torch.inference_mode():
+        _, info = tome_forward(dm.patched(6), x, trace_source=True)
+    view = cv2.resize(frame, (pw, ph), interpolation=cv2.INTER_AREA)
+    expected = np.asarray(render_merges(Image.fromarray(view), info.layer_sources[2][0], dm.grid_size))
+    assert np.array_equal(shown[:ph, pw:], expected) and np.array_equal(shown[:ph, :pw], view)
