@@ -98,6 +98,13 @@ def test_output_has_every_frame_at_the_reported_size_and_codec(annotated, clip):
     assert len(res.tome_seconds) == len(res.base_seconds) == 4 and res.fps_tome > 0 and res.fps_base > 0
     # 65 tokens (64 patches + class token), 6 merged per block
     assert res.tokens_per_layer == [65, 59, 53, 47, 41, 35, 29] and res.tokens_after_block == 47
+    # each frame's text: its number, the tokens after block 3, and the FPS measured up to its batch
+    for k, batch in ((0, 0), (13, 2), (19, 3)):
+        line1, line2 = res.texts[k]
+        assert line1.startswith(f"frame {k + 1}/{FRAMES} ") and "47 tokens after block 3/6 (of 65, 1 class)" in line1
+        fps_t = res.batch_frames[batch] / sum(res.tome_seconds[:batch + 1])
+        fps_b = res.batch_frames[batch] / sum(res.base_seconds[:batch + 1])
+        assert f"ToMe {fps_t:.1f}   without ToMe {fps_b:.1f}" in line2, (line2, fps_t, fps_b)
 
 
 def test_merge_map_of_a_frame_equals_the_still_image_functions(annotated, clip, vit):
@@ -170,6 +177,13 @@ def _truncated(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _no_index(src: Path, dst: Path) -> Path:
+    """An MP4 whose recording stopped before its index was written: every box before 'moov' kept whole."""
+    data = src.read_bytes()
+    dst.write_bytes(data[: data.index(b"moov") - 4])
+    return dst
+
+
 def _bad_videos(d: Path, clip: Path) -> dict[str, tuple[Path, str]]:
     """name -> (file, text its error must contain)."""
     text = d / "notes.mp4"
@@ -184,6 +198,7 @@ def _bad_videos(d: Path, clip: Path) -> dict[str, tuple[Path, str]]:
         "text": (text, "is not a video file"),
         "zero frames": (zero, "has no frames"),
         "truncated mp4": (_truncated(clip, d / "cut.mp4"), "truncated"),
+        "mp4 without index": (_no_index(clip, d / "no_index.mp4"), "no index ('moov' box)"),
         "truncated webm": (_truncated(webm, d / "cut.webm"), "reports 20 frames but only"),
         "unsupported codec": (codec, "codec is not supported"),
         "huge": (huge, "4200x4200 frames (18 megapixels); the limit is 17"),

@@ -300,6 +300,7 @@ class VideoResult:
     tome_seconds: list[float] = field(default_factory=list)  # model time per batch, ToMe
     base_seconds: list[float] = field(default_factory=list)  # model time per batch, unpatched
     sources: list[torch.Tensor] | None = None                # per frame, when keep_sources
+    texts: list[list[str]] | None = None                     # per frame's text lines, when keep_sources
 
     @property
     def fps_tome(self) -> float:
@@ -324,7 +325,7 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
     """Write ``dst`` (.mp4 or .webm): every frame of ``src`` beside its ToMe merge map after ``block``
     (default: the last block; 0 = before the first) of an unpatched timm ViT ``model`` patched with
     ``r`` (any ``tome_r`` setting), with the frame number, tokens left and measured FPS with and
-    without ToMe. ``mean``/``std``: the model's input normalisation. ``progress``: a tqdm bar, or a
+    without ToMe. ``keep_sources``: also return every frame's source map and text (for tests). ``mean``/``std``: the model's input normalisation. ``progress``: a tqdm bar, or a
     callable ``(frames done, total or None)``. ``dst`` appears only when the whole clip was written."""
     from visiontools.patches.timm import apply_tome, tome_forward
 
@@ -358,7 +359,7 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
         total = min(total, max_frames)
     pw, ph = display_size(info.width, info.height, out_height)
     result = VideoResult(str(dst), 0, info, (0, 0), CODECS[dst.suffix.lower()], block, [],
-                         sources=[] if keep_sources else None)
+                         sources=[] if keep_sources else None, texts=[] if keep_sources else None)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
@@ -411,6 +412,8 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
                                  f"(of {result.tokens_per_layer[0]}, {P} class)",
                                  f"model FPS (batch {batch_size}): ToMe {fps_t:.1f}   without ToMe {fps_b:.1f}"
                                  f"   ({fps_t / fps_b:.2f}x)"]
+                        if keep_sources:
+                            result.texts.append(lines)
                         view = cv2.resize(frame, (pw, ph), interpolation=cv2.INTER_AREA)
                         out = annotate_frame(view, src_map, grid, lines)
                         if writer is None:
