@@ -92,8 +92,12 @@ def _sniff(path: Path) -> tuple[str | None, str]:
             elif b"moov" not in boxes:
                 note = "it has no index ('moov' box): the recording was probably cut off before it was finished"
             return "MP4/MOV", note
-        if head[:4] == b"\x00\x00\x01\xba" or head[:1] == b"\x47":
-            return "MPEG", ""
+        if head[:4] == b"\x00\x00\x01\xba":
+            return "MPEG-PS", ""
+        f.seek(0)
+        ts = f.read(377)
+        if len(ts) == 377 and ts[0] == ts[188] == ts[376] == 0x47:  # three 188-byte packets' sync bytes
+            return "MPEG-TS", ""
     return None, ""
 
 
@@ -116,8 +120,8 @@ def probe_video(path, max_pixels: int = MAX_FRAME_PIXELS) -> VideoInfo:
                 raise VideoInputError(f"{name!r} is not a video file that OpenCV can read "
                                       "(supported: MP4, WebM, MKV, AVI, MOV with codecs FFmpeg decodes)")
             if note:
-                raise VideoInputError(f"{name!r} looks like an {container} video but cannot be opened: {note}")
-            raise VideoInputError(f"{name!r} looks like an {container} video but OpenCV cannot open it: it has no "
+                raise VideoInputError(f"{name!r} looks like a video ({container}) but cannot be opened: {note}")
+            raise VideoInputError(f"{name!r} looks like a video ({container}) but OpenCV cannot open it: it has no "
                                   "frames, is damaged, or its codec is not supported by this OpenCV build "
                                   "(re-encode it as H.264 MP4 or VP8/VP9 WebM)")
         w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
