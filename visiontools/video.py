@@ -168,11 +168,12 @@ def read_frames(info: VideoInfo, max_frames: int | None = None) -> Iterator[np.n
 # ----------------------------------------------------------------------------------------------- drawing
 
 def model_input(frames: list[np.ndarray], input_size: tuple[int, int], mean, std) -> torch.Tensor:
-    """Whole frames (RGB uint8) resized (area filter, aspect not kept) to the model's ``(H, W)``
-    input and normalised: ``(B, 3, H, W)`` float32."""
+    """Whole frames (RGB uint8) resized (area filter, aspect not kept; frames already at that size
+    are kept as they are) to the model's ``(H, W)`` input and normalised: ``(B, 3, H, W)`` float32."""
     cv2 = _cv2()
     h, w = input_size
-    x = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
+    x = np.stack([f if f.shape[:2] == (h, w) else cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA)
+                  for f in frames])
     x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255)
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
@@ -371,10 +372,12 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
     report = progress if callable(progress) else None
     cv2 = _cv2()
 
-    def batches() -> Iterator[list[np.ndarray]]:
+    def batches() -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        """(display-size frame, model-size frame) pairs: each full-size frame is dropped once read."""
         batch = []
         for f in read_frames(info, max_frames):
-            batch.append(f)
+            batch.append((cv2.resize(f, (pw, ph), interpolation=cv2.INTER_AREA),
+                          cv2.resize(f, input_size[::-1], interpolation=cv2.INTER_AREA)))
             if len(batch) == batch_size:
                 yield batch
                 batch = []
@@ -386,7 +389,7 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
             writer = None
             try:
                 for bi, frames in enumerate(batches()):
-                    x = model_input(frames, input_size, mean, std)
+                    x = model_input([small for _, small in frames], input_size, mean, std)
                     if bi == 0:  # untimed warm-up of both models (first-call allocations, kernel choice)
                         base(x)
                         tome_forward(tome, x, trace_source=True)
@@ -405,7 +408,7 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
                     result.batch_frames.append(n_done)
                     fps_t = n_done / sum(result.tome_seconds)
                     fps_b = n_done / sum(result.base_seconds)
-                    for k, frame in enumerate(frames):
+                    for k, (view, _) in enumerate(frames):
                         src_map = (torch.arange(grid[0] * grid[1]) if block == 0
                                    else tinfo.layer_sources[block - 1][k])
                         if keep_sources:
@@ -418,7 +421,6 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
                                  f"   ({fps_t / fps_b:.2f}x)"]
                         if keep_sources:
                             result.texts.append(lines)
-                        view = cv2.resize(frame, (pw, ph), interpolation=cv2.INTER_AREA)
                         out = annotate_frame(view, src_map, grid, lines)
                         if writer is None:
                             result.size = (out.shape[1], out.shape[0])
