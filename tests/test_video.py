@@ -234,6 +234,11 @@ def test_bad_settings_are_refused(clip, vit, tmp_path):
         video.annotate_video(model, clip, clip)
     with pytest.raises(video.VideoInputError, match="output folder"):
         video.annotate_video(model, clip, tmp_path / "no" / "o.mp4")
+    with pytest.raises(video.VideoInputError, match=r"batch size \(--batch-size\) must be at least 1"):
+        video.annotate_video(model, clip, tmp_path / "o.mp4", batch_size=0)
+    import timm
+    with pytest.raises(video.VideoInputError, match="ToMe supports timm VisionTransformer models; got ResNet"):
+        video.annotate_video(timm.create_model("resnet10t"), clip, tmp_path / "o.mp4")
     with pytest.raises(SystemExit, match="unknown model 'not_a_vit'"):
         main(["video", "--in", str(clip), "--out", str(tmp_path / "o.mp4"), "--model", "not_a_vit"])
     assert not list(tmp_path.iterdir())

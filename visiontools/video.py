@@ -335,13 +335,18 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
     from visiontools.patches.timm import apply_tome, tome_forward
 
     if batch_size < 1:
-        raise VideoInputError(f"the batch size must be at least 1, got {batch_size}")
+        raise VideoInputError(f"the batch size (--batch-size) must be at least 1, got {batch_size}")
     if max_frames is not None and max_frames < 1:
-        raise VideoInputError(f"max_frames must be at least 1, got {max_frames}")
+        raise VideoInputError(f"the frame limit (--max-frames) must be at least 1, got {max_frames}")
+    base = model.eval()
+    try:
+        tome = apply_tome(copy.copy(base), r=r)   # shares the weights; the original stays unpatched
+    except TypeError as e:  # not a timm ViT ToMe can patch
+        raise VideoInputError(str(e)) from None
     depth = len(model.blocks)
     block = depth if block is None else int(block)
     if not 0 <= block <= depth:
-        raise VideoInputError(f"the block must be between 0 and {depth} (the model has {depth} blocks), got {block}")
+        raise VideoInputError(f"the block (--block) must be between 0 and {depth} (the model has {depth} blocks), got {block}")
     dst = Path(os.fspath(dst))
     if dst.suffix.lower() not in CODECS:
         raise VideoInputError(f"cannot write {dst.name!r}: the output must end in {' or '.join(CODECS)}")
@@ -350,11 +355,6 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
     info = probe_video(src, max_pixels)
     if getattr(model.patch_embed, "dynamic_img_size", False):
         raise VideoInputError("models with a dynamic image size are not supported: the merge map needs a fixed patch grid")
-    base = model.eval()
-    try:
-        tome = apply_tome(copy.copy(base), r=r)   # shares the weights; the original stays unpatched
-    except TypeError as e:  # not a timm ViT ToMe can patch
-        raise VideoInputError(str(e)) from None
     input_size = tuple(base.patch_embed.img_size)
     grid = tuple(base.patch_embed.grid_size)
     P = base.num_prefix_tokens
