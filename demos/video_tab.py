@@ -5,6 +5,7 @@ without ToMe) and a plot of tokens per block and FPS over the clip. A webcam sec
 frames through the same drawing, where the browser grants the camera (localhost or HTTPS)."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -131,6 +132,10 @@ def run_video(clip, r, block, batch_size, progress=None):
     except ValueError as e:
         gr.Warning(str(e))
         return None, None, f"⚠️ {e}"
+    except Exception as e:  # a bug or an odd file: say so on the page, keep serving
+        logging.getLogger(__name__).exception("video annotation failed")
+        gr.Warning(f"Something went wrong: {type(e).__name__}: {e}")
+        return None, None, f"⚠️ Something went wrong: {type(e).__name__}: {e}"
     note = (f"**{res.frames} frames** through {dm.description}, ToMe r={int(r)}: **{res.tokens_after_block} of "
             f"{res.tokens_per_layer[0]} tokens** after block {res.block}. Model speed (forward pass only, "
             f"batches of {int(batch_size)}, both models on the same frames, interleaved): **ToMe {res.fps_tome:.1f} "
