@@ -24,6 +24,8 @@ RULES = {
     "visiontools.reversible": HOSTS + ["visiontools.patches", "visiontools.models"],
     "visiontools.patches.timm_lsh": ["visiontools.models", "visiontools.checkpoint", "visiontools.train"],
     "visiontools.patches.timm_reversible": ["visiontools.models", "visiontools.checkpoint", "visiontools.train"],
+    "visiontools.patches.transformers": ["timm", "diffusers", "visiontools.models", "visiontools.train",
+                                         "visiontools.evaluate", "visiontools.export"],
 }
 
 
