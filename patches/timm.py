@@ -84,6 +84,11 @@ def _block(blk: Block, x, size, source, r: int, num_prefix: int, prop_attn: bool
 class ToMeVisionTransformer(VisionTransformer):
     """Mixin body for the patched class; ``apply_tome`` builds ``type(name, (this, original))``."""
 
+    def __setattr__(self, name, value):
+        if name == "tome_r":  # `model.tome_r = -1` fails here, not at the next forward
+            check_r(value)
+        super().__setattr__(name, value)
+
     def tome_forward_features(self, x: torch.Tensor, trace_source: bool = False):
         """Features and a :class:`ToMeInfo` for one forward pass with token merging."""
         x = self.patch_embed(x)
@@ -195,7 +200,8 @@ def apply_tome(model: VisionTransformer, r=16, prop_attn: bool = True) -> Vision
 def remove_tome(model: VisionTransformer) -> VisionTransformer:
     """Undo :func:`apply_tome`: restore the original class; weights were never touched."""
     if not isinstance(model, ToMeVisionTransformer):
-        raise ValueError(f"{type(model).__name__} is not ToMe-patched")
+        raise ValueError(f"{type(model).__name__} is not ToMe-patched (apply_tome was never applied "
+                         "or was already removed)")
     model.__class__ = next(c for c in type(model).__mro__[1:]
                            if c is not ToMeVisionTransformer and not issubclass(c, ToMeVisionTransformer))
     del model.tome_r, model.tome_prop_attn

@@ -151,7 +151,8 @@ def test_ratio_zero_is_identical_and_remove_restores_bit_for_bit(mode):
     assert not is_patched(unet)
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
     assert torch.equal(run(unet, x, t, e), ref)
-    remove_tome_sd(unet)  # removing twice is a no-op
+    with pytest.raises(ValueError, match="not ToMe-patched"):  # as remove_tome on an unpatched ViT
+        remove_tome_sd(unet)
 
 
 def test_top_level_apply_tome_dispatches_to_the_diffusers_adapter():

@@ -81,11 +81,15 @@ def vit_cifar_mini_p4(pretrained: bool = False, **kwargs) -> VisionTransformer:
 def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
     """``timm.create_model`` with a clear error for unknown names (this module's models included)."""
     if not timm.is_model(name):  # every name timm.list_models() gives passes this too
-        raise ValueError(f"unknown model {name!r}: not a registered timm model "
-                         f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
+        from visiontools.errors import UserError, did_you_mean
+        raise UserError(f"unknown model {name!r}: not a registered timm model{did_you_mean(name, timm.list_models())} "
+                        f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if pretrained:  # fails fast, in one line, without a network
+        from visiontools.hub import create_pretrained
+        return create_pretrained(name, **kwargs)
+    return timm.create_model(name, **kwargs)
 
 
 def model_description(name: str, model_kwargs: dict, classes: list[str], mean, std, **extra) -> dict:
