@@ -99,17 +99,22 @@ def error_line(exc: BaseException) -> str | None:
     return text
 
 
+def normalize_argv(argv: list[str]) -> list[str]:
+    """The arguments as the parser takes them: ``--debug`` removed (it is accepted anywhere), and
+    ``bench [options]`` read as ``bench vit [options]``."""
+    argv = [a for a in argv if a != "--debug"]
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in (*BENCH_TARGETS, "-h", "--help")):
+        argv.insert(1, "vit")
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``visiontools`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("VISIONTOOLS_DEBUG", "").lower() not in ("", "0", "false", "no")
     if "--debug" in argv:
-        argv = [a for a in argv if a != "--debug"]
         debug = True
-    # `visiontools bench [options]` means `visiontools bench vit [options]`.
-    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in (*BENCH_TARGETS, "-h", "--help")):
-        argv.insert(1, "vit")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(normalize_argv(argv))
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
