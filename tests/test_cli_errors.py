@@ -302,3 +302,15 @@ def test_render_merges_accepts_an_int_grid_side():
     img = Image.new("RGB", (56, 56), (10, 20, 30))
     source = torch.arange(196) // 2
     assert render_merges(img, source, 14).tobytes() == render_merges(img, source, (14, 14)).tobytes()
+
+
+def test_demo_on_a_busy_port_says_port(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        line = one_line_error(capsys, ["demo", "--port", str(port), "--threads", "1"], f"127.0.0.1:{port}",
+                              "--port N", "GRADIO_SERVER_PORT")
+    assert "in use" in line

@@ -148,8 +148,9 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
 
 
 def load_default_model(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The CIFAR-10 ViT shipped with visiontools (trained by the project itself), in eval mode, with
-    its description (class names, mean/std, training summary, evaluation table)."""
+    """The CIFAR-10 ViT shipped with visiontools (trained by the project itself). Returns
+    ``(model, description)``: the model in eval mode, and a dict with its class names, mean/std,
+    training summary and ``visiontools eval`` table (the card ``checkpoints/cifar10_vit.json``)."""
     return load_checkpoint_model(DEFAULT_CHECKPOINT, device=device)
 
 
