@@ -42,6 +42,8 @@ def test_unknown_model_suggests_the_closest(capsys):
                           "did you mean 'vit_base_patch16_224'")
     assert line.startswith("visiontools: error:")
     one_line_error(capsys, ["eval", "--model", "no_such_vit", "--dataset", "cifar10"], "unknown model 'no_such_vit'")
+    one_line_error(capsys, ["train", "--model", "vit_cifar_mini_p5", "--data-dir", "nowhere"],
+                   "unknown model 'vit_cifar_mini_p5'", "did you mean 'vit_cifar_mini_p4'")  # before the data
 
 
 def test_unsupported_model_is_one_line(capsys):

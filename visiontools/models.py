@@ -78,12 +78,17 @@ def vit_cifar_mini_p4(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return _create_cifar_vit("vit_cifar_mini_p4", pretrained, dict(embed_dim=192, depth=6, num_heads=3), **kwargs)
 
 
-def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
-    """``timm.create_model`` with a clear error for unknown names (this module's models included)."""
+def check_model_name(name: str) -> None:
+    """``UserError`` naming the closest registered model unless timm knows ``name``."""
     if not timm.is_model(name):  # every name timm.list_models() gives passes this too
         from visiontools.errors import UserError, did_you_mean
         raise UserError(f"unknown model {name!r}: not a registered timm model{did_you_mean(name, timm.list_models())} "
                         f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
+
+
+def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """``timm.create_model`` with a clear error for unknown names (this module's models included)."""
+    check_model_name(name)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if pretrained:  # fails fast, in one line, without a network

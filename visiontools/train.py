@@ -195,8 +195,10 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
     from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, iterate_batches, load_cifar, mixup, \
         normalize, rand_augment, random_crop_flip, shard_indices
     from visiontools.evaluate import EvalData, accuracy
-    from visiontools.models import create_model, model_description
+    from visiontools.models import check_model_name, create_model, model_description
     from visiontools.timing import autocast_context, resolve_device
+
+    check_model_name(cfg["model"])  # before minutes of data decoding
 
     rank, world, dev = init_distributed(resolve_device(device))
     if cfg["threads"]:
