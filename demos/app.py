@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="create a public gradio.live link (needs internet)")
     parser.add_argument("--no-download", action="store_true",
                         help="never download pretrained timm weights (use random weights with a notice)")
-    parser.add_argument("--max-size", type=int, default=16,
-                        help="most requests waiting in the queue before new ones are turned away")
+    parser.add_argument("--max-size", type=int, default=64,
+                        help="most requests waiting in the queue before new ones are turned away (64: "
+                             "20 users of the merge view at once are all served, tested)")
     parser.add_argument("--concurrency", type=int, default=2,
                         help="requests of one kind (e.g. merge visualisations) processed at the same time")
     parser.add_argument("--threads", type=int, default=0,
