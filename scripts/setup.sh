@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up visiontools in ./.venv: `bash scripts/setup.sh` (the library with everything the demo and
-# the README's features use: Gradio, diffusers for Stable Diffusion, tomesd for `bench sd`) or
+# the README's features use: Gradio, diffusers for Stable Diffusion, tomesd for `bench sd`, ONNX for
+# `visiontools export`) or
 # `bash scripts/setup.sh --dev` (the same plus test tools and Chromium for the browser test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="demo,sd,bench"
+extras="demo,sd,bench,export"
 if [[ "${1:-}" == "--dev" ]]; then extras="dev"; fi
 
 if [[ ! -x .venv/bin/python ]]; then

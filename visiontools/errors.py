@@ -7,7 +7,8 @@ import importlib
 from typing import Iterable
 
 # optional module -> the pyproject extra that installs it
-EXTRAS = {"diffusers": "sd", "transformers": "sd", "accelerate": "sd", "tomesd": "bench", "gradio": "demo"}
+EXTRAS = {"diffusers": "sd", "transformers": "sd", "accelerate": "sd", "tomesd": "bench", "gradio": "demo",
+          "onnx": "export", "onnxscript": "export", "onnxruntime": "export"}
 
 
 class UserError(ValueError):
