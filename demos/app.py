@@ -194,8 +194,8 @@ def upload_path(value) -> str | None:
 
 
 def _extra_tabs(gr, image) -> None:
-    """Tabs for the Stable Diffusion and Hyena parts when those modules are installed."""
-    for module in ("visiontools.demos.sd_tab", "visiontools.demos.hyena_tab"):
+    """Tabs for the Stable Diffusion, Hyena and video parts when those modules are installed."""
+    for module in ("visiontools.demos.sd_tab", "visiontools.demos.hyena_tab", "visiontools.demos.video_tab"):
         try:
             mod = __import__(module, fromlist=["build_tab"])
         except ImportError:
