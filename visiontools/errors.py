@@ -8,7 +8,7 @@ from typing import Iterable
 
 # optional module -> the pyproject extra that installs it
 EXTRAS = {"diffusers": "sd", "transformers": "sd", "accelerate": "sd", "tomesd": "bench", "gradio": "demo",
-          "onnx": "export", "onnxscript": "export", "onnxruntime": "export"}
+          "onnx": "export", "onnxscript": "export", "onnxruntime": "export", "cv2": "video"}
 
 
 class UserError(ValueError):
