@@ -64,7 +64,7 @@ def test_cli_exports_and_checks_a_patched_vit(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "no_such_vit", "--out", "{tmp}/m.onnx"], "Unknown model (no_such_vit)"),
+    (["--model", "no_such_vit", "--out", "{tmp}/m.onnx"], "unknown model 'no_such_vit'"),
     (["--model", "test_vit", "--out", "{tmp}/m.txt"], "--out must name a .onnx file"),
     (["--model", "test_vit", "--out", "{tmp}/missing/m.onnx"], "folder of --out does not exist"),
     (["--model", "test_vit", "--r", "-2", "--out", "{tmp}/m.onnx"], "r must be >= 0"),
