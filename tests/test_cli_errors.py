@@ -143,7 +143,9 @@ def test_pretrained_offline_fails_fast_in_one_line(tmp_path):
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert "pretrained weights for 'vit_tiny_patch16_224' are not in the local cache" in lines[0]
         assert "leave out --pretrained" in lines[0]
-        assert float(res.stdout.strip()) < 20  # hub retries took ~50 s before
+        # One stderr line means no hub retries ("Retrying in 8s [Retry 5/5]" lines, ~50 s before); the bound
+        # is loose because the time includes importing timm and building the model on a shared machine.
+        assert float(res.stdout.strip()) < 40
 
 
 def test_demo_port_honours_gradio_server_port(monkeypatch):

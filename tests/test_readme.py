@@ -21,9 +21,9 @@ README = (ROOT / "README.md").read_text()
 
 # Commands of the README run verbatim by test_quick_commands_run_as_written (each must stay in the README).
 QUICK = [
-    "visiontools eval --per-class 10 --r 4 8 --repeats 2 --warmup 1 --no-progress --out runs/eval/quick",
-    "visiontools bench --model cifar10_vit --batch-size 64 --r 8 --repeats 2 --warmup 1 --threads 1",
-    "visiontools bench hyena --grids 16 32 --repeats 2 --warmup 1 --threads 1 --no-progress",
+    "visiontools eval --per-class 10 --r 4 8 --timing-batch-size 32 --repeats 2 --warmup 1 --no-progress --out runs/eval/quick",
+    "visiontools bench --model cifar10_vit --batch-size 32 --r 8 --repeats 2 --warmup 1 --threads 1",
+    "visiontools bench hyena --grids 8 16 --max-tokens 1024 --repeats 2 --warmup 1 --threads 1 --no-progress",
 ]
 # README commands that are run with tiny settings appended (as written they take minutes on 10,000 images).
 SHORTENED = {
