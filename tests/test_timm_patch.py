@@ -454,7 +454,7 @@ def test_eva_rope_rules():
         assert (outs[rule, 4] - outs["mean", 4]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="rope_rule"):
         apply_tome(model, r=4, rope_rule="centroid")
-    assert apply_tome(eva(), r=2).tome_rope_rule == "mean"
+    assert apply_tome(eva(), r=2).tome_rope_rule == "circular"
 
 
 def test_top_level_dispatch():
