@@ -259,7 +259,7 @@ def _check_supported(model) -> None:
     elif isinstance(model, Eva):
         host, block_cls, attn_cls = Eva, EvaBlock, EvaAttention
     else:
-        raise TypeError(f"ToMe supports timm VisionTransformer models; got {name} (timm Eva models are supported too)")
+        raise TypeError(f"ToMe supports timm VisionTransformer and Eva models; got {name}")
     for fn in ("forward_features", "forward"):
         if getattr(type(model), fn) is not getattr(host, fn):
             raise TypeError(f"ToMe cannot patch {name}: it overrides {fn}")
