@@ -54,7 +54,7 @@ def main() -> None:
                          "mean_abs_dlogit": (out - base).abs().mean().item(),
                          "same_top1": (out.argmax(1) == base.argmax(1)).float().mean().item() * 100})
     head = (f"{args.checkpoint} ({desc['model']}), CIFAR-10 test, {len(labels)} images; "
-            f"{machine_description("cpu")}, {args.threads} thread(s)")
+            f"{machine_description('cpu')}")
     lines = [head, "", "| r | rope rule | top-1 % | mean abs logit change | same top-1 as unpatched % |",
              "|---:|---|---:|---:|---:|"]
     lines += [f"| {w['r']} | {w['rule']} | {w['top1']:.2f} | {w['mean_abs_dlogit']:.4f} | {w['same_top1']:.1f} |"

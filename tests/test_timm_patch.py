@@ -18,7 +18,7 @@ torch.manual_seed(0)
 
 def assert_near(out, expected, rel=5e-6):
     """Equal up to float32 rounding: the patch (fused SDPA) and the eager reference differ by at most
-    8.7e-7 of the largest logit in every case measured here, so ``rel`` leaves a 5x margin."""
+    9.5e-7 of the largest logit in every case measured here, so ``rel`` leaves a 5x margin."""
     assert out.shape == expected.shape
     gap, scale = (out - expected).abs().max().item(), expected.abs().max().item()
     assert gap <= rel * scale, f"max abs difference {gap:.3g} > {rel:g} x {scale:.3g}"
@@ -207,12 +207,12 @@ REFERENCE_CASES = [  # (id, model maker, r)
     ("map-pool", lambda: tiny_vit(global_pool="map"), 7),
     ("max-pool", lambda: tiny_vit(global_pool="max", class_token=False), 7),
     ("avgmax-pool-registers", lambda: tiny_vit(global_pool="avgmax", reg_tokens=2), 7),
-] + [(name, lambda name=name, kw=kw: timm.create_model(name, pretrained=False, **kw).eval(), 4) for name, kw in [
-    ("vit_small_patch16_224", {"img_size": 96}),
-    ("deit_small_distilled_patch16_224", {"img_size": 96}),
-    ("vit_small_patch14_reg4_dinov2", {"img_size": 98, "init_values": 1.0}),
-    ("vit_medium_patch16_gap_256", {"img_size": 96}),
-    ("vit_betwixt_patch16_reg4_gap_256", {"img_size": 96, "init_values": 1.0}),
+] + [(name, lambda name=name, kw=kw: timm.create_model(name, pretrained=False, **kw).eval(), 2) for name, kw in [
+    ("vit_small_patch16_224", {"img_size": 80}),
+    ("deit_small_distilled_patch16_224", {"img_size": 80}),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 70, "init_values": 1.0}),
+    ("vit_medium_patch16_gap_256", {"img_size": 80}),
+    ("vit_betwixt_patch16_reg4_gap_256", {"img_size": 80, "init_values": 1.0, "depth": 6}),
 ]]
 
 
@@ -220,7 +220,7 @@ REFERENCE_CASES = [  # (id, model maker, r)
 def test_matches_reference_implementation(make, r):
     model = make()
     H, W = model.patch_embed.img_size
-    x = torch.randn(3, 3, H, W)
+    x = torch.randn(2, 3, H, W)
     rs = parse_r(len(model.blocks), r)
     with torch.no_grad():
         expected = reference_vit_tome(model, x, rs)
@@ -454,7 +454,7 @@ def test_eva_rope_rules():
         assert (outs[rule, 4] - outs["mean", 4]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="rope_rule"):
         apply_tome(model, r=4, rope_rule="centroid")
-    assert apply_tome(eva(), r=2).tome_rope_rule == "mean"
+    assert apply_tome(eva(), r=2).tome_rope_rule == "circular"
 
 
 def test_top_level_dispatch():

@@ -221,7 +221,7 @@ def merge_dst(m: Merge, x: torch.Tensor) -> torch.Tensor:
 ROPE_RULES = ("mean", "circular", "dst")
 
 
-def merge_rope(m: Merge, rope: torch.Tensor, size: torch.Tensor | None, rule: str = "mean") -> torch.Tensor:
+def merge_rope(m: Merge, rope: torch.Tensor, size: torch.Tensor | None, rule: str = "circular") -> torch.Tensor:
     """Rotary embeddings ``(B, N, 2D)`` (``cat([sin, cos], -1)`` per token, as timm's
     ``RotaryEmbeddingCat`` makes them) for the tokens after merge step ``m``:
 
