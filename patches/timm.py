@@ -22,6 +22,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from visiontools.grid import GridTokens
 from visiontools.merge import (
     bipartite_soft_matching, check_r, init_source, max_r, merge_source, merge_wavg, parse_r, size_bias,
 )
@@ -183,6 +184,9 @@ def apply_tome(model: VisionTransformer, r=16, prop_attn: bool = True) -> Vision
     if isinstance(model, ToMeVisionTransformer):
         model.tome_r, model.tome_prop_attn = r, prop_attn
         return model
+    if any(isinstance(m, GridTokens) for m in model.modules()):  # Conformer / Hyena / ConvFFN blocks
+        from visiontools.patches.timm_grid import apply_tome_grid  # (lazy: timm_grid builds on this module)
+        return apply_tome_grid(model, r, prop_attn)
     _check_supported(model)
     base = type(model)
     if base not in _PATCHED:
