@@ -178,7 +178,8 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
     """Build the model described in a visiontools checkpoint (a training checkpoint or an exported
     one), load its weights, and return ``(model in eval mode, description)``. The description holds
     ``model``, ``model_kwargs``, ``classes``, ``mean``, ``std`` and, for shipped files, the contents of
-    the sibling ``.json`` (training summary, evaluation table)."""
+    the sibling ``.json`` (training summary, evaluation table). A training checkpoint of a run with
+    ``ema_decay`` loads its EMA weights (the ones it evaluated and exports)."""
     path = resolve_checkpoint(path_or_name)
     tensors, meta = read_checkpoint(path)
     if META_KEY not in meta:
@@ -186,9 +187,10 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
                          "(expected the model name, kwargs, classes, mean and std in the safetensors metadata)")
     desc = json.loads(meta[META_KEY])
     model = create_model(desc["model"], **desc.get("model_kwargs", {}))
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    use = "ema." if any(k.startswith("ema.") for k in tensors) else "model."  # EMA weights when trained with them
+    state = {k[len(use):]: v for k, v in tensors.items() if k.startswith(use)}
     if not state:
-        state = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))}
+        state = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng.", "ema."))}
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.to(device=device, dtype=dtype).eval()
     side = path.with_suffix(".json")
