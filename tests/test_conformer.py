@@ -92,7 +92,8 @@ def test_registered_models_run_at_other_resolutions(name, sizes):
 
 def test_small_224_builds_with_class_token_and_runs_non_square():
     model = timm.create_model("conformer_vit_small_224", embed_dim=48, depth=1, num_heads=2).eval()
-    assert model.num_prefix_tokens == 1 and model.blocks[0].conv.dw.kernel_size == (7, 7)
+    conv = model.blocks[0].conv.dw
+    assert model.num_prefix_tokens == 1 and conv.kernel_size == (7, 7) and conv.groups == conv.in_channels == 48
     assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
     assert model(torch.randn(1, 3, 96, 160)).shape == (1, 1000)
 

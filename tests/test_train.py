@@ -210,6 +210,10 @@ def test_ema_run_resumes_exactly_and_exports_the_ema_weights(datasets_dir, tmp_p
     ema_keys = [k for k in a if k.startswith("ema.")]
     assert ema_keys and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["ema.head.weight"], a["model.head.weight"])
+    from visiontools.models import create_model
+    torch.manual_seed(full["seed"])  # the run's initial weights: the EMA must have moved from them towards the model
+    init = create_model(full["model"], num_classes=10, **full["model_kwargs"]).state_dict()["head.weight"]
+    assert (a["ema.head.weight"] - a["model.head.weight"]).norm() < 0.5 * (init - a["model.head.weight"]).norm()
     assert read_log(tmp_path / "full" / "log.jsonl")[-1]["test_weights"] == "ema"
     model, _ = load_checkpoint_model(tmp_path / "full" / "last.safetensors")
     assert torch.equal(model.head.weight, a["ema.head.weight"])
