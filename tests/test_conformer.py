@@ -153,3 +153,13 @@ def test_tiny_model_trains_on_real_cifar10(datasets_dir, tmp_path):
     model, desc = load_checkpoint_model(tmp_path / "run" / "last.safetensors")
     assert desc["model"] == "conformer_vit_cifar_cct"
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_cpu_recipe_config_loads_and_builds():
+    from pathlib import Path
+
+    from visiontools.train import load_config
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "conformer_cifar10_cpu.yaml")
+    assert cfg["model"] == "conformer_vit_cifar_cct" and cfg["ema_decay"] and cfg["warmup_epochs"] == 1.0
+    model = timm.create_model(cfg["model"], num_classes=10, **cfg["model_kwargs"])
+    assert 1.0e6 < sum(p.numel() for p in model.parameters()) < 2.0e6
