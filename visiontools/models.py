@@ -12,6 +12,9 @@ Registered models (``timm.create_model(name)`` works once this module is importe
   0.21M parameters; small enough to train on a CPU, near the 202k of the Hyena paper's CIFAR model).
 - ``hyena_vit_cifar_p2`` / ``attn_vit_cifar_p2``: the same with 2x2 patches (16x16 grid).
 - ``hyena_vit_small_224`` / ``attn_vit_small_224``: ViT-S/16 shape (dim 384, depth 12) on 224x224.
+- ``conformer_vit_cifar`` / ``conformer_vit_cifar_cct`` / ``conformer_vit_small_224``: conv-augmented
+  ViTs (:class:`visiontools.conformer.ConformerBlock` as ``block_fn``; the ``_cct`` one with the
+  convolutional tokenizer and ConvFFNs), built by ``visiontools.patches.timm_conformer.conformer_vit``.
 
 All are plain ``timm`` ``VisionTransformer`` instances (the Hyena ones with
 :class:`visiontools.hyena.HyenaAttention` as ``attn_layer``, configured by
