@@ -22,7 +22,7 @@ from visiontools.conformer import ConformerBlock
 from visiontools.grid import GridKey, GridLayout, GridTokens, set_call_grid
 from visiontools.hyena import HyenaAttention
 from visiontools.merge import bipartite_soft_matching, init_source, max_r, merge_source, merge_wavg, parse_r
-from visiontools.patches.timm import ToMeInfo, ToMeVisionTransformer, _attention, _PATCHED
+from visiontools.patches.timm import ToMeInfo, ToMeVisionTransformer, _attention
 
 __all__ = ["configure_grid", "grid_layers", "has_grid_layers", "apply_tome_grid"]
 
@@ -153,13 +153,16 @@ def _check_grid_supported(model: VisionTransformer) -> None:
             raise TypeError(f"ToMe cannot patch block {i}: attention {type(blk.attn).__name__}")
 
 
+_GRID_PATCHED: dict[type, type] = {}  # its own cache: plain and grid ViTs share the class VisionTransformer
+
+
 def apply_tome_grid(model: VisionTransformer, r=16, prop_attn: bool = True) -> VisionTransformer:
     """:func:`visiontools.patches.timm.apply_tome` for ViTs with grid layers (use that one; it
     dispatches here). Undo with ``visiontools.patches.timm.remove_tome``."""
     _check_grid_supported(model)
     base = type(model)
-    if base not in _PATCHED:
-        _PATCHED[base] = type(f"ToMe{base.__name__}", (ToMeGridVisionTransformer, base), {})
-    model.__class__ = _PATCHED[base]
+    if base not in _GRID_PATCHED:
+        _GRID_PATCHED[base] = type(f"ToMeGrid{base.__name__}", (ToMeGridVisionTransformer, base), {})
+    model.__class__ = _GRID_PATCHED[base]
     model.tome_r, model.tome_prop_attn = r, prop_attn
     return model

@@ -214,3 +214,21 @@ def test_training_through_merged_grid_ops_and_errors():
     m = timm.create_model("conformer_vit_cifar", global_pool="map", **TINY)
     with pytest.raises(TypeError, match="global_pool='map'"):
         apply_tome(m, r=2)
+
+
+def test_plain_and_grid_vits_get_their_own_patched_class():
+    """Both are timm VisionTransformer: patching one kind first must not give the other its class."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    for order in (["plain", "grid"], ["grid", "plain"]):
+        models = {"plain": VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                             num_classes=10).eval(),
+                  "grid": timm.create_model("conformer_vit_cifar", **TINY).eval()}
+        for kind in order:
+            ref = models[kind](x)
+            m = apply_tome(models[kind], r=3)
+            assert type(m).__name__.startswith("ToMeGrid") == (kind == "grid")
+            assert tome_forward(m, x)[1].tokens_per_layer[-1] < 64
+            m.tome_r = 0
+            torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
