@@ -26,6 +26,8 @@ RULES = {
     "visiontools.checkpoint": HOSTS + ["visiontools.models", "visiontools.train"],
     "visiontools.patches.timm_hyena": ["visiontools.models", "visiontools.checkpoint", "visiontools.train"],
     "visiontools.patches.timm": ["visiontools.models", "visiontools.train", "visiontools.evaluate"],
+    "visiontools.patches.transformers": ["timm", "diffusers", "visiontools.models", "visiontools.train",
+                                         "visiontools.evaluate", "visiontools.export"],
 }
 
 
