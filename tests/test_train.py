@@ -189,6 +189,18 @@ def test_torchrun_two_cpu_processes_and_resume(tmp_path, datasets_dir):
     model, desc = load_checkpoint_model(out / "last.safetensors")
     assert desc["classes"][3] == "cat"
 
+    # killed after epoch 1, resumed under torchrun: only epoch 2 runs, and it ends bit for bit where
+    # the uninterrupted run did
+    part = tmp_path / "part"
+    assert torchrun(part, "--stop-after", "1") == [1]
+    first_epoch = read_log(part / "log.jsonl")[0]
+    assert torchrun(part, "--resume") == [2]
+    assert read_log(part / "log.jsonl")[0] == first_epoch
+    a, _, _ = ckpt.load_training_state(out / "last.safetensors")
+    b, _, sb = ckpt.load_training_state(part / "last.safetensors")
+    assert a.keys() == b.keys() and sb["step"] == 10
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 
 def test_weight_ema_update_and_warmup():
     from visiontools.train import WeightEMA
@@ -238,14 +250,3 @@ def test_ema_run_resumes_exactly_and_exports_the_ema_weights(datasets_dir, tmp_p
     with pytest.raises(ValueError, match="holds no EMA weights"):
         train(noema, resume=True, progress=False)
 
-    # killed after epoch 1, resumed under torchrun: only epoch 2 runs, and it ends bit for bit where
-    # the uninterrupted run did
-    part = tmp_path / "part"
-    assert torchrun(part, "--stop-after", "1") == [1]
-    first_epoch = read_log(part / "log.jsonl")[0]
-    assert torchrun(part, "--resume") == [2]
-    assert read_log(part / "log.jsonl")[0] == first_epoch
-    a, _, _ = ckpt.load_training_state(out / "last.safetensors")
-    b, _, sb = ckpt.load_training_state(part / "last.safetensors")
-    assert a.keys() == b.keys() and sb["step"] == 10
-    assert all(torch.equal(a[k], b[k]) for k in a)
