@@ -32,6 +32,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from visiontools.grid import GridTokens
 from visiontools.merge import (
     ROPE_RULES, bipartite_soft_matching, check_r, init_source, max_r, merge_rope, merge_source, merge_wavg,
     parse_r, size_bias,
@@ -300,6 +301,9 @@ def apply_tome(model, r=16, prop_attn: bool = True, rope_rule: str = DEFAULT_ROP
     if rope_rule not in ROPE_RULES:
         raise ValueError(f"unknown rope_rule {rope_rule!r}; choose one of {ROPE_RULES}")
     if not isinstance(model, ToMeVisionTransformer):
+        if any(isinstance(m, GridTokens) for m in model.modules()):  # Conformer / Hyena / ConvFFN blocks
+            from visiontools.patches.timm_grid import apply_tome_grid  # (lazy: timm_grid builds on this module)
+            return apply_tome_grid(model, r, prop_attn)
         _check_supported(model)
         base = type(model)
         if base not in _PATCHED:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.hyena import GridKey, HyenaAttention, set_call_grid
+from visiontools.hyena import HyenaAttention
+from visiontools.patches.timm_grid import configure_grid
 
 __all__ = ["swap_attention_for_hyena", "configure_hyena", "hyena_layers"]
 
@@ -25,32 +26,13 @@ def hyena_layers(model: nn.Module) -> list[HyenaAttention]:
     return [m for m in model.modules() if isinstance(m, HyenaAttention)]
 
 
-def _record_grid(patch_embed: nn.Module, inputs, output) -> None:
-    # dynamic_img_size: patch_embed returns NHWC, so the grid of this input is output.shape[1:3]
-    if output.dim() == 4:
-        set_call_grid(patch_embed._hyena_grid_key, output.shape[1:3])
-
-
 def configure_hyena(model: VisionTransformer) -> VisionTransformer:
-    """Tell every Hyena layer of a timm ViT its prefix-token count and patch grid (and keep the grid
-    current for ``dynamic_img_size`` models). Idempotent; returns the model."""
+    """Tell every Hyena layer (every grid layer) of a timm ViT its prefix-token count and patch grid
+    (and keep the grid current for ``dynamic_img_size`` models): :func:`visiontools.patches.timm_grid.configure_grid`.
+    Idempotent; returns the model."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"configure_hyena needs a timm VisionTransformer, got {type(model).__name__}")
-    layers = hyena_layers(model)
-    pe = model.patch_embed
-    grid = tuple(int(g) for g in getattr(pe, "grid_size", ()) or ())
-    if getattr(pe, "_hyena_grid_key", None) is None:
-        pe._hyena_grid_key = GridKey()
-    for layer in layers:
-        layer.num_prefix_tokens = int(model.num_prefix_tokens)
-        layer.grid_size = grid if len(grid) == 2 else None
-        layer.grid_owner = pe._hyena_grid_key
-    if getattr(pe, "_hyena_hook", None) is not None:
-        pe._hyena_hook.remove()
-        pe._hyena_hook = None
-    if model.dynamic_img_size and layers:
-        pe._hyena_hook = pe.register_forward_hook(_record_grid)
-    return model
+    return configure_grid(model)
 
 
 def swap_attention_for_hyena(model: nn.Module, order: int = 2, **hyena_kwargs) -> VisionTransformer:

@@ -200,3 +200,53 @@ def test_torchrun_two_cpu_processes_and_resume(tmp_path, datasets_dir):
     b, _, sb = ckpt.load_training_state(part / "last.safetensors")
     assert a.keys() == b.keys() and sb["step"] == 10
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weight_ema_update_and_warmup():
+    from visiontools.train import WeightEMA
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, 0.99)
+    w0 = ema.model[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model(torch.randn(8, 3))  # moves the BatchNorm running stats, increments num_batches_tracked
+    ema.update(model, step=0)  # warm-up: decay min(0.99, 1/10) = 0.1
+    torch.testing.assert_close(ema.model[0].weight, 0.1 * w0 + 0.9 * model[0].weight)
+    torch.testing.assert_close(ema.model[1].running_mean, 0.9 * model[1].running_mean)
+    assert ema.model[1].num_batches_tracked.item() == 1
+    before = ema.model[0].weight.clone()
+    ema.update(model, step=10_000)  # decay 0.99
+    torch.testing.assert_close(ema.model[0].weight, 0.99 * before + 0.01 * model[0].weight)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        WeightEMA(model, 1.5)
+
+
+def test_ema_run_resumes_exactly_and_exports_the_ema_weights(datasets_dir, tmp_path):
+    full = tiny_cfg(datasets_dir, tmp_path / "full", ema_decay=0.9)
+    train(full, progress=False)
+    part = tiny_cfg(datasets_dir, tmp_path / "part", ema_decay=0.9)
+    train(part, progress=False, stop_after=1)
+    train(part, resume=True, progress=False)
+    a, _ = ckpt.read_checkpoint(tmp_path / "full" / "last.safetensors")
+    b, _ = ckpt.read_checkpoint(tmp_path / "part" / "last.safetensors")
+    ema_keys = [k for k in a if k.startswith("ema.")]
+    assert ema_keys and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["ema.head.weight"], a["model.head.weight"])
+    from visiontools.models import create_model
+    torch.manual_seed(full["seed"])  # the run's initial weights: the EMA must have moved from them towards the model
+    init = create_model(full["model"], num_classes=10, **full["model_kwargs"]).state_dict()["head.weight"]
+    assert (a["ema.head.weight"] - a["model.head.weight"]).norm() < 0.5 * (init - a["model.head.weight"]).norm()
+    assert read_log(tmp_path / "full" / "log.jsonl")[-1]["test_weights"] == "ema"
+    model, _ = load_checkpoint_model(tmp_path / "full" / "last.safetensors")
+    assert torch.equal(model.head.weight, a["ema.head.weight"])
+    ckpt.export_for_inference(tmp_path / "full" / "last.safetensors", tmp_path / "w.safetensors")
+    w, _ = ckpt.read_checkpoint(tmp_path / "w.safetensors")
+    assert torch.equal(w["model.head.weight"], a["ema.head.weight"].half())
+    noema = tiny_cfg(datasets_dir, tmp_path / "noema")
+    train(noema, progress=False, stop_after=1)
+    noema["ema_decay"] = 0.9
+    with pytest.raises(ValueError, match="holds no EMA weights"):
+        train(noema, resume=True, progress=False)
+

@@ -126,9 +126,11 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
 
 def export_for_inference(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype = torch.float16,
                          extra: dict[str, Any] | None = None) -> None:
-    """Write the weights of a training checkpoint alone (as ``dtype``) with its model description (and
-    ``extra`` entries merged into it) to ``dst``, atomically."""
+    """Write the weights of a training checkpoint alone (as ``dtype``; its EMA weights when it has
+    them) with its model description (and ``extra`` entries merged into it) to ``dst``, atomically."""
     tensors, desc, _ = load_training_state(src)
-    weights = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items() if k.startswith("model.")}
+    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."  # EMA weights when trained with them
+    weights = {"model." + k[len(prefix):]: (v.to(dtype) if v.is_floating_point() else v)
+               for k, v in tensors.items() if k.startswith(prefix)}
     desc = {**desc, **(extra or {})}
     save_safetensors_atomic(dst, weights, {META_KEY: json.dumps(desc)})

@@ -28,12 +28,13 @@ that ``timm.models.vision_transformer.Block`` uses for its ``attn_layer`` (adapt
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from visiontools.grid import GridKey, GridLayout, GridTokens, set_call_grid  # noqa: F401 (re-exported)
 
 __all__ = [
     "fft_conv2d",
@@ -305,29 +306,38 @@ class Hyena2d(nn.Module):
             return y
         return y, self.out_dropout(self.out_proj(vp))
 
+    def forward_merged(self, t: torch.Tensor, layout: GridLayout, prefix: Optional[torch.Tensor] = None):
+        """:meth:`forward` on merged grid tokens ``t`` (B, M, dim) laid out as ``layout`` (token
+        merging): projections and gates per token; the short and the long convolutions spread the
+        tokens over the grid, run there and average back into the merged groups
+        (:meth:`visiontools.grid.GridLayout.run`); prefix tokens read the grid mean (the size-weighted
+        mean of the merged tokens). Returns (B, M, dim), or ``(tokens, prefix)`` with a prefix."""
+        B, M, C = t.shape
+        N, H, W = self.order, layout.H, layout.W
+        conv = self.short_conv
+        u = layout.run(lambda g: conv(g.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), self.in_proj(t))
+        v, *gates = u.split(C, dim=-1)
+        spectra = self.filter_spectra(H, W)
+        if prefix is not None:
+            w = conv.weight[:, 0, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2]
+            up = self.in_proj(prefix) * w
+            if conv.bias is not None:
+                up = up + conv.bias
+            vp, *gates_p = up.split(C, dim=-1)
+            size = layout.size[:, layout.prefix:] if layout.size is not None else torch.ones_like(t[..., :1])
+        for n in range(N):
+            def long_conv(g, k=spectra[n]):
+                return fft_conv2d(g.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)
+            z = layout.run(long_conv, v) + v * self.skip[n]
+            if prefix is not None:
+                zp = ((v * size).sum(1) / size.sum(1)).unsqueeze(1) + vp * self.skip[n]
+                vp = self.dropout(gates_p[n] * zp)
+            v = self.dropout(gates[n] * z)
+        y = self.out_dropout(self.out_proj(v))
+        return y if prefix is None else (y, self.out_dropout(self.out_proj(vp)))
 
-# The patch grid of the input now running through a model, per thread/async task (a ContextVar, so
-# concurrent calls with different image sizes never see each other's grid). Set by an adapter that
-# knows the grid (e.g. a hook on a timm ``patch_embed``), keyed by that model so no other model reads it.
-_CALL_GRID: ContextVar[Optional[tuple[object, tuple[int, int]]]] = ContextVar("hyena_call_grid", default=None)
 
-
-class GridKey:
-    """Identity that pairs a model's grid source with its Hyena layers. An object held by both, not
-    an ``id()``, so a ``copy.deepcopy`` of the model gets its own key, still shared by both sides."""
-
-
-def set_call_grid(owner: GridKey, grid: Sequence[int]) -> None:
-    """Declare the (H, W) patch grid of the current call for the Hyena layers whose ``grid_owner`` is ``owner``."""
-    _CALL_GRID.set((owner, (int(grid[0]), int(grid[1]))))
-
-
-def _square_grid(n: int) -> Optional[tuple[int, int]]:
-    s = math.isqrt(n)
-    return (s, s) if s * s == n and n > 0 else None
-
-
-class HyenaAttention(nn.Module):
+class HyenaAttention(GridTokens, nn.Module):
     """:class:`Hyena2d` behind the attention interface of a ViT block: (B, N, dim) -> (B, N, dim).
 
     The constructor takes the keyword arguments that timm's ``Block`` passes to ``attn_layer``;
@@ -355,7 +365,7 @@ class HyenaAttention(nn.Module):
                              out_dropout=proj_drop, device=device, dtype=dtype, **hyena_kwargs)
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = tuple(grid_size) if grid_size is not None else None
-        self.grid_owner: Optional[GridKey] = None  # key of a per-call grid (see set_call_grid)
+        self.grid_owner: Optional[GridKey] = None  # key of a per-call grid (see visiontools.grid)
 
     @classmethod
     def bound(cls, **fixed):
@@ -369,27 +379,6 @@ class HyenaAttention(nn.Module):
                 super().__init__(dim, **{**kw, **fixed})
 
         return Bound
-
-    def resolve_grid(self, n: int) -> tuple[int, tuple[int, int]]:
-        """(number of prefix tokens, (H, W)) for a sequence of ``n`` tokens, or a ValueError."""
-        p = self.num_prefix_tokens
-        if p is None:
-            for q in range(n):
-                if _square_grid(n - q) is not None:
-                    return q, _square_grid(n - q)
-            raise ValueError(f"cannot infer a square token grid from {n} tokens")
-        if n <= p:
-            raise ValueError(f"sequence of {n} tokens has no grid after {p} prefix tokens")
-        call = _CALL_GRID.get()
-        g = call[1] if call is not None and call[0] is self.grid_owner else self.grid_size
-        if g is not None and g[0] * g[1] == n - p:
-            return p, (int(g[0]), int(g[1]))
-        sq = _square_grid(n - p)
-        if sq is None:
-            raise ValueError(
-                f"{n - p} grid tokens ({n} tokens minus {p} prefix tokens) do not form a square grid "
-                f"and grid_size={g} does not match; set HyenaAttention.grid_size to (H, W)")
-        return p, sq
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -405,3 +394,13 @@ class HyenaAttention(nn.Module):
             return self.mixer(grid).reshape(B, H * W, C)
         y, yp = self.mixer(grid, prefix=x[:, :p])
         return torch.cat([yp, y.reshape(B, H * W, C)], dim=1)
+
+    def forward_layout(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        """:meth:`forward` on tokens laid out as ``layout`` (merged by ToMe or not)."""
+        if not layout.merged:
+            return self.forward(x)
+        p = layout.prefix
+        if p == 0:
+            return self.mixer.forward_merged(x, layout)
+        y, yp = self.mixer.forward_merged(x[:, p:], layout, prefix=x[:, :p])
+        return torch.cat([yp, y], dim=1)

@@ -14,6 +14,9 @@ Registered models (``timm.create_model(name)`` works once this module is importe
 - ``hyena_vit_small_224`` / ``attn_vit_small_224``: ViT-S/16 shape (dim 384, depth 12) on 224x224.
 - ``eva_cifar_mini_p4``: the same size as an EVA-02 (``timm.models.eva.Eva``: rotary position embeddings,
   SwiGLU MLP, class token, average pooling); used to choose ToMe's rule for rotary embeddings.
+- ``conformer_vit_cifar`` / ``conformer_vit_cifar_cct`` / ``conformer_vit_small_224``: conv-augmented
+  ViTs (:class:`visiontools.conformer.ConformerBlock` as ``block_fn``; the ``_cct`` one with the
+  convolutional tokenizer and ConvFFNs), built by ``visiontools.patches.timm_conformer.conformer_vit``.
 
 All but the EVA are plain ``timm`` ``VisionTransformer`` instances (the Hyena ones with
 :class:`visiontools.hyena.HyenaAttention` as ``attn_layer``, configured by
@@ -252,7 +255,7 @@ def check_model_name(name: str) -> None:
     if not timm.is_model(name):  # every name timm.list_models() gives passes this too
         from visiontools.errors import UserError, did_you_mean
         raise UserError(f"unknown model {name!r}: not a registered timm model{did_you_mean(name, timm.list_models())} "
-                        f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'eva_cifar_*', 'hyena_vit_*', 'attn_vit_*', 'lsh_vit_*', 'rev_vit_*']))})")
+                        f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'eva_cifar_*', 'hyena_vit_*', 'attn_vit_*', 'lsh_vit_*', 'rev_vit_*', 'conformer_vit_*']))})")
 
 
 def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
@@ -288,7 +291,8 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
     """Build the model described in a visiontools checkpoint (a training checkpoint or an exported
     one), load its weights, and return ``(model in eval mode, description)``. The description holds
     ``model``, ``model_kwargs``, ``classes``, ``mean``, ``std`` and, for shipped files, the contents of
-    the sibling ``.json`` (training summary, evaluation table)."""
+    the sibling ``.json`` (training summary, evaluation table). A training checkpoint of a run with
+    ``ema_decay`` loads its EMA weights (the ones it evaluated and exports)."""
     path = resolve_checkpoint(path_or_name)
     tensors, meta = read_checkpoint(path)
     if META_KEY not in meta:
@@ -296,9 +300,10 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
                          "(expected the model name, kwargs, classes, mean and std in the safetensors metadata)")
     desc = json.loads(meta[META_KEY])
     model = create_model(desc["model"], **desc.get("model_kwargs", {}))
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    use = "ema." if any(k.startswith("ema.") for k in tensors) else "model."  # EMA weights when trained with them
+    state = {k[len(use):]: v for k, v in tensors.items() if k.startswith(use)}
     if not state:
-        state = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))}
+        state = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng.", "ema."))}
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.to(device=device, dtype=dtype).eval()
     side = path.with_suffix(".json")
@@ -361,3 +366,59 @@ def ship_checkpoint(train_checkpoint: str | os.PathLike, dst: str | os.PathLike,
         card["eval"] = ev
     atomic_write_text(dst.with_suffix(".json"), json.dumps(card, indent=1))
     return card
+
+
+# ----------------------------------------------------------------------------- conv-augmented (Conformer) ViTs
+
+from visiontools.patches.timm_conformer import conformer_vit  # noqa: E402
+
+CONFORMER_CIFAR_DIMS = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0,
+                            class_token=False, global_pool="avg", num_classes=10)
+
+
+def _build_conformer(variant: str, pretrained: bool, dims: dict, conv: dict, **kwargs) -> VisionTransformer:
+    """A registered Conformer ViT: ``conv`` (kernel_size, conv_norm, conv_ffn, conv_tokenizer,
+    stem_hidden) overridable through ``kwargs``, the rest as :func:`build_registered_vit`."""
+    if pretrained:
+        raise ValueError(f"{variant} has no downloadable weights; load a visiontools checkpoint instead "
+                         "(visiontools.models.load_checkpoint_model)")
+    conv = {**conv, **{k: kwargs.pop(k) for k in list(kwargs) if k in conv}}
+    args = {**dims, **{k: v for k, v in kwargs.items()
+                       if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}}
+    model = conformer_vit(**conv, **args)
+    img = args["img_size"]
+    num_classes = args.get("num_classes", 1000)
+    mean, std = (CIFAR_STATS["cifar100" if num_classes == 100 else "cifar10"] if img <= 64
+                 else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    cfg = {"url": "", "num_classes": num_classes, "input_size": (3, img, img), "pool_size": None,
+           "crop_pct": 1.0 if img <= 64 else 0.9, "interpolation": "bicubic", "mean": tuple(mean),
+           "std": tuple(std), "first_conv": "patch_embed.proj" + (".0" if conv["conv_tokenizer"] else ""),
+           "classifier": "head"}
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
+_CONV_DEFAULTS = dict(kernel_size=3, conv_norm="batch", conv_ffn=False, conv_tokenizer=False, stem_hidden=None)
+
+
+@register_model
+def conformer_vit_cifar(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Conformer ViT for 32x32 images: linear 4x4 patches (8x8 grid), dim 128, depth 6, 4 heads, half-step
+    FFNs of ratio 2, 3x3 depthwise convolution module with BatchNorm, average pooling."""
+    return _build_conformer("conformer_vit_cifar", pretrained, CONFORMER_CIFAR_DIMS, _CONV_DEFAULTS, **kwargs)
+
+
+@register_model
+def conformer_vit_cifar_cct(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """``conformer_vit_cifar`` with the CCT-style convolutional tokenizer (2 conv/BN/ReLU/max-pool
+    stages: 32x32 -> 8x8) and ConvFFNs (depthwise 3x3 in both half-step FFNs): the CPU CIFAR-10 recipe's model."""
+    return _build_conformer("conformer_vit_cifar_cct", pretrained, CONFORMER_CIFAR_DIMS,
+                            {**_CONV_DEFAULTS, "conv_ffn": True, "conv_tokenizer": True, "stem_hidden": 64}, **kwargs)
+
+
+@register_model
+def conformer_vit_small_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT-S/16 shape (dim 384, depth 12, 6 heads, class token) with Conformer blocks (half-step FFNs
+    of ratio 2, 7x7 depthwise convolution module), 224x224."""
+    dims = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=2.0)
+    return _build_conformer("conformer_vit_small_224", pretrained, dims, {**_CONV_DEFAULTS, "kernel_size": 7}, **kwargs)

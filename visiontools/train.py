@@ -26,6 +26,8 @@ overrides any key on the command line, values parsed as YAML, dotted keys reach 
     hflip: true                   # random horizontal flip
     randaugment: null             # e.g. [2, 9] = RandAugment(num_ops=2, magnitude=9); null = off
     mixup_alpha: 0.0              # > 0 enables mixup with Beta(alpha, alpha)
+    ema_decay: null               # e.g. 0.999: keep an exponential moving average of the weights (decay
+                                  # warmed up as min(d, (1+step)/(10+step))); it is evaluated, saved and exported
     amp: auto                     # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
     seed: 0
     threads: null                 # torch.set_num_threads per process; null = torch's default
@@ -81,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "hflip": True,
     "randaugment": None,
     "mixup_alpha": 0.0,
+    "ema_decay": None,
     "amp": "auto",
     "seed": 0,
     "threads": None,
@@ -176,6 +179,27 @@ def build_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
 
 
+class WeightEMA:
+    """Exponential moving average of a model's weights (parameters and floating-point buffers such
+    as BatchNorm statistics; integer buffers are copied), with timm's warm-up of the decay,
+    ``min(decay, (1 + step) / (10 + step))``, so that a short run is not dominated by its random init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < float(decay) < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, m in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.is_floating_point():
+                e.lerp_(m, 1.0 - d)
+            else:
+                e.copy_(m)
+
+
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63 - 1)
 
@@ -228,6 +252,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
     desc = model_description(cfg["model"], {**cfg["model_kwargs"], "num_classes": num_classes}, train_ds.classes,
                              mean, std, dataset=cfg["dataset"])
     optimizer = build_optimizer(model, cfg)
+    ema = WeightEMA(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
     adt = amp_dtype(cfg["amp"], dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=(adt == torch.float16))
 
@@ -244,6 +269,10 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
         tensors, _, state = ckpt.load_training_state(last)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
         optimizer.load_state_dict(ckpt.unpack_optimizer_state(tensors, state))
+        if ema is not None:
+            if not any(k.startswith("ema.") for k in tensors):
+                raise ValueError(f"cannot resume {last} with ema_decay set: it holds no EMA weights")
+            ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
         if "grad_scaler" in state:
             scaler.load_state_dict(state["grad_scaler"])
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
@@ -316,6 +345,8 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update(model, step)
             step += 1
             loss_value = loss.item()
             loss_sum += loss_value * y.shape[0]
@@ -329,14 +360,18 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
                   "seconds": round(time.time() - t0, 2)}
         if (epoch + 1) % max(1, int(cfg["eval_every"])) == 0 or epoch + 1 == cfg["epochs"]:
             model.eval()
-            ev = accuracy({"model": model}, EvalData("tensor", tensor_ds=test_ds, mean=mean, std=std), 500, dev,
+            ev = accuracy({"model": model if ema is None else ema.model}, EvalData("tensor", tensor_ds=test_ds, mean=mean, std=std), 500, dev,
                           adt, rank, world, show)["model"]
             record.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"], test_images=ev["n"])
+            if ema is not None:
+                record["test_weights"] = "ema"
         history.append(record)
         if rank == 0:
             state = {"epoch": epoch + 1, "step": step, "steps_per_epoch": steps_per_epoch, "history": history,
                      "config": cfg, "world_size": world}
             tensors, meta = ckpt.pack_training_state(model, optimizer, desc, state, scaler)
+            if ema is not None:  # the EMA weights are the ones evaluated, loaded and exported
+                tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
             ckpt.save_safetensors_atomic(last, tensors, meta)
             ckpt.atomic_write_text(log_path, _jsonl(history))  # whole file: never a partial line
             print(json.dumps(record), flush=True)
