@@ -90,3 +90,18 @@ def test_cli_fails_when_onnxruntime_disagrees(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "onnx_logits", lambda session, x: real(session, x) + 1e-3)  # a broken export
     with pytest.raises(SystemExit, match=r"^error: onnxruntime's logits differ from PyTorch's by 1\.00e-03 > --atol"):
         main(["export", "--model", "test_vit", "--img-size", "32", "--r", "1", "--out", str(tmp_path / "m.onnx")])
+
+
+def test_bench_onnx_compares_the_exports_and_writes_its_table(tmp_path, capsys):
+    import json
+
+    out_json, out_md = tmp_path / "onnx.json", tmp_path / "onnx.md"
+    assert main(["bench", "onnx", "--model", "test_vit", "--img-size", "64", "--r", "2", "--batch-size", "2",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--out-json", str(out_json), "--out-md", str(out_md)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["unpatched (ONNX)", "ToMe r=2 (ONNX)"]
+    assert [r["final_tokens"] for r in rows] == [None, 5]
+    assert rows[0]["flop_ratio"] == 1.0 and rows[1]["flop_ratio"] > 1.2
+    assert all(r["max_abs_diff"] <= 1e-4 and len(r["times_s"]) == 1 for r in rows)
+    assert "| ToMe r=2 (ONNX) | 5 |" in out_md.read_text() and "onnxruntime" in capsys.readouterr().out
