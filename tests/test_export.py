@@ -31,9 +31,25 @@ def test_torch_export_fixes_token_counts_and_keeps_a_dynamic_batch():
             assert (program.module()(xb) - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg", "class_token": False, "reg_tokens": 2}],
-                         ids=["class-token", "avg-pool+registers"])
-def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(tmp_path, kw):
+def test_onnx_export_of_the_trained_cifar_vit_classifies_real_images_like_pytorch(tmp_path, datasets_dir):
+    from visiontools.data import load_cifar, normalize
+    from visiontools.models import load_checkpoint_model
+
+    model, desc = load_checkpoint_model("cifar10_vit")
+    apply_tome(model, r=4)
+    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=10)
+    x = normalize(ds.images, desc["mean"], desc["std"])
+    path = export.export_onnx(model, x[:1], tmp_path / "cifar10_vit_tome.onnx")
+    with torch.inference_mode():
+        ref = model(x)
+    logits = export.onnx_logits(export.onnx_session(path), x)  # 100 real images through the dynamic batch
+    assert (logits - ref).abs().max() <= 1e-4
+    assert torch.equal(logits.argmax(1), ref.argmax(1))
+    assert (ref.argmax(1) == ds.labels).float().mean() > 0.5  # a trained model, not noise
+
+
+def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(tmp_path):
+    kw = {"global_pool": "avg", "class_token": False, "reg_tokens": 2}  # size-weighted pooling, registers
     model = tiny_tome_vit(r=(8, -0.5), **kw)
     x = torch.randn(1, 3, 32, 32)
     path = export.export_onnx(model, x, tmp_path / "tome.onnx")
