@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from visiontools.merge import bipartite_soft_matching, check_r, max_r, merge_wavg, parse_r, size_bias
 
@@ -225,7 +226,10 @@ def _swap(module: nn.Module, mixin: type, **attrs) -> None:
         cls = type(f"ToMe{base.__name__}", (mixin, base), attrs)
         _PATCHED[(mixin, base)] = cls
         _BASES[cls] = base
+    recordable = _CAN_RECORD_REGISTRY.get(module)  # transformers keys what a model can record by class
     module.__class__ = _PATCHED[(mixin, base)]
+    if recordable:  # so output_hidden_states=True keeps working on the patched class
+        _CAN_RECORD_REGISTRY[module] = recordable
 
 
 def _base(cls: type) -> type:
