@@ -32,8 +32,13 @@ from typing import Callable
 
 import torch
 from torch import nn
+import transformers
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+try:
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # transformers 4.x: refused in apply_tome with a clear message
+    _CAN_RECORD_REGISTRY = None
 
 from visiontools.merge import bipartite_soft_matching, check_r, max_r, merge_wavg, parse_r, size_bias
 
@@ -271,6 +276,9 @@ def apply_tome(model: nn.Module, r=16, prop_attn: bool = True) -> nn.Module:
     proportional attention (``log(size)`` added to the attention logits; needs ``sdpa`` or ``eager``).
     """
     check_r(r)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"ToMe for transformers needs transformers>=5 (installed: {transformers.__version__}): "
+                          "pip install -U 'transformers>=5'")
     towers = _towers(model)
     for tower in towers:
         if not isinstance(tower, _ToMeTower):

@@ -306,3 +306,9 @@ def test_output_hidden_states_shows_the_merged_tokens(name):
     with torch.no_grad():
         out, info = tome_forward(model, pixel_values=torch.randn(2, 3, IMG, IMG), output_hidden_states=True)
     assert [h.shape[1] for h in out.hidden_states] == info.tokens_per_layer
+
+
+def test_transformers_4_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(T, "__version__", "4.46.3")
+    with pytest.raises(ImportError, match=r"needs transformers>=5 \(installed: 4\.46\.3\): pip install"):
+        apply_tome(build("ViTModel"), r=4)
