@@ -1,15 +1,23 @@
 """ToMe for timm Vision Transformers: ``apply_tome(model, r=16)`` and ``remove_tome(model)``.
 
 The patch swaps the model's class for a subclass whose ``forward_features``/``forward`` run the
-blocks with token merging between attention and MLP (as in the ToMe paper). Everything a forward
-pass needs (token sizes, source map) lives in local variables of that call, so the model can be
-called from several threads, with different batch or image sizes, or through ``forward_features``.
-Settings live on the model as plain attributes: ``model.tome_r`` (int, ``(r, inflection)`` or a
-per-layer list) and ``model.tome_prop_attn``.
+blocks with token merging between attention and MLP (as in the ToMe paper), with the merges of the
+paper's reference implementation (see ``visiontools.merge.bipartite_soft_matching``). Everything a
+forward pass needs (token sizes, source map, rotary embeddings) lives in local variables of that
+call, so the model can be called from several threads, with different batch or image sizes, or
+through ``forward_features``. Settings live on the model as plain attributes: ``model.tome_r``
+(int, ``(r, inflection)`` or a per-layer list), ``model.tome_prop_attn`` and, on EVA models,
+``model.tome_rope_rule``; ``remove_tome`` deletes them all.
 
-Supported: timm ``VisionTransformer`` (and subclasses that keep its forward, such as DeiT's
-distilled model) built from ``Block`` + ``Attention``: LayerScale, drop-path, qk-norm, scale-norm,
-gated attention, any number of prefix tokens (all protected), ``global_pool`` ``token``/``avg``/``''``.
+Supported:
+- timm ``VisionTransformer`` (and subclasses that keep its forward, such as DeiT's distilled model)
+  built from ``Block`` + ``Attention``: LayerScale, drop-path, attention dropout, qk-norm,
+  scale-norm, gated attention, any number of prefix tokens (all protected);
+- timm ``Eva`` (EVA, EVA-02) built from ``EvaBlock`` + ``EvaAttention``: rotary position
+  embeddings (``RotaryEmbeddingCat``; merged tokens get the rule ``tome_rope_rule``), SwiGLU;
+- ``global_pool`` ``token``, ``avg`` and ``avgmax`` (averages weighted by token size), ``max``
+  (a max over tokens: sizes do not enter), ``map`` (attention pooling with the ``log(size)`` bias
+  when ``prop_attn``), and ``''``.
 Anything else raises ``TypeError`` naming the class it cannot handle.
 """
 from __future__ import annotations
@@ -18,15 +26,20 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, AttentionPoolLatent
+from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from visiontools.merge import (
-    bipartite_soft_matching, check_r, init_source, max_r, merge_source, merge_wavg, parse_r, size_bias,
+    ROPE_RULES, bipartite_soft_matching, check_r, init_source, max_r, merge_rope, merge_source, merge_wavg,
+    parse_r, size_bias,
 )
 
-SUPPORTED_POOLS = ("token", "avg", "")
+SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")
+SIZED_POOLS = ("avg", "avgmax", "map")  # pools that need the token sizes
+DEFAULT_ROPE_RULE = "mean"
 
 
 @dataclass
@@ -51,58 +64,129 @@ def _attention(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None):
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    if bias is not None:
-        bias = bias.to(q.dtype)
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    out = _sdpa(attn, q, k, v, bias)
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), k.mean(1)
 
 
-def _block(blk: Block, x, size, source, r: int, num_prefix: int, prop_attn: bool):
+def _eva_attention(attn: EvaAttention, x: torch.Tensor, bias: torch.Tensor | None, rope: torch.Tensor | None):
+    """timm ``EvaAttention.forward`` with an additive float mask and per-token rotary embeddings
+    ``rope`` ``(B, 1, N - prefix, 2D)``, also returning the keys (before rotation) averaged over heads."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    if attn.qkv is not None:
+        if attn.q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = attn.qkv(x) + qkv_bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, qkv_bias)
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    metric = k.mean(1)
+    if rope is not None:
+        P, half = attn.num_prefix_tokens, attn.rotate_half
+        q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], rope, half=half)], dim=2).type_as(v)
+    out = _sdpa(attn, q, k, v, bias)
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), metric
+
+
+def _sdpa(attn, q, k, v, bias):
+    """Softmax attention as timm's module computes it (fused SDPA or the eager path with
+    ``attn.attn_drop``), plus the additive mask ``bias``."""
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    if attn.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return attn.attn_drop(logits.softmax(dim=-1)) @ v
+
+
+def _merge(x, size, source, rope, metric, r: int, num_prefix: int, rope_rule: str):
+    """The ToMe step of one block: plan from ``metric`` and apply it to the tokens, their sizes, the
+    source map and the rotary embeddings (of the non-prefix tokens)."""
+    if max_r(r, x.shape[1], num_prefix) == 0:
+        return x, size, source, rope
+    m = bipartite_soft_matching(metric, r, num_prefix)
+    if rope is not None:  # pad the prefix rows so the rope lines up with the tokens
+        rope = rope[:, 0]
+        rope = torch.cat([rope.new_zeros(rope.shape[0], num_prefix, rope.shape[-1]), rope], dim=1)
+        rope = merge_rope(m, rope, size, rope_rule)[:, num_prefix:, None].transpose(1, 2)
+    x, size = merge_wavg(m, x, size)
+    if source is not None:
+        source = merge_source(m, source)
+    return x, size, source, rope
+
+
+def _vit_block(blk: Block, x, size, source, rope, r: int, num_prefix: int, prop_attn: bool, rope_rule: str):
     """One timm ``Block`` with a ToMe merge between attention and MLP."""
     bias = size_bias(size) if prop_attn and size is not None else None
     y, metric = _attention(blk.attn, blk.norm1(x), bias)
     x = x + blk.drop_path1(blk.ls1(y))
-    if max_r(r, x.shape[1], num_prefix) > 0:
-        m = bipartite_soft_matching(metric, r, num_prefix)
-        x, size = merge_wavg(m, x, size)
-        if source is not None:
-            source = merge_source(m, source)
+    x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, size, source
+    return x, size, source, rope
 
 
-class ToMeVisionTransformer(VisionTransformer):
-    """Mixin body for the patched class; ``apply_tome`` builds ``type(name, (this, original))``."""
+def _eva_block(blk: EvaBlock, x, size, source, rope, r: int, num_prefix: int, prop_attn: bool, rope_rule: str):
+    """One timm ``EvaBlock`` with a ToMe merge between attention and MLP."""
+    bias = size_bias(size) if prop_attn and size is not None else None
+    y, metric = _eva_attention(blk.attn, blk.norm1(x), bias, rope)
+    if blk.gamma_1 is not None:
+        y = blk.gamma_1 * y
+    x = x + blk.drop_path1(y)
+    x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule)
+    y = blk.mlp(blk.norm2(x))
+    if blk.gamma_2 is not None:
+        y = blk.gamma_2 * y
+    return x + blk.drop_path2(y), size, source, rope
+
+
+class ToMeVisionTransformer:
+    """Methods of every patched class; ``apply_tome`` builds ``type(name, (this, original))``, so
+    ``isinstance(model, ToMeVisionTransformer)`` tells a patched timm model (ViT or EVA)."""
+
+    def _tome_embed(self, x: torch.Tensor):
+        """Patch and position embedding: tokens ``(B, N, C)`` and rotary embeddings
+        ``(B, 1, N - prefix, 2D)`` or ``None``."""
+        x = self.patch_embed(x)
+        if isinstance(self, Eva):
+            x, rope = self._pos_embed(x)
+            x = self.norm_pre(x)
+            if rope is not None:
+                rope = rope.expand(x.shape[0], 1, *rope.shape[-2:]) if rope.dim() < 4 else rope
+            return x, rope
+        return self.norm_pre(self.patch_drop(self._pos_embed(x))), None
 
     def tome_forward_features(self, x: torch.Tensor, trace_source: bool = False):
         """Features and a :class:`ToMeInfo` for one forward pass with token merging."""
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        x, rope = self._tome_embed(x)
         P = self.num_prefix_tokens
         B, N, _ = x.shape
         rs = parse_r(len(self.blocks), self.tome_r)
+        block = _eva_block if isinstance(self, Eva) else _vit_block
+        rope_rule = getattr(self, "tome_rope_rule", DEFAULT_ROPE_RULE)
         size = None
         source = init_source(B, N, x.device) if trace_source else None
         info = ToMeInfo(num_prefix_tokens=P)
         for blk, r in zip(self.blocks, rs):
             info.tokens_per_layer.append(x.shape[1])
-            args = (x, size, source, r, P, self.tome_prop_attn)
+            args = (blk, x, size, source, rope, r, P, self.tome_prop_attn, rope_rule)
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x, size, source = checkpoint(_block, blk, *args, use_reentrant=False)
+                x, size, source, rope = checkpoint(block, *args, use_reentrant=False)
             else:
-                x, size, source = _block(blk, *args)
+                x, size, source, rope = block(*args)
             if source is not None:
                 info.layer_sources.append(source[:, P:])
         info.tokens_per_layer.append(x.shape[1])
@@ -113,36 +197,48 @@ class ToMeVisionTransformer(VisionTransformer):
         return x, info
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        """Merged output tokens (protected prefix tokens first). For ``global_pool='avg'`` models
-        pass ``size`` from :meth:`tome_forward_features` to ``forward_head``."""
+        """Merged output tokens (protected prefix tokens first). For ``global_pool`` ``avg``,
+        ``avgmax`` or ``map`` pass ``size`` from :meth:`tome_forward_features` to ``forward_head``."""
         _no_masks(attn_mask, is_causal)
         return self.tome_forward_features(x)[0]
 
+    def tome_pool(self, x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        """timm's pooling with token sizes: averages weighted by size (a merged token counts for the
+        patches it holds), attention pooling with ``log(size)`` added to its logits when
+        ``tome_prop_attn``, max unchanged (the max over merged tokens ignores sizes)."""
+        skip = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        if self.attn_pool is not None:
+            if isinstance(self, Eva):  # EVA's attention pool sees the prefix tokens too
+                skip = 0
+            x, size = x[:, skip:], size[:, skip:]
+            return self.attn_pool(x, attn_mask=size_bias(size).to(x.dtype) if self.tome_prop_attn else None)
+        x, w = x[:, skip:], size[:, skip:]
+        if self.global_pool == "max":
+            return x.amax(dim=1)
+        avg = (x * w).sum(dim=1) / w.sum(dim=1)
+        return 0.5 * (x.amax(dim=1) + avg) if self.global_pool == "avgmax" else avg
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, size: torch.Tensor | None = None):
-        """timm's head; average pooling is weighted by token ``size`` so merged tokens count for
-        the patches they hold."""
-        if self.global_pool == "avg" and self.attn_pool is None:
-            P = 0 if self.pool_include_prefix else self.num_prefix_tokens
-            if size is None:
-                if x.shape[1] != self.patch_embed.num_patches + self.num_prefix_tokens or self.patch_embed.dynamic_img_size:
-                    raise ValueError(
-                        "forward_head of a ToMe-patched model with global_pool='avg' needs the token "
-                        "sizes: use `x, info = model.tome_forward_features(img)` then "
-                        "`model.forward_head(x, size=info.size)`, or call the model directly")
-                size = torch.ones_like(x[..., :1])
-            w = size[:, P:]
-            x = (x[:, P:] * w).sum(dim=1) / w.sum(dim=1)
-            x = self.fc_norm(x)
-            x = self.head_drop(x)
-            return x if pre_logits else self.head(x)
-        return super().forward_head(x, pre_logits=pre_logits)
+        """timm's head with :meth:`tome_pool` for the pools that reduce over tokens."""
+        pool = "map" if self.attn_pool is not None else self.global_pool
+        if pool in ("token", ""):
+            return super().forward_head(x, pre_logits=pre_logits)
+        if size is None:
+            if pool in SIZED_POOLS and (x.shape[1] != self.patch_embed.num_patches + self.num_prefix_tokens
+                                        or self.patch_embed.dynamic_img_size):
+                raise ValueError(
+                    f"forward_head of a ToMe-patched model with global_pool={pool!r} needs the token "
+                    "sizes: use `x, info = model.tome_forward_features(img)` then "
+                    "`model.forward_head(x, size=info.size)`, or call the model directly")
+            size = torch.ones_like(x[..., :1])
+        x = self.fc_norm(self.tome_pool(x, size))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         _no_masks(attn_mask, is_causal)
         x, info = self.tome_forward_features(x)
-        if self.global_pool == "avg" and self.attn_pool is None:
-            return self.forward_head(x, size=info.size)
-        return self.forward_head(x)
+        return self.forward_head(x, size=info.size)
 
 
 def _no_masks(attn_mask, is_causal) -> None:
@@ -152,57 +248,77 @@ def _no_masks(attn_mask, is_causal) -> None:
 
 
 def _check_supported(model) -> None:
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"ToMe supports timm VisionTransformer models; got {type(model).__name__}")
-    for name in ("forward_features", "forward"):
-        if getattr(type(model), name) is not getattr(VisionTransformer, name):
-            raise TypeError(f"ToMe cannot patch {type(model).__name__}: it overrides {name}")
+    name = type(model).__name__
+    if isinstance(model, VisionTransformer):
+        host, block_cls, attn_cls = VisionTransformer, Block, Attention
+    elif isinstance(model, Eva):
+        host, block_cls, attn_cls = Eva, EvaBlock, EvaAttention
+    else:
+        raise TypeError(f"ToMe supports timm VisionTransformer and Eva models; got {name}")
+    for fn in ("forward_features", "forward"):
+        if getattr(type(model), fn) is not getattr(host, fn):
+            raise TypeError(f"ToMe cannot patch {name}: it overrides {fn}")
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block:
-            raise TypeError(f"ToMe cannot patch block {i} of type {type(blk).__name__} "
-                            f"(supported: timm.models.vision_transformer.Block)")
-        if type(blk.attn) is not Attention:
-            raise TypeError(f"ToMe cannot patch block {i}: attention {type(blk.attn).__name__} "
-                            f"is not timm.layers.Attention")
-    if model.attn_pool is not None or model.global_pool not in SUPPORTED_POOLS:
-        pool = "map" if model.attn_pool is not None else model.global_pool
+        if type(blk) is not block_cls:
+            raise TypeError(f"ToMe cannot patch block {i} of {name}: {type(blk).__name__} "
+                            f"(supported: {block_cls.__module__}.{block_cls.__name__})")
+        if type(blk.attn) is not attn_cls:
+            raise TypeError(f"ToMe cannot patch block {i} of {name}: attention {type(blk.attn).__name__} "
+                            f"is not {attn_cls.__module__}.{attn_cls.__name__}")
+    if host is Eva:
+        if getattr(model, "rope_mixed", False) or not (model.rope is None or type(model.rope) is RotaryEmbeddingCat):
+            raise TypeError(f"ToMe cannot patch {name}: rotary embedding {type(model.rope).__name__} "
+                            f"(supported: RotaryEmbeddingCat, rope_type='cat')")
+    pool = model.global_pool
+    if model.attn_pool is not None:
+        if type(model.attn_pool) is not AttentionPoolLatent or model.attn_pool.pos_embed is not None:
+            raise TypeError(f"ToMe cannot patch {name}: attention pool {type(model.attn_pool).__name__} "
+                            "(supported: AttentionPoolLatent without position embedding, global_pool='map')")
+        pool = "map"
+    if pool not in SUPPORTED_POOLS:
         raise TypeError(f"ToMe does not support global_pool={pool!r} (supported: {SUPPORTED_POOLS})")
 
 
 _PATCHED: dict[type, type] = {}
 
 
-def apply_tome(model: VisionTransformer, r=16, prop_attn: bool = True) -> VisionTransformer:
-    """Patch a timm ViT in place for token merging and return it.
+def apply_tome(model, r=16, prop_attn: bool = True, rope_rule: str = DEFAULT_ROPE_RULE):
+    """Patch a timm ViT or EVA in place for token merging and return it.
 
     ``r``: tokens merged per block (int), ``(r, inflection)`` for the paper's schedule (e.g.
     ``(16, -0.5)`` merges more early), or a per-layer list. Change it later via ``model.tome_r``.
     ``prop_attn``: proportional attention (adds ``log(size)`` to the attention logits).
+    ``rope_rule`` (models with rotary embeddings): the rotation of a merged token, one of
+    ``visiontools.merge.ROPE_RULES`` (see ``merge_rope``).
     """
     check_r(r)
-    if isinstance(model, ToMeVisionTransformer):
-        model.tome_r, model.tome_prop_attn = r, prop_attn
-        return model
-    _check_supported(model)
-    base = type(model)
-    if base not in _PATCHED:
-        _PATCHED[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformer, base), {})
-    model.__class__ = _PATCHED[base]
+    if rope_rule not in ROPE_RULES:
+        raise ValueError(f"unknown rope_rule {rope_rule!r}; choose one of {ROPE_RULES}")
+    if not isinstance(model, ToMeVisionTransformer):
+        _check_supported(model)
+        base = type(model)
+        if base not in _PATCHED:
+            _PATCHED[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformer, base), {})
+        model.__class__ = _PATCHED[base]
     model.tome_r, model.tome_prop_attn = r, prop_attn
+    if isinstance(model, Eva):
+        model.tome_rope_rule = rope_rule
     return model
 
 
-def remove_tome(model: VisionTransformer) -> VisionTransformer:
-    """Undo :func:`apply_tome`: restore the original class; weights were never touched."""
+def remove_tome(model):
+    """Undo :func:`apply_tome`: restore the original class and delete every ``tome_*`` setting;
+    weights were never touched."""
     if not isinstance(model, ToMeVisionTransformer):
         raise ValueError(f"{type(model).__name__} is not ToMe-patched")
     model.__class__ = next(c for c in type(model).__mro__[1:]
                            if c is not ToMeVisionTransformer and not issubclass(c, ToMeVisionTransformer))
-    del model.tome_r, model.tome_prop_attn
+    for name in [n for n in vars(model) if n.startswith("tome_")]:
+        delattr(model, name)
     return model
 
 
-def tome_forward(model: VisionTransformer, x: torch.Tensor, trace_source: bool = False):
+def tome_forward(model, x: torch.Tensor, trace_source: bool = False):
     """Logits and a :class:`ToMeInfo` (token counts per layer, sizes, source map) for a patched model."""
     if not isinstance(model, ToMeVisionTransformer):
         raise ValueError("tome_forward needs a model patched with apply_tome")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from visiontools.merge import (
-    bipartite_soft_matching, index_map, init_source, merge, merge_source, merge_wavg, parse_r, unmerge,
+    bipartite_soft_matching, index_map, init_source, merge, merge_rope, merge_source, merge_wavg, parse_r, unmerge,
 )
 
 
@@ -88,3 +88,72 @@ def test_unmerge_restores_unmerged_tokens_and_copies_merged_ones():
         # tokens alone in their group come back exactly
         alone = [i for i in range(17) if (idx[b] == idx[b, i]).sum() == 1]
         torch.testing.assert_close(back[b, alone], x[b, alone])
+
+
+def test_split_is_the_references_alternate_split_of_the_whole_sequence():
+    # class token (0) in A, patch 0 (index 1) in B: a patch at index 2 that copies index 1 merges into it
+    x = torch.eye(7)[None]
+    x[0, 2] = x[0, 1]
+    m = bipartite_soft_matching(x, 1, num_protected=1)
+    assert m.src_idx.flatten().tolist() == [1] and m.dst_idx.flatten().tolist() == [0]
+    # a distillation token (index 1, set B) is never a destination, even for its exact copy
+    x = torch.eye(7)[None]
+    x[0, 2] = x[0, 1]
+    x[0, 4] = x[0, 3]
+    m = bipartite_soft_matching(x, 1, num_protected=2)
+    assert m.src_idx.flatten().tolist() == [2] and m.dst_idx.flatten().tolist() == [1]
+    # a class token is never a source, even when it copies a B token
+    x = torch.eye(7)[None]
+    x[0, 0] = x[0, 1]
+    m = bipartite_soft_matching(x, 3, num_protected=1)
+    assert 0 not in m.src_idx.flatten().tolist() and m.unm_idx.numel() == 0
+
+
+def test_unmerged_tokens_keep_their_order_only_with_protected_tokens():
+    x = _random(B=4, N=40, seed=3)
+    assert all((bipartite_soft_matching(x, 5, p).unm_idx.diff(dim=1) > 0).all() for p in (1, 2, 5))
+    unsorted = bipartite_soft_matching(x, 5, 0).unm_idx  # the reference keeps similarity order
+    assert not (unsorted.diff(dim=1) > 0).all()
+
+
+def _rope(B, N, D, seed=0):
+    """Random rotary embeddings in timm's cat layout: ``cat([sin, cos], -1)`` of per-token angles."""
+    ang = torch.rand(B, N, D, generator=torch.Generator().manual_seed(seed)) * 6.28
+    return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+
+def _rotate(q, rope):
+    """Interleaved rotation as timm's ``apply_rot_embed`` (half=False) does it."""
+    sin, cos = rope.chunk(2, dim=-1)
+    rot = torch.stack([-q[..., 1::2], q[..., ::2]], dim=-1).reshape(q.shape)
+    return q * cos + rot * sin
+
+
+def test_merge_rope_rules():
+    B, N, D, P = 2, 19, 8, 1
+    x, rope = _random(B=B, N=N), _rope(B, N, D)
+    size = torch.randint(1, 4, (B, N, 1)).float()
+    m = bipartite_soft_matching(x, 6, num_protected=P)
+    idx = index_map(m)
+    q = _random(B=B, N=1, C=D, seed=5).expand(B, N, D)  # one query vector, rotated at every position
+    mean, circ, dst = (merge_rope(m, rope, size, rule) for rule in ("mean", "circular", "dst"))
+    # mean: the merged token's rotated vector is the size-weighted mean of its members' rotated vectors
+    rotated = _rotate(q, rope) * size
+    expected = torch.stack([torch.zeros(mean.shape[1], D).index_add_(0, idx[b], rotated[b]) for b in range(B)])
+    weight = torch.stack([torch.zeros(mean.shape[1]).index_add_(0, idx[b], size[b, :, 0]) for b in range(B)])
+    torch.testing.assert_close(_rotate(q[:, :mean.shape[1]], mean)[:, P:], (expected / weight[..., None])[:, P:])
+    # circular: a rotation (unit sin/cos pairs), same angle as the mean
+    sin, cos = circ[:, P:].chunk(2, dim=-1)
+    torch.testing.assert_close(sin ** 2 + cos ** 2, torch.ones_like(sin))
+    torch.testing.assert_close(torch.atan2(sin, cos), torch.atan2(*mean[:, P:].chunk(2, dim=-1)))
+    # dst: a merged group carries its destination's (the B token's) rope
+    for b in range(B):
+        for out_i in range(P, dst.shape[1]):
+            members = (idx[b] == out_i).nonzero().flatten().tolist()
+            keeper = [i for i in members if len(members) == 1 or i % 2 == 1][0]  # B tokens: odd positions
+            torch.testing.assert_close(dst[b, out_i], rope[b, keeper])
+            if len(members) == 1:  # unmerged tokens keep their own rope under every rule
+                for r in (mean, circ):
+                    torch.testing.assert_close(r[b, out_i], rope[b, members[0]])
+    with pytest.raises(ValueError, match="rope rule"):
+        merge_rope(m, rope, size, "centroid")

@@ -6,10 +6,11 @@ __version__ = "0.1.0"
 
 def _is_timm_vit(model) -> bool:
     try:
+        from timm.models.eva import Eva
         from timm.models.vision_transformer import VisionTransformer
     except ImportError:
         return False
-    return isinstance(model, VisionTransformer)
+    return isinstance(model, (VisionTransformer, Eva))
 
 
 def _is_transformers_model(model) -> bool:

@@ -1,4 +1,4 @@
-"""The ``visiontools`` command line: ``bench`` (vit | sd | hyena | onnx), ``train``, ``eval``, ``demo``, ``export``.
+"""The ``visiontools`` command line: ``bench`` (vit | sd | hyena | onnx), ``train``, ``eval``, ``demo``, ``export``, ``video``.
 
 Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args)``;
 modules keep heavy imports (diffusers, gradio) inside ``run`` so that ``--help`` stays fast.
@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("visiontools.evaluate", "accuracy, throughput and FLOPs with and without ToMe"),
     "demo": ("visiontools.demos.app", "start the Gradio demo"),
     "export": ("visiontools.export", "export a (ToMe-patched) timm ViT to ONNX (and torch.export), checked in onnxruntime"),
+    "video": ("visiontools.video", "annotate a video: ToMe merge map, tokens and FPS on every frame"),
 }
 BENCH_TARGETS = {
     "vit": ("visiontools.bench", "timm ViT: unpatched (fused attention) vs ToMe at several r"),

@@ -2,7 +2,8 @@
 
 Library-agnostic tensor code for "Token Merging: Your ViT But Faster" (Bolya et al., ICLR 2023).
 Tokens are ``(B, N, C)``; the first ``num_protected`` tokens (class, distillation, register tokens)
-never merge and always stay, in order, at the front.
+never merge and always stay, in order, at the front. The merges are those of the paper's reference
+implementation (facebookresearch/ToMe), see :func:`bipartite_soft_matching`.
 
 One merge step is described by a :class:`Merge` (index tensors only, no closures), so the same
 step can be applied to several tensors (features, sizes, the source map) and undone again.
@@ -20,8 +21,10 @@ RSchedule = Union[int, tuple, Sequence[int]]
 
 @dataclass(frozen=True)
 class Merge:
-    """One bipartite merge step: which A tokens stay (``unm_idx``), which merge (``src_idx``) into
-    which B token (``dst_idx``). Index tensors are ``(B, n, 1)`` into the A or B half."""
+    """One bipartite merge step over the whole sequence split alternately (even positions form set
+    A, odd positions set B): which unprotected A tokens stay (``unm_idx``), which merge
+    (``src_idx``) into which B token (``dst_idx``). Index tensors are ``(B, n, 1)`` into the A half
+    ``x[:, ::2]`` or the B half ``x[:, 1::2]``; protected tokens appear in none of them."""
 
     num_protected: int
     unm_idx: torch.Tensor
@@ -93,39 +96,63 @@ def match(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch
     similar token of ``b`` (dot product; pass normalised vectors for cosine), and the ``r`` best
     matched ``a`` tokens merge. Returns ``(unm_idx, src_idx, dst_idx)``, ``(B, n)`` long: the ``a``
     tokens kept, the ``a`` tokens merged, and the ``b`` token each merged one goes to."""
-    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+    return match_scores(a @ b.transpose(-1, -2), r)
+
+
+def match_scores(scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`match` from a precomputed ``(B, Na, Nb)`` score matrix (``-inf`` forbids an edge)."""
+    node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
     return unm_idx, src_idx, node_idx.gather(1, src_idx)
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0) -> Merge:
-    """Plan one ToMe merge step from ``metric`` ``(B, N, C)`` (the keys averaged over heads).
+def split_sizes(num_tokens: int, num_protected: int) -> tuple[int, int, int, int]:
+    """Sizes of the alternate split of ``num_tokens`` tokens whose first ``num_protected`` are
+    protected: ``(len(A), len(B), protected in A, protected in B)``."""
+    return (num_tokens + 1) // 2, num_tokens // 2, (num_protected + 1) // 2, num_protected // 2
 
-    Unprotected tokens alternate into sets A (even) and B (odd); each A token finds its most
-    cosine-similar B token; the ``r`` most similar such edges merge A into B. ``r`` is capped at
-    half of the unprotected tokens (the size of A).
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0) -> Merge:
+    """Plan one ToMe merge step from ``metric`` ``(B, N, C)`` (the keys averaged over heads), with
+    the reference implementation's rules (facebookresearch/ToMe ``bipartite_soft_matching``):
+
+    - the whole sequence alternates into sets A (even positions) and B (odd), so a class token is
+      in A, patch 0 (or a distillation token) in B;
+    - each A token picks its most cosine-similar B token and the ``r`` most similar edges merge A
+      into B; the first ``num_protected`` tokens (class, distillation, register) get ``-inf``
+      scores: never a source, never a destination;
+    - with protected tokens, the unmerged A tokens keep their original order (the reference sorts
+      them when there is a class token); without, they stay in similarity order, as there.
+
+    ``r`` is capped at half of the unprotected tokens.
     """
     B, N, _ = metric.shape
     r = max_r(r, N, num_protected)
+    _, _, pa, pb = split_sizes(N, num_protected)
     with torch.no_grad():
-        metric = metric[:, num_protected:]
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        unm_idx, src_idx, dst_idx = match(metric[:, ::2], metric[:, 1::2], r)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        scores[:, :pa, :] = -math.inf
+        scores[:, :, :pb] = -math.inf
+        unm_idx, src_idx, dst_idx = match_scores(scores, r)
+        if num_protected:
+            unm_idx = unm_idx.sort(dim=1)[0][:, pa:]  # the protected A tokens sort first: drop them
     return Merge(num_protected, unm_idx[..., None], src_idx[..., None], dst_idx[..., None], N)
 
 
 def merge(m: Merge, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
     """Apply merge step ``m`` to ``x`` ``(B, N, C)``; merged tokens are reduced with ``mode``
-    (``"sum"``, ``"mean"``, ``"amax"``, ...). Output order: protected, unmerged A, then B."""
+    (``"sum"``, ``"mean"``, ``"amax"``, ...). Output order: protected tokens as they were, unmerged
+    A tokens, then the unprotected B tokens (the reference implementation's order)."""
     P, C = m.num_protected, x.shape[-1]
-    prefix, t = x[:, :P], x[:, P:]
-    a, b = t[:, ::2], t[:, 1::2]
+    _, _, _, pb = split_sizes(x.shape[1], P)
+    a, b = x[:, ::2], x[:, 1::2]
     unm = a.gather(1, m.unm_idx.expand(-1, -1, C))
     if m.r:
         src = a.gather(1, m.src_idx.expand(-1, -1, C))
         b = b.scatter_reduce(1, m.dst_idx.expand(-1, -1, C), src, reduce=mode)
-    return torch.cat([prefix, unm, b], dim=1)
+    return torch.cat([x[:, :P], unm, b[:, pb:]], dim=1)
 
 
 def merge_wavg(m: Merge, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,17 +170,19 @@ def index_map(m: Merge) -> torch.Tensor:
     B = m.unm_idx.shape[0]
     P, N = m.num_protected, m.num_tokens
     device = m.unm_idx.device
-    n_a, n_b = (N - P + 1) // 2, (N - P) // 2
-    n_unm = n_a - m.r
+    n_a, n_b, pa, pb = split_sizes(N, P)
+    n_unm = m.unm_idx.shape[1]
+    first_b = P + n_unm - pb  # output index of B token j (j >= pb) is first_b + j
     a_new = torch.empty(B, n_a, dtype=torch.long, device=device)
+    a_new[:, :pa] = 2 * torch.arange(pa, device=device)  # protected A tokens stay where they were
     a_new.scatter_(1, m.unm_idx[..., 0], P + torch.arange(n_unm, device=device).expand(B, -1))
     if m.r:
-        a_new.scatter_(1, m.src_idx[..., 0], P + n_unm + m.dst_idx[..., 0])
-    b_new = (P + n_unm + torch.arange(n_b, device=device)).expand(B, -1)
+        a_new.scatter_(1, m.src_idx[..., 0], first_b + m.dst_idx[..., 0])
+    b_new = (first_b + torch.arange(n_b, device=device)).expand(B, -1).clone()
+    b_new[:, :pb] = 2 * torch.arange(pb, device=device) + 1
     out = torch.empty(B, N, dtype=torch.long, device=device)
-    out[:, :P] = torch.arange(P, device=device)
-    out[:, P::2] = a_new
-    out[:, P + 1::2] = b_new
+    out[:, ::2] = a_new
+    out[:, 1::2] = b_new
     return out
 
 
@@ -179,3 +208,36 @@ def unmerge(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def size_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention: ``log(size)`` as an additive attention mask ``(B, 1, 1, N)``."""
     return size.log()[:, None, None, :, 0]
+
+
+def merge_dst(m: Merge, x: torch.Tensor) -> torch.Tensor:
+    """Apply merge step ``m`` to ``x`` keeping, for each merged group, its destination's value (the
+    sources are dropped); same output order as :func:`merge`."""
+    _, _, _, pb = split_sizes(x.shape[1], m.num_protected)
+    unm = x[:, ::2].gather(1, m.unm_idx.expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :m.num_protected], unm, x[:, 1::2][:, pb:]], dim=1)
+
+
+ROPE_RULES = ("mean", "circular", "dst")
+
+
+def merge_rope(m: Merge, rope: torch.Tensor, size: torch.Tensor | None, rule: str = "mean") -> torch.Tensor:
+    """Rotary embeddings ``(B, N, 2D)`` (``cat([sin, cos], -1)`` per token, as timm's
+    ``RotaryEmbeddingCat`` makes them) for the tokens after merge step ``m``:
+
+    - ``"mean"``: the size-weighted mean of the group's sin and cos. Rotation is linear, so the merged
+      token's rotated query/key is the size-weighted mean of the members' rotated ones;
+    - ``"circular"``: that mean scaled back to unit length per frequency (a rotation by the circular
+      mean angle of the group);
+    - ``"dst"``: the destination token's embedding.
+    """
+    if rule == "dst":
+        return merge_dst(m, rope)
+    out = merge_wavg(m, rope, size)[0]
+    if rule == "circular":
+        sin, cos = out.chunk(2, dim=-1)
+        norm = (sin * sin + cos * cos).sqrt().clamp_min(1e-12)
+        out = torch.cat([sin / norm, cos / norm], dim=-1)
+    elif rule != "mean":
+        raise ValueError(f"unknown rope rule {rule!r}; choose one of {ROPE_RULES}")
+    return out

@@ -12,8 +12,10 @@ Registered models (``timm.create_model(name)`` works once this module is importe
   0.21M parameters; small enough to train on a CPU, near the 202k of the Hyena paper's CIFAR model).
 - ``hyena_vit_cifar_p2`` / ``attn_vit_cifar_p2``: the same with 2x2 patches (16x16 grid).
 - ``hyena_vit_small_224`` / ``attn_vit_small_224``: ViT-S/16 shape (dim 384, depth 12) on 224x224.
+- ``eva_cifar_mini_p4``: the same size as an EVA-02 (``timm.models.eva.Eva``: rotary position embeddings,
+  SwiGLU MLP, class token, average pooling); used to choose ToMe's rule for rotary embeddings.
 
-All are plain ``timm`` ``VisionTransformer`` instances (the Hyena ones with
+All but the EVA are plain ``timm`` ``VisionTransformer`` instances (the Hyena ones with
 :class:`visiontools.hyena.HyenaAttention` as ``attn_layer``, configured by
 ``visiontools.patches.timm_hyena``), so timm tooling and ``visiontools.patches.timm`` (ToMe) apply.
 The Hyena models and twins use ``dynamic_img_size=True``: other image sizes (multiples of the patch
@@ -146,11 +148,32 @@ def attn_vit_small_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return _build_hyena_or_twin("attn_vit_small_224", pretrained, SMALL_224_DIMS, False, **kwargs)
 
 
+@register_model
+def eva_cifar_mini_p4(pretrained: bool = False, **kwargs):
+    """EVA-02-style ViT (rotary position embeddings, SwiGLU, dim 192, depth 6, 3 heads) with 4x4 patches on
+    32x32 images (65 tokens), shaped like ``eva02_tiny_patch14_224`` but half as deep."""
+    from timm.models.eva import Eva
+
+    if pretrained:
+        raise ValueError("eva_cifar_mini_p4 has no downloadable weights; load a visiontools checkpoint instead "
+                         "(visiontools.models.load_checkpoint_model)")
+    args = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=6, num_heads=3,
+                mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(8, 8))
+    args.update({k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")})
+    model = Eva(**args)
+    mean, std = CIFAR_STATS["cifar100" if args["num_classes"] == 100 else "cifar10"]
+    cfg = {"url": "", "num_classes": args["num_classes"], "input_size": (3, 32, 32), "pool_size": None,
+           "crop_pct": 1.0, "interpolation": "bicubic", "mean": tuple(mean), "std": tuple(std),
+           "first_conv": "patch_embed.proj", "classifier": "head"}
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
+
+
 def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
     """``timm.create_model`` with a clear error for unknown names (this module's models included)."""
     if not timm.is_model(name):  # every name timm.list_models() gives passes this too
         raise ValueError(f"unknown model {name!r}: not a registered timm model "
-                         f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
+                         f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'eva_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return timm.create_model(name, pretrained=pretrained, **kwargs)
