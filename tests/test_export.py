@@ -48,9 +48,23 @@ def test_onnx_export_of_the_trained_cifar_vit_classifies_real_images_like_pytorc
     assert (ref.argmax(1) == ds.labels).float().mean() > 0.5  # a trained model, not noise
 
 
-def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(tmp_path):
-    kw = {"global_pool": "avg", "class_token": False, "reg_tokens": 2}  # size-weighted pooling, registers
-    model = tiny_tome_vit(r=(8, -0.5), **kw)
+def tiny_tome_eva(r=6):
+    """A tiny EVA-02-style model (rotary embeddings, SwiGLU) with ToMe."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    model = Eva(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3, num_classes=10,
+                use_rot_pos_emb=True, swiglu_mlp=True, ref_feat_shape=(8, 8)).eval()
+    torch.nn.init.normal_(model.head.weight)  # timm's tiny head init gives ~1e-4 logits; make them O(1)
+    return apply_tome(model, r=r)
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: tiny_tome_vit(r=r, global_pool="avg", class_token=False, reg_tokens=2),  # size-weighted pool, registers
+    lambda r: tiny_tome_eva(r=r),
+], ids=["vit-avg-registers", "eva-rope"])
+def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(tmp_path, make):
+    model = make((8, -0.5))
     x = torch.randn(1, 3, 32, 32)
     path = export.export_onnx(model, x, tmp_path / "tome.onnx")
     graph = onnx.load(str(path)).graph
@@ -63,7 +77,7 @@ def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(tmp_path):
             ref = model(xb)
         assert (export.onnx_logits(session, xb) - ref).abs().max() <= 1e-4
     with torch.inference_mode():
-        merged, unmerged = model(x), apply_tome(tiny_tome_vit(**kw), r=0)(x)
+        merged, unmerged = model(x), apply_tome(make(0), r=0)(x)
     assert not torch.allclose(merged, unmerged, atol=1e-3)  # the ONNX model really merges
 
 
