@@ -98,6 +98,7 @@ def test_cli_exports_and_checks_a_patched_vit(tmp_path, capsys):
     (["--model", "test_vit", "--out", "{tmp}/m.txt"], "--out must name a .onnx file"),
     (["--model", "test_vit", "--out", "{tmp}/missing/m.onnx"], "folder of --out does not exist"),
     (["--model", "test_vit", "--r", "-2", "--out", "{tmp}/m.onnx"], "r must be >= 0"),
+    (["--model", "resnet18", "--out", "{tmp}/m.onnx"], "resnet18 is a ResNet; export supports timm ViTs and EVAs"),
 ])
 def test_cli_bad_input_gives_one_line(tmp_path, argv, message):
     with pytest.raises(SystemExit) as e:
