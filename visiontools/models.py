@@ -169,14 +169,23 @@ def eva_cifar_mini_p4(pretrained: bool = False, **kwargs):
     return model
 
 
+def check_model_name(name: str) -> None:
+    """``UserError`` naming the closest registered model unless timm knows ``name``."""
+    if not timm.is_model(name):  # every name timm.list_models() gives passes this too
+        from visiontools.errors import UserError, did_you_mean
+        raise UserError(f"unknown model {name!r}: not a registered timm model{did_you_mean(name, timm.list_models())} "
+                        f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'eva_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
+
+
 def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
     """``timm.create_model`` with a clear error for unknown names (this module's models included)."""
-    if not timm.is_model(name):  # every name timm.list_models() gives passes this too
-        raise ValueError(f"unknown model {name!r}: not a registered timm model "
-                         f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'eva_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
+    check_model_name(name)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if pretrained:  # fails fast, in one line, without a network
+        from visiontools.hub import create_pretrained
+        return create_pretrained(name, **kwargs)
+    return timm.create_model(name, **kwargs)
 
 
 def model_description(name: str, model_kwargs: dict, classes: list[str], mean, std, **extra) -> dict:
@@ -222,8 +231,9 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
 
 
 def load_default_model(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The CIFAR-10 ViT shipped with visiontools (trained by the project itself), in eval mode, with
-    its description (class names, mean/std, training summary, evaluation table)."""
+    """The CIFAR-10 ViT shipped with visiontools (trained by the project itself). Returns
+    ``(model, description)``: the model in eval mode, and a dict with its class names, mean/std,
+    training summary and ``visiontools eval`` table (the card ``checkpoints/cifar10_vit.json``)."""
     return load_checkpoint_model(DEFAULT_CHECKPOINT, device=device)
 
 
