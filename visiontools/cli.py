@@ -28,6 +28,8 @@ BENCH_TARGETS = {
     "vit": ("visiontools.bench", "timm ViT: unpatched (fused attention) vs ToMe at several r"),
     "sd": ("visiontools.bench_sd", "Stable Diffusion UNet: SDPA vs tomesd vs ToMe-SD vs downsampling"),
     "hyena": ("visiontools.bench_hyena", "one Hyena block vs one attention block over grid sizes"),
+    "mixers": ("visiontools.bench_mixers", "token mixers vs tokens: SDPA, Hyena, LSH, reformer-pytorch"),
+    "reversible": ("visiontools.bench_reversible", "training memory vs depth: plain, checkpointed, reversible ViT"),
     "onnx": ("visiontools.bench_onnx", "onnxruntime: the exported unpatched ViT vs exported ToMe ViTs"),
 }
 
