@@ -32,7 +32,13 @@ from typing import Callable
 
 import torch
 from torch import nn
+import transformers
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+try:
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # transformers 4.x: refused in apply_tome with a clear message
+    _CAN_RECORD_REGISTRY = None
 
 from visiontools.merge import bipartite_soft_matching, check_r, max_r, merge_wavg, parse_r, size_bias
 
@@ -225,7 +231,10 @@ def _swap(module: nn.Module, mixin: type, **attrs) -> None:
         cls = type(f"ToMe{base.__name__}", (mixin, base), attrs)
         _PATCHED[(mixin, base)] = cls
         _BASES[cls] = base
+    recordable = _CAN_RECORD_REGISTRY.get(module)  # transformers keys what a model can record by class
     module.__class__ = _PATCHED[(mixin, base)]
+    if recordable:  # so output_hidden_states=True keeps working on the patched class
+        _CAN_RECORD_REGISTRY[module] = recordable
 
 
 def _base(cls: type) -> type:
@@ -267,6 +276,9 @@ def apply_tome(model: nn.Module, r=16, prop_attn: bool = True) -> nn.Module:
     proportional attention (``log(size)`` added to the attention logits; needs ``sdpa`` or ``eager``).
     """
     check_r(r)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"ToMe for transformers needs transformers>=5 (installed: {transformers.__version__}): "
+                          "pip install -U 'transformers>=5'")
     towers = _towers(model)
     for tower in towers:
         if not isinstance(tower, _ToMeTower):

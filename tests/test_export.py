@@ -31,10 +31,40 @@ def test_torch_export_fixes_token_counts_and_keeps_a_dynamic_batch():
             assert (program.module()(xb) - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("kw", [{}, {"global_pool": "avg", "class_token": False, "reg_tokens": 2}],
-                         ids=["class-token", "avg-pool+registers"])
-def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(tmp_path, kw):
-    model = tiny_tome_vit(r=(8, -0.5), **kw)
+def test_onnx_export_of_the_trained_cifar_vit_classifies_real_images_like_pytorch(tmp_path, datasets_dir):
+    from visiontools.data import load_cifar, normalize
+    from visiontools.models import load_checkpoint_model
+
+    model, desc = load_checkpoint_model("cifar10_vit")
+    apply_tome(model, r=4)
+    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=10)
+    x = normalize(ds.images, desc["mean"], desc["std"])
+    path = export.export_onnx(model, x[:1], tmp_path / "cifar10_vit_tome.onnx")
+    with torch.inference_mode():
+        ref = model(x)
+    logits = export.onnx_logits(export.onnx_session(path), x)  # 100 real images through the dynamic batch
+    assert (logits - ref).abs().max() <= 1e-4
+    assert torch.equal(logits.argmax(1), ref.argmax(1))
+    assert (ref.argmax(1) == ds.labels).float().mean() > 0.5  # a trained model, not noise
+
+
+def tiny_tome_eva(r=6):
+    """A tiny EVA-02-style model (rotary embeddings, SwiGLU) with ToMe."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    model = Eva(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3, num_classes=10,
+                use_rot_pos_emb=True, swiglu_mlp=True, ref_feat_shape=(8, 8)).eval()
+    torch.nn.init.normal_(model.head.weight)  # timm's tiny head init gives ~1e-4 logits; make them O(1)
+    return apply_tome(model, r=r)
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: tiny_tome_vit(r=r, global_pool="avg", class_token=False, reg_tokens=2),  # size-weighted pool, registers
+    lambda r: tiny_tome_eva(r=r),
+], ids=["vit-avg-registers", "eva-rope"])
+def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(tmp_path, make):
+    model = make((8, -0.5))
     x = torch.randn(1, 3, 32, 32)
     path = export.export_onnx(model, x, tmp_path / "tome.onnx")
     graph = onnx.load(str(path)).graph
@@ -47,7 +77,7 @@ def test_onnx_export_runs_in_onnxruntime_with_pytorchs_logits(tmp_path, kw):
             ref = model(xb)
         assert (export.onnx_logits(session, xb) - ref).abs().max() <= 1e-4
     with torch.inference_mode():
-        merged, unmerged = model(x), apply_tome(tiny_tome_vit(**kw), r=0)(x)
+        merged, unmerged = model(x), apply_tome(make(0), r=0)(x)
     assert not torch.allclose(merged, unmerged, atol=1e-3)  # the ONNX model really merges
 
 
@@ -68,6 +98,7 @@ def test_cli_exports_and_checks_a_patched_vit(tmp_path, capsys):
     (["--model", "test_vit", "--out", "{tmp}/m.txt"], "--out must name a .onnx file"),
     (["--model", "test_vit", "--out", "{tmp}/missing/m.onnx"], "folder of --out does not exist"),
     (["--model", "test_vit", "--r", "-2", "--out", "{tmp}/m.onnx"], "r must be >= 0"),
+    (["--model", "resnet18", "--out", "{tmp}/m.onnx"], "resnet18 is a ResNet; export supports timm ViTs and EVAs"),
 ])
 def test_cli_bad_input_gives_one_line(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -95,3 +126,18 @@ def test_cli_fails_when_onnxruntime_disagrees(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "onnx_logits", lambda session, x: real(session, x) + 1e-3)  # a broken export
     with pytest.raises(SystemExit, match=r"^error: onnxruntime's logits differ from PyTorch's by 1\.00e-03 > --atol"):
         main(["export", "--model", "test_vit", "--img-size", "32", "--r", "1", "--out", str(tmp_path / "m.onnx")])
+
+
+def test_bench_onnx_compares_the_exports_and_writes_its_table(tmp_path, capsys):
+    import json
+
+    out_json, out_md = tmp_path / "onnx.json", tmp_path / "onnx.md"
+    assert main(["bench", "onnx", "--model", "test_vit", "--img-size", "64", "--r", "2", "--batch-size", "2",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--out-json", str(out_json), "--out-md", str(out_md)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["unpatched (ONNX)", "ToMe r=2 (ONNX)"]
+    assert [r["final_tokens"] for r in rows] == [None, 5]
+    assert rows[0]["flop_ratio"] == 1.0 and rows[1]["flop_ratio"] > 1.2
+    assert all(r["max_abs_diff"] <= 1e-4 and len(r["times_s"]) == 1 for r in rows)
+    assert "| ToMe r=2 (ONNX) | 5 |" in out_md.read_text() and "onnxruntime" in capsys.readouterr().out

@@ -298,3 +298,17 @@ def test_attention_masks_and_unmaskable_attention_are_refused_in_one_line():
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="proportional attention needs .*not 'flex_attention'"):
         model(pixel_values=x)
+
+
+@pytest.mark.parametrize("name", ["ViTModel", "CLIPVisionModel", "Dinov2Model", "SiglipVisionModel"])
+def test_output_hidden_states_shows_the_merged_tokens(name):
+    model = apply_tome(build(name), r=5)
+    with torch.no_grad():
+        out, info = tome_forward(model, pixel_values=torch.randn(2, 3, IMG, IMG), output_hidden_states=True)
+    assert [h.shape[1] for h in out.hidden_states] == info.tokens_per_layer
+
+
+def test_transformers_4_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(T, "__version__", "4.46.3")
+    with pytest.raises(ImportError, match=r"needs transformers>=5 \(installed: 4\.46\.3\): pip install"):
+        apply_tome(build("ViTModel"), r=4)

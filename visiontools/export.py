@@ -1,5 +1,5 @@
-"""Export a timm ViT, ToMe-patched or not, with ``torch.export`` and to ONNX, and check the ONNX
-model in onnxruntime against PyTorch.
+"""Export a timm ViT or EVA, ToMe-patched or not, with ``torch.export`` and to ONNX, and check the
+ONNX model in onnxruntime against PyTorch.
 
 ToMe's token counts depend only on the number of input tokens, so an export fixes them for the
 image size of the example input; the batch dimension can stay dynamic. Nothing per call lives on
@@ -118,7 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from visiontools.bench import parse_schedule
 
     p.add_argument("--model", required=True,
-                   help="timm ViT name (random weights unless --pretrained), a shipped checkpoint name "
+                   help="timm ViT or EVA name (random weights unless --pretrained), a shipped checkpoint name "
                         "(cifar10_vit) or a visiontools .safetensors checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
     p.add_argument("--r", type=parse_schedule, default=16, metavar="R",
@@ -154,9 +154,7 @@ def _load(args) -> torch.nn.Module:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``visiontools export``: export a (ToMe-patched) timm ViT to ONNX and check it in onnxruntime."""
-    from timm.models.vision_transformer import VisionTransformer
-
+    """``visiontools export``: export a (ToMe-patched) timm ViT or EVA to ONNX and check it in onnxruntime."""
     from visiontools.merge import check_r
     from visiontools.patches.timm import apply_tome
 
@@ -172,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     model = _load(args)
-    if not isinstance(model, VisionTransformer):
-        raise SystemExit(f"error: {args.model} is a {type(model).__name__}; export supports timm VisionTransformer models")
+    if not hasattr(model, "patch_embed"):
+        raise SystemExit(f"error: {args.model} is a {type(model).__name__}; export supports timm ViTs and EVAs")
     if args.r != 0:
         try:
             apply_tome(model, r=args.r, prop_attn=not args.no_prop_attn)
