@@ -79,15 +79,14 @@ def from_merge(m: Merge, prune_sources: bool = False) -> Reduction:
     return Reduction(index, keep, merging=bool(m.r) and not prune_sources)
 
 
-def _survivors(dropped: torch.Tensor, num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a ``(B, n)`` bool mask of dropped unprotected tokens (the same count in every row): the
+def _survivors(dropped: torch.Tensor, num_protected: int, num_dropped: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a ``(B, n)`` bool mask of dropped unprotected tokens (``num_dropped`` in every row): the
     output index of every token (protected first, survivors in their original order; ``-1`` for
     dropped ones) ``(B, P + n)`` and the input token of every output ``(B, M)``."""
     B, n = dropped.shape
     P, dev = num_protected, dropped.device
     pos = torch.arange(n, device=dev).expand(B, -1)
-    n_keep = n - int(dropped[0].sum()) if B else n
-    order = torch.where(dropped, pos + n, pos).argsort(dim=1)[:, :n_keep]  # survivors, in order
+    order = torch.where(dropped, pos + n, pos).argsort(dim=1)[:, :n - num_dropped]  # survivors, in order
     out_pos = torch.cumsum(~dropped, dim=1) - 1 + P
     index = torch.cat([torch.arange(P, device=dev).expand(B, -1), torch.where(dropped, -1, out_pos)], dim=1)
     keep = torch.cat([torch.arange(P, device=dev).expand(B, -1), order + P], dim=1)
@@ -134,7 +133,7 @@ def plan_pitome(metric: torch.Tensor, r: int, num_protected: int, layer: int, nu
         ab = sim.gather(1, a[..., None].expand(-1, -1, n)).gather(2, b[:, None, :].expand(-1, r, -1))
         dst = b.gather(1, ab.argmax(dim=-1))  # (B, r): unprotected index of each A token's destination
         dropped = torch.zeros(B, n, dtype=torch.bool, device=metric.device).scatter(1, a, True)
-        index, keep = _survivors(dropped, P)
+        index, keep = _survivors(dropped, P, r)
         index = index.scatter(1, a + P, index.gather(1, dst + P))
     return Reduction(index, keep, merging=r > 0)
 
@@ -161,7 +160,7 @@ def plan_prune(importance: torch.Tensor, r: int, num_protected: int) -> Reductio
     with torch.no_grad():
         low = importance.argsort(dim=1, stable=True)[:, :r]
         dropped = torch.zeros(B, n, dtype=torch.bool, device=importance.device).scatter(1, low, True)
-        index, keep = _survivors(dropped, num_protected)
+        index, keep = _survivors(dropped, num_protected, r)
     return Reduction(index, keep, merging=False)
 
 
