@@ -82,8 +82,10 @@ def solve_budget(fraction_of: Callable[[list[int]], float], num_layers: int, r_m
                  rounds: int = 3) -> BudgetResult:
     """Solve for ``flops`` (a FLOP fraction) or ``speedup`` (then the FLOP fraction 1 / speedup, as if
     time were proportional to FLOPs). With ``measure`` (schedule -> measured speedup) and ``speedup``,
-    calibrate: measure the solved schedule and, while it falls short, aim the FLOP fraction lower by
-    the shortfall (at most ``rounds`` measurements); the lightest one that met the target (else the fastest) is returned."""
+    calibrate: measure the solved schedule and, while it falls short, fit ``time = a + (1 - a) * FLOP
+    fraction`` to the last measurement and solve for the fraction that this says reaches the speedup
+    (at most ``rounds`` measurements); the lightest schedule that met the target (else the fastest)
+    is returned."""
     if (flops is None) == (speedup is None):
         raise ValueError("give exactly one of flops= (a FLOP fraction such as 0.5) or speedup= (such as 1.8)")
     target = check_fraction(flops, "flops") if flops is not None else 1.0 / check_fraction(speedup, "speedup")
@@ -91,14 +93,18 @@ def solve_budget(fraction_of: Callable[[list[int]], float], num_layers: int, r_m
     result = BudgetResult(schedule, frac, target, speedup)
     if measure is None or speedup is None:
         return result
-    aim = target
     for _ in range(rounds):
         measured = measure(schedule)
         result.trials.append({"schedule": schedule, "flop_fraction": frac, "measured_speedup": measured})
-        if measured >= speedup:
+        if measured >= speedup or frac >= 1.0:
             break
-        aim = aim * measured / speedup
+        # fit time = a + (1 - a) * FLOP fraction (a: the part that merging does not shrink) to this
+        # measurement, and aim at the FLOP fraction that model says reaches the speedup
+        a = (1.0 / measured - frac) / (1.0 - frac)
+        if a >= 1.0 / speedup:
+            break  # no FLOP fraction reaches it on this device
         try:
+            aim = min((1.0 / speedup - a) / (1.0 - a), frac - 1e-6)  # always merge more than last time
             schedule, frac = solve_schedule(fraction_of, num_layers, aim, r_max)
         except ValueError:
             break
