@@ -6,8 +6,10 @@ paper's reference implementation (see ``visiontools.merge.bipartite_soft_matchin
 forward pass needs (token sizes, source map, rotary embeddings) lives in local variables of that
 call, so the model can be called from several threads, with different batch or image sizes, or
 through ``forward_features``. Settings live on the model as plain attributes: ``model.tome_r``
-(int, ``(r, inflection)`` or a per-layer list), ``model.tome_prop_attn`` and, on EVA models,
-``model.tome_rope_rule``; ``remove_tome`` deletes them all.
+(int, ``(r, inflection)`` or a per-layer list), ``model.tome_prop_attn``, ``model.tome_method``
+(``tome``, ``tofu``, ``pitome``, ``prune``: see ``visiontools.merge_methods``), ``model.tome_budget``
+(when a FLOP or speedup budget chose the schedule) and, on EVA models, ``model.tome_rope_rule``;
+``remove_tome`` deletes them all.
 
 Supported:
 - timm ``VisionTransformer`` (and subclasses that keep its forward, such as DeiT's distilled model)
@@ -49,8 +51,8 @@ DEFAULT_METHOD = "tome"
 class ToMeInfo:
     """What one ToMe forward pass did: tokens entering each block and after the last one, the
     final token sizes ``(B, N, 1)`` and, when traced, the source map ``(B, num_patches)``
-    (for each input patch, the index of the output token it ended in; prefix tokens included in
-    that numbering) plus one such map after every block in ``layer_sources``."""
+    (for each input patch, the index of the output token it ended in, ``-1`` if it was pruned;
+    prefix tokens included in that numbering) plus one such map after every block in ``layer_sources``."""
 
     tokens_per_layer: list[int] = field(default_factory=list)
     size: torch.Tensor | None = None
