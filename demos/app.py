@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="create a public gradio.live link (needs internet)")
     parser.add_argument("--no-download", action="store_true",
                         help="never download pretrained timm weights (use random weights with a notice)")
-    parser.add_argument("--max-size", type=int, default=16,
-                        help="most requests waiting in the queue before new ones are turned away")
+    parser.add_argument("--max-size", type=int, default=64,
+                        help="most requests waiting in the queue before new ones are turned away (64: "
+                             "20 users of the merge view at once are all served, tested)")
     parser.add_argument("--concurrency", type=int, default=2,
                         help="requests of one kind (e.g. merge visualisations) processed at the same time")
     parser.add_argument("--threads", type=int, default=0,
@@ -192,8 +193,8 @@ def upload_path(value) -> str | None:
 
 
 def _extra_tabs(gr, image) -> None:
-    """Tabs for the Stable Diffusion and Hyena parts when those modules are installed."""
-    for module in ("visiontools.demos.sd_tab", "visiontools.demos.hyena_tab"):
+    """Tabs for the Stable Diffusion, Hyena and video parts when those modules are installed."""
+    for module in ("visiontools.demos.sd_tab", "visiontools.demos.hyena_tab", "visiontools.demos.video_tab"):
         try:
             mod = __import__(module, fromlist=["build_tab"])
         except ImportError:

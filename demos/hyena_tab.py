@@ -33,7 +33,7 @@ def hyena_model():
         if _MODEL is None:
             import timm
 
-            import visiontools.patches.timm_hyena  # noqa: F401  (registers hyena_vit_cifar)
+            import visiontools.models  # noqa: F401  (registers hyena_vit_cifar)
 
             try:
                 from visiontools import models as vt_models

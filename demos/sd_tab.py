@@ -5,7 +5,7 @@ Offline, the UNet is the SD 1.5 layout at a few million parameters with random w
 (``visiontools.bench_sd.TINY_UNET_CONFIG``); the "latent" is the picture itself resized to the
 latent grid (RGB in [-1, 1] plus luminance as the 4 channels). Merge plans use fixed (top-left)
 destinations and the tokens' own dtype for matching (:func:`exact_plan_options`), so the plan
-recomputed here from each block's input is exactly the one the patched block used.
+recomputed here from each transformer block's input is exactly the one the patched block used.
 """
 from __future__ import annotations
 
@@ -101,13 +101,11 @@ def sd_merge_maps(image: Image.Image, ratio: float, max_downsample: int, latent_
     blocks = patched_blocks(unet)
     inputs: dict[str, torch.Tensor] = {}
     hooks = []
-    for name, _ in blocks:
-        attn1 = unet.get_submodule(name).attn1
-
+    for name, _ in blocks:  # ToMe-SD plans from the transformer block's input (before norm1)
         def grab(module, args, kwargs, name=name):
             inputs[name] = (args[0] if args else kwargs["hidden_states"]).detach()
 
-        hooks.append(attn1.register_forward_pre_hook(grab, with_kwargs=True))
+        hooks.append(unet.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True))
     x = image_latent(image, latent_side)
     try:
         with torch.inference_mode():

@@ -15,7 +15,9 @@ downsampling factor, as the stride-2 convolutions produce it.
 - ``mode="merge"`` (ToMe for SD, Bolya & Hoffman 2023): one destination per ``sy x sx`` window
   (pseudo-random, seeded per call from ``seed`` and the timestep, or fixed top-left); ``ratio`` of
   the tokens merge into their most similar destination before self-attention, and are copied back
-  after it.
+  after it. As in tomesd, a forward pre-hook on each patched block plans the merge from the block's
+  input (before ``norm1``); the processors apply that plan to the normed tokens, and the block's
+  forward hook drops it again. With fixed destinations the UNet output equals tomesd's.
 - ``mode="downsample"`` (ToDo, 2024): queries untouched; keys/values of self-attention come from
   the token grid resized so that ``ratio`` of the tokens go (0.75 = half the side). Nothing to
   unmerge, and the fused SDPA kernel stays in use.
@@ -58,10 +60,10 @@ SIMILARITY_DTYPES = {"auto": None, "input": None, "float32": torch.float32, "bfl
                      "float16": torch.float16}
 
 
-def _cpu_has_fast_bf16() -> bool:
+def _cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16; Linux flags)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False
@@ -90,7 +92,8 @@ class _CallContext:
 
 
 class _BlockSlot:
-    """Hands one block's merge plan from its ``attn1`` to its ``attn2``/``ff`` within a call."""
+    """One block's merge plan, from its forward pre-hook to ``attn1``/``attn2``/``ff``; set at the
+    start of the block's call and emptied at its end."""
 
     def __init__(self):
         self.plan = None
@@ -122,20 +125,45 @@ def _grid(ctx: _CallContext, downsample: int, num_tokens: int, name: str) -> tup
     return h, w
 
 
-class ToMeSDSelfAttnProcessor:
-    """Around ``attn1``: merge -> original processor -> unmerge, or downsampled keys/values."""
+def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsample: int, index: int, name: str):
+    """Hooks on one transformer block (merge mode): before it runs, plan its merge from the block's
+    input tokens (before ``norm1``, as tomesd does); after it (also on errors), forget the plan."""
+    def pre(module, args, kwargs):
+        slot.plan = None
+        x = args[0] if args else kwargs.get("hidden_states")
+        cfg = state.config
+        if cfg.ratio == 0 or x is None or x.ndim != 3 or not (cfg.merge_attn or cfg.merge_crossattn or cfg.merge_mlp):
+            return None
+        h, w = _grid(state.ctx, downsample, x.shape[1], name)
+        r = merge2d.num_merged(h * w, cfg.ratio, cfg.sx, cfg.sy, h, w)
+        if r == 0:  # grid smaller than one window, or too few tokens for this ratio
+            return None
+        seed = state.ctx.seed + 7919 * index if cfg.use_rand else None
+        slot.plan = merge2d.plan_merge_2d(x, h, w, r, cfg.sx, cfg.sy, seed,
+                                          _similarity_dtype(cfg.similarity_dtype, x))
+        return None
 
-    def __init__(self, inner, state: _State, slot: _BlockSlot, downsample: int, index: int, name: str):
+    def post(module, args, kwargs, output):
+        slot.plan = None
+        return None
+
+    return [block.register_forward_pre_hook(pre, with_kwargs=True),
+            block.register_forward_hook(post, with_kwargs=True, always_call=True)]
+
+
+class ToMeSDSelfAttnProcessor:
+    """Around ``attn1``: merge (with the block's plan) -> original processor -> unmerge, or
+    downsampled keys/values."""
+
+    def __init__(self, inner, state: _State, slot: _BlockSlot, downsample: int, name: str):
         self.inner = inner
         self.state = state
         self.slot = slot
         self.downsample = downsample
-        self.index = index
         self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         cfg = self.state.config
-        self.slot.plan = None
         if temb is not None:
             kwargs["temb"] = temb
         plain = (cfg.ratio == 0 or hidden_states.ndim != 3 or encoder_hidden_states is not None
@@ -143,22 +171,13 @@ class ToMeSDSelfAttnProcessor:
         if plain:  # nothing to do (or a case ToMe does not handle): exactly the original attention
             return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, **kwargs)
-        h, w = _grid(self.state.ctx, self.downsample, hidden_states.shape[1], self.name)
         if cfg.mode == "downsample":
+            h, w = _grid(self.state.ctx, self.downsample, hidden_states.shape[1], self.name)
             kv = merge2d.downsample_tokens(hidden_states, h, w, merge2d.kv_grid_size(h, w, cfg.ratio),
                                            cfg.downsample_method)
             return self.inner(attn, hidden_states, encoder_hidden_states=kv, attention_mask=None, **kwargs)
-        seed = None
-        if cfg.use_rand:
-            seed = self.state.ctx.seed + 7919 * self.index
-        r = merge2d.num_merged(h * w, cfg.ratio, cfg.sx, cfg.sy, h, w)
-        if r == 0:  # grid smaller than one window, or too few tokens for this ratio
-            return self.inner(attn, hidden_states, attention_mask=None, **kwargs)
-        plan = merge2d.plan_merge_2d(hidden_states, h, w, r, cfg.sx, cfg.sy, seed,
-                                     _similarity_dtype(cfg.similarity_dtype, hidden_states))
-        if cfg.merge_crossattn or cfg.merge_mlp:
-            self.slot.plan = plan
-        if not cfg.merge_attn:
+        plan = _plan_for(self.slot, hidden_states) if cfg.merge_attn else None
+        if plan is None:
             return self.inner(attn, hidden_states, attention_mask=None, **kwargs)
         out = self.inner(attn, merge2d.merge_2d(plan, hidden_states), attention_mask=None, **kwargs)
         return merge2d.unmerge(out, plan.index)
@@ -347,7 +366,9 @@ def apply_tome_sd(
     for index, (name, block, ds) in enumerate(chosen):
         slot = _BlockSlot()
         state.slots.append(slot)
-        wrap(block.attn1, ToMeSDSelfAttnProcessor(block.attn1.processor, state, slot, ds, index, name))
+        wrap(block.attn1, ToMeSDSelfAttnProcessor(block.attn1.processor, state, slot, ds, name))
+        if cfg.mode == "merge":
+            state.hooks += _block_hooks(block, state, slot, ds, index, name)
         if cfg.mode == "merge" and cfg.merge_crossattn and block.attn2 is not None:
             wrap(block.attn2, ToMeSDCrossAttnProcessor(block.attn2.processor, slot))
         if cfg.mode == "merge" and cfg.merge_mlp:

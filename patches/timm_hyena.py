@@ -1,4 +1,4 @@
-"""Hyena for timm Vision Transformers: ``swap_attention_for_hyena(model)`` and registered Hyena ViTs.
+"""Hyena for timm Vision Transformers: ``swap_attention_for_hyena(model)`` and ``configure_hyena(model)``.
 
 ``swap_attention_for_hyena`` replaces the ``attn`` of every block of a timm ``VisionTransformer`` by a
 :class:`visiontools.hyena.HyenaAttention` (new, randomly initialised weights) and tells each one the
@@ -7,25 +7,12 @@ number of prefix tokens and the patch grid. For ``dynamic_img_size`` models a fo
 ``patch_embed.grid_size``. Prefix (class/register) tokens read the grid mean in every block (see
 :class:`visiontools.hyena.Hyena2d`), so ``global_pool='token'`` keeps working.
 
-Registered models (``timm.create_model(name)``), each Hyena model with an attention twin of equal
-width, depth and recipe:
-
-- ``hyena_vit_cifar`` / ``attn_vit_cifar``: 32x32 images, 4x4 patches (8x8 grid), dim 64, depth 6,
-  MLP ratio 2 (2 heads of 32 for the twin), no class token, average pooling, 10 classes (0.30M /
-  0.21M parameters; small enough to train on a CPU, near the 202k of the paper's CIFAR model).
-- ``hyena_vit_cifar_p2`` / ``attn_vit_cifar_p2``: the same with 2x2 patches (16x16 grid).
-- ``hyena_vit_small_224`` / ``attn_vit_small_224``: ViT-S/16 shape (dim 384, depth 12) on 224x224.
-
-All are built with ``dynamic_img_size=True``, so they accept other image sizes (multiples of the
-patch size); position embeddings are resampled by timm and Hyena filters are generated per grid.
+The registered Hyena ViTs (``hyena_vit_cifar``, its attention twin ``attn_vit_cifar``, ...) are
+built from these functions in :mod:`visiontools.models`, the project's one model registry.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from visiontools.hyena import GridKey, HyenaAttention, set_call_grid
@@ -93,66 +80,3 @@ def swap_attention_for_hyena(model: nn.Module, order: int = 2, **hyena_kwargs) -
             proj_drop=float(getattr(getattr(attn, "proj_drop", None), "p", 0.0)),
             order=order, device=ref.device, dtype=ref.dtype, **hyena_kwargs)
     return configure_hyena(model)
-
-
-# ----------------------------------------------------------------------------- registered models
-
-CIFAR_DIMS = dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0,
-                  class_token=False, global_pool="avg", num_classes=10, dynamic_img_size=True)
-SMALL_224_DIMS = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                      dynamic_img_size=True)
-
-
-def _build(variant: str, pretrained: bool, dims: dict, hyena: bool, order: int = 2,
-           hyena_kwargs: Optional[dict] = None, **kwargs) -> VisionTransformer:
-    from visiontools.models import build_registered_vit  # not at the top: visiontools.models imports this module
-
-    if hyena:
-        default = {} if order == 2 and not hyena_kwargs else dict(order=order, **(hyena_kwargs or {}))
-        dims = {**dims, "attn_layer": HyenaAttention.bound(**default)}
-    img_size = kwargs.get("img_size", dims["img_size"])
-    stats = None if img_size <= 64 else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    model = build_registered_vit(variant, pretrained, dims, kwargs, stats)
-    if hyena:
-        configure_hyena(model)
-    return model
-
-
-@register_model
-def hyena_vit_cifar(pretrained: bool = False, order: int = 2, hyena_kwargs: Optional[dict] = None,
-                    **kwargs) -> VisionTransformer:
-    """Hyena ViT for CIFAR: 4x4 patches (8x8 grid), dim 64, depth 6, order-2 Hyena, avg pooling."""
-    return _build("hyena_vit_cifar", pretrained, CIFAR_DIMS, True, order, hyena_kwargs, **kwargs)
-
-
-@register_model
-def attn_vit_cifar(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Attention twin of ``hyena_vit_cifar`` (same width, depth, patching and head; 2 heads)."""
-    return _build("attn_vit_cifar", pretrained, CIFAR_DIMS, False, **kwargs)
-
-
-@register_model
-def hyena_vit_cifar_p2(pretrained: bool = False, order: int = 2, hyena_kwargs: Optional[dict] = None,
-                       **kwargs) -> VisionTransformer:
-    """``hyena_vit_cifar`` with 2x2 patches (16x16 grid, 4x the tokens)."""
-    return _build("hyena_vit_cifar_p2", pretrained, {**CIFAR_DIMS, "patch_size": 2}, True, order,
-                  hyena_kwargs, **kwargs)
-
-
-@register_model
-def attn_vit_cifar_p2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Attention twin of ``hyena_vit_cifar_p2``."""
-    return _build("attn_vit_cifar_p2", pretrained, {**CIFAR_DIMS, "patch_size": 2}, False, **kwargs)
-
-
-@register_model
-def hyena_vit_small_224(pretrained: bool = False, order: int = 2, hyena_kwargs: Optional[dict] = None,
-                        **kwargs) -> VisionTransformer:
-    """ViT-S/16 shape (dim 384, depth 12, class token) with Hyena instead of attention, 224x224."""
-    return _build("hyena_vit_small_224", pretrained, SMALL_224_DIMS, True, order, hyena_kwargs, **kwargs)
-
-
-@register_model
-def attn_vit_small_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Attention twin of ``hyena_vit_small_224`` (timm ``vit_small_patch16_224`` shape, 6 heads)."""
-    return _build("attn_vit_small_224", pretrained, SMALL_224_DIMS, False, **kwargs)

@@ -19,10 +19,7 @@ ARTIFACTS = ROOT / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (the CI script installs it)"),
-]
+pytestmark = pytest.mark.browser
 
 
 def _free_port() -> int:
@@ -32,9 +29,29 @@ def _free_port() -> int:
 
 
 # Runs `visiontools demo` with a Python audit hook that logs every DNS lookup or connection to a
-# host other than this machine, so the test can check that nothing reaches for the internet.
+# host other than this machine, so the test can check that nothing reaches for the internet. While
+# the file $VT_HOLD exists, each merge request is held 1 s and logs how many run at once ("ACTIVE n"),
+# so the test can show two users being served at the same time.
 LAUNCHER = """
-import sys
+import functools, os, sys, threading, time
+import visiontools.demos.app as app
+_lock, _active, _merge = threading.Lock(), [0], app.run_merge
+
+@functools.wraps(_merge)
+def _held(*args, **kwargs):
+    if not os.path.exists(os.environ["VT_HOLD"]):
+        return _merge(*args, **kwargs)
+    with _lock:
+        _active[0] += 1
+        print(f"ACTIVE {_active[0]}", flush=True)
+    try:
+        time.sleep(1.0)
+        return _merge(*args, **kwargs)
+    finally:
+        with _lock:
+            _active[0] -= 1
+
+app.run_merge = _held
 LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0", None)
 def hook(event, args):
     host = None
@@ -60,7 +77,7 @@ def server():
     threads); yields its URL and start-up time."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_OFFLINE")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", VT_HOLD=str(ARTIFACTS / "hold_merge_requests"))
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "demo_server.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", "--port", str(port), "--threads", "1"],
@@ -99,7 +116,9 @@ def _token_rows(page) -> list[list[str]]:
 def test_pick_example_and_move_r_slider(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: `bash scripts/setup.sh --dev` installs it"
     url, startup_s = server
+    hold = ARTIFACTS / "hold_merge_requests"
     bad_upload = tmp_path / "holiday.jpg"
     bad_upload.write_text("not a photo: a text file with an image name\n")
     external: list[str] = []
@@ -113,6 +132,9 @@ def test_pick_example_and_move_r_slider(server, tmp_path):
             page.goto(url)
 
             vis = page.locator("#merge-vis img")
+            # the server runs the shipped checkpoint (no fallback to random weights)
+            expect(page.locator("#model-info")).to_contain_text("shipped CIFAR-10 checkpoint")
+            expect(page.locator("#model-info")).not_to_contain_text("random weights")
             # the page opens on a bundled photo, already analysed
             expect(vis).to_have_count(1)
             expect(page.locator("#token-summary")).to_contain_text("patch groups")
@@ -159,15 +181,26 @@ def test_pick_example_and_move_r_slider(server, tmp_path):
             expect(status).not_to_contain_text("Could not use this upload")
             expect(vis).to_have_count(1)
 
-            # a second user at the same time gets their own result
+            # a second user at the same time gets their own result: both change r at once, and the
+            # server runs both requests together (each held 1 s, so they overlap)
             other = browser.new_page(viewport={"width": 1280, "height": 1000})
             other.goto(url)
             other.locator("#examples button.gallery-item").nth(2).click()
             expect(other.locator("#merge-vis img")).to_have_count(1)
-            other.locator("#r-slider input[type=number]").fill("1")
-            other.locator("#r-slider input[type=number]").press("Enter")
-            expect(other.locator("#token-table [data-testid='cell-0-2']")).to_have_text("1")
-            expect(merged_cell).to_have_text(new_r)  # the first user's page is unchanged
+            other_cell = other.locator("#token-table [data-testid='cell-0-2']")
+            expect(other_cell).to_have_text(r_before)
+            new_r = str(int(new_r) - 1)
+            hold.touch()
+            try:
+                for user, value in ((page, new_r), (other, "1")):
+                    user.locator("#r-slider input[type=number]").fill(value)
+                for user in (page, other):
+                    user.locator("#r-slider input[type=number]").press("Enter")
+                expect(merged_cell).to_have_text(new_r)
+                expect(other_cell).to_have_text("1")
+            finally:
+                hold.unlink()
+            assert "ACTIVE 2" in (ARTIFACTS / "demo_server.log").read_text()
             other.close()
 
             # measured speed, with the chart and the table
@@ -179,18 +212,20 @@ def test_pick_example_and_move_r_slider(server, tmp_path):
             expect(page.locator("#speed-note")).to_contain_text("measured speedup")
             page.screenshot(path=str(ARTIFACTS / "demo_browser_speed.png"), full_page=True)
 
-            # the Stable Diffusion and Hyena tabs, when those parts are installed
-            if page.get_by_role("tab", name="Stable Diffusion (ToMe-SD)").count():
-                page.get_by_role("tab", name="Stable Diffusion (ToMe-SD)").click()
-                page.locator("#sd-show").click()
-                expect(page.locator("#sd-note")).to_contain_text("tokens merged", timeout=45_000)
-                expect(page.locator("#sd-gallery img").first).to_be_visible()
-                page.screenshot(path=str(ARTIFACTS / "demo_browser_sd.png"), full_page=True)
-            if page.get_by_role("tab", name="Hyena").count():
-                page.get_by_role("tab", name="Hyena").click()  # selecting the tab draws the filters
-                expect(page.locator("#hyena-note")).to_contain_text("Red = positive")
-                expect(page.locator("#hyena-filters img").first).to_be_visible()
-                page.screenshot(path=str(ARTIFACTS / "demo_browser_hyena.png"), full_page=True)
+            # the Stable Diffusion and Hyena tabs (part of the dev install: a missing tab fails)
+            sd_tab = page.get_by_role("tab", name="Stable Diffusion (ToMe-SD)")
+            expect(sd_tab).to_have_count(1)
+            sd_tab.click()
+            page.locator("#sd-show").click()
+            expect(page.locator("#sd-note")).to_contain_text("tokens merged", timeout=45_000)
+            expect(page.locator("#sd-gallery img").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "demo_browser_sd.png"), full_page=True)
+            hyena_tab = page.get_by_role("tab", name="Hyena")
+            expect(hyena_tab).to_have_count(1)
+            hyena_tab.click()  # selecting the tab draws the filters
+            expect(page.locator("#hyena-note")).to_contain_text("Red = positive")
+            expect(page.locator("#hyena-filters img").first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "demo_browser_hyena.png"), full_page=True)
         finally:
             browser.close()
     assert not external, f"the page tried to reach the internet: {external}"

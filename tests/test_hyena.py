@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+import visiontools.models  # noqa: F401  (registers the Hyena ViTs)
 import visiontools.patches.timm_hyena as th
 from visiontools.data import CIFAR_STATS, load_cifar, normalize
 from visiontools.hyena import (
@@ -32,9 +33,9 @@ def test_fft_conv_equals_direct_conv(H, W):
     g = torch.Generator().manual_seed(H * 10 + W)
     x = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
     k = torch.randn(3, 2 * H - 1, 2 * W - 1, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(fft_conv2d(x, k), direct_conv2d(x, k), rtol=1e-10, atol=1e-10)
-    xf, kf = x.float(), k.float()
-    torch.testing.assert_close(fft_conv2d(xf, kf), direct_conv2d(xf, kf), rtol=1e-4, atol=1e-4)
+    exact = direct_conv2d(x, k)  # outputs up to ~20: FFT round-off ~1e-14 in float64, ~5e-6 in float32
+    torch.testing.assert_close(fft_conv2d(x, k), exact, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fft_conv2d(x.float(), k.float()).double(), exact, rtol=0, atol=2e-5)
 
 
 def test_fft_conv_is_linear_not_circular():
@@ -83,6 +84,72 @@ def test_implicit_filter_shapes_and_decay():
     assert window[0, 0, 0] < window[0, 0, -1]
     with pytest.raises(ValueError, match="grid must be positive"):
         f((0, 3))
+
+
+def test_implicit_filter_is_the_mlp_times_a_per_channel_decay_window():
+    """h_c(dy, dx) = MLP(pos)_c * exp(-a_c * |(dy, dx)| / max(H, W)), with rates from fast to slow."""
+    torch.manual_seed(0)
+    f = ImplicitFilter2d(6, hidden=16, fast_decay=0.3, slow_decay=1.5, target=1e-2).double()
+    H, W = 5, 7
+    dy = torch.arange(-(H - 1), H, dtype=torch.float64)[:, None] / 7
+    dx = torch.arange(-(W - 1), W, dtype=torch.float64)[None, :] / 7
+    radius = torch.sqrt(dy ** 2 + dx ** 2)
+    rates = torch.linspace(np.log(100) / 0.3, np.log(100) / 1.5, 6, dtype=torch.float64)
+    torch.testing.assert_close(f.decay_rates.double(), rates, rtol=1e-6, atol=0)
+    assert torch.exp(-rates[0] * 0.3) == pytest.approx(1e-2) and torch.exp(-rates[-1] * 1.5) == pytest.approx(1e-2)
+    feats, _ = f.positions(H, W)
+    mlp_out = f.mlp(feats.double()).permute(2, 0, 1)  # (6, 2H-1, 2W-1), no window
+    expected = mlp_out * torch.exp(-rates[:, None, None] * radius)
+    # float32 offsets, rates and window (exp(-a r) with a r up to ~20: relative error ~20 ulps)
+    torch.testing.assert_close(f((H, W)).double(), expected, rtol=4e-6, atol=1e-9)
+    assert (f((H, W))[:, 0, 0].abs() < 0.5 * mlp_out[:, 0, 0].abs()).all()  # the corners are damped
+
+
+def _hyena_reference(m: Hyena2d, x: torch.Tensor, prefix: torch.Tensor):
+    """Definition 3.1 of the Hyena paper, written out with direct (non-FFT) convolutions: order n uses
+    filter rows [n*C, (n+1)*C); prefix tokens read the grid mean of the current value."""
+    B, H, W, C = x.shape
+    u = m.short_conv(m.in_proj(x).permute(0, 3, 1, 2))
+    v, *gates = u.split(C, dim=1)
+    k = m.filter((H, W))
+    centre = m.short_conv.weight[:, 0, 1, 1]
+    vp, *gates_p = (m.in_proj(prefix) * centre + m.short_conv.bias).split(C, dim=-1)
+    for n in range(m.order):
+        z = direct_conv2d(v, k[n * C:(n + 1) * C]) + v * m.skip[n].view(1, C, 1, 1)
+        zp = v.mean(dim=(2, 3))[:, None, :] + vp * m.skip[n]
+        v, vp = gates[n] * z, gates_p[n] * zp
+    return m.out_proj(v.permute(0, 2, 3, 1)), m.out_proj(vp)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_hyena_equals_its_definition_with_a_filter_per_order_and_grid_mean_prefix(order):
+    torch.manual_seed(0)
+    m = Hyena2d(8, order=order, filter_hidden=16).double()
+    x = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+    prefix = torch.randn(2, 2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y, yp = m(x, prefix=prefix)
+        ry, ryp = _hyena_reference(m, x, prefix)
+        torch.testing.assert_close(y, ry, rtol=0, atol=1e-12)
+        torch.testing.assert_close(yp, ryp, rtol=0, atol=1e-12)
+        torch.testing.assert_close(m(x), ry, rtol=0, atol=1e-12)  # the grid never reads the prefix
+
+
+def test_every_filter_row_gets_a_gradient():
+    """Each of the order*dim generated filters is used: the loss has a gradient for every row."""
+    torch.manual_seed(0)
+    m = Hyena2d(8, order=3, filter_hidden=16)
+    kept = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        kept["k"] = out
+
+    m.filter.register_forward_hook(keep)
+    y, yp = m(torch.randn(2, 5, 6, 8), prefix=torch.randn(2, 1, 8))
+    (y.square().mean() + yp.square().mean()).backward()
+    per_row = kept["k"].grad.abs().flatten(1).sum(1)
+    assert per_row.shape == (24,) and (per_row > 0).all(), per_row
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])

@@ -1,4 +1,5 @@
 """The built wheel installs exactly one top-level package, ``visiontools`` (issue 13, part 4)."""
+import shutil
 import subprocess
 import sys
 import venv
@@ -12,10 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """A wheel of this checkout, built without network or build isolation."""
+    """A wheel of this checkout, built without network or build isolation, from a copy of the
+    sources (setuptools writes build/ and *.egg-info beside them)."""
     out = tmp_path_factory.mktemp("wheel")
+    src = tmp_path_factory.mktemp("src") / "visiontools"
+    skip = shutil.ignore_patterns(".git", ".venv", "runs", "artifacts", "build", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT, src, ignore=skip)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True, text=True)
+                    "-w", str(out), str(src)], check=True, capture_output=True, text=True)
     (whl,) = out.glob("visiontools-*.whl")
     return whl
 

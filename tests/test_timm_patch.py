@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.vision_transformer import VisionTransformer
 
 from visiontools.patches.timm import apply_tome, remove_tome, tome_forward
@@ -382,6 +383,59 @@ def test_sized_pools_need_sizes_in_forward_head(pool):
 def eva(**kw):
     torch.manual_seed(0)
     return timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, **kw).eval()
+
+
+def reference_eva_tome(model, img, rs, rope_rule="mean"):
+    """Logits of a timm EVA with ToMe along the reference's code path (as ``reference_vit_tome``),
+    with EVA's attention (rotary embeddings on the non-prefix tokens, keys before rotation as the
+    metric) and each merged token's sin/cos embedding merged like a feature (``mean``: size-weighted
+    mean; ``circular``: then rescaled to unit length)."""
+    P = model.num_prefix_tokens
+    x, rope = model._pos_embed(model.patch_embed(img))
+    x = model.norm_pre(x)
+    rope = torch.cat([torch.zeros(P, rope.shape[-1]), rope]).expand(x.shape[0], -1, -1)  # a row per token
+    size = None
+    for blk, r in zip(model.blocks, rs):
+        a, h = blk.attn, blk.norm1(x)
+        B, N, C = h.shape
+        q, k, v = F.linear(h, a.qkv.weight, torch.cat((a.q_bias, a.k_bias, a.v_bias))).reshape(
+            B, N, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        metric = k.mean(1)
+        q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], rope[:, None, P:])], dim=2)
+        k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], rope[:, None, P:])], dim=2)
+        logits = (q * a.scale) @ k.transpose(-2, -1)
+        if size is not None:
+            logits = logits + size.log()[:, None, None, :, 0]
+        y = a.proj(a.norm((logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, -1)))
+        x = x + blk.gamma_1 * y if blk.gamma_1 is not None else x + y
+        merge_fn = reference_bipartite_soft_matching(metric, r, P, model.cls_token is not None)
+        if merge_fn is not None:
+            if size is None:
+                size = torch.ones_like(x[..., 0, None])
+            rope = merge_fn(rope * size, mode="sum") / merge_fn(size, mode="sum")
+            if rope_rule == "circular":
+                sin, cos = rope.chunk(2, dim=-1)
+                rope = torch.cat([sin, cos], dim=-1) / (sin * sin + cos * cos).sqrt().clamp_min(1e-12).repeat(1, 1, 2)
+            x = merge_fn(x * size, mode="sum")
+            size = merge_fn(size, mode="sum")
+            x = x / size
+        y = blk.mlp(blk.norm2(x))
+        x = x + blk.gamma_2 * y if blk.gamma_2 is not None else x + y
+    x = model.norm(x)
+    x = (x * size)[:, P:].sum(dim=1) / size[:, P:].sum(dim=1)
+    return model.head(model.fc_norm(x))
+
+
+@pytest.mark.parametrize("rule", ["mean", "circular"])
+def test_eva_matches_reference_implementation(rule):
+    model = eva(global_pool="avg")
+    x = torch.randn(2, 3, 56, 56)
+    rs = parse_r(len(model.blocks), 3)
+    with torch.no_grad():
+        expected = reference_eva_tome(model, x, rs, rule)
+        out, info = tome_forward(apply_tome(model, r=3, rope_rule=rule), x)
+    assert_near(out, expected)
+    assert info.tokens_per_layer == [17, 14, 11, 8, 5, 3, 2, 2, 2, 2, 2, 2, 2]  # 16 patches + cls; r capped at half
 
 
 def test_eva_rope_rules():

@@ -63,15 +63,23 @@ def test_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.001
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, datasets_dir):
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, datasets_dir, monkeypatch):
+    import visiontools.train as train_module
+
     full = tiny_cfg(datasets_dir, tmp_path / "full", model_kwargs={**TINY, "drop_path_rate": 0.1})
     train(full, progress=False)
     part = {**full, "out_dir": str(tmp_path / "part")}
     train(part, progress=False, stop_after=1)
-    assert len(read_log(tmp_path / "part/log.jsonl")) == 1
+    first_epoch = read_log(tmp_path / "part/log.jsonl")
+    assert len(first_epoch) == 1
     with pytest.raises(FileExistsError, match="--resume"):
         train(part, progress=False)  # never silently restarts over an existing run
+    steps, lr_at_steps = [], train_module.lr_at
+    monkeypatch.setattr(train_module, "lr_at", lambda step, *a: steps.append(step) or lr_at_steps(step, *a))
     train(part, resume=True, progress=False)
+    # the resumed run trained only the second epoch (steps 5..9), and kept epoch 1's record, timing included
+    assert steps == [5, 6, 7, 8, 9]
+    assert read_log(tmp_path / "part/log.jsonl")[0] == first_epoch[0]
 
     a, _, sa = ckpt.load_training_state(tmp_path / "full/last.safetensors")
     b, _, sb = ckpt.load_training_state(tmp_path / "part/last.safetensors")
@@ -157,16 +165,20 @@ def test_bad_data_dir_is_a_clear_error(tmp_path):
         train(cfg, progress=False)
 
 
-def test_torchrun_two_cpu_processes(tmp_path, datasets_dir):
+def test_torchrun_two_cpu_processes_and_resume(tmp_path, datasets_dir):
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "visiontools.cli", "train", "--no-progress", "--out-dir", str(out), "--threads", "1",
+               "--data-dir", str(datasets_dir / "cifar10"), "--epochs", "2", "--batch-size", "16",
+               "--set", "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
+               "--set", "train_per_class=8", "--set", "test_per_class=5", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [json.loads(line)["epoch"] for line in res.stdout.splitlines() if line.startswith("{")]
+
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "visiontools.cli", "train", "--no-progress", "--out-dir", str(out), "--threads", "1",
-           "--data-dir", str(datasets_dir / "cifar10"), "--epochs", "2", "--batch-size", "16",
-           "--set", "model_kwargs={embed_dim: 32, depth: 2, num_heads: 2}",
-           "--set", "train_per_class=8", "--set", "test_per_class=5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert torchrun(out) == [1, 2]
     log = read_log(out / "log.jsonl")
     assert [r["epoch"] for r in log] == [1, 2]
     # metrics are reduced over both ranks: every training step saw 16 images (8 per rank), every
@@ -176,3 +188,15 @@ def test_torchrun_two_cpu_processes(tmp_path, datasets_dir):
     assert state["world_size"] == 2 and state["step"] == 10
     model, desc = load_checkpoint_model(out / "last.safetensors")
     assert desc["classes"][3] == "cat"
+
+    # killed after epoch 1, resumed under torchrun: only epoch 2 runs, and it ends bit for bit where
+    # the uninterrupted run did
+    part = tmp_path / "part"
+    assert torchrun(part, "--stop-after", "1") == [1]
+    first_epoch = read_log(part / "log.jsonl")[0]
+    assert torchrun(part, "--resume") == [2]
+    assert read_log(part / "log.jsonl")[0] == first_epoch
+    a, _, _ = ckpt.load_training_state(out / "last.safetensors")
+    b, _, sb = ckpt.load_training_state(part / "last.safetensors")
+    assert a.keys() == b.keys() and sb["step"] == 10
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -32,8 +32,24 @@ def test_render_merges_of_a_real_image(imagenet_image, tmp_path):
         inner = mask & ~np.all(arr == [255, 0, 0], axis=-1)
         mean = src[mask].mean(0)
         assert np.abs(arr[inner] - mean).max() <= 1
-    # outlines are drawn exactly where neighbouring patches belong to different groups
-    assert np.all(arr[16 * 3 - 1, :] == [255, 0, 0], axis=-1).any()
+    # outlines are drawn exactly where neighbouring patches belong to different groups: on the last
+    # pixel column (row) of a patch whose right (lower) neighbour is in another group, nowhere else
+    expected = np.zeros((224, 224), bool)
+    right = ids[:, :-1] != ids[:, 1:]
+    below = ids[:-1, :] != ids[1:, :]
+    for r, c in np.argwhere(right):
+        expected[16 * r:16 * r + 16, 16 * c + 15] = True
+    for r, c in np.argwhere(below):
+        expected[16 * r + 15, 16 * c:16 * c + 16] = True
+    assert right.any() and below.any() and not right.all()
+    red = np.all(arr == [255, 0, 0], axis=-1)
+    assert np.array_equal(red, expected)
+    # a 2-pixel outline also covers the next pixel to the right and below
+    wide = np.all(np.asarray(render_merges(img, source, (14, 14), outline=(255, 0, 0), outline_width=2)) == [255, 0, 0], -1)
+    grown = expected.copy()
+    grown[:, 1:] |= expected[:, :-1]
+    grown[1:, :] |= grown[:-1, :].copy()
+    assert np.array_equal(wide, grown)
 
 
 def test_identity_source_gives_cell_means_and_bad_source_is_rejected(imagenet_image):

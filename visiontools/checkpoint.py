@@ -98,10 +98,25 @@ def unpack_optimizer_state(tensors: dict[str, torch.Tensor], state: dict[str, An
     return {"state": per_param, "param_groups": state["optimizer_param_groups"]}
 
 
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a .safetensors file written by "
+                                "`visiontools train`, or a shipped name from visiontools.models.SHIPPED)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from None
+    return tensors, meta
+
+
 def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(tensors, model description, training state) of a resumable checkpoint."""
-    from visiontools.models import read_checkpoint
-
     tensors, meta = read_checkpoint(path)
     if TRAIN_KEY not in meta or META_KEY not in meta:
         raise ValueError(f"{path} is not a resumable visiontools training checkpoint "

@@ -1,4 +1,4 @@
-"""The ``visiontools`` command line: ``bench`` (vit | sd | hyena), ``train``, ``eval``, ``demo``.
+"""The ``visiontools`` command line: ``bench`` (vit | sd | hyena | onnx), ``train``, ``eval``, ``demo``, ``export``, ``video``.
 
 Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args)``;
 modules keep heavy imports (diffusers, gradio) inside ``run`` so that ``--help`` stays fast.
@@ -14,11 +14,14 @@ COMMANDS = {
     "train": ("visiontools.train", "train a model on CIFAR-10/100 from a YAML config"),
     "eval": ("visiontools.evaluate", "accuracy, throughput and FLOPs with and without ToMe"),
     "demo": ("visiontools.demos.app", "start the Gradio demo"),
+    "export": ("visiontools.export", "export a (ToMe-patched) timm ViT to ONNX (and torch.export), checked in onnxruntime"),
+    "video": ("visiontools.video", "annotate a video: ToMe merge map, tokens and FPS on every frame"),
 }
 BENCH_TARGETS = {
     "vit": ("visiontools.bench", "timm ViT: unpatched (fused attention) vs ToMe at several r"),
     "sd": ("visiontools.bench_sd", "Stable Diffusion UNet: SDPA vs tomesd vs ToMe-SD vs downsampling"),
     "hyena": ("visiontools.bench_hyena", "one Hyena block vs one attention block over grid sizes"),
+    "onnx": ("visiontools.bench_onnx", "onnxruntime: the exported unpatched ViT vs exported ToMe ViTs"),
 }
 
 

@@ -1,37 +1,44 @@
-"""Small ViTs for 32x32 images (registered with timm), and loading of visiontools checkpoints,
-including the CIFAR-10 ViT shipped inside the package (``load_default_model``).
+"""The project's one model registry (every model visiontools registers with timm is defined here),
+and loading of visiontools checkpoints, including the CIFAR-10 ViT shipped inside the package
+(``load_default_model``).
 
 Registered models (``timm.create_model(name)`` works once this module is imported):
 
 - ``vit_cifar_tiny_p4``: ViT-Tiny shape (dim 192, depth 12, 3 heads) with 4x4 patches: 64 tokens + cls.
 - ``vit_cifar_mini_p4``: dim 192, depth 6, 3 heads, 4x4 patches; trains on a 2-core CPU in about an hour.
   The shipped checkpoint is this model.
+- ``hyena_vit_cifar`` / ``attn_vit_cifar``: 32x32 images, 4x4 patches (8x8 grid), dim 64, depth 6,
+  MLP ratio 2 (2 heads of 32 for the twin), no class token, average pooling, 10 classes (0.30M /
+  0.21M parameters; small enough to train on a CPU, near the 202k of the Hyena paper's CIFAR model).
+- ``hyena_vit_cifar_p2`` / ``attn_vit_cifar_p2``: the same with 2x2 patches (16x16 grid).
+- ``hyena_vit_small_224`` / ``attn_vit_small_224``: ViT-S/16 shape (dim 384, depth 12) on 224x224.
 - ``eva_cifar_mini_p4``: the same size as an EVA-02 (``timm.models.eva.Eva``: rotary position embeddings,
   SwiGLU MLP, class token, average pooling); used to choose ToMe's rule for rotary embeddings.
 
-Both are plain ``timm`` ``VisionTransformer`` instances, so timm tooling and ``visiontools.patches.timm`` (ToMe)
-apply to them unchanged.
+All but the EVA are plain ``timm`` ``VisionTransformer`` instances (the Hyena ones with
+:class:`visiontools.hyena.HyenaAttention` as ``attn_layer``, configured by
+``visiontools.patches.timm_hyena``), so timm tooling and ``visiontools.patches.timm`` (ToMe) apply.
+The Hyena models and twins use ``dynamic_img_size=True``: other image sizes (multiples of the patch
+size) work, with position embeddings resampled by timm and Hyena filters generated per grid.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.checkpoint import META_KEY  # safetensors metadata entry holding the JSON model description
+from visiontools.checkpoint import META_KEY, read_checkpoint  # META_KEY: metadata entry holding the model description
 from visiontools.data import CIFAR_STATS, CIFAR10_CLASSES
 
-try:  # Hyena ViTs register themselves with timm when their adapter is installed.
-    import visiontools.patches.timm_hyena  # noqa: F401
-except ImportError as e:  # only a missing Hyena adapter is tolerated, not a broken one
-    if e.name not in ("visiontools.patches", "visiontools.patches.timm_hyena"):
-        raise
+from visiontools.hyena import HyenaAttention
+from visiontools.patches.timm_hyena import configure_hyena
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 SHIPPED = {
@@ -80,6 +87,67 @@ def vit_cifar_mini_p4(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return _create_cifar_vit("vit_cifar_mini_p4", pretrained, dict(embed_dim=192, depth=6, num_heads=3), **kwargs)
 
 
+# ----------------------------------------------------------------------------- Hyena ViTs and attention twins
+
+CIFAR_DIMS = dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=2, mlp_ratio=2.0,
+                  class_token=False, global_pool="avg", num_classes=10, dynamic_img_size=True)
+SMALL_224_DIMS = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                      dynamic_img_size=True)
+
+
+def _build_hyena_or_twin(variant: str, pretrained: bool, dims: dict, hyena: bool, order: int = 2,
+           hyena_kwargs: Optional[dict] = None, **kwargs) -> VisionTransformer:
+    if hyena:
+        default = {} if order == 2 and not hyena_kwargs else dict(order=order, **(hyena_kwargs or {}))
+        dims = {**dims, "attn_layer": HyenaAttention.bound(**default)}
+    img_size = kwargs.get("img_size", dims["img_size"])
+    stats = None if img_size <= 64 else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    model = build_registered_vit(variant, pretrained, dims, kwargs, stats)
+    if hyena:
+        configure_hyena(model)
+    return model
+
+
+@register_model
+def hyena_vit_cifar(pretrained: bool = False, order: int = 2, hyena_kwargs: Optional[dict] = None,
+                    **kwargs) -> VisionTransformer:
+    """Hyena ViT for CIFAR: 4x4 patches (8x8 grid), dim 64, depth 6, order-2 Hyena, avg pooling."""
+    return _build_hyena_or_twin("hyena_vit_cifar", pretrained, CIFAR_DIMS, True, order, hyena_kwargs, **kwargs)
+
+
+@register_model
+def attn_vit_cifar(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Attention twin of ``hyena_vit_cifar`` (same width, depth, patching and head; 2 heads)."""
+    return _build_hyena_or_twin("attn_vit_cifar", pretrained, CIFAR_DIMS, False, **kwargs)
+
+
+@register_model
+def hyena_vit_cifar_p2(pretrained: bool = False, order: int = 2, hyena_kwargs: Optional[dict] = None,
+                       **kwargs) -> VisionTransformer:
+    """``hyena_vit_cifar`` with 2x2 patches (16x16 grid, 4x the tokens)."""
+    return _build_hyena_or_twin("hyena_vit_cifar_p2", pretrained, {**CIFAR_DIMS, "patch_size": 2}, True, order,
+                  hyena_kwargs, **kwargs)
+
+
+@register_model
+def attn_vit_cifar_p2(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Attention twin of ``hyena_vit_cifar_p2``."""
+    return _build_hyena_or_twin("attn_vit_cifar_p2", pretrained, {**CIFAR_DIMS, "patch_size": 2}, False, **kwargs)
+
+
+@register_model
+def hyena_vit_small_224(pretrained: bool = False, order: int = 2, hyena_kwargs: Optional[dict] = None,
+                        **kwargs) -> VisionTransformer:
+    """ViT-S/16 shape (dim 384, depth 12, class token) with Hyena instead of attention, 224x224."""
+    return _build_hyena_or_twin("hyena_vit_small_224", pretrained, SMALL_224_DIMS, True, order, hyena_kwargs, **kwargs)
+
+
+@register_model
+def attn_vit_small_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Attention twin of ``hyena_vit_small_224`` (timm ``vit_small_patch16_224`` shape, 6 heads)."""
+    return _build_hyena_or_twin("attn_vit_small_224", pretrained, SMALL_224_DIMS, False, **kwargs)
+
+
 @register_model
 def eva_cifar_mini_p4(pretrained: bool = False, **kwargs):
     """EVA-02-style ViT (rotary position embeddings, SwiGLU, dim 192, depth 6, 3 heads) with 4x4 patches on
@@ -117,28 +185,15 @@ def model_description(name: str, model_kwargs: dict, classes: list[str], mean, s
             "mean": list(mean), "std": list(std), **extra}
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a safetensors file."""
-    from safetensors import safe_open
-
-    path = Path(path)
+def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
+    """A shipped checkpoint name (e.g. ``cifar10_vit``) or an existing file path -> the file path."""
+    if str(path_or_name) in SHIPPED:
+        return SHIPPED[str(path_or_name)]
+    path = Path(path_or_name)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected a .safetensors file written by "
                                 f"`visiontools train`, or one of the shipped names {sorted(SHIPPED)})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from None
-    return tensors, meta
-
-
-def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
-    """A shipped checkpoint name (e.g. ``cifar10_vit``) or a file path -> the file path."""
-    if str(path_or_name) in SHIPPED:
-        return SHIPPED[str(path_or_name)]
-    return Path(path_or_name)
+    return path
 
 
 def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, device: str | torch.device = "cpu",

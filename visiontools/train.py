@@ -4,8 +4,8 @@ configs/vit_cifar10_cpu.yaml [--set epochs=2 ...] [--resume]``; runs under ``tor
 Config format (YAML; every key is optional and defaults to the value below; ``--set key=value``
 overrides any key on the command line, values parsed as YAML, dotted keys reach nested entries)::
 
-    model: vit_cifar_mini_p4      # any registered timm model name (visiontools.models and
-                                  # visiontools.patches.timm_hyena register theirs on import)
+    model: vit_cifar_mini_p4      # any registered timm model name (visiontools.models, the project's
+                                  # one registry, registers its own models on import)
     model_kwargs: {}              # extra keyword arguments for timm.create_model (e.g. drop_path_rate: 0.1)
     dataset: cifar10              # cifar10 | cifar100 (num_classes is set from it)
     data_dir: ../shared/datasets/cifar10  # ImageFolder root with train/ and test/, or torchvision's files;

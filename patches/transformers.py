@@ -1,0 +1,306 @@
+"""ToMe for Hugging Face ``transformers`` vision towers: ``apply_tome(model, r=16)`` / ``remove_tome(model)``.
+
+Supported (transformers 5.x): ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``,
+``CLIPVisionModelWithProjection``, the vision tower of ``CLIPModel``, ``Dinov2Model``,
+``Dinov2WithRegistersModel``, ``SiglipVisionModel`` and the vision tower of ``SiglipModel``.
+Anything else raises ``TypeError`` naming its class.
+
+How it hooks in, without copying any model's forward:
+
+- each encoder layer's class is swapped for a subclass whose ``forward`` runs the layer's own
+  modules (norms, attention projections, MLP, layer scale) with a ToMe merge between attention and
+  MLP, as in the paper. Attention itself goes through ``ALL_ATTENTION_FUNCTIONS`` with the
+  implementation the user chose (``config._attn_implementation``: ``sdpa``, ``eager``, ...);
+  proportional attention passes ``log(size)`` as its additive float mask;
+- the vision tower's class is swapped for a subclass whose ``forward`` opens a per-call context
+  (a ``ContextVar``: token sizes and counts of this call only, so threads never share it) and then
+  runs the tower's own ``forward``;
+- SigLIP's attention-pooling head keeps its forward; its ``nn.MultiheadAttention`` gets the same
+  ``log(size)`` bias, so merged tokens count for the patches they hold.
+
+The ``ContextVar`` (rather than a keyword argument) carries the call's state because the pooling
+head is called without ``**kwargs``. Settings live on the tower as ``tower.tome_r`` and
+``tower.tome_prop_attn``; nothing per call is stored on the model. The merge rules are those of
+:mod:`visiontools.merge` (shared with the timm adapter), with the class and register tokens protected.
+"""
+from __future__ import annotations
+
+import sys
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from visiontools.merge import bipartite_soft_matching, check_r, max_r, merge_wavg, parse_r, size_bias
+
+__all__ = ["ToMeInfo", "apply_tome", "remove_tome", "tome_forward", "is_patched", "SUPPORTED"]
+
+# transformers' attention implementations that add a float mask to the logits (proportional attention)
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class ToMeInfo:
+    """What one forward pass of a patched tower did: tokens entering each layer and after the last
+    one, and the final token sizes ``(B, N, 1)`` (how many input tokens each output token holds)."""
+
+    tokens_per_layer: list[int] = field(default_factory=list)
+    size: torch.Tensor | None = None
+    num_prefix_tokens: int = 0
+
+
+class _Call:
+    """The state of one forward pass of one patched tower (never stored on the model)."""
+
+    def __init__(self, rs: list[int], num_protected: int, prop_attn: bool):
+        self.rs, self.prop_attn = rs, prop_attn
+        self.layer = 0
+        self.size: torch.Tensor | None = None
+        self.info = ToMeInfo(num_prefix_tokens=num_protected)
+
+    def bias(self) -> torch.Tensor | None:
+        """The proportional-attention mask ``(B, 1, 1, N)`` for the current tokens, or ``None``."""
+        return size_bias(self.size) if self.prop_attn and self.size is not None else None
+
+    def merge(self, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        """Merge ``x`` after this call's current layer (its r), updating the token sizes."""
+        r, P = self.rs[self.layer], self.info.num_prefix_tokens
+        self.info.tokens_per_layer.append(x.shape[1])
+        self.layer += 1
+        if max_r(r, x.shape[1], P) > 0:
+            m = bipartite_soft_matching(metric, r, P)
+            x, self.size = merge_wavg(m, x, self.size)
+        return x
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("visiontools_tome_call", default=None)
+_RECORD: ContextVar[list | None] = ContextVar("visiontools_tome_record", default=None)
+
+
+def _attention(attn: nn.Module, x: torch.Tensor, mask, out_proj: nn.Module, scaling: float, dropout: float):
+    """The attention module's projections around transformers' attention function for
+    ``attn.config._attn_implementation``, with ``mask`` as the additive mask. Also returns the keys
+    averaged over heads (the ToMe similarity metric)."""
+    B, N, _ = x.shape
+    shape = (B, N, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    impl = attn.config._attn_implementation
+    eager = sys.modules[type(attn).__module__].eager_attention_forward  # looked up per call, like the model does
+    fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    if mask is not None:
+        mask = mask.to(q.dtype)
+    out, _ = fn(attn, q, k, v, mask, dropout=dropout if attn.training else 0.0, scaling=scaling)
+    return out_proj(out.reshape(B, N, -1).contiguous()), k.mean(1)
+
+
+# --- one function per layer family: the layer's own modules, with a merge between attention and MLP --
+
+def _vit_layer(layer, x, call: _Call):
+    a = layer.attention
+    y, metric = _attention(a, layer.layernorm_before(x), call.bias(), a.o_proj, a.scaling, a.attention_dropout)
+    x = call.merge(x + layer.dropout(y), metric)
+    return x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
+
+
+def _clip_layer(layer, x, call: _Call):  # CLIP and SigLIP encoder layers
+    a = layer.self_attn
+    y, metric = _attention(a, layer.layer_norm1(x), call.bias(), a.out_proj, a.scale, a.dropout)
+    x = call.merge(x + y, metric)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def _dinov2_layer(layer, x, call: _Call):  # Dinov2 and Dinov2WithRegisters
+    a = layer.attention
+    y, metric = _attention(a, layer.norm1(x), call.bias(), a.o_proj, a.scaling, a.attention_dropout)
+    x = call.merge(x + layer.drop_path(layer.layer_scale1(y)), metric)
+    return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How to patch one kind of vision tower."""
+
+    layer_class: str  # exact class name of its encoder layers
+    run_layer: Callable
+    layers: Callable[[nn.Module], nn.ModuleList]
+    num_protected: Callable[[object], int]  # from the config: class + register tokens
+
+
+_ONE = lambda config: 1  # noqa: E731
+
+# tower class name -> family. The tower is the module whose forward runs embeddings, encoder and pooling.
+TOWERS = {
+    "ViTModel": _Family("ViTLayer", _vit_layer, lambda t: t.layers, _ONE),
+    "CLIPVisionModel": _Family("CLIPEncoderLayer", _clip_layer, lambda t: t.encoder.layers, _ONE),
+    "Dinov2Model": _Family("Dinov2Layer", _dinov2_layer, lambda t: t.encoder.layer, _ONE),
+    "Dinov2WithRegistersModel": _Family("Dinov2WithRegistersLayer", _dinov2_layer, lambda t: t.encoder.layer,
+                                        lambda c: 1 + c.num_register_tokens),
+    "SiglipVisionModel": _Family("SiglipEncoderLayer", _clip_layer, lambda t: t.encoder.layers, lambda c: 0),
+}
+# models that hold a tower and use only its class token or pooled output -> the tower's attribute
+WRAPPERS = {
+    "ViTForImageClassification": "vit",
+    "CLIPVisionModelWithProjection": "vision_model",
+    "CLIPModel": "vision_model",
+    "SiglipModel": "vision_model",
+}
+SUPPORTED = tuple(TOWERS) + tuple(WRAPPERS)
+
+
+class _ToMeLayer:
+    """Mixin for a patched encoder layer; outside a patched tower's call it is the original layer."""
+
+    _tome_run: Callable
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        call = _CALL.get()
+        if call is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("token merging changes the token count, so it cannot be combined with an "
+                             "attention_mask (or flex attention's block mask); remove_tome(model) first")
+        return type(self)._tome_run(self, hidden_states, call)
+
+
+class _ToMeTower:
+    """Mixin for a patched vision tower: each forward opens its own per-call ToMe context."""
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and _checkpointing(self):
+            raise ValueError("ToMe on transformers models does not support gradient (activation) checkpointing: "
+                             "call model.activation_checkpointing_disable() or remove_tome(model)")
+        impl = self.config._attn_implementation
+        if self.tome_prop_attn and impl not in MASKABLE_ATTENTION:
+            raise ValueError(f"proportional attention needs an attention implementation that takes a float mask "
+                             f"({', '.join(MASKABLE_ATTENTION)}), not {impl!r}: use "
+                             f"model.set_attn_implementation('sdpa') or apply_tome(model, prop_attn=False)")
+        family = TOWERS[_base(type(self)).__name__]
+        rs = parse_r(len(family.layers(self)), self.tome_r)
+        call = _Call(rs, family.num_protected(self.config), self.tome_prop_attn)
+        token = _CALL.set(call)
+        try:
+            out = super().forward(*args, **kwargs)
+        finally:
+            _CALL.reset(token)
+        call.info.tokens_per_layer.append(out[0].shape[1])
+        call.info.size = call.size
+        record = _RECORD.get()
+        if record is not None:
+            record.append(call.info)
+        return out
+
+
+def _checkpointing(model) -> bool:
+    """Whether transformers' gradient/activation checkpointing is on (the name changed in 5.x)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+class _SizeBiasedMHA(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (SigLIP's pooling head) that adds ``log(size)`` of the current
+    call's tokens to its logits, so attention pooling counts merged tokens by their size."""
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        call = _CALL.get()
+        bias = call.bias() if call is not None else None
+        if bias is not None and attn_mask is None and key.shape[1] == bias.shape[-1] and self.batch_first:
+            # (B, 1, 1, N) -> (B * heads, L, N), batch-major as nn.MultiheadAttention expects
+            attn_mask = bias[:, 0].to(query.dtype).repeat_interleave(self.num_heads, 0).expand(-1, query.shape[1], -1)
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                               attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+
+_PATCHED: dict[tuple[type, type], type] = {}
+_BASES: dict[type, type] = {_SizeBiasedMHA: nn.MultiheadAttention}
+
+
+def _swap(module: nn.Module, mixin: type, **attrs) -> None:
+    base = type(module)
+    if (mixin, base) not in _PATCHED:
+        cls = type(f"ToMe{base.__name__}", (mixin, base), attrs)
+        _PATCHED[(mixin, base)] = cls
+        _BASES[cls] = base
+    module.__class__ = _PATCHED[(mixin, base)]
+
+
+def _base(cls: type) -> type:
+    return _BASES.get(cls, cls)
+
+
+def _towers(model: nn.Module) -> list[nn.Module]:
+    """The vision tower(s) of ``model`` to patch, or ``TypeError`` naming the class."""
+    name = _base(type(model)).__name__
+    if name in TOWERS:
+        towers = [model]
+    elif name in WRAPPERS:
+        towers = [getattr(model, WRAPPERS[name])]
+    else:
+        raise TypeError(f"ToMe cannot patch {name} (from {type(model).__module__}); supported transformers "
+                        f"models: {', '.join(SUPPORTED)}")
+    for tower in towers:
+        tname = _base(type(tower)).__name__
+        if tname not in TOWERS:
+            raise TypeError(f"ToMe cannot patch {name}: its vision tower is a {tname}, not one of {', '.join(TOWERS)}")
+        family = TOWERS[tname]
+        for i, layer in enumerate(family.layers(tower)):
+            lname = _base(type(layer)).__name__
+            if lname != family.layer_class:
+                raise TypeError(f"ToMe cannot patch layer {i} of {tname}: {lname} is not {family.layer_class}")
+    return towers
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` (or its vision tower) is ToMe-patched."""
+    return any(isinstance(m, _ToMeTower) for m in model.modules())
+
+
+def apply_tome(model: nn.Module, r=16, prop_attn: bool = True) -> nn.Module:
+    """Patch a transformers vision model in place for token merging and return it.
+
+    ``r``: tokens merged per layer (int), ``(r, inflection)`` (the paper's schedule) or a per-layer
+    list; change it later with ``apply_tome(model, r=...)`` or ``tower.tome_r``. ``prop_attn``:
+    proportional attention (``log(size)`` added to the attention logits; needs ``sdpa`` or ``eager``).
+    """
+    check_r(r)
+    towers = _towers(model)
+    for tower in towers:
+        if not isinstance(tower, _ToMeTower):
+            family = TOWERS[type(tower).__name__]
+            for layer in family.layers(tower):
+                _swap(layer, _ToMeLayer, _tome_run=family.run_layer)
+            for m in tower.modules():
+                if type(m) is nn.MultiheadAttention:  # SigLIP's attention-pooling head
+                    m.__class__ = _SizeBiasedMHA
+            _swap(tower, _ToMeTower)
+        tower.tome_r, tower.tome_prop_attn = r, prop_attn
+    return model
+
+
+def remove_tome(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_tome`: original classes back, settings removed; weights were never touched."""
+    if not is_patched(model):
+        raise ValueError(f"{type(model).__name__} is not ToMe-patched")
+    for m in model.modules():
+        if isinstance(m, _ToMeTower):
+            del m.tome_r, m.tome_prop_attn
+        m.__class__ = _base(type(m))
+    return model
+
+
+def tome_forward(model: nn.Module, *args, **kwargs):
+    """Call a patched ``model(*args, **kwargs)`` and also return the :class:`ToMeInfo` of its (last)
+    vision-tower pass: token counts per layer and final token sizes."""
+    if not is_patched(model):
+        raise ValueError("tome_forward needs a model patched with apply_tome")
+    infos: list[ToMeInfo] = []
+    token = _RECORD.set(infos)
+    try:
+        out = model(*args, **kwargs)
+    finally:
+        _RECORD.reset(token)
+    return out, infos[-1]

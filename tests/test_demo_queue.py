@@ -1,0 +1,133 @@
+"""The demo's request queue (``--concurrency``, ``--max-size``) with real concurrent clients: a
+``visiontools demo`` server on a free local port, many gradio_client users calling the merge view at
+once. The server's merge callback is wrapped to hold each request 0.5 s and report how many run at
+the same time, so the queue fills the same way on any machine."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from visiontools.demos.images import example_images
+
+ROOT = Path(__file__).resolve().parent.parent
+CAT = next(p for p in example_images() if p.endswith("cat.jpg"))
+
+LAUNCHER = """
+import functools, sys, threading, time
+import visiontools.demos.app as app
+lock, active = threading.Lock(), [0]
+merge = app.run_merge
+
+@functools.wraps(merge)
+def held(*args, **kwargs):
+    with lock:
+        active[0] += 1
+        print(f"ACTIVE {active[0]}", flush=True)
+    try:
+        time.sleep(0.5)
+        return merge(*args, **kwargs)
+    finally:
+        with lock:
+            active[0] -= 1
+
+app.run_merge = held
+from visiontools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``visiontools demo`` with the held merge callback, in a subprocess."""
+
+    def __init__(self, tmp_path: Path, *options: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = tmp_path / f"demo_{self.port}.log"
+        self.log = open(self.log_path, "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", "--port", str(self.port),
+                                      "--threads", "1", *options], cwd=ROOT, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the demo exited with code {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() - t0 > 90:
+                self.close()
+                pytest.fail("the demo did not answer within 90 s")
+            time.sleep(0.3)
+
+    def most_active(self) -> int:
+        """Largest number of merge requests the server ran at the same time."""
+        return max(int(n) for n in re.findall(r"^ACTIVE (\d+)$", self.log_path.read_text(), re.M))
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _users_at_once(url: str, n: int) -> list[str]:
+    """``n`` users (own gradio_client sessions) ask for the merge view at the same moment; returns
+    'ok' or the error text for each."""
+    from gradio_client import Client, handle_file
+
+    clients = [Client(url, verbose=False, download_files=False) for _ in range(n)]  # connected first
+
+    def ask(client):
+        try:
+            job = client.submit(handle_file(CAT), "default", 4, "constant", 12, 1.0, api_name="/run_merge")
+            out = job.result(timeout=180)
+            return "ok" if out[0] is not None and "patch groups" in out[2] else f"bad output {out!r:.200}"
+        except Exception as e:  # noqa: BLE001  (the refusal is the point of one test)
+            return f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(ask, clients))
+
+
+def test_default_queue_serves_20_merge_view_users_at_once(tmp_path):
+    server = Server(tmp_path)
+    try:
+        results = _users_at_once(server.url, 20)
+        assert results == ["ok"] * 20, results
+        assert server.most_active() == 2  # default --concurrency
+    finally:
+        server.close()
+
+
+def test_concurrency_and_max_size_options(tmp_path):
+    server = Server(tmp_path, "--concurrency", "3", "--max-size", "4")
+    try:
+        results = _users_at_once(server.url, 12)
+        refused = [r for r in results if r != "ok"]
+        # 3 run, 4 wait: the other requests of the burst are turned away with gradio's message
+        assert refused and all("Queue is full" in r for r in refused), results
+        assert results.count("ok") >= 7
+        assert server.most_active() == 3
+    finally:
+        server.close()

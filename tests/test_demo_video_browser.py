@@ -1,0 +1,130 @@
+"""End-to-end test of the demo's Video tab in a real headless Chromium: start `visiontools demo`,
+upload the example clip (a pan across a bundled photo), annotate it, and check that Chromium gets
+back a clip it can play, with the plot and the numbers. Screenshot: artifacts/demo_browser_video.png."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # a fake camera (a test pattern) that the page may use without a permission prompt
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+
+pytestmark = pytest.mark.browser  # no skip: a missing Chromium fails (scripts/setup.sh --dev installs it)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`visiontools demo` in a subprocess on a free port, its example clip cached in a fresh folder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path_factory.mktemp("xdg_cache")
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(cache))
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "demo_video_server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "visiontools.cli", "demo", "--port", str(port), "--threads", "1"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the demo exited with code {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > 90:
+                pytest.fail("the demo did not answer within 90 s")
+            time.sleep(0.3)
+        clips = list((cache / "visiontools").glob("example_pan_*.webm"))
+        assert len(clips) == 1, "the demo should have generated its example clip into the cache folder"
+        yield url, clips[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _playable(page, selector: str) -> dict:
+    """Wait until Chromium has decoded the <video>'s first frame; its size and duration."""
+    page.wait_for_function(f"() => {{ const v = document.querySelector({selector!r}); "
+                           "return v && v.readyState >= 2 && v.videoWidth > 0; }", timeout=30_000)
+    return page.evaluate(f"() => {{ const v = document.querySelector({selector!r}); "
+                         "return {w: v.videoWidth, h: v.videoHeight, d: v.duration, err: v.error && v.error.code}; }")
+
+
+def test_upload_example_clip_and_get_an_annotated_clip(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, clip = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.get_by_role("tab", name="Video").click()
+            page.locator("#video-in input[type=file]").set_input_files(str(clip))
+            # the uploaded example plays in the input's preview (WebM/VP8: Chromium decodes it)
+            assert _playable(page, "#video-in video")["w"] == 320
+            page.locator("#video-run").click()
+            note = page.locator("#video-note")
+            expect(note).to_contain_text("48 frames", timeout=90_000)
+            expect(note).to_contain_text("tokens")
+            expect(note).to_contain_text("FPS")
+            out = _playable(page, "#video-out video")
+            assert out["err"] is None and out["d"] == pytest.approx(4.0, abs=0.3)   # 48 frames at 12 fps
+            assert out["w"] == 2 * 320 and out["h"] > 240                           # frame | map, text bar
+            src = page.locator("#video-out video").get_attribute("src")
+            assert src.endswith(".webm"), src
+            expect(page.locator("#video-plot img").first).to_be_visible()
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "demo_browser_video.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_webcam_stream_gets_merge_maps(server):
+    """Chromium's fake camera (a moving test pattern) streams into the webcam section: annotated frames
+    come back and keep changing."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 1400}, permissions=["camera"])
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.get_by_role("tab", name="Video").click()
+            page.get_by_text("Webcam (live)").click()
+            page.get_by_text("Click to Access Webcam").click()
+            page.locator("#webcam button[aria-label='capture photo']").click()   # Record: start streaming
+            out = page.locator("#webcam-out img")
+            expect(out).to_have_count(1)
+            first = out.get_attribute("src")
+            expect(out).not_to_have_attribute("src", first)   # a later frame replaced it
+            page.screenshot(path=str(ARTIFACTS / "demo_browser_webcam.png"), full_page=True)
+        finally:
+            browser.close()

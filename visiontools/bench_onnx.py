@@ -1,0 +1,125 @@
+"""ONNX benchmark: a timm ViT exported unpatched and ToMe-patched the same way, timed in onnxruntime.
+
+Every candidate goes through :func:`visiontools.export.export_onnx` (same exporter, same settings)
+and runs in its own onnxruntime CPU session; sessions are timed interleaved in one process (see
+``visiontools.timing``). FLOPs are counted on the PyTorch models that were exported. Each exported
+model is also checked against PyTorch (max logit difference).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from visiontools.timing import count_flops, interleaved_times, machine_description, median
+
+DEFAULT_MODEL = "vit_small_patch16_224"
+BASELINE = "unpatched (ONNX)"
+
+
+def benchmark_onnx(model: torch.nn.Module, rs, batch_size: int = 8, img_size=None, threads: int | None = None,
+                   repeats: int = 10, warmup: int = 3, progress: bool = True) -> dict:
+    """Export ``model`` unpatched and with ToMe at each r setting in ``rs``, time the ONNX models in
+    onnxruntime interleaved (medians), count FLOPs per image and check each against PyTorch."""
+    from visiontools.bench import schedule_label
+    from visiontools.export import example_input, export_onnx, max_abs_diff, onnx_session, token_counts
+    from visiontools.patches.timm import apply_tome
+
+    model = model.eval()
+    candidates = {BASELINE: model}
+    for r in rs:
+        candidates[f"ToMe {schedule_label(r)} (ONNX)"] = apply_tome(copy.deepcopy(model), r=r)
+    x = example_input(model, batch_size, img_size)
+    x1 = x[:1]
+    sessions, diffs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, m) in enumerate(candidates.items()):
+            path = export_onnx(m, x, Path(tmp) / f"m{i}.onnx", dynamic_batch=False)
+            sessions[name] = onnx_session(path, threads)
+            diffs[name] = max_abs_diff(m, sessions[name], x)
+    feed = {name: {s.get_inputs()[0].name: x.numpy()} for name, s in sessions.items()}
+    fns = {name: (lambda s=s, f=feed[name]: s.run(None, f)) for name, s in sessions.items()}
+    times = interleaved_times(fns, repeats=repeats, warmup=warmup, progress=progress)
+    base_t = median(times[BASELINE])
+    base_flops = count_flops(lambda: model(x1))
+    rows = []
+    for name, m in candidates.items():
+        t, flops = median(times[name]), count_flops(lambda: m(x1))
+        tokens = token_counts(m, x1)
+        rows.append({"name": name, "final_tokens": None if tokens is None else tokens[-1], "median_s": t,
+                     "img_per_s": batch_size / t, "speedup": base_t / t, "gflops_per_img": flops / 1e9,
+                     "flop_ratio": base_flops / flops, "max_abs_diff": diffs[name], "times_s": times[name]})
+    import onnxruntime
+
+    return {"machine": machine_description("cpu"), "onnxruntime": onnxruntime.__version__,
+            "ort_threads": threads or "default", "batch_size": batch_size, "img_size": list(x.shape[-2:]),
+            "repeats": repeats, "warmup": warmup, "rows": rows}
+
+
+def markdown_table(result: dict, title: str) -> str:
+    """A markdown table of a :func:`benchmark_onnx` result."""
+    lines = [f"**{title}** in onnxruntime {result['onnxruntime']} (CPU, {result['ort_threads']} intra-op threads) "
+             f"— batch {result['batch_size']}, {result['img_size'][0]}x{result['img_size'][1]}, fp32, "
+             f"{result['repeats']} interleaved rounds, {result['machine']}", "",
+             "| candidate | final tokens | im/s | speedup | GFLOPs/img | FLOP ratio | max abs diff vs PyTorch |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        tok = "—" if row["final_tokens"] is None else str(row["final_tokens"])
+        lines.append(f"| {row['name']} | {tok} | {row['img_per_s']:.1f} | {row['speedup']:.2f}x | "
+                     f"{row['gflops_per_img']:.2f} | {row['flop_ratio']:.2f}x | {row['max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``visiontools bench onnx``."""
+    from visiontools.bench import parse_schedule
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="timm ViT name (random weights unless --pretrained), a shipped checkpoint name "
+                        "(cifar10_vit) or a visiontools .safetensors checkpoint")
+    p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
+    p.add_argument("--r", type=parse_schedule, nargs="+", default=[8, 16], metavar="R",
+                   help="ToMe settings to compare with the unpatched export: an int r, 'r,inflection' "
+                        "(e.g. 16,-0.5) or a comma list of per-layer r")
+    p.add_argument("--batch-size", type=int, default=8, help="images per onnxruntime call (fixed in the export)")
+    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
+                   help="input size (one value for square, or H W); default: the model's own")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every candidate once)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--out-json", type=Path, default=None, help="write the full result (all timings) here")
+    p.add_argument("--out-md", type=Path, default=None, help="write the markdown table (with the machine) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ONNX benchmark from parsed command-line arguments and print a markdown table."""
+    from visiontools.export import require_onnx
+    from visiontools.bench import load_model
+
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("error: --batch-size and --repeats must be >= 1 and --warmup >= 0")
+    try:
+        require_onnx()
+    except ImportError as e:
+        raise SystemExit(f"error: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
+    try:
+        model = load_model(args.model, args.pretrained, img)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}")
+    result = benchmark_onnx(model, args.r, args.batch_size, img, args.threads, args.repeats, args.warmup)
+    result["model"] = args.model
+    table = markdown_table(result, args.model)
+    print(table)
+    if args.out_md:
+        args.out_md.write_text(table + "\n")
+    if args.out_json:
+        args.out_json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
