@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools demo``."""
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0 to serve other machines on the network)")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                        help="port to listen on (default: $GRADIO_SERVER_PORT if set, else 7860)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model shown first: 'default' (the shipped CIFAR-10 ViT), a timm ViT name "
                              "(e.g. vit_small_patch16_224) or a visiontools .safetensors checkpoint")
@@ -201,6 +202,14 @@ def _extra_tabs(gr, image) -> None:
             continue
         if mod.available():
             mod.build_tab(gr, image)
+        elif module.endswith("sd_tab"):
+            with gr.Tab("Stable Diffusion"):
+                gr.Markdown(SD_MISSING, elem_id="sd-missing")
+
+
+SD_MISSING = ("**Stable Diffusion is not installed.** This tab needs the optional `sd` extra (diffusers, "
+              "transformers, accelerate): run `pip install -e '.[sd]'` in the repository (or `bash scripts/setup.sh`, "
+              "which installs it), then restart `visiontools demo`.")
 
 
 def build_demo(default_model: str = DEFAULT_MODEL):
@@ -320,7 +329,14 @@ def run(args: argparse.Namespace) -> int:
     import inspect
 
     accepted = inspect.signature(demo.launch).parameters
-    demo.launch(**{k: v for k, v in kwargs.items() if k in accepted})
+    try:
+        demo.launch(**{k: v for k, v in kwargs.items() if k in accepted})
+    except OSError as e:
+        if "port" not in str(e).lower():
+            raise
+        from visiontools.errors import UserError
+        raise UserError(f"cannot serve on {args.host}:{args.port}, the port is in use: pass --port N "
+                        "(or set GRADIO_SERVER_PORT=N)") from None
     return 0
 
 

@@ -146,8 +146,13 @@ def _load_default() -> DemoModel:
 
 
 def accuracy_note(desc: dict) -> str:
-    """``", test top-1 NN.N%"`` from a checkpoint description (its training history), or ``""``."""
+    """``", test top-1 NN.N%"`` from a checkpoint description, or ``""``: the unpatched row of the
+    ``visiontools eval`` result stored in a shipped checkpoint's card (the number the README quotes),
+    else the last test accuracy of its training history."""
     top1 = desc.get("test_top1")
+    rows = (desc.get("eval") or {}).get("rows") or []
+    if top1 is None and rows and rows[0].get("name") == "unpatched":
+        top1 = rows[0].get("top1")
     history = desc.get("history") or []
     if top1 is None and history and isinstance(history[-1], dict):
         top1 = history[-1].get("test_top1")

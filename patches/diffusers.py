@@ -354,7 +354,8 @@ def apply_tome_sd(
         raise ValueError(f"mode='downsample' needs separate key/value projections, but {fused[0]}{more} has "
                          "fused q/k/v projections; call unfuse_qkv_projections() on the UNet or pipeline first "
                          "(merge mode works with fused projections)")
-    remove_tome_sd(unet)
+    if is_patched(unet):  # re-applying replaces the patch
+        remove_tome_sd(unet)
 
     state = _State(cfg)
     state.checkpointable = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
@@ -423,12 +424,14 @@ def apply_tome_sd(
 
 
 def remove_tome_sd(pipe_or_unet):
-    """Undo :func:`apply_tome_sd` exactly (original processors back, hooks gone); a no-op when the
-    model is not patched. Returns ``pipe_or_unet``."""
+    """Undo :func:`apply_tome_sd` exactly (original processors back, hooks gone) and return
+    ``pipe_or_unet``. Like ``remove_tome`` for timm ViTs, raises ``ValueError`` when the model is not
+    patched (check with :func:`is_patched`)."""
     unet = _find_unet(pipe_or_unet)
     state = getattr(unet, _ATTR, None)
     if state is None:
-        return pipe_or_unet
+        raise ValueError(f"{type(pipe_or_unet).__name__} is not ToMe-patched (apply_tome_sd was never applied "
+                         "or was already removed)")
     for h in state.hooks:
         h.remove()
     for attn, wrapper in reversed(state.wrappers):

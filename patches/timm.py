@@ -202,6 +202,11 @@ class ToMeVisionTransformer:
             return x, rope
         return self.norm_pre(self.patch_drop(self._pos_embed(x))), None
 
+    def __setattr__(self, name, value):
+        if name == "tome_r":  # `model.tome_r = -1` fails here, not at the next forward
+            check_r(value)
+        super().__setattr__(name, value)
+
     def tome_forward_features(self, x: torch.Tensor, trace_source: bool = False):
         """Features and a :class:`ToMeInfo` for one forward pass with token merging."""
         x, rope = self._tome_embed(x)
@@ -403,7 +408,8 @@ def remove_tome(model):
     """Undo :func:`apply_tome`: restore the original class and delete every ``tome_*`` setting;
     weights were never touched."""
     if not isinstance(model, ToMeVisionTransformer):
-        raise ValueError(f"{type(model).__name__} is not ToMe-patched")
+        raise ValueError(f"{type(model).__name__} is not ToMe-patched (apply_tome was never applied "
+                         "or was already removed)")
     model.__class__ = next(c for c in type(model).__mro__[1:]
                            if c is not ToMeVisionTransformer and not issubclass(c, ToMeVisionTransformer))
     for name in [n for n in vars(model) if n.startswith("tome_")]:

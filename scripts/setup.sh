@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Set up visiontools in ./.venv: `bash scripts/setup.sh` (library + demo) or
-# `bash scripts/setup.sh --dev` (also test tools, diffusers, tomesd, and Chromium for browser tests).
+# Set up visiontools in ./.venv: `bash scripts/setup.sh` (the library with everything the demo and
+# the README's features use: Gradio, diffusers for Stable Diffusion, tomesd for `bench sd`, ONNX for
+# `visiontools export`) or
+# `bash scripts/setup.sh --dev` (the same plus test tools and Chromium for the browser test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="demo"
+extras="demo,sd,bench,export"
 if [[ "${1:-}" == "--dev" ]]; then extras="dev"; fi
 
 if [[ ! -x .venv/bin/python ]]; then
@@ -21,4 +23,4 @@ if [[ "$extras" == "dev" && ! -x /usr/bin/chromium ]]; then
     echo "warning: install Chromium (/usr/bin/chromium) for the browser test" >&2
   fi
 fi
-echo "visiontools is set up in .venv (extras: ${extras})"
+echo "visiontools is set up in .venv (extras: ${extras}); activate it with: source .venv/bin/activate"

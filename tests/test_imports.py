@@ -22,6 +22,10 @@ RULES = {
     "visiontools.checkpoint": HOSTS + ["visiontools.models", "visiontools.train"],
     "visiontools.patches.timm_hyena": ["visiontools.models", "visiontools.checkpoint", "visiontools.train"],
     "visiontools.patches.timm": ["visiontools.models", "visiontools.train", "visiontools.evaluate"],
+    "visiontools.lsh": HOSTS + ["visiontools.patches", "visiontools.models"],
+    "visiontools.reversible": HOSTS + ["visiontools.patches", "visiontools.models"],
+    "visiontools.patches.timm_lsh": ["visiontools.models", "visiontools.checkpoint", "visiontools.train"],
+    "visiontools.patches.timm_reversible": ["visiontools.models", "visiontools.checkpoint", "visiontools.train"],
     "visiontools.patches.transformers": ["timm", "diffusers", "visiontools.models", "visiontools.train",
                                          "visiontools.evaluate", "visiontools.export"],
 }

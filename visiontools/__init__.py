@@ -28,6 +28,11 @@ def apply_tome(model, **kwargs):
         from visiontools.patches.transformers import apply_tome as apply
         return apply(model, **kwargs)
     if type(model).__module__.startswith("diffusers.") or hasattr(model, "unet"):  # a UNet, or a pipeline
+        if "r" in kwargs:
+            raise TypeError("Stable Diffusion UNets and pipelines take ratio= (the fraction of tokens merged, e.g. "
+                            "apply_tome(pipe, ratio=0.5)), not r= (tokens per block, for timm ViTs)")
+        from visiontools.errors import require
+        require("diffusers", "ToMe for Stable Diffusion")
         from visiontools.patches.diffusers import apply_tome_sd
         return apply_tome_sd(model, **kwargs)
     raise TypeError(f"no ToMe adapter for {type(model).__name__} (from {type(model).__module__}); "
@@ -36,7 +41,7 @@ def apply_tome(model, **kwargs):
 
 
 def remove_tome(model):
-    """Undo :func:`apply_tome`, restoring the model exactly."""
+    """Undo :func:`apply_tome`, restoring the model exactly; ``ValueError`` if it is not patched."""
     if _is_timm_vit(model):
         from visiontools.patches.timm import remove_tome as remove
         return remove(model)

@@ -25,13 +25,17 @@ def parse_schedule(text: str):
     parts = [p.strip() for p in text.split(",") if p.strip()]
     try:
         if len(parts) == 1:
-            return int(parts[0])
-        if len(parts) == 2 and "." in parts[1]:
-            return int(parts[0]), float(parts[1])
-        return [int(p) for p in parts]
+            r = int(parts[0])
+        elif len(parts) == 2 and "." in parts[1]:
+            r = int(parts[0]), float(parts[1])
+        else:
+            r = [int(p) for p in parts]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"not an r setting: {text!r} (expected 16, or r,inflection like 16,-0.5, or a per-layer list)")
+            f"not an r setting: {text!r} (expected 16, or r,inflection like 16,-0.5, or a per-layer list)") from None
+    if min([r] if isinstance(r, int) else [r[0]] if isinstance(r, tuple) else r or [0]) < 0:
+        raise argparse.ArgumentTypeError(f"r must be >= 0 (tokens merged per block), got {text!r}")
+    return r
 
 
 def schedule_label(r) -> str:
@@ -59,11 +63,15 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
 
     device = torch.device(device)
     model = model.eval().to(device)
-    if img_size is None:
-        img_size = tuple(model.patch_embed.img_size)
     candidates = {"timm (fused SDPA)": (model, None)}
     for r in rs:
-        candidates[f"ToMe {schedule_label(r)}"] = (apply_tome(copy.deepcopy(model), r=r), r)
+        try:
+            candidates[f"ToMe {schedule_label(r)}"] = (apply_tome(copy.deepcopy(model), r=r), r)
+        except TypeError as e:  # the adapter names the unsupported class
+            from visiontools.errors import UserError
+            raise UserError(f"{e}; `visiontools bench` needs a timm VisionTransformer (e.g. vit_base_patch16_224)") from None
+    if img_size is None:
+        img_size = tuple(model.patch_embed.img_size)
     x = torch.randn(batch_size, 3, *img_size, device=device)
     x1 = x[:1]
 
@@ -135,9 +143,9 @@ def load_model(name: str, pretrained: bool = False, img_size=None) -> torch.nn.M
 
     if name in zoo.SHIPPED or name.endswith(".safetensors"):
         return zoo.load_checkpoint_model(name)[0]
-    import timm
     kwargs = {} if img_size is None else {"img_size": img_size}
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    torch.manual_seed(0)  # random weights: the same model on every run
+    return zoo.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--batch-size and --repeats must be >= 1 and --warmup >= 0")
+        from visiontools.errors import UserError
+        raise UserError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]

@@ -16,10 +16,11 @@ and peak memory are measured with the filters generated inside the forward (cons
 would otherwise hold the filter spectra, O(tokens x channels), outside the measured call).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the level before the forward. On CPU,
-``torch.profiler`` with ``profile_memory=True``: every allocation and free of PyTorch's CPU allocator
-is attributed to the operator that made it; summing those per-operator amounts in time order gives the
-running total, whose maximum above the start is the peak. Scratch that an operator allocates and frees
-within itself, and memory allocated outside PyTorch's allocator (MKL/oneDNN workspaces), is not seen.
+:func:`visiontools.memory.peak_bytes`: the storages every operator returns are counted until they are
+freed, and the running total's maximum is the peak (the same quantity as ``torch.profiler``'s
+per-operator memory sums, which earlier results used, without starting the profiler). Scratch that an
+operator allocates and frees within itself, and memory allocated outside PyTorch's allocator
+(MKL/oneDNN workspaces), is not seen.
 """
 from __future__ import annotations
 
@@ -88,17 +89,9 @@ def peak_forward_memory(fn, device: torch.device) -> int:
             fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
+    from visiontools.memory import peak_bytes
 
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
-                    key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return int(peak)
+    return peak_bytes(fn)
 
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
@@ -194,7 +187,7 @@ def benchmark(grids, dim: int = 192, num_heads: int = 3, order: int = 2, mlp_rat
             "hyena": loglog_slope([r["tokens"] for r in big], [per_img(r, "hyena_peak_bytes") for r in big])},
         "slopes_fit_tokens": [r["tokens"] for r in big],
         "memory_method": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                          "torch.profiler profile_memory=True, per-operator allocations summed in time order"),
+                          "visiontools.memory.peak_bytes: storages returned by operators, counted until freed"),
     }
 
 
@@ -282,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if (args.batch_size is not None and args.batch_size < 1) or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--batch-size and --repeats must be >= 1 and --warmup >= 0")
+        from visiontools.errors import UserError
+        raise UserError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     result = benchmark(args.grids, dim=args.dim, num_heads=args.num_heads, order=args.order,

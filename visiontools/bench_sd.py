@@ -139,10 +139,11 @@ def _markdown(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print a Markdown table (and write JSON with ``--out-json``)."""
     import torch
-    from diffusers import UNet2DConditionModel
 
+    from visiontools.errors import UserError, missing_extra, require
     from visiontools.timing import count_flops, interleaved_times, machine_description, median, resolve_device
 
+    UNet2DConditionModel = require("diffusers", "`visiontools bench sd`").UNet2DConditionModel
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -153,23 +154,23 @@ def run(args: argparse.Namespace) -> int:
         for c in args.candidates:
             method, _, ratio = c.partition("@")
             if method not in ("tomesd", "merge", "downsample") or not ratio:
-                raise SystemExit(f"--candidates: expected METHOD@RATIO with METHOD tomesd|merge|downsample, got {c!r}")
+                raise UserError(f"--candidates: expected METHOD@RATIO with METHOD tomesd|merge|downsample, got {c!r}")
             try:
                 pairs.append((method, float(ratio)))
             except ValueError:
-                raise SystemExit(f"--candidates: bad ratio in {c!r}") from None
+                raise UserError(f"--candidates: bad ratio in {c!r}") from None
     else:
         pairs = [(m, r) for r in args.ratios for m in args.methods]
     if any(m == "tomesd" for m, _ in pairs):
         try:
             import tomesd  # noqa: F401
-        except ImportError as e:
-            raise SystemExit("tomesd is not installed (pip install tomesd), or leave it out of --methods") from e
+        except ImportError:
+            raise missing_extra("tomesd", "the tomesd candidate (leave it out of --methods/--candidates, or install it)") from None
     for m, r in pairs:
         if m == "downsample" and not 0 < r < 1:
-            raise SystemExit(f"downsample ratios must be in (0, 1), got {r}")
+            raise UserError(f"downsample ratios must be in (0, 1), got {r}")
         if m != "downsample" and not 0 < r <= 0.75:
-            raise SystemExit(f"{m} ratios must be in (0, 0.75] (the 2x2-window merge limit), got {r}")
+            raise UserError(f"{m} ratios must be in (0, 0.75] (the 2x2-window merge limit), got {r}")
 
     config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
     torch.manual_seed(args.seed)
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for res in args.resolutions:
         if res % 8:
-            raise SystemExit(f"--resolutions must be multiples of 8 (latent = size/8), got {res}")
+            raise UserError(f"--resolutions must be multiples of 8 (latent = size/8), got {res}")
         lat = res // 8
         g = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.batch, 4, lat, lat, generator=g).to(device, dtype)
@@ -226,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
                              blocks_times_s=blocks, rel_l2=rel))
         print(_markdown([r for r in rows if r["resolution"] == res]))
 
-    print("\n" + _markdown(rows))
+    if len(args.resolutions) > 1:  # all resolutions together (one resolution's table was printed above)
+        print("\n" + _markdown(rows))
     if args.out_md:
         with open(args.out_md, "w") as f:
             f.write(f"SD 1.5 UNet{' (tiny)' if args.tiny else ''}, {dtype_name}, batch {args.batch}, "

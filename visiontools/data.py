@@ -26,6 +26,9 @@ CIFAR_STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+# Where `visiontools train` and `visiontools eval` look for CIFAR when no --data-dir is given: the
+# ImageFolder copy of CIFAR-10 beside a checkout of this repository (relative to the current directory).
+DEFAULT_DATA_DIR = "../shared/datasets/cifar10"
 SPLITS = ("train", "test")
 
 
@@ -133,10 +136,12 @@ def _load_torchvision_cifar(name, split, data_dir, download, max_per_class) -> T
     try:
         ds = cls(str(root), train=(split == "train"), download=download)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
+        where = "does not exist" if not root.exists() else "holds no data"
         raise FileNotFoundError(
-            f"no {name} {split} data under {root}: expected either an ImageFolder tree "
-            f"{root}/{split}/<class>/<image> or torchvision's {name} files (pass --download to fetch them; "
-            f"torchvision said: {e})") from None
+            f"no {name} {split} data: {root} {where}; expected either an ImageFolder tree "
+            f"{root}/{split}/<class>/<image> or torchvision's {name} files. Pass --data-dir FOLDER "
+            f"(a checkout of this project uses {DEFAULT_DATA_DIR}) or --download to fetch {name} "
+            f"with torchvision") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(ds.targets, dtype=torch.long)
     out = TensorImageDataset(images, labels, list(ds.classes))

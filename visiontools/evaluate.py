@@ -77,16 +77,21 @@ def build_candidates(model: torch.nn.Module, settings: list[tuple[str, Any]], pr
                      ) -> dict[str, torch.nn.Module]:
     """One model per row: the unpatched original, and ToMe-patched copies with their r (or, for a
     dict, with those ``apply_tome`` arguments: a method, a FLOP budget)."""
+    from visiontools.errors import UserError
     from visiontools.patches.timm import apply_tome
 
     out = {}
     for name, r in settings:
         if r is None:
             out[name] = model
-        elif isinstance(r, dict):
-            out[name] = apply_tome(copy.deepcopy(model), prop_attn=prop_attn, **r).eval()
-        else:
-            out[name] = apply_tome(copy.deepcopy(model), r=r, prop_attn=prop_attn).eval()
+            continue
+        try:
+            if isinstance(r, dict):
+                out[name] = apply_tome(copy.deepcopy(model), prop_attn=prop_attn, **r).eval()
+            else:
+                out[name] = apply_tome(copy.deepcopy(model), r=r, prop_attn=prop_attn).eval()
+        except TypeError as e:  # the adapter names the unsupported class
+            raise UserError(f"{e}; pass --r with no values to evaluate this model unpatched only") from None
     return out
 
 
@@ -137,9 +142,11 @@ class EvalData:
 def load_eval_data(dataset: str, data_dir: str | None, model: torch.nn.Module, mean, std, download: bool = False,
                    per_class: int | None = None, num_workers: int = 0, progress: bool = False) -> EvalData:
     """The evaluation split of ``dataset`` (cifar10, cifar100 or imagenet), prepared for ``model``."""
-    from visiontools.data import ImageNetFolder, load_cifar, timm_eval_transform
+    from visiontools.data import DEFAULT_DATA_DIR, ImageNetFolder, load_cifar, timm_eval_transform
 
     if dataset in ("cifar10", "cifar100"):
+        if data_dir is None and not download and dataset == "cifar10":
+            data_dir = DEFAULT_DATA_DIR  # the same default as `visiontools train`
         ds = load_cifar(dataset, "test", data_dir, download, per_class, progress)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         input_size = tuple(cfg.get("input_size", (3,) + tuple(ds.images.shape[-2:])))[-2:]
@@ -163,7 +170,7 @@ def accuracy(models: dict[str, torch.nn.Module], data: EvalData, batch_size: int
     each batch is loaded once and fed to all models. Sharded over ranks and summed exactly."""
     from visiontools.data import eval_shard
     from visiontools.timing import autocast_context
-    from visiontools.train import all_reduce_sum
+    from visiontools.distributed import all_reduce_sum
 
     idx = eval_shard(len(data), rank, world)
     names = list(models)
@@ -227,7 +234,8 @@ def tokens_after_merging(model: torch.nn.Module, x: torch.Tensor) -> list[int] |
 
 def markdown_table(result: dict) -> str:
     """The result rows as a markdown table."""
-    lines = ["| variant | params (M) | tokens (first -> last block) | top-1 % | top-5 % | images/s | speedup "
+    lines = [f"**Note: {result['notice']}.**", ""] if result.get("notice") else []
+    lines += ["| variant | params (M) | tokens (first -> last block) | top-1 % | top-5 % | images/s | speedup "
              "| GFLOPs/img | FLOP ratio |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
@@ -259,7 +267,8 @@ def plot(result: dict, path: str | os.PathLike) -> None:
                     xytext=(4, 4 + 9 * (i % 3)), fontsize=8)
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{result['model']} on {result['dataset']} ({result['n_images']} images)", fontsize=9)
+    weights = " — random weights: accuracy is meaningless" if result.get("random_weights") else ""
+    ax.set_title(f"{result['model']} on {result['dataset']} ({result['n_images']} images){weights}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.text(0.01, 0.01, result["machine"], fontsize=6, color="gray")
@@ -346,11 +355,21 @@ def load_model_for_eval(checkpoint: str | None, model_name: str | None, pretrain
         return model, desc
     num_classes = CIFAR_NUM_CLASSES.get(dataset, 1000 if dataset == "imagenet" else None)
     kwargs = {} if (pretrained and dataset == "imagenet") else {"num_classes": num_classes}
+    torch.manual_seed(0)  # random-weight models: the same weights, hence the same numbers, on every run
     model = create_model(model_name, pretrained=pretrained, **kwargs).to(device).eval()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     mean, std = CIFAR_STATS[dataset] if dataset in CIFAR_STATS else (cfg.get("mean"), cfg.get("std"))
-    return model, {"model": model_name, "mean": list(mean), "std": list(std), "classes": None,
-                   "pretrained": pretrained}
+    desc = {"model": model_name, "mean": list(mean), "std": list(std), "classes": None, "pretrained": pretrained}
+    if not pretrained:
+        desc["notice"] = RANDOM_WEIGHTS_NOTICE
+    elif "num_classes" in kwargs:
+        desc["notice"] = (f"pretrained body with a new random {num_classes}-class head (not fine-tuned): "
+                          "accuracy is meaningless")
+    return model, desc
+
+
+RANDOM_WEIGHTS_NOTICE = ("random weights: accuracy is meaningless (initialisation seeded with 0, so runs repeat); "
+                         "timing and FLOPs are real")
 
 
 def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretrained: bool = False,
@@ -366,7 +385,7 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     schedule) and, with ``budgets`` (FLOP fractions), at every budget: equal FLOPs side by side."""
     from visiontools.models import DEFAULT_CHECKPOINT
     from visiontools.timing import machine_description, resolve_device
-    from visiontools.train import amp_dtype, barrier, init_distributed
+    from visiontools.distributed import amp_dtype, barrier, init_distributed
 
     rank, world, dev = init_distributed(resolve_device(device))
     if dataset is None:
@@ -395,7 +414,10 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
               "data_dir": data_dir, "n_images": next(iter(acc.values()))["n"], "device": str(dev),
               "machine": machine_description(dev), "amp": amp, "timing_batch_size": timing_batch_size,
               "repeats": repeats, "warmup": warmup, "prop_attn": prop_attn, "world_size": world,
-              "budgets": list(budgets), "methods": list(methods), "rows": []}
+              "budgets": list(budgets), "methods": list(methods),
+              "random_weights": bool(model_name is not None and not pretrained), "rows": []}
+    if desc.get("notice"):
+        result["notice"] = desc["notice"]
     if rank == 0:
         x = data.first(timing_batch_size).to(dev)
         speed = speed_and_flops(models, x, dev, adt, repeats, warmup, progress)
@@ -416,6 +438,34 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     return result
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (tokens merged per block)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"r must be >= 0 (tokens merged per block), got {value}")
+    return value
+
+
+def output_prefix(args: argparse.Namespace, model_shown: str, dataset: str) -> Path:
+    """``--out`` or ``runs/eval/<name>_<dataset>``. A checkpoint file is named with its folder too
+    (``runs/a/last.safetensors`` -> ``a_last``), so two runs' ``last.safetensors`` do not collide."""
+    if args.out:
+        return Path(args.out)
+    from visiontools.models import SHIPPED
+
+    if args.model is not None:
+        name = args.model.replace("/", "_").replace(":", "_")
+    elif model_shown in SHIPPED:
+        name = model_shown
+    else:
+        path = Path(model_shown).resolve()
+        name = f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
+    return Path("runs/eval") / f"{name}_{dataset}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools eval``."""
     src = parser.add_argument_group("model")
@@ -432,13 +482,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--dataset", choices=["cifar10", "cifar100", "imagenet"], default=None,
                    help="if not given: cifar10 for checkpoints, imagenet for --model")
     d.add_argument("--data-dir", default=None,
-                   help="CIFAR: ImageFolder root with test/<class>/* (e.g. ../shared/datasets/cifar10) or "
-                        "torchvision's files; ImageNet: folder of <wnid>/<image> (e.g. ../shared/datasets/imagenet-samples)")
+                   help="CIFAR: ImageFolder root with test/<class>/* or torchvision's files (if not given: "
+                        "../shared/datasets/cifar10 for CIFAR-10, as for train); ImageNet: folder of "
+                        "<wnid>/<image> (e.g. ../shared/datasets/imagenet-samples)")
     d.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs a network)")
     d.add_argument("--per-class", type=int, default=None, help="only the first N images of every class")
     d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image folders")
     t = parser.add_argument_group("ToMe")
-    t.add_argument("--r", "--tome-r", dest="r", type=int, nargs="*", default=None,
+    t.add_argument("--r", "--tome-r", dest="r", type=non_negative_int, nargs="*", default=None,
                    help="ToMe r values (tokens merged per block; default 0 2 4 6 8, none with --budget); under torchrun spell it --tome-r "
                         "(torchrun reads --r as an abbreviation of its own --rdzv-* options)")
     t.add_argument("--schedule", nargs="*", default=[], metavar="R,INFLECTION",
@@ -460,7 +511,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=None,
-                   help="output prefix: writes PREFIX.md, PREFIX.json and PREFIX.png; if not given, runs/eval/<model>_<dataset>")
+                   help="output prefix: writes PREFIX.md, PREFIX.json and PREFIX.png; if not given, "
+                        "runs/eval/<model>_<dataset> (a checkpoint file: <its folder>_<its name>_<dataset>)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -468,9 +520,13 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``visiontools eval``."""
     from visiontools.checkpoint import atomic_write_text
 
+    from visiontools.errors import UserError
+
     if args.threads:
         torch.set_num_threads(args.threads)
     schedules = [parse_schedule(s) for s in args.schedule]
+    if args.batch_size < 1 or args.timing_batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        raise UserError("--batch-size, --timing-batch-size and --repeats must be >= 1 and --warmup >= 0")
     result = evaluate(checkpoint=args.checkpoint, model_name=args.model, pretrained=args.pretrained,
                       dataset=args.dataset, data_dir=args.data_dir, download=args.download,
                       per_class=args.per_class, rs=args.r if args.r is not None else ([] if args.budget else [0, 2, 4, 6, 8]),
@@ -479,8 +535,7 @@ def run(args: argparse.Namespace) -> int:
                       warmup=args.warmup, device=args.device, amp=args.amp, num_workers=args.num_workers,
                       progress=not args.no_progress, compare=args.compare)
     if result["rows"]:  # rank 0
-        name = Path(str(result["model"])).stem if args.model is None else args.model
-        prefix = Path(args.out) if args.out else Path("runs/eval") / f"{name}_{result['dataset']}"
+        prefix = output_prefix(args, str(result["model"]), result["dataset"])
         prefix.parent.mkdir(parents=True, exist_ok=True)
         md = (f"{result['model']} on {result['dataset']} ({result['n_images']} images), "
               f"timing batch {result['timing_batch_size']}, median of {result['repeats']} interleaved rounds; "
@@ -492,8 +547,6 @@ def run(args: argparse.Namespace) -> int:
         (plot_budgets if result["budgets"] else plot)(result, str(prefix) + ".png")
         print(md)
         print(f"wrote {prefix}.md, {prefix}.json, {prefix}.png")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    from visiontools.distributed import destroy_if_distributed
+    destroy_if_distributed()
     return 0

@@ -169,14 +169,101 @@ def eva_cifar_mini_p4(pretrained: bool = False, **kwargs):
     return model
 
 
+# ----------------------------------------------------------------------------- LSH ViTs and reversible ViTs (Reformer)
+# lsh_vit_*: the attention twins above with shared-QK LSH attention (visiontools.lsh) as attn_layer.
+# rev_vit_*: the same ViTs with reversible two-stream blocks (visiontools.reversible); any mixer as F.
+
+SHIPPED["lsh_cifar10"] = CHECKPOINT_DIR / "lsh_cifar10.safetensors"  # LSH twin of attn_cifar10, same recipe
+
+LSH_DEFAULTS = {"cifar": dict(bucket_size=16, n_hashes=2), "cifar_p2": dict(bucket_size=32, n_hashes=2),
+                "small_224": dict(bucket_size=32, n_hashes=4)}
+_SIZES = {"cifar": CIFAR_DIMS, "cifar_p2": {**CIFAR_DIMS, "patch_size": 2}, "small_224": SMALL_224_DIMS}
+
+
+def _lsh_layer(size: str, lsh_kwargs: Optional[dict]):
+    from visiontools.lsh import LSHAttention
+    return LSHAttention.bound(**{**LSH_DEFAULTS[size], **(lsh_kwargs or {})})
+
+
+def _build_lsh_or_rev(variant: str, pretrained: bool, size: str, mixer: str, reversible: bool,
+                      mixer_kwargs: Optional[dict], **kwargs) -> VisionTransformer:
+    from visiontools.patches.timm_lsh import configure_lsh
+    from visiontools.patches.timm_reversible import make_reversible
+
+    dims = dict(_SIZES[size])
+    if mixer == "lsh":
+        dims["attn_layer"] = _lsh_layer(size, mixer_kwargs)
+    elif mixer == "hyena":
+        dims["attn_layer"] = HyenaAttention.bound(**(mixer_kwargs or {}))
+    elif mixer != "attention":
+        raise ValueError(f"unknown mixer {mixer!r}: use 'attention', 'hyena' or 'lsh'")
+    elif mixer_kwargs:
+        raise ValueError("mixer_kwargs is only for mixer='hyena' or 'lsh'")
+    img_size = kwargs.get("img_size", dims["img_size"])
+    stats = None if img_size <= 64 else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    model = build_registered_vit(variant, pretrained, dims, kwargs, stats)
+    if mixer == "hyena":
+        configure_hyena(model)
+    configure_lsh(model)
+    return make_reversible(model) if reversible else model
+
+
+@register_model
+def lsh_vit_cifar(pretrained: bool = False, lsh_kwargs: Optional[dict] = None, **kwargs) -> VisionTransformer:
+    """``attn_vit_cifar`` with shared-QK LSH attention (64 tokens; bucket 16, 2 hashes by default)."""
+    return _build_lsh_or_rev("lsh_vit_cifar", pretrained, "cifar", "lsh", False, lsh_kwargs, **kwargs)
+
+
+@register_model
+def lsh_vit_cifar_p2(pretrained: bool = False, lsh_kwargs: Optional[dict] = None, **kwargs) -> VisionTransformer:
+    """``attn_vit_cifar_p2`` (2x2 patches, 256 tokens) with LSH attention (bucket 32, 2 hashes)."""
+    return _build_lsh_or_rev("lsh_vit_cifar_p2", pretrained, "cifar_p2", "lsh", False, lsh_kwargs, **kwargs)
+
+
+@register_model
+def lsh_vit_small_224(pretrained: bool = False, lsh_kwargs: Optional[dict] = None, **kwargs) -> VisionTransformer:
+    """ViT-S/16 shape on 224x224 with LSH attention (bucket 32, 4 hashes; the class token attends exactly)."""
+    return _build_lsh_or_rev("lsh_vit_small_224", pretrained, "small_224", "lsh", False, lsh_kwargs, **kwargs)
+
+
+@register_model
+def rev_vit_cifar(pretrained: bool = False, mixer: str = "attention", mixer_kwargs: Optional[dict] = None,
+                  **kwargs) -> VisionTransformer:
+    """Reversible ``attn_vit_cifar`` (same parameters; ``mixer`` 'attention', 'hyena' or 'lsh' as F)."""
+    return _build_lsh_or_rev("rev_vit_cifar", pretrained, "cifar", mixer, True, mixer_kwargs, **kwargs)
+
+
+@register_model
+def rev_vit_cifar_p2(pretrained: bool = False, mixer: str = "attention", mixer_kwargs: Optional[dict] = None,
+                     **kwargs) -> VisionTransformer:
+    """Reversible ``attn_vit_cifar_p2`` (2x2 patches, 256 tokens)."""
+    return _build_lsh_or_rev("rev_vit_cifar_p2", pretrained, "cifar_p2", mixer, True, mixer_kwargs, **kwargs)
+
+
+@register_model
+def rev_vit_small_224(pretrained: bool = False, mixer: str = "attention", mixer_kwargs: Optional[dict] = None,
+                      **kwargs) -> VisionTransformer:
+    """Reversible ViT-S/16 shape on 224x224 (Rev-ViT-S layout: dim 384, depth 12)."""
+    return _build_lsh_or_rev("rev_vit_small_224", pretrained, "small_224", mixer, True, mixer_kwargs, **kwargs)
+
+
+def check_model_name(name: str) -> None:
+    """``UserError`` naming the closest registered model unless timm knows ``name``."""
+    if not timm.is_model(name):  # every name timm.list_models() gives passes this too
+        from visiontools.errors import UserError, did_you_mean
+        raise UserError(f"unknown model {name!r}: not a registered timm model{did_you_mean(name, timm.list_models())} "
+                        f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'eva_cifar_*', 'hyena_vit_*', 'attn_vit_*', 'lsh_vit_*', 'rev_vit_*']))})")
+
+
 def create_model(name: str, num_classes: int | None = None, pretrained: bool = False, **kwargs) -> torch.nn.Module:
     """``timm.create_model`` with a clear error for unknown names (this module's models included)."""
-    if not timm.is_model(name):  # every name timm.list_models() gives passes this too
-        raise ValueError(f"unknown model {name!r}: not a registered timm model "
-                         f"(visiontools adds {', '.join(timm.list_models(['vit_cifar_*', 'eva_cifar_*', 'hyena_vit_*', 'attn_vit_*']))})")
+    check_model_name(name)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    if pretrained:  # fails fast, in one line, without a network
+        from visiontools.hub import create_pretrained
+        return create_pretrained(name, **kwargs)
+    return timm.create_model(name, **kwargs)
 
 
 def model_description(name: str, model_kwargs: dict, classes: list[str], mean, std, **extra) -> dict:
@@ -222,8 +309,9 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
 
 
 def load_default_model(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The CIFAR-10 ViT shipped with visiontools (trained by the project itself), in eval mode, with
-    its description (class names, mean/std, training summary, evaluation table)."""
+    """The CIFAR-10 ViT shipped with visiontools (trained by the project itself). Returns
+    ``(model, description)``: the model in eval mode, and a dict with its class names, mean/std,
+    training summary and ``visiontools eval`` table (the card ``checkpoints/cifar10_vit.json``)."""
     return load_checkpoint_model(DEFAULT_CHECKPOINT, device=device)
 
 

@@ -56,11 +56,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from visiontools.data import DEFAULT_DATA_DIR
+from visiontools.distributed import all_reduce_sum, amp_dtype, barrier, destroy_if_distributed, init_distributed
+from visiontools.errors import UserError, did_you_mean
+
 DEFAULTS: dict[str, Any] = {
     "model": "vit_cifar_mini_p4",
     "model_kwargs": {},
     "dataset": "cifar10",
-    "data_dir": "../shared/datasets/cifar10",
+    "data_dir": DEFAULT_DATA_DIR,
     "download": False,
     "train_per_class": None,
     "test_per_class": None,
@@ -106,7 +110,8 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if parts[0] not in DEFAULTS:
-            raise ValueError(f"unknown config key {parts[0]!r} in --set {item!r}; known keys: {', '.join(DEFAULTS)}")
+            raise UserError(f"unknown config key {parts[0]!r} in --set {item!r}{did_you_mean(parts[0], DEFAULTS)}; "
+                            f"known keys: {', '.join(DEFAULTS)}")
         d = cfg
         for p in parts[:-1]:
             d = d.setdefault(p, {})
@@ -130,7 +135,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> di
             raise ValueError(f"{path} must hold a YAML mapping of config keys, got {type(loaded).__name__}")
         unknown = sorted(set(loaded) - set(DEFAULTS))
         if unknown:
-            raise ValueError(f"{path}: unknown config key(s) {unknown}; known keys: {', '.join(DEFAULTS)}")
+            hints = "".join(did_you_mean(k, DEFAULTS) for k in unknown)
+            raise UserError(f"{path}: unknown config key(s) {unknown}{hints}; known keys: {', '.join(DEFAULTS)}")
         cfg.update(loaded)
     cfg = apply_overrides(cfg, list(overrides))
     if cfg["dataset"] not in ("cifar10", "cifar100"):
@@ -139,45 +145,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> di
         cfg["amp"] = "off"
     if cfg["amp"] not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"amp must be auto, bf16, fp16 or off, got {cfg['amp']!r}")
+    if isinstance(cfg["epochs"], bool) or not isinstance(cfg["epochs"], int) or cfg["epochs"] < 1:
+        raise UserError(f"epochs must be an integer >= 1, got {cfg['epochs']!r} (a run of 0 epochs writes no checkpoint)")
+    if isinstance(cfg["batch_size"], bool) or not isinstance(cfg["batch_size"], int) or cfg["batch_size"] < 1:
+        raise UserError(f"batch_size must be an integer >= 1, got {cfg['batch_size']!r}")
     if not isinstance(cfg["model_kwargs"], dict):
         raise ValueError(f"model_kwargs must be a mapping, got {cfg['model_kwargs']!r}")
     return cfg
-
-
-# ----------------------------------------------------------------------------- distributed helpers
-
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initialises torch.distributed when launched by torchrun, where
-    each CUDA process takes GPU ``LOCAL_RANK``. Gloo carries CPU tensors (the metric sums of
-    :func:`all_reduce_sum`), NCCL the CUDA ones (DDP's gradients)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_reduce_sum(values: list[float], world: int) -> list[float]:
-    """Sum a list of numbers over all processes (identity when not distributed)."""
-    if world <= 1:
-        return list(values)
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- schedule / optimizer
@@ -202,16 +176,6 @@ def build_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
 
 
-def amp_dtype(cfg_amp: str, device: torch.device) -> torch.dtype | None:
-    if cfg_amp == "off":
-        return None
-    if cfg_amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cfg_amp == "bf16" else torch.float16
-
-
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63 - 1)
 
@@ -231,8 +195,10 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
     from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, iterate_batches, load_cifar, mixup, \
         normalize, rand_augment, random_crop_flip, shard_indices
     from visiontools.evaluate import EvalData, accuracy
-    from visiontools.models import create_model, model_description
+    from visiontools.models import check_model_name, create_model, model_description
     from visiontools.timing import autocast_context, resolve_device
+
+    check_model_name(cfg["model"])  # before minutes of data decoding
 
     rank, world, dev = init_distributed(resolve_device(device))
     if cfg["threads"]:
@@ -248,7 +214,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
         raise FileExistsError(f"{last} already exists: pass --resume to continue that run, --overwrite to "
                               f"start again (the old checkpoint is kept as {last.name}.bak), or another --out-dir")
     if resume and not last.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from")
+        raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from (check --out-dir / out_dir)")
 
     # Data (every rank holds the arrays; only its shard of indices is visited).
     num_classes = CIFAR_NUM_CLASSES[cfg["dataset"]]
@@ -267,7 +233,9 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
 
     steps_per_epoch = math.ceil(len(train_ds) / world) // local_bs
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg['batch_size']} is larger than the {len(train_ds)} training images")
+        raise UserError(f"batch_size {cfg['batch_size']} is larger than the {len(train_ds)} training images"
+                        f"{f' per process ({world} processes)' if world > 1 else ''}: pass a smaller --batch-size "
+                        "or use more data (train_per_class)")
     total_steps = steps_per_epoch * cfg["epochs"]
     warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
 
@@ -279,6 +247,15 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
         if "grad_scaler" in state:
             scaler.load_state_dict(state["grad_scaler"])
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        old_epochs = (state.get("config") or {}).get("epochs")
+        if rank == 0 and old_epochs is not None and old_epochs != cfg["epochs"]:
+            print(f"warning: {last} was trained with a schedule for {old_epochs} epochs; resuming with "
+                  f"epochs={cfg['epochs']} switches to a learning-rate schedule over {cfg['epochs']} epochs from "
+                  f"step {step} on, so the result differs from an uninterrupted {cfg['epochs']}-epoch run",
+                  file=sys.stderr, flush=True)
+        if start_epoch >= cfg["epochs"] and rank == 0:
+            print(f"warning: {last} already completed {start_epoch} epochs (epochs={cfg['epochs']}): nothing to "
+                  "train; pass --set epochs=N with a larger N to continue", file=sys.stderr, flush=True)
         if state.get("steps_per_epoch") not in (None, steps_per_epoch):
             raise ValueError(f"cannot resume {last}: it was trained with {state['steps_per_epoch']} steps per "
                              f"epoch, this config gives {steps_per_epoch} (batch size or data changed)")
@@ -403,8 +380,5 @@ def run(args: argparse.Namespace) -> int:
                    device=args.device, stop_after=args.stop_after)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {json.dumps(record)}; checkpoint {Path(cfg['out_dir']) / 'last.safetensors'}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    destroy_if_distributed()
     return 0

@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 
-def _as_group_map(source, grid_size: tuple[int, int]) -> np.ndarray:
-    gh, gw = grid_size
+def _as_group_map(source, grid_size: int | tuple[int, int]) -> np.ndarray:
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, (int, np.integer)) else grid_size
     ids = np.asarray(source.detach().cpu() if hasattr(source, "detach") else source)
     if ids.ndim != 1:
         raise ValueError(f"source must be one image's map of shape (num_patches,), got shape {ids.shape}")
@@ -16,12 +16,12 @@ def _as_group_map(source, grid_size: tuple[int, int]) -> np.ndarray:
     return ids.reshape(gh, gw)
 
 
-def render_merges(image: Image.Image, source, grid_size: tuple[int, int],
+def render_merges(image: Image.Image, source, grid_size: int | tuple[int, int],
                   outline=(255, 255, 255), outline_width: int = 1, removed=(0, 0, 0)) -> Image.Image:
     """Draw which patches merged: ``source[i]`` is the token that patch ``i`` (row-major over the
-    ``grid_size = (rows, cols)`` patch grid) ended in, or ``-1`` when it was pruned. Returns an RGB
-    image of ``image``'s size in which each group is filled with its mean colour and outlined with
-    ``outline``; pruned patches are filled with ``removed``."""
+    ``grid_size = (rows, cols)`` patch grid, or ``grid_size`` = side of a square grid) ended in, or
+    ``-1`` when it was pruned. Returns an RGB image of ``image``'s size in which each group is filled
+    with its mean colour and outlined with ``outline``; pruned patches are filled with ``removed``."""
     img = np.asarray(image.convert("RGB"), dtype=np.float64)
     H, W = img.shape[:2]
     groups = _as_group_map(source, grid_size)
