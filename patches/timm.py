@@ -6,8 +6,10 @@ paper's reference implementation (see ``visiontools.merge.bipartite_soft_matchin
 forward pass needs (token sizes, source map, rotary embeddings) lives in local variables of that
 call, so the model can be called from several threads, with different batch or image sizes, or
 through ``forward_features``. Settings live on the model as plain attributes: ``model.tome_r``
-(int, ``(r, inflection)`` or a per-layer list), ``model.tome_prop_attn`` and, on EVA models,
-``model.tome_rope_rule``; ``remove_tome`` deletes them all.
+(int, ``(r, inflection)`` or a per-layer list), ``model.tome_prop_attn``, ``model.tome_method``
+(``tome``, ``tofu``, ``pitome``, ``prune``: see ``visiontools.merge_methods``), ``model.tome_budget``
+(when a FLOP or speedup budget chose the schedule) and, on EVA models, ``model.tome_rope_rule``;
+``remove_tome`` deletes them all.
 
 Supported:
 - timm ``VisionTransformer`` (and subclasses that keep its forward, such as DeiT's distilled model)
@@ -22,6 +24,7 @@ Anything else raises ``TypeError`` naming the class it cannot handle.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +35,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
+from visiontools import merge_methods
 from visiontools.grid import GridTokens
 from visiontools.merge import (
     ROPE_RULES, bipartite_soft_matching, check_r, init_source, max_r, merge_rope, merge_source, merge_wavg,
@@ -41,14 +45,15 @@ from visiontools.merge import (
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")
 SIZED_POOLS = ("avg", "avgmax", "map")  # pools that need the token sizes
 DEFAULT_ROPE_RULE = "circular"  # smallest logit change on the trained CIFAR-10 EVA (README)
+DEFAULT_METHOD = "tome"
 
 
 @dataclass
 class ToMeInfo:
     """What one ToMe forward pass did: tokens entering each block and after the last one, the
     final token sizes ``(B, N, 1)`` and, when traced, the source map ``(B, num_patches)``
-    (for each input patch, the index of the output token it ended in; prefix tokens included in
-    that numbering) plus one such map after every block in ``layer_sources``."""
+    (for each input patch, the index of the output token it ended in, ``-1`` if it was pruned;
+    prefix tokens included in that numbering) plus one such map after every block in ``layer_sources``."""
 
     tokens_per_layer: list[int] = field(default_factory=list)
     size: torch.Tensor | None = None
@@ -69,7 +74,7 @@ def _attention(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None):
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(1)
+    return attn.proj_drop(attn.proj(out)), k.mean(1), (q, k)
 
 
 def _eva_attention(attn: EvaAttention, x: torch.Tensor, bias: torch.Tensor | None, rope: torch.Tensor | None):
@@ -97,7 +102,7 @@ def _eva_attention(attn: EvaAttention, x: torch.Tensor, bias: torch.Tensor | Non
     out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), metric
+    return attn.proj_drop(attn.proj(out)), metric, (q, k)
 
 
 def _sdpa(attn, q, k, v, bias):
@@ -114,11 +119,15 @@ def _sdpa(attn, q, k, v, bias):
     return attn.attn_drop(logits.softmax(dim=-1)) @ v
 
 
-def _merge(x, size, source, rope, metric, r: int, num_prefix: int, rope_rule: str):
-    """The ToMe step of one block: plan from ``metric`` and apply it to the tokens, their sizes, the
-    source map and the rotary embeddings (of the non-prefix tokens)."""
+def _merge(x, size, source, rope, metric, r: int, num_prefix: int, rope_rule: str, method: str = "tome",
+           layer: int = 0, num_layers: int = 1, importance=None):
+    """The token-reduction step of one block: plan from ``metric`` (or, for ``prune``, the tokens'
+    attention ``importance``) and apply it to the tokens, their sizes, the source map and the rotary
+    embeddings (of the non-prefix tokens). ``method``: one of ``visiontools.merge_methods.METHODS``."""
     if max_r(r, x.shape[1], num_prefix) == 0:
         return x, size, source, rope
+    if method != "tome":
+        return _reduce(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer, num_layers, importance)
     m = bipartite_soft_matching(metric, r, num_prefix)
     if rope is not None:  # pad the prefix rows so the rope lines up with the tokens
         rope = rope[:, 0]
@@ -130,24 +139,48 @@ def _merge(x, size, source, rope, metric, r: int, num_prefix: int, rope_rule: st
     return x, size, source, rope
 
 
-def _vit_block(blk: Block, x, size, source, rope, r: int, num_prefix: int, prop_attn: bool, rope_rule: str):
+def _reduce(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer, num_layers, importance):
+    """:func:`_merge` for the methods of ``visiontools.merge_methods`` other than ToMe."""
+    red = merge_methods.plan(method, r, num_prefix, layer, num_layers, metric, importance)
+    if rope is not None:
+        rope = rope[:, 0]
+        rope = torch.cat([rope.new_zeros(rope.shape[0], num_prefix, rope.shape[-1]), rope], dim=1)
+        rope = merge_methods.reduce_rope(red, rope, size, rope_rule)[:, num_prefix:, None].transpose(1, 2)
+    x, size = merge_methods.reduce_wavg(red, x, size, merge_methods.merge_norm(method, layer, num_layers))
+    if source is not None:
+        source = merge_methods.reduce_source(red, source)
+    return x, size, source, rope
+
+
+def _importance(attn, qk, bias, method: str, num_prefix: int, r: int):
+    """The tokens' attention importance when ``method`` needs it (``prune`` with r > 0), else ``None``."""
+    if method != "prune" or max_r(r, qk[1].shape[2], num_prefix) == 0:
+        return None
+    return merge_methods.class_attention(*qk, attn.scale, bias, num_prefix)
+
+
+def _vit_block(blk: Block, x, size, source, rope, r: int, num_prefix: int, prop_attn: bool, rope_rule: str,
+               method: str = "tome", layer: int = 0, num_layers: int = 1):
     """One timm ``Block`` with a ToMe merge between attention and MLP."""
     bias = size_bias(size) if prop_attn and size is not None else None
-    y, metric = _attention(blk.attn, blk.norm1(x), bias)
+    y, metric, qk = _attention(blk.attn, blk.norm1(x), bias)
     x = x + blk.drop_path1(blk.ls1(y))
-    x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule)
+    x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer,
+                                   num_layers, _importance(blk.attn, qk, bias, method, num_prefix, r))
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
     return x, size, source, rope
 
 
-def _eva_block(blk: EvaBlock, x, size, source, rope, r: int, num_prefix: int, prop_attn: bool, rope_rule: str):
+def _eva_block(blk: EvaBlock, x, size, source, rope, r: int, num_prefix: int, prop_attn: bool, rope_rule: str,
+               method: str = "tome", layer: int = 0, num_layers: int = 1):
     """One timm ``EvaBlock`` with a ToMe merge between attention and MLP."""
     bias = size_bias(size) if prop_attn and size is not None else None
-    y, metric = _eva_attention(blk.attn, blk.norm1(x), bias, rope)
+    y, metric, qk = _eva_attention(blk.attn, blk.norm1(x), bias, rope)
     if blk.gamma_1 is not None:
         y = blk.gamma_1 * y
     x = x + blk.drop_path1(y)
-    x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule)
+    x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer,
+                                   num_layers, _importance(blk.attn, qk, bias, method, num_prefix, r))
     y = blk.mlp(blk.norm2(x))
     if blk.gamma_2 is not None:
         y = blk.gamma_2 * y
@@ -186,9 +219,10 @@ class ToMeVisionTransformer:
         size = None
         source = init_source(B, N, x.device) if trace_source else None
         info = ToMeInfo(num_prefix_tokens=P)
-        for blk, r in zip(self.blocks, rs):
+        method = getattr(self, "tome_method", DEFAULT_METHOD)
+        for layer, (blk, r) in enumerate(zip(self.blocks, rs)):
             info.tokens_per_layer.append(x.shape[1])
-            args = (blk, x, size, source, rope, r, P, self.tome_prop_attn, rope_rule)
+            args = (blk, x, size, source, rope, r, P, self.tome_prop_attn, rope_rule, method, layer, len(rs))
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x, size, source, rope = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -288,20 +322,42 @@ def _check_supported(model) -> None:
 _PATCHED: dict[type, type] = {}
 
 
-def apply_tome(model, r=16, prop_attn: bool = True, rope_rule: str = DEFAULT_ROPE_RULE):
-    """Patch a timm ViT or EVA in place for token merging and return it.
+def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_ROPE_RULE, method: str = DEFAULT_METHOD,
+               flops: float | None = None, speedup: float | None = None, calibrate: bool = False,
+               input_size: tuple[int, int] | None = None, calibrate_batch: int = 32):
+    """Patch a timm ViT or EVA in place for token reduction and return it.
 
-    ``r``: tokens merged per block (int), ``(r, inflection)`` for the paper's schedule (e.g.
-    ``(16, -0.5)`` merges more early), or a per-layer list. Change it later via ``model.tome_r``.
+    ``r``: tokens removed per block (int, default 16), ``(r, inflection)`` for the paper's schedule
+    (e.g. ``(16, -0.5)`` merges more early), or a per-layer list. Change it later via ``model.tome_r``.
+    ``method``: ``"tome"`` (default), ``"tofu"``, ``"pitome"`` or ``"prune"``
+    (see ``visiontools.merge_methods``); ``model.tome_method`` changes it later.
+    ``flops=0.5`` instead of ``r``: the lightest per-layer schedule whose FLOPs (counted with
+    ``visiontools.timing.count_flops`` on one image of ``input_size``, default the model's
+    ``patch_embed.img_size``) are at most that fraction of the unpatched model's. ``speedup=1.8``:
+    the same for the FLOP fraction 1/1.8; with ``calibrate=True`` it also times the patched model
+    against r=0 (interleaved, a batch of ``calibrate_batch`` random images on the model's device) and
+    merges more while the measured speedup falls short (at most 3 measurements). The choice
+    (schedule, FLOP fraction, measured speedup) is ``model.tome_budget``, a
+    ``visiontools.budget.BudgetResult``.
     ``prop_attn``: proportional attention (adds ``log(size)`` to the attention logits).
     ``rope_rule`` (models with rotary embeddings): the rotation of a merged token, one of
     ``visiontools.merge.ROPE_RULES`` (see ``merge_rope``).
     """
+    budget = flops is not None or speedup is not None
+    if budget and r is not None:
+        raise ValueError("give r or a budget (flops= / speedup=), not both")
+    if calibrate and speedup is None:
+        raise ValueError("calibrate=True measures a speedup: use it with speedup=")
+    r = 16 if r is None else r
     check_r(r)
+    merge_methods.check_method(method)
     if rope_rule not in ROPE_RULES:
         raise ValueError(f"unknown rope_rule {rope_rule!r}; choose one of {ROPE_RULES}")
     if not isinstance(model, ToMeVisionTransformer):
         if any(isinstance(m, GridTokens) for m in model.modules()):  # Conformer / Hyena / ConvFFN blocks
+            if method != DEFAULT_METHOD or budget:
+                raise ValueError(f"method={method!r} and flops=/speedup= budgets are not available for ViTs with "
+                                 "grid operations (Conformer, Hyena, ConvFFN) yet: use method='tome' with r=")
             from visiontools.patches.timm_grid import apply_tome_grid  # (lazy: timm_grid builds on this module)
             return apply_tome_grid(model, r, prop_attn)
         _check_supported(model)
@@ -309,10 +365,50 @@ def apply_tome(model, r=16, prop_attn: bool = True, rope_rule: str = DEFAULT_ROP
         if base not in _PATCHED:
             _PATCHED[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformer, base), {})
         model.__class__ = _PATCHED[base]
-    model.tome_r, model.tome_prop_attn = r, prop_attn
+    model.tome_r, model.tome_prop_attn, model.tome_method = r, prop_attn, method
     if isinstance(model, Eva):
         model.tome_rope_rule = rope_rule
+    if budget:
+        model.tome_budget = _solve_budget(model, flops, speedup, calibrate, input_size, calibrate_batch)
+        model.tome_r = model.tome_budget.schedule
     return model
+
+
+def _solve_budget(model, flops, speedup, calibrate: bool, input_size, batch: int):
+    """The :class:`visiontools.budget.BudgetResult` for a patched model (see :func:`apply_tome`)."""
+    from visiontools.budget import solve_budget
+    from visiontools.timing import count_flops, interleaved_times, median
+
+    p = next(model.parameters())
+    size = tuple(input_size) if input_size is not None else tuple(model.patch_embed.img_size)
+    x = torch.zeros(1, model.patch_embed.proj.in_channels, *size, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+
+    def run_with(rs, inp):
+        def f():
+            model.tome_r = rs
+            return model(inp)
+        return f
+
+    num_layers = len(model.blocks)
+    base = count_flops(run_with(0, x))
+    num_tokens = model.patch_embed.num_patches if input_size is None else math.prod(
+        s // p_ for s, p_ in zip(size, model.patch_embed.patch_size))
+    r_max = num_tokens // 2
+    measure = None
+    if calibrate:
+        xb = torch.randn(batch, *x.shape[1:], device=p.device, dtype=p.dtype)
+
+        def measure(rs):
+            times = interleaved_times({"base": run_with(0, xb), "reduced": run_with(rs, xb)}, repeats=5, warmup=1,
+                                      device=p.device)
+            return median(times["base"]) / median(times["reduced"])
+    try:
+        return solve_budget(lambda rs: count_flops(run_with(rs, x)) / base, num_layers, r_max, flops, speedup,
+                            measure)
+    finally:
+        model.train(was_training)
 
 
 def remove_tome(model):

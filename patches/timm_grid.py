@@ -89,7 +89,7 @@ def _timm_block(blk: Block, x, layout: GridLayout, merge, prop_attn: bool):
         metric = x  # Hyena has no keys: the mixed tokens are the similarity metric
     else:
         bias = size.log()[:, None, None, :, 0] if prop_attn and size is not None else None
-        y, metric = _attention(blk.attn, blk.norm1(x), bias)
+        y, metric, _ = _attention(blk.attn, blk.norm1(x), bias)
         x = x + blk.drop_path1(blk.ls1(y))
     x, layout = merge(x, metric, layout)
     h = blk.norm2(x)

@@ -16,6 +16,8 @@ HOSTS = ["timm", "diffusers", "transformers"]
 RULES = {
     "visiontools.merge": HOSTS + ["visiontools.patches", "visiontools.models"],
     "visiontools.merge2d": HOSTS + ["visiontools.patches"],
+    "visiontools.merge_methods": HOSTS + ["visiontools.patches", "visiontools.models", "visiontools.evaluate"],
+    "visiontools.budget": HOSTS + ["visiontools.patches", "visiontools.models", "visiontools.evaluate"],
     "visiontools.hyena": HOSTS + ["visiontools.patches"],
     "visiontools.grid": HOSTS + ["visiontools.patches", "visiontools.models"],
     "visiontools.merge_grid": HOSTS + ["visiontools.patches", "visiontools.models", "visiontools.grid"],

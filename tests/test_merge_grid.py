@@ -232,3 +232,16 @@ def test_plain_and_grid_vits_get_their_own_patched_class():
             assert tome_forward(m, x)[1].tokens_per_layer[-1] < 64
             m.tome_r = 0
             torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+
+
+def test_grid_models_refuse_other_methods_and_budgets():
+    """Methods and budgets are not wired through grid operations: refused, never silently ignored."""
+    import timm
+
+    import visiontools.models  # noqa: F401
+    from visiontools.patches.timm import apply_tome
+
+    for kwargs in (dict(r=2, method="pitome"), dict(flops=0.6)):
+        model = timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2)
+        with pytest.raises(ValueError, match="grid operations"):
+            apply_tome(model, **kwargs)

@@ -18,7 +18,8 @@ def _is_transformers_model(model) -> bool:
 
 
 def apply_tome(model, **kwargs):
-    """Token merging in one line: ``apply_tome(timm_vit, r=16)``, ``apply_tome(hf_vision_model, r=16)``
+    """Token merging in one line: ``apply_tome(timm_vit, r=16)`` (or ``method="pitome"``,
+    ``flops=0.5``, ...: see ``visiontools.patches.timm.apply_tome``), ``apply_tome(hf_vision_model, r=16)``
     or ``apply_tome(sd_pipeline_or_unet, ratio=0.5)``; dispatches to the adapter in ``patches/``."""
     if _is_timm_vit(model):
         from visiontools.patches.timm import apply_tome as apply

@@ -46,9 +46,37 @@ def candidate_settings(rs: Sequence[int], schedules: Sequence[tuple[int, float]]
     return rows
 
 
+def budget_settings(budgets: Sequence[float], methods: Sequence[str]) -> list[tuple[str, Any]]:
+    """(name, patch arguments) for every method at every FLOP fraction: ``("pitome @0.50", {"method":
+    "pitome", "flops": 0.5})``; the r schedule is solved per model (``apply_tome(flops=...)``)."""
+    from visiontools.budget import check_fraction
+    from visiontools.merge_methods import check_method
+
+    rows = []
+    for m in methods:
+        check_method(m)
+        for b in budgets:
+            rows.append((f"{m} @{check_fraction(b, 'flops'):.2f}", {"method": m, "flops": float(b)}))
+    return rows
+
+
+def method_settings(rs: Sequence[int], methods: Sequence[str]) -> list[tuple[str, Any]]:
+    """(name, patch arguments) for every method other than ToMe at every r (ToMe's rows come from
+    :func:`candidate_settings`)."""
+    from visiontools.merge_methods import check_method
+
+    rows = []
+    for m in methods:
+        check_method(m)
+        if m != "tome":
+            rows += [(f"{m} r={int(r)}", {"method": m, "r": int(r)}) for r in rs]
+    return rows
+
+
 def build_candidates(model: torch.nn.Module, settings: list[tuple[str, Any]], prop_attn: bool = True
                      ) -> dict[str, torch.nn.Module]:
-    """One model per row: the unpatched original, and ToMe-patched copies with their r."""
+    """One model per row: the unpatched original, and ToMe-patched copies with their r (or, for a
+    dict, with those ``apply_tome`` arguments: a method, a FLOP budget)."""
     from visiontools.errors import UserError
     from visiontools.patches.timm import apply_tome
 
@@ -58,7 +86,10 @@ def build_candidates(model: torch.nn.Module, settings: list[tuple[str, Any]], pr
             out[name] = model
             continue
         try:
-            out[name] = apply_tome(copy.deepcopy(model), r=r, prop_attn=prop_attn).eval()
+            if isinstance(r, dict):
+                out[name] = apply_tome(copy.deepcopy(model), prop_attn=prop_attn, **r).eval()
+            else:
+                out[name] = apply_tome(copy.deepcopy(model), r=r, prop_attn=prop_attn).eval()
         except TypeError as e:  # the adapter names the unsupported class
             raise UserError(f"{e}; pass --r with no values to evaluate this model unpatched only") from None
     return out
@@ -247,6 +278,52 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def budget_table(result: dict) -> str:
+    """Methods at equal FLOPs: one row per FLOP budget, one column per method (top-1, measured speedup)."""
+    rows = [r for r in result["rows"] if r.get("budget") is not None]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budgets = sorted({r["budget"] for r in rows}, reverse=True)
+    base = result["rows"][0]
+    lines = ["| FLOP budget | " + " | ".join(f"{m}: top-1 % (FLOP frac., speedup)" for m in methods) + " |",
+             "|---:|" + "---:|" * len(methods),
+             f"| 1.00 (unpatched) | " + " | ".join(f"{base['top1']:.2f}" for _ in methods) + " |"]
+    for b in budgets:
+        cells = []
+        for m in methods:
+            r = next((r for r in rows if r["budget"] == b and r["method"] == m), None)
+            cells.append("—" if r is None else f"{r['top1']:.2f} ({1 / r['flop_ratio']:.2f}, {r['speedup']:.2f}x)")
+        lines.append(f"| {b:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_budgets(result: dict, path: str | os.PathLike) -> None:
+    """Methods at equal FLOPs: top-1 against FLOP fraction (left) and measured images/s against FLOP
+    fraction (right), a line per method, the unpatched model at 1.0 (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("budget") is not None]
+    base = result["rows"][0]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted(((1 / r["flop_ratio"], r["top1"], r["images_per_s"]) for r in rows if r["method"] == m))
+        pts.append((1.0, base["top1"], base["images_per_s"]))
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=m)
+    for ax, label in ((ax1, "top-1 accuracy (%)"), (ax2, "measured throughput (images/s)")):
+        ax.set_xlabel("FLOP fraction (reduced / unpatched)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax1.set_title(f"{result['model']} on {result['dataset']} ({result['n_images']} images)", fontsize=9)
+    fig.text(0.01, 0.01, result["machine"], fontsize=6, color="gray")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- driver
 
 def load_comparisons(checkpoints: Sequence[str], desc: dict, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -300,9 +377,12 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
              per_class: int | None = None, rs: Sequence[int] = (0, 2, 4, 6, 8),
              schedules: Sequence[tuple[int, float]] = (), prop_attn: bool = True, batch_size: int = 250,
              timing_batch_size: int = 256, repeats: int = 10, warmup: int = 2, device: str | None = None,
-             amp: str = "off", num_workers: int = 0, progress: bool = True, compare: Sequence[str] = ()) -> dict:
+             amp: str = "off", num_workers: int = 0, progress: bool = True, compare: Sequence[str] = (),
+             budgets: Sequence[float] = (), methods: Sequence[str] = ("tome",)) -> dict:
     """Run the whole evaluation and return the result dict (rows, machine, settings); see module doc.
-    ``compare``: more checkpoints, evaluated unpatched beside the model (rows named by their file)."""
+    ``compare``: more checkpoints, evaluated unpatched beside the model (rows named by their file).
+    ``methods`` (``visiontools.merge_methods.METHODS``) at every r in ``rs`` (ToMe also at every
+    schedule) and, with ``budgets`` (FLOP fractions), at every budget: equal FLOPs side by side."""
     from visiontools.models import DEFAULT_CHECKPOINT
     from visiontools.timing import machine_description, resolve_device
     from visiontools.distributed import amp_dtype, barrier, init_distributed
@@ -319,7 +399,8 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
         raise ValueError(f"the model's classes {desc['classes'][:4]}... do not match the dataset's "
                          f"{data.classes[:4]}... (wrong --dataset or --data-dir?)")
     adt = amp_dtype(amp, dev)
-    settings = candidate_settings(rs, schedules)
+    settings = candidate_settings(rs if "tome" in methods else [], schedules if "tome" in methods else [])
+    settings += method_settings(rs, methods) + budget_settings(budgets, methods)
     models = build_candidates(model, settings, prop_attn)
     for name, other in load_comparisons(compare, desc, dev).items():
         if name in models:
@@ -333,6 +414,7 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
               "data_dir": data_dir, "n_images": next(iter(acc.values()))["n"], "device": str(dev),
               "machine": machine_description(dev), "amp": amp, "timing_batch_size": timing_batch_size,
               "repeats": repeats, "warmup": warmup, "prop_attn": prop_attn, "world_size": world,
+              "budgets": list(budgets), "methods": list(methods),
               "random_weights": bool(model_name is not None and not pretrained), "rows": []}
     if desc.get("notice"):
         result["notice"] = desc["notice"]
@@ -342,8 +424,12 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
         base = speed["unpatched"]
         for name, r in settings:
             s = speed[name]
+            if isinstance(r, dict):  # a method and/or a budget: report the schedule that ran
+                r = models[name].tome_r
             result["rows"].append({
                 "name": name, "r": list(r) if isinstance(r, tuple) else r, **acc[name],
+                "method": getattr(models[name], "tome_method", None),
+                "budget": getattr(getattr(models[name], "tome_budget", None), "target_flops", None),
                 "images_per_s": s["images_per_s"], "median_s": s["median_s"], "times_s": s["times_s"],
                 "speedup": base["median_s"] / s["median_s"], "gflops": s["gflops"],
                 "flop_ratio": base["gflops"] / s["gflops"], "tokens_per_layer": tokens_after_merging(models[name], x),
@@ -403,12 +489,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--per-class", type=int, default=None, help="only the first N images of every class")
     d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image folders")
     t = parser.add_argument_group("ToMe")
-    t.add_argument("--r", "--tome-r", dest="r", type=non_negative_int, nargs="*", default=[0, 2, 4, 6, 8],
-                   help="ToMe r values (tokens merged per block); under torchrun spell it --tome-r "
+    t.add_argument("--r", "--tome-r", dest="r", type=non_negative_int, nargs="*", default=None,
+                   help="ToMe r values (tokens merged per block; default 0 2 4 6 8, none with --budget); under torchrun spell it --tome-r "
                         "(torchrun reads --r as an abbreviation of its own --rdzv-* options)")
     t.add_argument("--schedule", nargs="*", default=[], metavar="R,INFLECTION",
                    help="ToMe schedules such as 8,-0.5 (the decreasing schedule)")
     t.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
+    t.add_argument("--method", nargs="+", default=["tome"], metavar="METHOD",
+                   help="token reduction methods: tome, tofu, pitome, prune (visiontools.merge_methods); each runs "
+                        "at every --r and --budget")
+    t.add_argument("--budget", nargs="*", type=float, default=[], metavar="FLOPS",
+                   help="FLOP fractions such as 0.5 0.6 0.7: each method's r schedule is solved to keep at most that "
+                        "fraction of the unpatched FLOPs (equal FLOPs side by side); with --budget, --r defaults to none")
     m = parser.add_argument_group("measurement")
     m.add_argument("--batch-size", type=int, default=250, help="batch size for the accuracy pass")
     m.add_argument("--timing-batch-size", type=int, default=256, help="batch size for throughput timing")
@@ -437,7 +529,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--batch-size, --timing-batch-size and --repeats must be >= 1 and --warmup >= 0")
     result = evaluate(checkpoint=args.checkpoint, model_name=args.model, pretrained=args.pretrained,
                       dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-                      per_class=args.per_class, rs=args.r, schedules=schedules, prop_attn=not args.no_prop_attn,
+                      per_class=args.per_class, rs=args.r if args.r is not None else ([] if args.budget else [0, 2, 4, 6, 8]),
+                      schedules=schedules, prop_attn=not args.no_prop_attn, budgets=args.budget, methods=args.method,
                       batch_size=args.batch_size, timing_batch_size=args.timing_batch_size, repeats=args.repeats,
                       warmup=args.warmup, device=args.device, amp=args.amp, num_workers=args.num_workers,
                       progress=not args.no_progress, compare=args.compare)
@@ -447,9 +540,11 @@ def run(args: argparse.Namespace) -> int:
         md = (f"{result['model']} on {result['dataset']} ({result['n_images']} images), "
               f"timing batch {result['timing_batch_size']}, median of {result['repeats']} interleaved rounds; "
               f"{result['machine']}\n\n" + markdown_table(result))
+        if result["budgets"]:
+            md += "\n" + budget_table(result)
         atomic_write_text(str(prefix) + ".md", md)
         atomic_write_text(str(prefix) + ".json", json.dumps(result, indent=1))
-        plot(result, str(prefix) + ".png")
+        (plot_budgets if result["budgets"] else plot)(result, str(prefix) + ".png")
         print(md)
         print(f"wrote {prefix}.md, {prefix}.json, {prefix}.png")
     from visiontools.distributed import destroy_if_distributed

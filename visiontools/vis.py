@@ -17,10 +17,11 @@ def _as_group_map(source, grid_size: int | tuple[int, int]) -> np.ndarray:
 
 
 def render_merges(image: Image.Image, source, grid_size: int | tuple[int, int],
-                  outline=(255, 255, 255), outline_width: int = 1) -> Image.Image:
+                  outline=(255, 255, 255), outline_width: int = 1, removed=(0, 0, 0)) -> Image.Image:
     """Draw which patches merged: ``source[i]`` is the token that patch ``i`` (row-major over the
-    ``grid_size = (rows, cols)`` patch grid, or ``grid_size`` = side of a square grid) ended in. Returns an RGB image of ``image``'s size in
-    which each group is filled with its mean colour and outlined with ``outline``."""
+    ``grid_size = (rows, cols)`` patch grid, or ``grid_size`` = side of a square grid) ended in, or
+    ``-1`` when it was pruned. Returns an RGB image of ``image``'s size in which each group is filled
+    with its mean colour and outlined with ``outline``; pruned patches are filled with ``removed``."""
     img = np.asarray(image.convert("RGB"), dtype=np.float64)
     H, W = img.shape[:2]
     groups = _as_group_map(source, grid_size)
@@ -42,9 +43,11 @@ def render_merges(image: Image.Image, source, grid_size: int | tuple[int, int],
             edge[:, 1:] |= edge[:, :-1]
             edge[1:, :] |= edge[:-1, :]
         out[edge] = outline
+    out[pix < 0] = removed
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
 
 
 def group_count(source) -> int:
-    """Number of distinct tokens that a source map's patches ended in."""
-    return int(np.unique(np.asarray(source.detach().cpu() if hasattr(source, "detach") else source)).size)
+    """Number of distinct tokens that a source map's patches ended in (pruned patches, ``-1``, not counted)."""
+    ids = np.unique(np.asarray(source.detach().cpu() if hasattr(source, "detach") else source))
+    return int((ids >= 0).sum())

@@ -1,0 +1,116 @@
+"""Token reduction to a budget: the r schedule that meets a FLOP fraction (or a speedup) instead of a guessed r.
+
+Library-agnostic: the caller supplies a function that gives the FLOP fraction (reduced / unreduced,
+counted with ``visiontools.timing.count_flops``) of a per-layer r schedule, and optionally one that
+measures the speedup of a schedule. The search only assumes that merging more tokens never costs more.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class BudgetResult:
+    """What a budget solve chose: the per-layer ``schedule``, its ``flop_fraction`` (reduced FLOPs /
+    unreduced FLOPs, counted, so the method's own planning cost is included), the request
+    (``target_flops`` and/or ``target_speedup``) and, when calibrated, the ``measured_speedup``
+    (interleaved timing on the user's device) and every schedule tried with its measured speedup."""
+
+    schedule: list[int]
+    flop_fraction: float
+    target_flops: float
+    target_speedup: float | None = None
+    measured_speedup: float | None = None
+    trials: list[dict] = field(default_factory=list)
+
+    @property
+    def predicted_speedup(self) -> float:
+        """1 / FLOP fraction: the speedup if time were proportional to FLOPs."""
+        return 1.0 / self.flop_fraction
+
+
+def check_fraction(value, name: str) -> float:
+    """``ValueError`` unless ``value`` is a number in (0, 1] (``flops``) or >= 1 (``speedup``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if name == "flops" and not 0 < value <= 1:
+        raise ValueError(f"flops is the fraction of the unpatched model's FLOPs to keep, in (0, 1]; got {value}")
+    if name == "speedup" and not value >= 1:
+        raise ValueError(f"speedup must be >= 1 (1.8 means 1.8x faster), got {value}")
+    return float(value)
+
+
+def solve_schedule(fraction_of: Callable[[list[int]], float], num_layers: int, target: float,
+                   r_max: int) -> tuple[list[int], float]:
+    """The lightest schedule whose FLOP fraction is at most ``target``: the smallest constant r that
+    meets it, then as few leading layers as possible at that r with the rest at r - 1 (merging
+    early saves most). Returns ``(schedule, fraction)``; ``ValueError`` if even r = ``r_max`` in every
+    layer does not reach the target. About ``log2(r_max) + log2(num_layers)`` calls of ``fraction_of``."""
+    cache: dict[tuple, float] = {}
+
+    def frac(rs: list[int]) -> float:
+        key = tuple(rs)
+        if key not in cache:
+            cache[key] = fraction_of(list(rs))
+        return cache[key]
+
+    if frac([0] * num_layers) <= target:
+        return [0] * num_layers, frac([0] * num_layers)
+    if frac([r_max] * num_layers) > target:
+        raise ValueError(f"a FLOP fraction of {target:.3g} is out of reach: merging the most tokens possible "
+                         f"(r={r_max} in every layer) keeps {frac([r_max] * num_layers):.3g}")
+    lo, hi = 0, r_max  # frac(lo) > target >= frac(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if frac([mid] * num_layers) <= target else (mid, hi)
+    r = hi
+    k_lo, k_hi = 0, num_layers  # k leading layers at r, the rest at r - 1; k_hi meets the target
+
+    def sched(k: int) -> list[int]:
+        return [r] * k + [r - 1] * (num_layers - k)
+
+    while k_hi - k_lo > 1:
+        mid = (k_lo + k_hi) // 2
+        k_lo, k_hi = (k_lo, mid) if frac(sched(mid)) <= target else (mid, k_hi)
+    best = sched(k_hi) if frac(sched(k_lo)) > target else sched(k_lo)
+    return best, frac(best)
+
+
+def solve_budget(fraction_of: Callable[[list[int]], float], num_layers: int, r_max: int, flops: float | None = None,
+                 speedup: float | None = None, measure: Callable[[list[int]], float] | None = None,
+                 rounds: int = 3) -> BudgetResult:
+    """Solve for ``flops`` (a FLOP fraction) or ``speedup`` (then the FLOP fraction 1 / speedup, as if
+    time were proportional to FLOPs). With ``measure`` (schedule -> measured speedup) and ``speedup``,
+    calibrate: measure the solved schedule and, while it falls short, fit ``time = a + (1 - a) * FLOP
+    fraction`` to the last measurement and solve for the fraction that this says reaches the speedup
+    (at most ``rounds`` measurements); the lightest schedule that met the target (else the fastest)
+    is returned."""
+    if (flops is None) == (speedup is None):
+        raise ValueError("give exactly one of flops= (a FLOP fraction such as 0.5) or speedup= (such as 1.8)")
+    target = check_fraction(flops, "flops") if flops is not None else 1.0 / check_fraction(speedup, "speedup")
+    schedule, frac = solve_schedule(fraction_of, num_layers, target, r_max)
+    result = BudgetResult(schedule, frac, target, speedup)
+    if measure is None or speedup is None:
+        return result
+    for _ in range(rounds):
+        measured = measure(schedule)
+        result.trials.append({"schedule": schedule, "flop_fraction": frac, "measured_speedup": measured})
+        if measured >= speedup or frac >= 1.0:
+            break
+        # fit time = a + (1 - a) * FLOP fraction (a: the part that merging does not shrink) to this
+        # measurement, and aim at the FLOP fraction that model says reaches the speedup
+        a = (1.0 / measured - frac) / (1.0 - frac)
+        if a >= 1.0 / speedup:
+            break  # no FLOP fraction reaches it on this device
+        try:
+            aim = min((1.0 / speedup - a) / (1.0 - a), frac - 1e-6)  # always merge more than last time
+            schedule, frac = solve_schedule(fraction_of, num_layers, aim, r_max)
+        except ValueError:
+            break
+    meets = [t for t in result.trials if t["measured_speedup"] >= speedup]
+    pick = (max(meets, key=lambda t: t["flop_fraction"]) if meets  # the lightest that meets it
+            else max(result.trials, key=lambda t: t["measured_speedup"]))
+    result.schedule, result.flop_fraction = pick["schedule"], pick["flop_fraction"]
+    result.measured_speedup = pick["measured_speedup"]
+    return result
