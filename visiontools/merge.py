@@ -233,11 +233,16 @@ def merge_rope(m: Merge, rope: torch.Tensor, size: torch.Tensor | None, rule: st
     """
     if rule == "dst":
         return merge_dst(m, rope)
-    out = merge_wavg(m, rope, size)[0]
+    return rope_from_mean(merge_wavg(m, rope, size)[0], rule)
+
+
+def rope_from_mean(mean: torch.Tensor, rule: str) -> torch.Tensor:
+    """The merged tokens' rotary embeddings from their size-weighted mean ``cat([sin, cos], -1)``:
+    unchanged for ``"mean"``, rescaled to unit length per frequency for ``"circular"``."""
     if rule == "circular":
-        sin, cos = out.chunk(2, dim=-1)
+        sin, cos = mean.chunk(2, dim=-1)
         norm = (sin * sin + cos * cos).sqrt().clamp_min(1e-12)
-        out = torch.cat([sin / norm, cos / norm], dim=-1)
-    elif rule != "mean":
+        return torch.cat([sin / norm, cos / norm], dim=-1)
+    if rule != "mean":
         raise ValueError(f"unknown rope rule {rule!r}; choose one of {ROPE_RULES}")
-    return out
+    return mean

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from visiontools.merge import Merge, bipartite_soft_matching, index_map, max_r, split_sizes
+from visiontools.merge import Merge, bipartite_soft_matching, index_map, max_r, rope_from_mean, split_sizes
 
 METHODS = ("tome", "tofu", "pitome", "prune")
 
@@ -216,14 +216,7 @@ def reduce_rope(red: Reduction, rope: torch.Tensor, size: torch.Tensor | None, r
     :func:`visiontools.merge.merge_rope` (``"dst"``: the representative's embedding)."""
     if rule == "dst":
         return reduce_keep(red, rope)
-    out = reduce_wavg(red, rope, size)[0]
-    if rule == "circular":
-        sin, cos = out.chunk(2, dim=-1)
-        n = (sin * sin + cos * cos).sqrt().clamp_min(1e-12)
-        out = torch.cat([sin / n, cos / n], dim=-1)
-    elif rule != "mean":
-        raise ValueError(f"unknown rope rule {rule!r}")
-    return out
+    return rope_from_mean(reduce_wavg(red, rope, size)[0], rule)
 
 
 def plan(method: str, r: int, num_protected: int, layer: int, num_layers: int, metric: torch.Tensor,
