@@ -318,3 +318,28 @@ def test_demo_on_a_busy_port_says_port(capsys):
         line = one_line_error(capsys, ["demo", "--port", str(port), "--threads", "1"], f"127.0.0.1:{port}",
                               "--port N", "GRADIO_SERVER_PORT")
     assert "in use" in line
+
+
+def test_cpu_peak_memory_of_a_training_step_sees_a_reversible_backward():
+    """A reversible ViT's backward recomputes each block inside a custom autograd Function: those
+    tensors count (torch.profiler's CPU allocator events reported a quarter of this peak)."""
+    import timm
+
+    import visiontools.models  # noqa: F401  (registers rev_vit_cifar)
+    from visiontools.memory import peak_memory
+
+    torch.manual_seed(0)
+    model = timm.create_model("rev_vit_cifar", depth=2).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def step():
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    def one_block_recompute():  # F and G of one block, with autograd: what the backward rebuilds at least
+        blk = list(model.blocks.children())[0][0]  # ReversibleSequence -> ModuleList -> RevCoupling
+        h = model._pos_embed(model.patch_embed(x)).detach().requires_grad_()
+        (blk.f(h) + blk.g(h)).sum().backward()
+
+    step()  # create the .grad buffers first, so both measurements exclude them
+    peak = peak_memory(step, torch.device("cpu"), autograd=True)
+    assert peak >= peak_memory(one_block_recompute, torch.device("cpu"), autograd=True) > 0

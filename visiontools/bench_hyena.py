@@ -80,18 +80,10 @@ def uncached_copy(hyena_block):
 
 
 def peak_forward_memory(fn, device: torch.device) -> int:
-    """Peak bytes allocated by one call of ``fn`` above the level before it (see module docstring)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        with torch.inference_mode():
-            fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    from visiontools.memory import peak_bytes
+    """Peak bytes allocated by one inference call of ``fn`` above the level before it (see module docstring)."""
+    from visiontools.memory import peak_memory
 
-    return peak_bytes(fn)
+    return peak_memory(fn, device)
 
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float | None:

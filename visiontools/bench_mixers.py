@@ -10,7 +10,8 @@ one back only, so a second visiontools row, "back only" (``chunks_after=0``), ru
 At every token count (a square grid: Hyena needs one) all candidates are timed interleaved in one
 process (``visiontools.timing.interleaved_times``, medians): the forward (eval, inference mode) and a
 forward+backward (train mode, gradient of the output sum). Peak memory is that of one forward+backward
-(see ``bench_hyena.peak_forward_memory`` for how it is measured on a CPU). The error of each
+(``visiontools.memory.peak_memory``: on a CPU, the tensor storages every operator returns, counted
+until freed). The error of each
 approximation is measured on the attention core alone, on the same Gaussian ``qk``/``v`` (one head):
 ``||out - exact|| / ||exact||``, where "exact" is full shared-QK softmax attention (keys = normalised
 queries, no self-attention), the function both LSH implementations approximate.
@@ -24,30 +25,10 @@ from pathlib import Path
 import torch
 
 from visiontools.bench_hyena import loglog_slope
+from visiontools.memory import peak_memory
 from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median
 
 DEFAULT_GRIDS = [14, 16, 32, 48, 64, 96, 128]
-
-
-def peak_memory(fn, device: torch.device) -> int:
-    """Peak bytes allocated during ``fn()`` (with autograd on) above the level before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return int(peak)
 
 
 def build_mixers(dim: int, num_heads: int, bucket_size: int, hashes, reformer_hashes, device) -> dict:
@@ -163,7 +144,7 @@ def benchmark(grids, dim: int = 192, num_heads: int = 3, bucket_size: int = 64, 
         t_f = interleaved_times({k: (lambda k=k: fwd(k)) for k in names}, repeats=repeats, warmup=warmup, device=device)
         t_fb = interleaved_times({k: (lambda k=k: fwd_bwd(k)) for k in names}, repeats=repeats, warmup=warmup,
                                  device=device)
-        mem = {k: peak_memory(lambda k=k: fwd_bwd(k), device) for k in names}
+        mem = {k: peak_memory(lambda k=k: fwd_bwd(k), device, autograd=True) for k in names}
         errs = approximation_errors(n, dim // num_heads, bucket_size, hashes, reformer_hashes, device)
         row = {"grid": [H, W], "tokens": n,
                "fwd_ms": {k: 1e3 * median(t_f[k]) for k in names},

@@ -7,7 +7,8 @@ and ``reversible`` (:mod:`visiontools.patches.timm_reversible`: two-stream RevNe
 are rebuilt from their outputs, so only one block's activations live at a time). One training step
 (forward, cross-entropy, backward) is timed for all three interleaved in one process (medians), and
 its peak memory is measured above the level before it (weights excluded, their gradients included;
-on a CPU through ``torch.profiler``'s allocator events, see ``bench_hyena.peak_forward_memory``).
+``visiontools.memory.peak_memory``; on a CPU, the storages every operator returns, counted until
+freed: ``torch.profiler``'s allocator events miss the reversible backward's recomputation).
 
 A second table gives the peak training-step memory of CIFAR models at the training batch size
 (``--cifar-models``), the figure quoted beside ``visiontools eval --compare`` in the README.
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from visiontools.bench_mixers import peak_memory
+from visiontools.memory import peak_memory
 from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median
 
 VARIANTS = ("plain", "checkpointed", "reversible")
@@ -69,7 +70,7 @@ def benchmark(depths=(6, 12, 24), dim: int = 192, heads: int = 3, img_size: int 
         models = {v: build(v, depth, dim, heads, img_size, patch_size).to(device) for v in VARIANTS}
         times = interleaved_times({v: (lambda m=m: train_step(m, x, y)) for v, m in models.items()},
                                   repeats=repeats, warmup=warmup, device=device)
-        mem = {v: peak_memory(lambda m=m: train_step(m, x, y), device) for v, m in models.items()}
+        mem = {v: peak_memory(lambda m=m: train_step(m, x, y), device, autograd=True) for v, m in models.items()}
         ms = {v: 1e3 * median(times[v]) for v in VARIANTS}
         rows.append({"depth": depth, "params": sum(p.numel() for p in models["plain"].parameters()),
                      "step_ms": ms, "images_per_s": {v: batch_size / ms[v] * 1e3 for v in VARIANTS},
@@ -84,7 +85,7 @@ def benchmark(depths=(6, 12, 24), dim: int = 192, heads: int = 3, img_size: int 
         for name in cifar_models:
             m = create_model(name).to(device).train()
             cifar.append({"model": name, "params": sum(p.numel() for p in m.parameters()),
-                          "batch": cifar_batch, "peak_bytes": peak_memory(lambda: train_step(m, xc, yc), device)})
+                          "batch": cifar_batch, "peak_bytes": peak_memory(lambda: train_step(m, xc, yc), device, autograd=True)})
     return {"machine": machine_description(device), "device": str(device), "threads": torch.get_num_threads(),
             "dim": dim, "heads": heads, "img_size": img_size, "patch_size": patch_size,
             "tokens": (img_size // patch_size) ** 2 + 1, "batch": batch_size, "repeats": repeats,

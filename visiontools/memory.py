@@ -47,10 +47,28 @@ class _LiveStorageBytes(TorchDispatchMode):
         return out
 
 
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensor storage allocated by one call of ``fn`` (under ``torch.inference_mode``)
-    above the level before it; the result of ``fn`` is dropped before returning."""
+def peak_bytes(fn: Callable[[], object], autograd: bool = False) -> int:
+    """Peak bytes of tensor storage allocated by one call of ``fn`` above the level before it; the
+    result of ``fn`` is dropped before returning. ``fn`` runs under ``torch.inference_mode`` unless
+    ``autograd`` (a training step: saved activations and the backward pass's tensors are counted)."""
     mode = _LiveStorageBytes()
-    with torch.inference_mode(), mode:
+    with torch.inference_mode(not autograd), mode:
         fn()
     return int(mode.peak)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device, autograd: bool = False) -> int:
+    """Peak bytes allocated by one call of ``fn`` on ``device`` above the level before it: CUDA's
+    allocator statistics on a GPU, :func:`peak_bytes` elsewhere. ``autograd`` as in :func:`peak_bytes`.
+
+    (``torch.profiler``'s CPU memory events miss allocations made inside custom autograd Functions'
+    backward: for a reversible ViT's training step they reported a quarter of the true peak.)"""
+    if device.type != "cuda":
+        return peak_bytes(fn, autograd)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.inference_mode(not autograd):
+        fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
