@@ -95,6 +95,35 @@ def test_eval_compare_puts_other_checkpoints_beside_the_model(datasets_dir):
         load_comparisons(["hyena_cifar10"], {**desc, "mean": [0.5, 0.5, 0.5]}, torch.device("cpu"))
 
 
+def test_eval_train_memory_column_measures_a_training_step_without_touching_the_model(datasets_dir):
+    """--train-memory: each row's peak memory of one training step, on a copy of the model."""
+    import copy
+
+    import timm
+
+    from visiontools.evaluate import training_peak_memory
+    from visiontools.memory import peak_memory
+
+    res = evaluate(checkpoint="attn_cifar10", compare=["lsh_cifar10"], data_dir=str(datasets_dir / "cifar10"),
+                   per_class=1, rs=[], batch_size=10, timing_batch_size=2, repeats=1, warmup=0, progress=False,
+                   train_memory_batch=8)
+    attn, lsh = res["rows"]
+    model = load_checkpoint_model("attn_cifar10")[0].train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    direct = peak_memory(lambda: torch.nn.functional.cross_entropy(model(x), y).backward(), torch.device("cpu"),
+                         autograd=True)
+    assert attn["train_peak_bytes"] == direct and attn["train_memory_batch"] == 8
+    assert lsh["train_peak_bytes"] > 0
+    assert "training peak MB (batch 8) |" in markdown_table(res)
+    assert f"| {attn['train_peak_bytes'] / 2**20:.1f} |" in markdown_table(res)
+
+    bn_model = timm.create_model("conformer_vit_cifar", depth=1).eval()  # BatchNorm: a train step would update it
+    before = copy.deepcopy(bn_model.state_dict())
+    training_peak_memory({"m": bn_model}, x, y, torch.device("cpu"))
+    assert not bn_model.training and all(torch.equal(before[k], v) for k, v in bn_model.state_dict().items())
+    assert all(p.grad is None for p in bn_model.parameters())
+
+
 def test_eval_cli_writes_markdown_json_and_plot(tmp_path, datasets_dir):
     out = tmp_path / "ev"
     rc = cli_main(["eval", "--data-dir", str(datasets_dir / "cifar10"), "--per-class", "2", "--r", "4",

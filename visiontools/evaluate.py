@@ -135,8 +135,13 @@ class EvalData:
 
     def first(self, n: int) -> torch.Tensor:
         """The first ``n`` images (repeated if the dataset is smaller), as one float batch."""
+        return self.first_labelled(n)[0]
+
+    def first_labelled(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` images (repeated if the dataset is smaller) and their labels."""
         idx = [i % len(self) for i in range(n)]
-        return torch.cat([x for x, _ in self.batches(idx, n)])[:n]
+        xs, ys = zip(*self.batches(idx, n))
+        return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
 def load_eval_data(dataset: str, data_dir: str | None, model: torch.nn.Module, mean, std, download: bool = False,
@@ -219,6 +224,27 @@ def speed_and_flops(models: dict[str, torch.nn.Module], x: torch.Tensor, device:
     return out
 
 
+def training_peak_memory(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
+                         device: torch.device) -> dict[str, int]:
+    """Peak bytes of one training step (train mode, forward, cross-entropy, backward) on batch ``x``
+    for each model (``visiontools.memory.peak_memory``: activations and gradients, weights excluded).
+    Each step runs on a copy, so BatchNorm statistics and LSH rotations of the evaluated models stay as they were."""
+    import copy
+
+    from visiontools.memory import peak_memory
+
+    out = {}
+    for name, model in models.items():
+        m = copy.deepcopy(model).train()
+
+        def step(m=m):
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+
+        out[name] = peak_memory(step, device, autograd=True)
+        del m
+    return out
+
+
 def tokens_after_merging(model: torch.nn.Module, x: torch.Tensor) -> list[int] | None:
     """Tokens entering each block (and after the last) for a ToMe-patched model, else None."""
     from visiontools.patches.timm import ToMeVisionTransformer, tome_forward
@@ -235,16 +261,18 @@ def tokens_after_merging(model: torch.nn.Module, x: torch.Tensor) -> list[int] |
 def markdown_table(result: dict) -> str:
     """The result rows as a markdown table."""
     lines = [f"**Note: {result['notice']}.**", ""] if result.get("notice") else []
+    mem = bool(result["rows"]) and "train_peak_bytes" in result["rows"][0]
     lines += ["| variant | params (M) | tokens (first -> last block) | top-1 % | top-5 % | images/s | speedup "
-             "| GFLOPs/img | FLOP ratio |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "| GFLOPs/img | FLOP ratio |" + (f" training peak MB (batch {result['rows'][0]['train_memory_batch']}) |"
+                                              if mem else ""),
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem else "")]
     for row in result["rows"]:
         tok = row.get("tokens_per_layer")
         tok_s = f"{tok[0]} -> {tok[-2] if len(tok) > 1 else tok[0]}" if tok else "all"
         params = f"{row['params'] / 1e6:.2f}" if "params" in row else "—"
         lines.append(f"| {row['name']} | {params} | {tok_s} | {row['top1']:.2f} | {row['top5']:.2f} | "
                      f"{row['images_per_s']:.1f} | {row['speedup']:.2f}x | {row['gflops']:.3f} | "
-                     f"{row['flop_ratio']:.2f}x |")
+                     f"{row['flop_ratio']:.2f}x |" + (f" {row['train_peak_bytes'] / 2**20:.1f} |" if mem else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -378,11 +406,12 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
              schedules: Sequence[tuple[int, float]] = (), prop_attn: bool = True, batch_size: int = 250,
              timing_batch_size: int = 256, repeats: int = 10, warmup: int = 2, device: str | None = None,
              amp: str = "off", num_workers: int = 0, progress: bool = True, compare: Sequence[str] = (),
-             budgets: Sequence[float] = (), methods: Sequence[str] = ("tome",)) -> dict:
+             budgets: Sequence[float] = (), methods: Sequence[str] = ("tome",), train_memory_batch: int = 0) -> dict:
     """Run the whole evaluation and return the result dict (rows, machine, settings); see module doc.
     ``compare``: more checkpoints, evaluated unpatched beside the model (rows named by their file).
     ``methods`` (``visiontools.merge_methods.METHODS``) at every r in ``rs`` (ToMe also at every
-    schedule) and, with ``budgets`` (FLOP fractions), at every budget: equal FLOPs side by side."""
+    schedule) and, with ``budgets`` (FLOP fractions), at every budget: equal FLOPs side by side.
+    ``train_memory_batch``: also the peak memory of one training step at that batch size (0: not measured)."""
     from visiontools.models import DEFAULT_CHECKPOINT
     from visiontools.timing import machine_description, resolve_device
     from visiontools.distributed import amp_dtype, barrier, init_distributed
@@ -421,6 +450,10 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     if rank == 0:
         x = data.first(timing_batch_size).to(dev)
         speed = speed_and_flops(models, x, dev, adt, repeats, warmup, progress)
+        train_mem = {}
+        if train_memory_batch:
+            xt, yt = data.first_labelled(train_memory_batch)
+            train_mem = training_peak_memory(models, xt.to(dev), yt.to(dev), dev)
         base = speed["unpatched"]
         for name, r in settings:
             s = speed[name]
@@ -433,7 +466,8 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
                 "images_per_s": s["images_per_s"], "median_s": s["median_s"], "times_s": s["times_s"],
                 "speedup": base["median_s"] / s["median_s"], "gflops": s["gflops"],
                 "flop_ratio": base["gflops"] / s["gflops"], "tokens_per_layer": tokens_after_merging(models[name], x),
-                "params": sum(p.numel() for p in models[name].parameters())})
+                "params": sum(p.numel() for p in models[name].parameters()),
+                **({"train_peak_bytes": train_mem[name], "train_memory_batch": train_memory_batch} if train_mem else {})})
     barrier(world)
     return result
 
@@ -509,6 +543,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default=None, help="cpu or cuda; if not given, cuda when available")
     m.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default="off", help="autocast dtype")
     m.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    m.add_argument("--train-memory", type=int, default=0, metavar="BATCH",
+                   help="also measure each row's peak memory of one training step (forward, cross-entropy, "
+                        "backward; activations and gradients, not weights) at this batch size; 0 (default): not measured")
     o = parser.add_argument_group("output")
     o.add_argument("--out", default=None,
                    help="output prefix: writes PREFIX.md, PREFIX.json and PREFIX.png; if not given, "
@@ -525,15 +562,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     schedules = [parse_schedule(s) for s in args.schedule]
-    if args.batch_size < 1 or args.timing_batch_size < 1 or args.repeats < 1 or args.warmup < 0:
-        raise UserError("--batch-size, --timing-batch-size and --repeats must be >= 1 and --warmup >= 0")
+    if args.batch_size < 1 or args.timing_batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.train_memory < 0:
+        raise UserError("--batch-size, --timing-batch-size and --repeats must be >= 1, --warmup and --train-memory >= 0")
     result = evaluate(checkpoint=args.checkpoint, model_name=args.model, pretrained=args.pretrained,
                       dataset=args.dataset, data_dir=args.data_dir, download=args.download,
                       per_class=args.per_class, rs=args.r if args.r is not None else ([] if args.budget else [0, 2, 4, 6, 8]),
                       schedules=schedules, prop_attn=not args.no_prop_attn, budgets=args.budget, methods=args.method,
                       batch_size=args.batch_size, timing_batch_size=args.timing_batch_size, repeats=args.repeats,
                       warmup=args.warmup, device=args.device, amp=args.amp, num_workers=args.num_workers,
-                      progress=not args.no_progress, compare=args.compare)
+                      progress=not args.no_progress, compare=args.compare, train_memory_batch=args.train_memory)
     if result["rows"]:  # rank 0
         prefix = output_prefix(args, str(result["model"]), result["dataset"])
         prefix.parent.mkdir(parents=True, exist_ok=True)

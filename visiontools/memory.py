@@ -52,7 +52,7 @@ def peak_bytes(fn: Callable[[], object], autograd: bool = False) -> int:
     result of ``fn`` is dropped before returning. ``fn`` runs under ``torch.inference_mode`` unless
     ``autograd`` (a training step: saved activations and the backward pass's tensors are counted)."""
     mode = _LiveStorageBytes()
-    with torch.inference_mode(not autograd), mode:
+    with torch.inference_mode(not autograd), torch.set_grad_enabled(autograd), mode:
         fn()
     return int(mode.peak)
 
@@ -68,7 +68,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device, autograd: bool =
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    with torch.inference_mode(not autograd):
+    with torch.inference_mode(not autograd), torch.set_grad_enabled(autograd):
         fn()
     torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device) - base)
