@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
                         help="port to listen on (default: $GRADIO_SERVER_PORT if set, else 7860)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="model shown first: 'default' (the shipped CIFAR-10 ViT), a timm ViT name "
-                             "(e.g. vit_small_patch16_224) or a visiontools .safetensors checkpoint")
+                        help="model shown first: 'default' (the shipped conv-augmented CIFAR-10 ViT, conformer_cifar10), "
+                             "another shipped checkpoint (cifar10_vit), a timm ViT name (e.g. vit_small_patch16_224) "
+                             "or a visiontools .safetensors checkpoint")
     parser.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
                         help="create a public gradio.live link (needs internet)")
     parser.add_argument("--no-download", action="store_true",
@@ -232,7 +233,7 @@ def build_demo(default_model: str = DEFAULT_MODEL):
                     "with its mean colour and outlined) after the chosen block.")
         with gr.Row():
             model_name = gr.Dropdown(choices, value=default_model, allow_custom_value=True, scale=2, min_width=280,
-                                     label="Model", info="'default' = the shipped CIFAR-10 ViT; or type any timm ViT name")
+                                     label="Model", info="'default' = the shipped conv-augmented CIFAR-10 ViT; cifar10_vit = the shipped plain ViT; or type any timm ViT name")
             with gr.Column(scale=3, min_width=300):
                 model_info = gr.Markdown(model_info_markdown(dm), elem_id="model-info")
         status = gr.Markdown("", elem_id="status")

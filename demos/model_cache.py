@@ -1,6 +1,7 @@
-"""Models for the demo: the shipped CIFAR-10 ViT by default, or any timm ViT by name, loaded once
-and cached (thread-safe). Every request patches a shallow copy of the cached model, so users with
-different ToMe settings never change each other's model."""
+"""Models for the demo: the most accurate shipped CIFAR-10 model (``conformer_cifar10``) by default,
+another shipped checkpoint or any timm ViT by name, loaded once and cached (thread-safe). Every
+request patches a shallow copy of the cached model, so users with different ToMe settings never change
+each other's model."""
 from __future__ import annotations
 
 import copy
@@ -15,9 +16,10 @@ from urllib.parse import urlparse
 import torch
 
 DEFAULT_MODEL = "default"
-DEFAULT_ALIASES = ("default", "cifar10_vit")
-FALLBACK_DEFAULT = "vit_cifar_mini_p4"  # architecture of the shipped checkpoint
-SUGGESTED_MODELS = ["default", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224",
+DEFAULT_CHECKPOINT = "conformer_cifar10"  # the most accurate shipped CIFAR-10 model (visiontools.models.SHIPPED)
+DEFAULT_ALIASES = ("default", DEFAULT_CHECKPOINT)
+FALLBACK_DEFAULT = "conformer_vit_cifar_cct"  # architecture of the default checkpoint
+SUGGESTED_MODELS = ["default", "cifar10_vit", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224",
                     "deit_small_patch16_224", "vit_base_patch16_224"]
 MAX_CACHED = 3  # models kept in memory besides the default one
 
@@ -122,7 +124,7 @@ def _load_default() -> DemoModel:
         from visiontools import models as vt_models
 
         try:
-            model, desc = vt_models.load_default_model()
+            model, desc = vt_models.load_checkpoint_model(DEFAULT_CHECKPOINT)
         except (FileNotFoundError, ValueError) as e:
             model = vt_models.create_model(FALLBACK_DEFAULT).eval()
             mean, std = _cfg_stats(model)
@@ -163,6 +165,12 @@ def accuracy_note(desc: dict) -> str:
     return note + (" (provisional checkpoint)" if desc.get("provisional") else "")
 
 
+def _shipped() -> dict:
+    from visiontools.models import SHIPPED
+
+    return SHIPPED
+
+
 def _load_checkpoint(path: str) -> DemoModel:
     if not _register_visiontools_models():
         raise ValueError("loading a visiontools checkpoint needs visiontools.models")
@@ -170,7 +178,7 @@ def _load_checkpoint(path: str) -> DemoModel:
 
     model, desc = vt_models.load_checkpoint_model(path)
     return DemoModel(path, model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
-                     description=f"checkpoint {Path(path).name} ({desc['model']})")
+                     description=f"checkpoint {Path(path).name} ({desc['model']}){accuracy_note(desc)}")
 
 
 def _load_timm(name: str, allow_download: bool) -> DemoModel:
@@ -223,8 +231,8 @@ def vt_models_classes(name: str, n: int) -> list[str] | None:
 
 def load_model(name: str, allow_download: bool = True, allow_path: bool = True) -> DemoModel:
     """Load a model for the demo (no caching; use :class:`ModelCache`). ``name``: ``default`` (the
-    shipped CIFAR-10 checkpoint), a path to a visiontools ``.safetensors`` checkpoint (when
-    ``allow_path``), or a timm model name (pretrained weights when they can be downloaded, random
+    shipped ``DEFAULT_CHECKPOINT``), another shipped checkpoint's name (``cifar10_vit``), a path to a
+    visiontools ``.safetensors`` checkpoint (when ``allow_path``), or a timm model name (pretrained weights when they can be downloaded, random
     weights and a notice otherwise). Raises ``ValueError`` with a message for the user when the name
     cannot be used."""
     name = (name or "").strip()
@@ -232,6 +240,8 @@ def load_model(name: str, allow_download: bool = True, allow_path: bool = True) 
         raise ValueError("No model name given.")
     if name in DEFAULT_ALIASES:
         dm = _load_default()
+    elif _register_visiontools_models() and name in _shipped():  # files of this package, not a user's path
+        dm = _load_checkpoint(name)
     elif name.endswith(".safetensors"):
         if not allow_path:
             raise ValueError("Checkpoint files can only be chosen when the demo is started "

@@ -163,3 +163,47 @@ def test_cpu_recipe_config_loads_and_builds():
     assert cfg["model"] == "conformer_vit_cifar_cct" and cfg["ema_decay"] and cfg["warmup_epochs"] == 1.0
     model = timm.create_model(cfg["model"], num_classes=10, **cfg["model_kwargs"])
     assert 1.0e6 < sum(p.numel() for p in model.parameters()) < 2.0e6
+
+
+def test_each_tokenizer_token_is_centred_on_its_4x4_cell():
+    """The merge picture draws token (i, j) of the conv tokenizer over pixels [4i, 4i+4) x [4j, 4j+4):
+    the centre of mass of the token's input gradient (its receptive field) lies in that cell."""
+    torch.manual_seed(0)
+    model = timm.create_model("conformer_vit_cifar_cct", **TINY).eval()
+    assert tuple(model.patch_embed.grid_size) == (8, 8) and tuple(model.patch_embed.patch_size) == (4, 4)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    tokens = model.patch_embed.proj(x)  # (1, C, 8, 8)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    for i, j in [(0, 0), (3, 5), (7, 7), (4, 0)]:
+        (g,) = torch.autograd.grad(tokens[0, :, i, j].pow(2).sum(), x, retain_graph=True)
+        w = g.abs().sum(1)[0]
+        cy, cx = (w * ys).sum() / w.sum(), (w * xs).sum() / w.sum()
+        assert 4 * i - 0.5 <= cy <= 4 * i + 3.5 and 4 * j - 0.5 <= cx <= 4 * j + 3.5, (i, j, cy, cx)
+
+
+def test_shipped_conformer_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(datasets_dir):
+    """conformer_cifar10: fp16, under 10 MB, trained in at most 2 hours, and its card's numbers hold."""
+    from visiontools.data import load_cifar, normalize
+    from visiontools.models import SHIPPED, load_checkpoint_model
+
+    path = SHIPPED["conformer_cifar10"]
+    assert path.stat().st_size < 10e6
+    model, meta = load_checkpoint_model("conformer_cifar10")
+    assert meta["model"] == "conformer_vit_cifar_cct" and not model.training
+    assert meta["weights_dtype"] == "float16" and meta["training_minutes"] <= 120
+    full = meta["test_accuracy"]  # whole test split, fp16 weights
+    assert full["n"] == 10000 and full["top1"] >= 85.0
+    assert sorted(full["per_class_top1"]) == sorted(meta["classes"])
+    assert sum(full["per_class_top1"].values()) / 10 == pytest.approx(full["top1"], abs=1e-3)  # 1,000 per class
+    rec = meta["subset_accuracy"]
+    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=rec["per_class"])
+    with torch.no_grad():
+        pred = model(normalize(ds.images, meta["mean"], meta["std"])).argmax(1)
+    assert 100.0 * (pred == ds.labels).float().mean().item() == pytest.approx(rec["top1"], abs=1.0)
+    for c, name in enumerate(meta["classes"][:3]):  # per-class numbers come from the right class
+        sub = subset_per_class(pred, ds.labels, c)
+        assert sub == pytest.approx(rec["per_class_top1"][name], abs=1e-3)
+
+
+def subset_per_class(pred, labels, c):
+    return 100.0 * (pred[labels == c] == c).float().mean().item()

@@ -255,11 +255,11 @@ def test_cache_loads_each_model_once_across_threads():
     for t in threads:
         t.join()
     assert cache.loads == 1 and len(got) == 4 and all(g is got[0] for g in got)
-    assert cache.get("cifar10_vit") is got[0] and cache.get("") is got[0]
+    assert cache.get("conformer_cifar10") is got[0] and cache.get("") is got[0]
 
 
 def test_start_up_model_named_by_alias_is_never_evicted_and_failed_loads_leave_no_lock():
-    cache = ModelCache(allow_download=False, max_cached=0, default="cifar10_vit")
+    cache = ModelCache(allow_download=False, max_cached=0, default="conformer_cifar10")
     start = cache.get(None)
     cache.get("vit_tiny_patch16_224")  # over max_cached: evicted again, but not the start-up model
     assert cache.get("default") is start and cache.loads == 2
@@ -276,10 +276,17 @@ def test_default_model_is_the_shipped_checkpoint(dm):
 
     assert dm.classes[:3] == ["airplane", "automobile", "bird"] and dm.input_size == (32, 32)
     assert dm.trained and not dm.notice and "shipped CIFAR-10 checkpoint" in dm.description
-    shipped = load_file(str(SHIPPED["cifar10_vit"]))
+    shipped = load_file(str(SHIPPED["conformer_cifar10"]))  # the most accurate shipped CIFAR-10 model
     state = dm.model.state_dict()
     assert {f"model.{k}" for k in state} == set(shipped)
     assert all(torch.equal(v, shipped[f"model.{k}"]) for k, v in state.items())
+
+
+def test_other_shipped_checkpoints_load_by_name_from_the_page():
+    """Shipped names are files of the package, not user paths: the page may choose them."""
+    dm = ModelCache(allow_download=False).get("cifar10_vit")
+    assert dm.trained and dm.model.num_prefix_tokens == 1 and dm.grid_size == (8, 8)
+    assert "cifar10_vit" in dm.description and "vit_cifar_mini_p4" in dm.description and "top-1 55.4%" in dm.description
 
 
 def test_checkpoint_paths_only_from_the_command_line():
