@@ -1,4 +1,4 @@
-"""Shared test fixtures: where the real datasets live."""
+"""Shared test fixtures: where the real datasets live, and a few training steps on real CIFAR-10."""
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,37 @@ def imagenet_image(datasets_dir):
     from PIL import Image
     path = sorted((datasets_dir / "imagenet-samples").glob("*/*.JPEG"))[0]
     return Image.open(path).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def cifar_batch(datasets_dir):
+    """64 real CIFAR-10 training images (the first 7 of every class, 64 of those), normalised, and labels."""
+    from visiontools.data import CIFAR_STATS, load_cifar, normalize
+
+    ds = load_cifar("cifar10", "train", datasets_dir / "cifar10", max_per_class=7).subset(range(64))
+    return normalize(ds.images, *CIFAR_STATS["cifar10"]), ds.labels
+
+
+@pytest.fixture
+def fit_losses(cifar_batch):
+    """``fit(model, steps=15, lr=3e-3) -> losses``: full-batch AdamW steps on :func:`cifar_batch`
+    (seeded), for the "a tiny model learns real data" tests."""
+    import torch
+    import torch.nn.functional as F
+
+    def fit(model, steps: int = 15, lr: float = 3e-3) -> list[float]:
+        x, y = cifar_batch
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        losses = []
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    return fit
 
 
 # In CI (CI=true, as .ci/run sets it) every test must run: a skipped test fails the session, so a

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import visiontools.models  # noqa: F401  (registers the Hyena ViTs)
 import visiontools.patches.timm_hyena as th
-from visiontools.data import CIFAR_STATS, load_cifar, normalize
+from visiontools.data import CIFAR_STATS
 from visiontools.hyena import (
     Hyena2d, HyenaAttention, ImplicitFilter2d, direct_conv2d, fft_conv2d, fft_size,
 )
@@ -396,25 +395,11 @@ def test_torch_compile_runs():
     torch.testing.assert_close(cm(x2), m(x2), rtol=1e-5, atol=1e-5)
 
 
-def _cifar_batch(datasets_dir, n: int = 64):
-    """The first ``n`` of the first few real CIFAR-10 training images of every class, normalised."""
-    ds = load_cifar("cifar10", "train", datasets_dir / "cifar10", max_per_class=n // 10 + 1).subset(range(n))
-    return normalize(ds.images, *CIFAR_STATS["cifar10"]), ds.labels
-
-
-def test_tiny_hyena_vit_learns_real_cifar10(datasets_dir):
+def test_tiny_hyena_vit_learns_real_cifar10(cifar_batch, fit_losses):
     torch.manual_seed(0)
-    x, y = _cifar_batch(datasets_dir, 64)
+    x, y = cifar_batch
     assert x.shape == (64, 3, 32, 32) and len(set(y.tolist())) == 10
-    m = timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(m(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2))
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.4, losses  # from ~2.3 (chance) down by more than 0.4 nats
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import visiontools.models  # noqa: F401  (registers lsh_vit_*)
-from visiontools.data import CIFAR_STATS, load_cifar, normalize
+from visiontools.data import load_cifar, normalize
 from visiontools.lsh import (SELF_LOGIT, LSHAttention, default_n_buckets, full_shared_qk_attention,
                              hash_buckets, lsh_attention, random_rotations)
 from visiontools.patches.timm_lsh import lsh_layers, swap_attention_for_lsh
@@ -202,19 +202,9 @@ def test_swap_keeps_q_v_proj_warns_and_trains():
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
-def test_tiny_lsh_vit_learns_real_cifar10(datasets_dir):
+def test_tiny_lsh_vit_learns_real_cifar10(fit_losses):
     torch.manual_seed(0)
-    ds = load_cifar("cifar10", "train", datasets_dir / "cifar10", max_per_class=7).subset(range(64))
-    x, y = normalize(ds.images, *CIFAR_STATS["cifar10"]), ds.labels
-    m = timm.create_model("lsh_vit_cifar", embed_dim=32, depth=2, num_heads=2)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(m(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(timm.create_model("lsh_vit_cifar", embed_dim=32, depth=2, num_heads=2))
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.4, losses
 

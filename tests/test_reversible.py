@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import visiontools.models  # noqa: F401  (registers rev_vit_*)
-from visiontools.data import CIFAR_STATS, load_cifar, normalize
+from visiontools.data import load_cifar, normalize
 from visiontools.reversible import RevCoupling, ReversibleSequence
 
 
@@ -63,19 +63,9 @@ def test_rev_vit_has_the_parameters_of_its_plain_twin_and_refuses_bad_mixer():
         timm.create_model("rev_vit_cifar", mixer="conv")
 
 
-def test_tiny_reversible_vit_learns_real_cifar10(datasets_dir):
+def test_tiny_reversible_vit_learns_real_cifar10(fit_losses):
     torch.manual_seed(0)
-    ds = load_cifar("cifar10", "train", datasets_dir / "cifar10", max_per_class=7).subset(range(64))
-    x, y = normalize(ds.images, *CIFAR_STATS["cifar10"]), ds.labels
-    m = timm.create_model("rev_vit_cifar", embed_dim=32, depth=2, num_heads=2)
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(m(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_losses(timm.create_model("rev_vit_cifar", embed_dim=32, depth=2, num_heads=2))
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.4, losses
 

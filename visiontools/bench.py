@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 
 import torch
 
 from visiontools.timing import (
     add_run_arguments, autocast_context, count_flops, interleaved_times, machine_description, median,
-    resolve_device,
+    resolve_device, write_results,
 )
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -161,10 +160,5 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.pretrained, img)
     result = benchmark_vit(model, args.r, args.batch_size, img, device, dtype, args.repeats, args.warmup)
     result["model"] = args.model
-    table = markdown_table(result, args.model)
-    print(table)
-    if args.out_md:
-        args.out_md.write_text(table + "\n")
-    if args.out_json:
-        args.out_json.write_text(json.dumps(result, indent=2, default=str))
+    write_results(args, markdown_table(result, args.model), result)
     return 0

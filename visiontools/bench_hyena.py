@@ -25,7 +25,6 @@ operator allocates and frees within itself, and memory allocated outside PyTorch
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 from visiontools.timing import (
     add_run_arguments, autocast_context, count_flops, interleaved_times, machine_description, median,
+    write_results,
 )
 
 DEFAULT_GRIDS = [14, 16, 24, 32, 48, 64, 96, 128]
@@ -275,14 +275,7 @@ def run(args: argparse.Namespace) -> int:
                        mlp_ratio=args.mlp_ratio, batch_size=args.batch_size, max_tokens=args.max_tokens,
                        device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
                        progress=not args.no_progress)
-    table = markdown_table(result)
-    print(table)
-    if args.out_md:
-        args.out_md.parent.mkdir(parents=True, exist_ok=True)
-        args.out_md.write_text(table + "\n")
-    if args.out_json:
-        args.out_json.parent.mkdir(parents=True, exist_ok=True)
-        args.out_json.write_text(json.dumps(result, indent=1))
+    write_results(args, markdown_table(result), result)
     if args.plot:
         plot(result, args.plot)
         print(f"plot: {args.plot}")

@@ -19,14 +19,13 @@ queries, no self-attention), the function both LSH implementations approximate.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from visiontools.bench_hyena import loglog_slope
 from visiontools.memory import peak_memory
-from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median
+from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median, write_results
 
 DEFAULT_GRIDS = [14, 16, 32, 48, 64, 96, 128]
 
@@ -293,17 +292,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeats < 1 or args.warmup < 0 or args.bucket_size < 1 or min(args.hashes) < 1:
-        raise SystemExit("--repeats, --bucket-size and --hashes must be >= 1 and --warmup >= 0")
+        from visiontools.errors import UserError
+        raise UserError("--repeats, --bucket-size and --hashes must be >= 1 and --warmup >= 0")
     result = benchmark(args.grids, dim=args.dim, num_heads=args.num_heads, bucket_size=args.bucket_size,
                        hashes=args.hashes, reformer_hashes=args.reformer_hashes or [],
                        device=resolve_device(args.device), repeats=args.repeats, warmup=args.warmup,
                        progress=not args.no_progress, max_exact_tokens=args.max_exact_tokens)
-    table = markdown_table(result)
-    print(table)
-    for path, text in ((args.out_md, table + "\n"), (args.out_json, json.dumps(result, indent=1))):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+    write_results(args, markdown_table(result), result)
     if args.plot:
         plot(result, args.plot)
         print(f"plot: {args.plot}")

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from visiontools.timing import count_flops, interleaved_times, machine_description, median
+from visiontools.timing import count_flops, interleaved_times, machine_description, median, write_results
 
 DEFAULT_MODEL = "vit_small_patch16_224"
 BASELINE = "unpatched (ONNX)"
@@ -116,10 +115,5 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {e}")
     result = benchmark_onnx(model, args.r, args.batch_size, img, args.threads, args.repeats, args.warmup)
     result["model"] = args.model
-    table = markdown_table(result, args.model)
-    print(table)
-    if args.out_md:
-        args.out_md.write_text(table + "\n")
-    if args.out_json:
-        args.out_json.write_text(json.dumps(result, indent=2, default=str))
+    write_results(args, markdown_table(result, args.model), result)
     return 0

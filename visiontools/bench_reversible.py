@@ -16,14 +16,12 @@ A second table gives the peak training-step memory of CIFAR models at the traini
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from visiontools.memory import peak_memory
-from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median
+from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median, write_results
 
 VARIANTS = ("plain", "checkpointed", "reversible")
 
@@ -147,14 +145,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or min(args.depths) < 1:
-        raise SystemExit("--repeats, --batch-size and --depths must be >= 1 and --warmup >= 0")
+        from visiontools.errors import UserError
+        raise UserError("--repeats, --batch-size and --depths must be >= 1 and --warmup >= 0")
     result = benchmark(args.depths, args.dim, args.num_heads, args.img_size, args.patch_size, args.batch_size,
                        args.repeats, args.warmup, resolve_device(args.device), args.cifar_models or (),
                        args.cifar_batch, progress=not args.no_progress)
-    table = markdown_table(result)
-    print(table)
-    for path, text in ((args.out_md, table + "\n"), (args.out_json, json.dumps(result, indent=1))):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+    write_results(args, markdown_table(result), result)
     return 0

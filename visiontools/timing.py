@@ -66,6 +66,18 @@ def add_run_arguments(parser, repeats: int, warmup: int) -> None:
     parser.add_argument("--out-md", type=Path, default=None, help="write the markdown table (with the machine) here")
 
 
+def write_results(args, table: str, result: dict) -> None:
+    """Print a bench target's markdown ``table`` and write it and the full ``result`` to
+    ``--out-md`` / ``--out-json`` (:func:`add_run_arguments`) when given, creating their folders."""
+    import json
+
+    print(table)
+    for path, text in ((args.out_md, table + "\n"), (args.out_json, json.dumps(result, indent=1, default=str))):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """``None`` or ``"auto"`` -> cuda when available, else cpu; anything else as given."""
     if name is None or name == "auto":
