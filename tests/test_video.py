@@ -261,7 +261,7 @@ def test_demo_tab_annotates_caps_long_clips_and_explains_bad_ones(clip, tmp_path
     frames, fourcc = read_all(out)
     assert len(frames) == 8 and fourcc == "VP80"
     assert f"The clip has {FRAMES} frames (2.0 s); the demo processes the first 8 (0.8 s)" in note
-    assert "57 of 65 tokens** after block 2" in note
+    assert "56 of 64 tokens** after block 2" in note  # the demo's default Conformer: 64 tokens, no class token
     assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2   # tokens per block; FPS with / without ToMe
 
     bad = tmp_path / "notes.webm"
