@@ -124,6 +124,27 @@ def test_eval_train_memory_column_measures_a_training_step_without_touching_the_
     assert all(p.grad is None for p in bn_model.parameters())
 
 
+def test_compare_names_checkpoints_with_the_same_file_name_by_their_folder(tmp_path):
+    """Two runs' last.safetensors must both appear (a repeated stem once silently dropped one)."""
+    import shutil
+
+    from visiontools.evaluate import load_comparisons
+    from visiontools.models import SHIPPED
+
+    for run, name in (("run_a", "attn_cifar10"), ("run_b", "lsh_cifar10")):
+        (tmp_path / run).mkdir()
+        shutil.copy(SHIPPED[name], tmp_path / run / "last.safetensors")
+        shutil.copy(SHIPPED[name].with_suffix(".json"), tmp_path / run / "last.json")
+    _, desc = load_checkpoint_model("attn_cifar10")
+    paths = [str(tmp_path / "run_a" / "last.safetensors"), str(tmp_path / "run_b" / "last.safetensors")]
+    got = load_comparisons(paths, desc, torch.device("cpu"))
+    assert list(got) == ["run_a_last", "run_b_last"]
+    assert sum(p.numel() for p in got["run_b_last"].parameters()) != sum(p.numel() for p in got["run_a_last"].parameters())
+    assert list(load_comparisons(["lsh_cifar10", paths[0]], desc, torch.device("cpu"))) == ["lsh_cifar10", "last"]
+    with pytest.raises(ValueError, match="is given twice"):
+        load_comparisons([paths[0], paths[0]], desc, torch.device("cpu"))
+
+
 def test_eval_cli_writes_markdown_json_and_plot(tmp_path, datasets_dir):
     out = tmp_path / "ev"
     rc = cli_main(["eval", "--data-dir", str(datasets_dir / "cifar10"), "--per-class", "2", "--r", "4",

@@ -355,18 +355,27 @@ def plot_budgets(result: dict, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- driver
 
 def load_comparisons(checkpoints: Sequence[str], desc: dict, device: torch.device) -> dict[str, torch.nn.Module]:
-    """``{file stem: model}`` for each ``--compare`` checkpoint; ``ValueError`` unless it was trained
-    on the same dataset, classes and normalisation as the evaluated model (``desc``)."""
+    """``{name: model}`` for each ``--compare`` checkpoint, named by its file stem, or by
+    ``<folder>_<stem>`` when stems repeat (``runs/a/last.safetensors``, ``runs/b/last.safetensors``);
+    ``ValueError`` for a checkpoint given twice, or unless it was trained on the same dataset, classes
+    and normalisation as the evaluated model (``desc``)."""
     from visiontools.models import load_checkpoint_model
 
-    out = {}
+    loaded = []
     for ckpt in checkpoints:
         model, other = load_checkpoint_model(ckpt, device=device)
         for key in ("dataset", "classes", "mean", "std"):
             if other.get(key) != desc.get(key):
                 raise ValueError(f"--compare {ckpt}: its {key} ({other.get(key)}) differs from the evaluated "
                                  f"model's ({desc.get(key)}); compare checkpoints trained on the same data")
-        out[Path(other["path"]).stem] = model
+        loaded.append((Path(other["path"]).resolve(), model))
+    stems = [path.stem for path, _ in loaded]
+    out = {}
+    for path, model in loaded:
+        name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}_{path.stem}"
+        if name in out:
+            raise ValueError(f"--compare: {path} is given twice (two candidates would be named {name!r})")
+        out[name] = model
     return out
 
 
