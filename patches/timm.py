@@ -62,7 +62,7 @@ class ToMeInfo:
     num_prefix_tokens: int = 0
 
 
-def _attention(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None):
+def attention_with_metric(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None):
     """timm ``Attention.forward`` with an additive float mask, also returning the keys averaged
     over heads (the ToMe similarity metric). Fused SDPA stays on where timm uses it."""
     B, N, _ = x.shape
@@ -163,7 +163,7 @@ def _vit_block(blk: Block, x, size, source, rope, r: int, num_prefix: int, prop_
                method: str = "tome", layer: int = 0, num_layers: int = 1):
     """One timm ``Block`` with a ToMe merge between attention and MLP."""
     bias = size_bias(size) if prop_attn and size is not None else None
-    y, metric, qk = _attention(blk.attn, blk.norm1(x), bias)
+    y, metric, qk = attention_with_metric(blk.attn, blk.norm1(x), bias)
     x = x + blk.drop_path1(blk.ls1(y))
     x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer,
                                    num_layers, _importance(blk.attn, qk, bias, method, num_prefix, r))

@@ -22,7 +22,7 @@ from visiontools.conformer import ConformerBlock
 from visiontools.grid import GridKey, GridLayout, GridTokens, set_call_grid
 from visiontools.hyena import HyenaAttention
 from visiontools.merge import bipartite_soft_matching, init_source, max_r, merge_source, merge_wavg, parse_r
-from visiontools.patches.timm import ToMeInfo, ToMeVisionTransformer, _attention
+from visiontools.patches.timm import ToMeInfo, ToMeVisionTransformer, attention_with_metric
 
 __all__ = ["configure_grid", "grid_layers", "has_grid_layers", "apply_tome_grid"]
 
@@ -89,7 +89,7 @@ def _timm_block(blk: Block, x, layout: GridLayout, merge, prop_attn: bool):
         metric = x  # Hyena has no keys: the mixed tokens are the similarity metric
     else:
         bias = size.log()[:, None, None, :, 0] if prop_attn and size is not None else None
-        y, metric, _ = _attention(blk.attn, blk.norm1(x), bias)
+        y, metric, _ = attention_with_metric(blk.attn, blk.norm1(x), bias)
         x = x + blk.drop_path1(blk.ls1(y))
     x, layout = merge(x, metric, layout)
     h = blk.norm2(x)

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the real datasets live, and a few training steps on real CIFAR-10."""
+"""Shared test fixtures: where the real datasets live, a few training steps on real CIFAR-10, and a
+shipped checkpoint's predictions on the test images its card recorded."""
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,25 @@ def fit_losses(cifar_batch):
         return losses
 
     return fit
+
+
+@pytest.fixture(scope="session")
+def recorded_subset(datasets_dir):
+    """``predict(model, meta) -> (top1, pred, labels)``: a shipped checkpoint's predictions on the CIFAR-10
+    test subset its card recorded (``meta["subset_accuracy"]``), normalised with the card's mean/std."""
+    import torch
+
+    from visiontools.data import load_cifar, normalize
+
+    def predict(model, meta):
+        rec = meta["subset_accuracy"]  # recorded when the checkpoint was shipped
+        ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=rec["per_class"])
+        assert len(ds) == rec["n"], (len(ds), rec)
+        with torch.no_grad():
+            pred = model(normalize(ds.images, meta["mean"], meta["std"])).argmax(1)
+        return 100.0 * (pred == ds.labels).float().mean().item(), pred, ds.labels
+
+    return predict
 
 
 # In CI (CI=true, as .ci/run sets it) every test must run: a skipped test fails the session, so a

@@ -181,9 +181,8 @@ def test_each_tokenizer_token_is_centred_on_its_4x4_cell():
         assert 4 * i - 0.5 <= cy <= 4 * i + 3.5 and 4 * j - 0.5 <= cx <= 4 * j + 3.5, (i, j, cy, cx)
 
 
-def test_shipped_conformer_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(datasets_dir):
+def test_shipped_conformer_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(recorded_subset):
     """conformer_cifar10: fp16, under 10 MB, trained in at most 2 hours, and its card's numbers hold."""
-    from visiontools.data import load_cifar, normalize
     from visiontools.models import SHIPPED, load_checkpoint_model
 
     path = SHIPPED["conformer_cifar10"]
@@ -196,12 +195,10 @@ def test_shipped_conformer_checkpoint_classifies_real_cifar10_at_its_recorded_ac
     assert sorted(full["per_class_top1"]) == sorted(meta["classes"])
     assert sum(full["per_class_top1"].values()) / 10 == pytest.approx(full["top1"], abs=1e-3)  # 1,000 per class
     rec = meta["subset_accuracy"]
-    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=rec["per_class"])
-    with torch.no_grad():
-        pred = model(normalize(ds.images, meta["mean"], meta["std"])).argmax(1)
-    assert 100.0 * (pred == ds.labels).float().mean().item() == pytest.approx(rec["top1"], abs=1.0)
+    acc, pred, labels = recorded_subset(model, meta)
+    assert acc == pytest.approx(rec["top1"], abs=1.0)
     for c, name in enumerate(meta["classes"][:3]):  # per-class numbers come from the right class
-        sub = subset_per_class(pred, ds.labels, c)
+        sub = subset_per_class(pred, labels, c)
         assert sub == pytest.approx(rec["per_class_top1"][name], abs=1e-3)
 
 

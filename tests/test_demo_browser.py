@@ -4,28 +4,11 @@ counts update. A screenshot is saved to artifacts/demo_browser.png."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from demo_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, DemoServer
 
 pytestmark = pytest.mark.browser
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Runs `visiontools demo` with a Python audit hook that logs every DNS lookup or connection to a
@@ -75,36 +58,9 @@ sys.exit(main(sys.argv[1:]))
 def server():
     """`visiontools demo` in a subprocess on a free port (environment as a user would have it, minus
     threads); yields its URL and start-up time."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_OFFLINE")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", VT_HOLD=str(ARTIFACTS / "hold_merge_requests"))
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "demo_server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", "--port", str(port), "--threads", "1"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the demo exited with code {proc.returncode}:\n{(ARTIFACTS / 'demo_server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > 60:
-                pytest.fail("the demo did not answer within 60 s")
-            time.sleep(0.3)
-        yield url, time.monotonic() - t0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with DemoServer(ARTIFACTS / "demo_server.log", launcher=LAUNCHER, env={"VT_HOLD": str(ARTIFACTS / "hold_merge_requests")},
+                    drop_env=("GRADIO_ANALYTICS_ENABLED", "HF_HUB_OFFLINE"), timeout=60) as demo:
+        yield demo.url, demo.startup_seconds
 
 
 def _token_rows(page) -> list[list[str]]:

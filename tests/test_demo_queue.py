@@ -4,21 +4,14 @@ once. The server's merge callback is wrapped to hold each request 0.5 s and repo
 the same time, so the queue fills the same way on any machine."""
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
+from demo_server import DemoServer
 
 from visiontools.demos.images import example_images
 
-ROOT = Path(__file__).resolve().parent.parent
 CAT = next(p for p in example_images() if p.endswith("cat.jpg"))
 
 LAUNCHER = """
@@ -45,50 +38,15 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(DemoServer):
     """``visiontools demo`` with the held merge callback, in a subprocess."""
 
     def __init__(self, tmp_path: Path, *options: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = tmp_path / f"demo_{self.port}.log"
-        self.log = open(self.log_path, "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", "--port", str(self.port),
-                                      "--threads", "1", *options], cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        t0 = time.monotonic()
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the demo exited with code {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() - t0 > 90:
-                self.close()
-                pytest.fail("the demo did not answer within 90 s")
-            time.sleep(0.3)
+        super().__init__(tmp_path / "demo.log", *options, launcher=LAUNCHER, env={"GRADIO_ANALYTICS_ENABLED": "False"})
 
     def most_active(self) -> int:
         """Largest number of merge requests the server ran at the same time."""
-        return max(int(n) for n in re.findall(r"^ACTIVE (\d+)$", self.log_path.read_text(), re.M))
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        return max(int(n) for n in re.findall(r"^ACTIVE (\d+)$", self.output(), re.M))
 
 
 def _users_at_once(url: str, n: int) -> list[str]:

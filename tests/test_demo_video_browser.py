@@ -3,23 +3,12 @@ upload the example clip (a pan across a bundled photo), annotate it, and check t
 back a clip it can play, with the plot and the numbers. Screenshot: artifacts/demo_browser_video.png."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
+from demo_server import ARTIFACTS, CHROMIUM, DemoServer
+from demo_server import CHROMIUM_ARGS as BASE_ARGS
 
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 # a fake camera (a test pattern) that the page may use without a permission prompt
-                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+# a fake camera (a test pattern) that the page may use without a permission prompt
+CHROMIUM_ARGS = [*BASE_ARGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 pytestmark = pytest.mark.browser  # no skip: a missing Chromium fails (scripts/setup.sh --dev installs it)
 
@@ -27,42 +16,12 @@ pytestmark = pytest.mark.browser  # no skip: a missing Chromium fails (scripts/s
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`visiontools demo` in a subprocess on a free port, its example clip cached in a fresh folder."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cache = tmp_path_factory.mktemp("xdg_cache")
-    env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(cache))
-    ARTIFACTS.mkdir(exist_ok=True)
-    log_path = ARTIFACTS / "demo_video_server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "visiontools.cli", "demo", "--port", str(port), "--threads", "1"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the demo exited with code {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > 90:
-                pytest.fail("the demo did not answer within 90 s")
-            time.sleep(0.3)
+    with DemoServer(ARTIFACTS / "demo_video_server.log", env={"XDG_CACHE_HOME": str(cache)},
+                    drop_env=("GRADIO_ANALYTICS_ENABLED",)) as demo:
         clips = list((cache / "visiontools").glob("example_pan_*.webm"))
         assert len(clips) == 1, "the demo should have generated its example clip into the cache folder"
-        yield url, clips[0]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        yield demo.url, clips[0]
 
 
 def _playable(page, selector: str) -> dict:

@@ -24,16 +24,15 @@ def top1(model, x, y):
         return 100.0 * (model(x).argmax(1) == y).float().mean().item()
 
 
-def test_shipped_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(datasets_dir):
+def test_shipped_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(recorded_subset):
     path = SHIPPED["cifar10_vit"]
     assert path.is_file() and path.stat().st_size < 11e6
     model, meta = load_default_model()
     assert not model.training and meta["classes"] == ["airplane", "automobile", "bird", "cat", "deer", "dog",
                                                       "frog", "horse", "ship", "truck"]
     rec = meta["subset_accuracy"]  # recorded when the checkpoint was shipped
-    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=rec["per_class"])
-    assert len(ds) == rec["n"] == 200
-    acc = top1(model, normalize(ds.images, meta["mean"], meta["std"]), ds.labels)
+    acc, _, labels = recorded_subset(model, meta)
+    assert len(labels) == rec["n"] == 200
     assert acc == pytest.approx(rec["top1"], abs=1.0)
     assert acc > 40.0  # a trained model (chance is 10%)
     # the full-test-set evaluation shipped beside it
@@ -42,13 +41,11 @@ def test_shipped_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(dat
 
 @pytest.mark.parametrize("name,floor", [("hyena_cifar10", 45.0), ("attn_cifar10", 30.0)])
 def test_shipped_hyena_and_its_attention_twin_classify_real_cifar10_at_their_recorded_accuracy(name, floor,
-                                                                                             datasets_dir):
+                                                                                             recorded_subset):
     assert SHIPPED[name].is_file() and SHIPPED[name].stat().st_size < 2e6
     model, meta = load_checkpoint_model(name)
-    rec = meta["subset_accuracy"]  # recorded when the checkpoint was shipped
-    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=rec["per_class"])
-    acc = top1(model, normalize(ds.images, meta["mean"], meta["std"]), ds.labels)
-    assert acc == pytest.approx(rec["top1"], abs=1.0) and acc > floor  # trained (chance is 10%)
+    acc, _, _ = recorded_subset(model, meta)
+    assert acc == pytest.approx(meta["subset_accuracy"]["top1"], abs=1.0) and acc > floor  # trained (chance is 10%)
     assert meta["params"] == sum(p.numel() for p in model.parameters())
 
 

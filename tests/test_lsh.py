@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import visiontools.models  # noqa: F401  (registers lsh_vit_*)
-from visiontools.data import load_cifar, normalize
 from visiontools.lsh import (SELF_LOGIT, LSHAttention, default_n_buckets, full_shared_qk_attention,
                              hash_buckets, lsh_attention, random_rotations)
 from visiontools.patches.timm_lsh import lsh_layers, swap_attention_for_lsh
@@ -209,15 +208,12 @@ def test_tiny_lsh_vit_learns_real_cifar10(fit_losses):
     assert losses[-1] < losses[0] - 0.4, losses
 
 
-def test_shipped_lsh_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(datasets_dir):
+def test_shipped_lsh_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(recorded_subset):
     from visiontools.models import SHIPPED, load_checkpoint_model
 
     assert SHIPPED["lsh_cifar10"].stat().st_size < 1e6
     model, meta = load_checkpoint_model("lsh_cifar10")
     assert isinstance(model.blocks[0].attn, LSHAttention) and not model.training
-    rec = meta["subset_accuracy"]
-    ds = load_cifar("cifar10", "test", datasets_dir / "cifar10", max_per_class=rec["per_class"])
-    with torch.no_grad():
-        acc = 100.0 * (model(normalize(ds.images, meta["mean"], meta["std"])).argmax(1) == ds.labels).float().mean().item()
-    assert acc == pytest.approx(rec["top1"], abs=1.0) and acc > 25.0  # trained (chance is 10%)
+    acc, _, _ = recorded_subset(model, meta)
+    assert acc == pytest.approx(meta["subset_accuracy"]["top1"], abs=1.0) and acc > 25.0  # trained (chance is 10%)
     assert meta["params"] == sum(p.numel() for p in model.parameters())

@@ -105,16 +105,22 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
     }
 
 
+TOME_COLUMNS = "| candidate | final tokens | im/s | speedup | GFLOPs/img | FLOP ratio |"
+
+
+def tome_cells(row: dict) -> str:
+    """A result row's :data:`TOME_COLUMNS` cells (the columns ``bench vit`` and ``bench onnx`` share)."""
+    tok = "—" if row["final_tokens"] is None else str(row["final_tokens"])
+    return (f"| {row['name']} | {tok} | {row['img_per_s']:.1f} | {row['speedup']:.2f}x | "
+            f"{row['gflops_per_img']:.2f} | {row['flop_ratio']:.2f}x |")
+
+
 def markdown_table(result: dict, title: str) -> str:
     """A markdown table of a :func:`benchmark_vit` result."""
     lines = [f"**{title}** — batch {result['batch_size']}, {result['img_size'][0]}x{result['img_size'][1]}, "
              f"{result['dtype']}, {result['machine']}", "",
-             "| candidate | final tokens | im/s | speedup | GFLOPs/img | FLOP ratio | measured/ideal |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in result["rows"]:
-        tok = "—" if row["final_tokens"] is None else str(row["final_tokens"])
-        lines.append(f"| {row['name']} | {tok} | {row['img_per_s']:.1f} | {row['speedup']:.2f}x | "
-                     f"{row['gflops_per_img']:.2f} | {row['flop_ratio']:.2f}x | {row['measured_over_ideal']:.2f} |")
+             TOME_COLUMNS + " measured/ideal |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"{tome_cells(row)} {row['measured_over_ideal']:.2f} |" for row in result["rows"]]
     return "\n".join(lines)
 
 

@@ -61,15 +61,13 @@ def benchmark_onnx(model: torch.nn.Module, rs, batch_size: int = 8, img_size=Non
 
 def markdown_table(result: dict, title: str) -> str:
     """A markdown table of a :func:`benchmark_onnx` result."""
+    from visiontools.bench import TOME_COLUMNS, tome_cells
+
     lines = [f"**{title}** in onnxruntime {result['onnxruntime']} (CPU, {result['ort_threads']} intra-op threads) "
              f"— batch {result['batch_size']}, {result['img_size'][0]}x{result['img_size'][1]}, fp32, "
              f"{result['repeats']} interleaved rounds, {result['machine']}", "",
-             "| candidate | final tokens | im/s | speedup | GFLOPs/img | FLOP ratio | max abs diff vs PyTorch |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in result["rows"]:
-        tok = "—" if row["final_tokens"] is None else str(row["final_tokens"])
-        lines.append(f"| {row['name']} | {tok} | {row['img_per_s']:.1f} | {row['speedup']:.2f}x | "
-                     f"{row['gflops_per_img']:.2f} | {row['flop_ratio']:.2f}x | {row['max_abs_diff']:.1e} |")
+             TOME_COLUMNS + " max abs diff vs PyTorch |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"{tome_cells(row)} {row['max_abs_diff']:.1e} |" for row in result["rows"]]
     return "\n".join(lines)
 
 
