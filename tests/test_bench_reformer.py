@@ -1,6 +1,8 @@
 """The token-mixer bench (visiontools bench mixers) and the reversible memory bench (bench reversible)."""
 import json
 
+import torch
+
 from visiontools import bench_mixers, bench_reversible
 from visiontools.cli import main
 
@@ -12,7 +14,7 @@ def test_bench_mixers_tiny_run_writes_every_mixer_and_metric(tmp_path):
                "--out-json", str(out), "--plot", str(tmp_path / "m.png")])
     assert rc == 0 and (tmp_path / "m.png").stat().st_size > 0
     res = json.loads(out.read_text())
-    names = {"sdpa", "hyena", "lsh1", "lsh2", "lsh2_back", "reformer2"}
+    names = {"sdpa", "hyena", "lsh1", "lsh2", "proj", "lsh2_back", "reformer2"}
     assert set(res["mixers"]) == names
     r16, r81 = res["rows"]
     assert (r16["tokens"], r81["tokens"]) == (16, 81)
@@ -21,6 +23,19 @@ def test_bench_mixers_tiny_run_writes_every_mixer_and_metric(tmp_path):
     # 16 tokens fit one 8+8+8 window of visiontools LSH: exact; 81 tokens do not
     assert r16["rel_error"]["lsh1"] < 1e-5 and r81["rel_error"]["lsh1"] > 1e-3
     assert r81["rel_error"]["sdpa"] == 0 and r81["rel_error"]["hyena"] is None
+    # the attention-core ratio takes the projections-only time off both sides
+    t = r81["fwd_bwd_ms"]
+    core = res["summary"]["reformer_over_lsh_core_fwd_bwd"]["reformer2/lsh2_back"]["81"]
+    assert core == (t["reformer2"] - t["proj"]) / (t["lsh2_back"] - t["proj"])
+    assert "proj" not in res["summary"]["lsh_beats_sdpa_time_from"]
+
+
+def test_projections_row_is_the_lsh_layers_linear_layers():
+    from visiontools.lsh import LSHAttention
+
+    proj, lsh = bench_mixers.Projections(24), LSHAttention(24, 3)
+    assert [p.shape for p in proj.parameters()] == [p.shape for p in lsh.parameters()]
+    assert proj(torch.randn(2, 5, 24)).shape == (2, 5, 24)
 
 
 def test_first_beating_needs_every_larger_size():

@@ -65,6 +65,24 @@ def test_one_chunk_equals_full_shared_qk_attention(N, n_hashes):
     assert (out - ref).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hash_is_the_argmax_over_rotations_and_their_negations(dtype):
+    """h(x) = argmax([xR ; -xR]) for every round, vector by vector, first index on a tie."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, 8, dtype=dtype)
+    rot = rotations(8, 3, 6, dtype=dtype)
+    got = hash_buckets(x, rot)
+    assert got.shape == (2, 3, 37)
+    for b in range(2):
+        for r in range(3):
+            for i in range(37):
+                proj = [float(x[b, i] @ rot[:, r, j]) for j in range(3)]
+                scores = proj + [-p for p in proj]
+                assert got[b, r, i] == scores.index(max(scores)), (b, r, i)
+    tie = torch.tensor([[1.0, 0.0]], dtype=dtype)  # x.R = [1, -1]: scores [1, -1, -1, 1] tie at 0 and 3
+    assert hash_buckets(tie, torch.tensor([[1.0, -1.0], [0.0, 0.0]], dtype=dtype).view(2, 1, 2)).tolist() == [[0]]
+
+
 @pytest.mark.parametrize("impl", ["flash", "matmul"])
 def test_matches_token_by_token_definition_with_padding_and_odd_length(impl):
     torch.manual_seed(1)

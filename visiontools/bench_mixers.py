@@ -6,6 +6,9 @@ timm's ``Attention`` (fused ``scaled_dot_product_attention``, exact), :class:`vi
 ``bench`` extra), ``reformer_pytorch.LSHSelfAttention`` at each ``--reformer-hashes`` count with the same
 bucket size. visiontools' LSH looks one chunk back and one forward by default; reformer-pytorch looks
 one back only, so a second visiontools row, "back only" (``chunks_after=0``), runs its exact setting.
+A "projections only" row runs the linear layers both LSH layers have (shared QK and V in, output out;
+the same matmuls in each) without the attention between them: the floor of an LSH layer's time, so
+the summary also gives the reformer-pytorch/visiontools ratio of the attention cores (time minus it).
 
 At every token count (a square grid: Hyena needs one) all candidates are timed interleaved in one
 process (``visiontools.timing.interleaved_times``, medians): the forward (eval, inference mode) and a
@@ -30,6 +33,20 @@ from visiontools.timing import add_run_arguments, interleaved_times, machine_des
 DEFAULT_GRIDS = [14, 16, 32, 48, 64, 96, 128]
 
 
+class Projections(torch.nn.Module):
+    """An LSH layer's linear layers alone: ``(B, N, dim) -> (B, N, dim)`` through the shared QK/V input
+    projection (``dim -> 2 dim``) and the output projection, with no attention between them."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 2 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qk, v = self.qkv(x).chunk(2, dim=-1)
+        return self.proj(qk + v)
+
+
 def build_mixers(dim: int, num_heads: int, bucket_size: int, hashes, reformer_hashes, device) -> dict:
     """name -> token-mixing layer (B, N, dim) -> (B, N, dim), see module docstring."""
     from timm.layers import Attention
@@ -44,6 +61,7 @@ def build_mixers(dim: int, num_heads: int, bucket_size: int, hashes, reformer_ha
         raise RuntimeError("timm Attention is not using fused SDPA here (TIMM_FUSED_ATTN=0?)")
     for h in hashes:
         mixers[f"lsh{h}"] = LSHAttention(dim, num_heads, bucket_size=bucket_size, n_hashes=h)
+    mixers["proj"] = Projections(dim)
     if reformer_hashes:
         try:
             from reformer_pytorch import LSHSelfAttention
@@ -175,9 +193,9 @@ def _first_beating(rows, a: str, b: str, key: str):
 def summarize(rows, names) -> dict:
     """Crossovers against SDPA, reformer-pytorch/visiontools time ratios, log-log slopes."""
     out = {"lsh_beats_sdpa_time_from": {}, "lsh_beats_sdpa_memory_from": {}, "reformer_over_lsh_fwd_bwd": {},
-           "reformer_over_lsh_fwd": {}, "slope_fwd_bwd": {}}
+           "reformer_over_lsh_fwd": {}, "reformer_over_lsh_core_fwd_bwd": {}, "slope_fwd_bwd": {}}
     for k in names:
-        if k.startswith("lsh") or k == "hyena":
+        if k.startswith("lsh") or k == "hyena":  # (not "proj": a floor, not a mixer)
             out["lsh_beats_sdpa_time_from"][k] = _first_beating(rows, k, "sdpa", "fwd_bwd_ms")
             out["lsh_beats_sdpa_memory_from"][k] = _first_beating(rows, k, "sdpa", "peak_bytes")
         if k.startswith("reformer"):
@@ -186,12 +204,17 @@ def summarize(rows, names) -> dict:
                 for key, dst in (("fwd_bwd_ms", "reformer_over_lsh_fwd_bwd"), ("fwd_ms", "reformer_over_lsh_fwd")):
                     out[dst][f"{k}/{mine}"] = {r["tokens"]: r[key][k] / r[key][mine] for r in rows
                                                if k in r[key] and mine in r[key]}
+            t = [r["fwd_bwd_ms"] for r in rows]
+            out["reformer_over_lsh_core_fwd_bwd"][f"{k}/lsh{h}_back"] = {
+                r["tokens"]: (m[k] - m["proj"]) / (m[f"lsh{h}_back"] - m["proj"]) for r, m in zip(rows, t)
+                if {k, "proj", f"lsh{h}_back"} <= m.keys()}
         big = [r for r in rows if r["tokens"] >= 1024 and k in r["fwd_bwd_ms"]]
         out["slope_fwd_bwd"][k] = loglog_slope([r["tokens"] for r in big], [r["fwd_bwd_ms"][k] for r in big])
     return out
 
 
-LABELS = {"sdpa": "SDPA attention (exact)", "hyena": "Hyena (order 2)"}
+LABELS = {"sdpa": "SDPA attention (exact)", "hyena": "Hyena (order 2)",
+          "proj": "projections only (both LSH layers' linear layers)"}
 
 
 def label(k: str) -> str:
@@ -233,6 +256,9 @@ def markdown_table(result: dict) -> str:
         fw = s["reformer_over_lsh_fwd"][pair]
         out.append(f"- time ratio {pair} (fwd+bwd / fwd): " +
                    ", ".join(f"{n}: {r:.2f}/{fw[n]:.2f}" for n, r in by_n.items()))
+    for pair, by_n in s["reformer_over_lsh_core_fwd_bwd"].items():
+        out.append(f"- time ratio {pair} of the attention cores (fwd+bwd minus projections only): " +
+                   ", ".join(f"{n}: {r:.2f}" for n, r in by_n.items()))
     out.append("- log-log slope of fwd+bwd time vs tokens (>= 1024): " +
                ", ".join(f"{k} {v:.2f}" for k, v in s["slope_fwd_bwd"].items() if v is not None))
     return "\n".join(out)
@@ -248,7 +274,7 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for k in result["mixers"]:
         style = "o-" if k == "sdpa" else "s-" if k == "hyena" else "^--" if k.startswith("reformer") else \
-            "v:" if k.endswith("_back") else "x-"
+            "v:" if k.endswith("_back") else "k." if k == "proj" else "x-"
         for ax, key, scale in ((axes[0], "fwd_bwd_ms", 1), (axes[1], "peak_bytes", 2**-20), (axes[2], "rel_error", 1)):
             pts = [(r["tokens"], r[key][k] * scale) for r in rows if r[key].get(k)]
             if pts:

@@ -71,7 +71,10 @@ def hash_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     d, nh, half = rotations.shape
     with torch.no_grad():
         rot = (x @ rotations.reshape(d, nh * half).to(x.dtype)).unflatten(-1, (nh, half))  # (..., N, nh, half)
-        return torch.cat([rot, -rot], dim=-1).argmax(dim=-1).transpose(-1, -2).contiguous()
+        # argmax over [rot ; -rot] without building it: the largest entry, or the most negative one
+        top, i_top = rot.max(dim=-1)
+        low, i_low = rot.min(dim=-1)
+        return torch.where(top >= -low, i_top, i_low + half).transpose(-1, -2).contiguous()
 
 
 def _neighbour_shifts(nc: int, before: int, after: int) -> list[int]:
