@@ -340,6 +340,8 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     (schedule, FLOP fraction, measured speedup) is ``model.tome_budget``, a
     ``visiontools.budget.BudgetResult``.
     ``prop_attn``: proportional attention (adds ``log(size)`` to the attention logits).
+    ViTs with grid operations (Conformer, Hyena or ConvFFN blocks) merge through them
+    (``visiontools.patches.timm_grid``): ``r`` or a budget, ``method="tome"`` only.
     ``rope_rule`` (models with rotary embeddings): the rotation of a merged token, one of
     ``visiontools.merge.ROPE_RULES`` (see ``merge_rope``).
     """
@@ -353,18 +355,20 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     merge_methods.check_method(method)
     if rope_rule not in ROPE_RULES:
         raise ValueError(f"unknown rope_rule {rope_rule!r}; choose one of {ROPE_RULES}")
+    grid = any(isinstance(m, GridTokens) for m in model.modules())  # Conformer / Hyena / ConvFFN blocks
+    if grid and method != DEFAULT_METHOD:
+        raise ValueError(f"method={method!r} is not available for ViTs with grid operations (Conformer, Hyena, "
+                         "ConvFFN) yet: use method='tome' (with r= or a flops=/speedup= budget)")
     if not isinstance(model, ToMeVisionTransformer):
-        if any(isinstance(m, GridTokens) for m in model.modules()):  # Conformer / Hyena / ConvFFN blocks
-            if method != DEFAULT_METHOD or budget:
-                raise ValueError(f"method={method!r} and flops=/speedup= budgets are not available for ViTs with "
-                                 "grid operations (Conformer, Hyena, ConvFFN) yet: use method='tome' with r=")
+        if grid:
             from visiontools.patches.timm_grid import apply_tome_grid  # (lazy: timm_grid builds on this module)
-            return apply_tome_grid(model, r, prop_attn)
-        _check_supported(model)
-        base = type(model)
-        if base not in _PATCHED:
-            _PATCHED[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformer, base), {})
-        model.__class__ = _PATCHED[base]
+            apply_tome_grid(model, r, prop_attn)
+        else:
+            _check_supported(model)
+            base = type(model)
+            if base not in _PATCHED:
+                _PATCHED[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformer, base), {})
+            model.__class__ = _PATCHED[base]
     model.tome_r, model.tome_prop_attn, model.tome_method = r, prop_attn, method
     if isinstance(model, Eva):
         model.tome_rope_rule = rope_rule
@@ -381,7 +385,8 @@ def _solve_budget(model, flops, speedup, calibrate: bool, input_size, batch: int
 
     p = next(model.parameters())
     size = tuple(input_size) if input_size is not None else tuple(model.patch_embed.img_size)
-    x = torch.zeros(1, model.patch_embed.proj.in_channels, *size, device=p.device, dtype=p.dtype)
+    in_chans = next(m.in_channels for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.zeros(1, in_chans, *size, device=p.device, dtype=p.dtype)
     was_training = model.training
     model.eval()
 

@@ -107,6 +107,9 @@ class ToMeGridVisionTransformer(ToMeVisionTransformer):
     """The ToMe-patched class for ViTs with grid layers: carries the source map through every block."""
 
     def tome_forward_features(self, x: torch.Tensor, trace_source: bool = False):
+        if getattr(self, "tome_method", "tome") != "tome":
+            raise ValueError(f"tome_method={self.tome_method!r} is not available for ViTs with grid operations "
+                             "(Conformer, Hyena, ConvFFN) yet: set it back to 'tome'")
         x = self.patch_embed(x)
         H, W = (x.shape[1], x.shape[2]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
         x = self._pos_embed(x)

@@ -202,6 +202,17 @@ def test_registered_models_build_and_run():
     assert m(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
+def test_registered_layers_hash_with_their_own_eval_seeds_and_a_checkpoint_keeps_its_own():
+    m = timm.create_model("lsh_vit_cifar").eval()
+    layers = lsh_layers(m)
+    assert [int(a.seed) for a in layers] == list(range(len(layers)))
+    r0, r1 = (a.rotations(64, torch.device("cpu"), torch.float32) for a in layers[:2])
+    assert not torch.equal(r0, r1)  # independent rotations per layer
+    from visiontools.models import load_checkpoint_model
+    shipped, _ = load_checkpoint_model("lsh_cifar10")  # saved before per-layer seeds: its seeds stay 0
+    assert [int(a.seed) for a in lsh_layers(shipped)] == [0] * len(lsh_layers(shipped))
+
+
 def test_swap_keeps_q_v_proj_warns_and_trains():
     torch.manual_seed(0)
     m = timm.create_model("vit_cifar_mini_p4", depth=2).eval()

@@ -234,14 +234,27 @@ def test_plain_and_grid_vits_get_their_own_patched_class():
             torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
 
 
-def test_grid_models_refuse_other_methods_and_budgets():
-    """Methods and budgets are not wired through grid operations: refused, never silently ignored."""
-    import timm
+def test_grid_models_meet_a_flop_budget_and_refuse_other_methods():
+    """A flops= budget solves a schedule through the grid operations (and meets it); methods other
+    than ToMe are not wired through them: refused at apply and when set later, never ignored."""
+    from visiontools.timing import count_flops
 
-    import visiontools.models  # noqa: F401
-    from visiontools.patches.timm import apply_tome
-
-    for kwargs in (dict(r=2, method="pitome"), dict(flops=0.6)):
-        model = timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2)
-        with pytest.raises(ValueError, match="grid operations"):
-            apply_tome(model, **kwargs)
+    torch.manual_seed(0)
+    for name, target in (("hyena_vit_cifar", 0.8), ("conformer_vit_cifar_cct", 0.95)):  # tiny: grid ops dominate
+        model = timm.create_model(name, embed_dim=32, depth=2, num_heads=2).eval()
+        x = torch.randn(1, 3, 32, 32)
+        count_flops(lambda: model(x))  # Hyena caches its inference-mode filters: count the calls after
+        base = count_flops(lambda: model(x))
+        apply_tome(model, flops=target)
+        b = model.tome_budget
+        assert model.tome_r == b.schedule and sum(b.schedule) > 0 and b.flop_fraction <= target
+        assert count_flops(lambda: model(x)) / base == pytest.approx(b.flop_fraction, rel=1e-6)
+        tokens = tome_forward(model, x)[1].tokens_per_layer
+        assert tokens[:2] == [64, 64 - b.schedule[0]] and tokens[2] < tokens[1]
+    with pytest.raises(ValueError, match="grid operations"):
+        apply_tome(timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2), r=2, method="pitome")
+    with pytest.raises(ValueError, match="grid operations"):
+        apply_tome(model, r=2, method="prune")  # already patched: still refused
+    model.tome_method = "pitome"
+    with pytest.raises(ValueError, match="grid operations"):
+        model(x)

@@ -191,7 +191,7 @@ def _lsh_layer(size: str, lsh_kwargs: Optional[dict]):
 
 def _build_lsh_or_rev(variant: str, pretrained: bool, size: str, mixer: str, reversible: bool,
                       mixer_kwargs: Optional[dict], **kwargs) -> VisionTransformer:
-    from visiontools.patches.timm_lsh import configure_lsh
+    from visiontools.patches.timm_lsh import configure_lsh, lsh_layers
     from visiontools.patches.timm_reversible import make_reversible
 
     dims = dict(_SIZES[size])
@@ -209,6 +209,8 @@ def _build_lsh_or_rev(variant: str, pretrained: bool, size: str, mixer: str, rev
     if mixer == "hyena":
         configure_hyena(model)
     configure_lsh(model)
+    for i, layer in enumerate(lsh_layers(model)):  # independent eval-mode rotations per layer, as the swap gives;
+        layer.seed.fill_(i)                        # a checkpoint's load_state_dict restores the seeds it saved
     return make_reversible(model) if reversible else model
 
 
