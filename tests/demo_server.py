@@ -19,6 +19,50 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# Runs `visiontools demo` with two test hooks. A Python audit hook logs every DNS lookup or connection
+# to a host other than this machine ("NETWORK ACCESS ..."), so a test can check that nothing reaches
+# for the internet. Each merge request is held $VT_HOLD_SECONDS (while the file $VT_HOLD_FILE exists,
+# when that is set) and logs how many run at once ("ACTIVE n"), so a test can show users being served
+# at the same time on any machine.
+HOLDING_LAUNCHER = """
+import functools, os, sys, threading, time
+import visiontools.demos.app as app
+_lock, _active, _merge = threading.Lock(), [0], app.run_merge
+_seconds, _gate = float(os.environ.get("VT_HOLD_SECONDS", "0")), os.environ.get("VT_HOLD_FILE")
+
+@functools.wraps(_merge)
+def _held(*args, **kwargs):
+    if not _seconds or (_gate and not os.path.exists(_gate)):
+        return _merge(*args, **kwargs)
+    with _lock:
+        _active[0] += 1
+        print(f"ACTIVE {_active[0]}", flush=True)
+    try:
+        time.sleep(_seconds)
+        return _merge(*args, **kwargs)
+    finally:
+        with _lock:
+            _active[0] -= 1
+
+app.run_merge = _held
+LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0", None)
+def hook(event, args):
+    if event == "socket.getaddrinfo":
+        host = args[0]
+    elif event == "socket.connect" and isinstance(args[1], tuple):
+        host = args[1][0]
+    else:
+        return
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host not in LOCAL:
+        print(f"NETWORK ACCESS: {event} {host}", file=sys.stderr, flush=True)
+sys.addaudithook(hook)
+from visiontools.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

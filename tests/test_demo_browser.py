@@ -6,59 +6,18 @@ from __future__ import annotations
 import os
 
 import pytest
-from demo_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, DemoServer
+from demo_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, HOLDING_LAUNCHER, DemoServer
 
 pytestmark = pytest.mark.browser
-
-
-# Runs `visiontools demo` with a Python audit hook that logs every DNS lookup or connection to a
-# host other than this machine, so the test can check that nothing reaches for the internet. While
-# the file $VT_HOLD exists, each merge request is held 1 s and logs how many run at once ("ACTIVE n"),
-# so the test can show two users being served at the same time.
-LAUNCHER = """
-import functools, os, sys, threading, time
-import visiontools.demos.app as app
-_lock, _active, _merge = threading.Lock(), [0], app.run_merge
-
-@functools.wraps(_merge)
-def _held(*args, **kwargs):
-    if not os.path.exists(os.environ["VT_HOLD"]):
-        return _merge(*args, **kwargs)
-    with _lock:
-        _active[0] += 1
-        print(f"ACTIVE {_active[0]}", flush=True)
-    try:
-        time.sleep(1.0)
-        return _merge(*args, **kwargs)
-    finally:
-        with _lock:
-            _active[0] -= 1
-
-app.run_merge = _held
-LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0", None)
-def hook(event, args):
-    host = None
-    if event == "socket.getaddrinfo":
-        host = args[0]
-    elif event == "socket.connect" and isinstance(args[1], tuple):
-        host = args[1][0]
-    else:
-        return
-    if isinstance(host, bytes):
-        host = host.decode()
-    if host not in LOCAL:
-        print(f"NETWORK ACCESS: {event} {host}", file=sys.stderr, flush=True)
-sys.addaudithook(hook)
-from visiontools.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
 def server():
     """`visiontools demo` in a subprocess on a free port (environment as a user would have it, minus
     threads); yields its URL and start-up time."""
-    with DemoServer(ARTIFACTS / "demo_server.log", launcher=LAUNCHER, env={"VT_HOLD": str(ARTIFACTS / "hold_merge_requests")},
+    # merge requests are held 1 s while the test holds the file hold_merge_requests
+    env = {"VT_HOLD_SECONDS": "1", "VT_HOLD_FILE": str(ARTIFACTS / "hold_merge_requests")}
+    with DemoServer(ARTIFACTS / "demo_server.log", launcher=HOLDING_LAUNCHER, env=env,
                     drop_env=("GRADIO_ANALYTICS_ENABLED", "HF_HUB_OFFLINE"), timeout=60) as demo:
         yield demo.url, demo.startup_seconds
 

@@ -8,41 +8,19 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from demo_server import DemoServer
+from demo_server import HOLDING_LAUNCHER, DemoServer
 
 from visiontools.demos.images import example_images
 
 CAT = next(p for p in example_images() if p.endswith("cat.jpg"))
-
-LAUNCHER = """
-import functools, sys, threading, time
-import visiontools.demos.app as app
-lock, active = threading.Lock(), [0]
-merge = app.run_merge
-
-@functools.wraps(merge)
-def held(*args, **kwargs):
-    with lock:
-        active[0] += 1
-        print(f"ACTIVE {active[0]}", flush=True)
-    try:
-        time.sleep(0.5)
-        return merge(*args, **kwargs)
-    finally:
-        with lock:
-            active[0] -= 1
-
-app.run_merge = held
-from visiontools.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 class Server(DemoServer):
     """``visiontools demo`` with the held merge callback, in a subprocess."""
 
     def __init__(self, tmp_path: Path, *options: str):
-        super().__init__(tmp_path / "demo.log", *options, launcher=LAUNCHER, env={"GRADIO_ANALYTICS_ENABLED": "False"})
+        super().__init__(tmp_path / "demo.log", *options, launcher=HOLDING_LAUNCHER,
+                         env={"GRADIO_ANALYTICS_ENABLED": "False", "VT_HOLD_SECONDS": "0.5"})
 
     def most_active(self) -> int:
         """Largest number of merge requests the server ran at the same time."""

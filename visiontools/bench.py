@@ -124,18 +124,24 @@ def markdown_table(result: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``visiontools bench [vit]``."""
-    p.add_argument("--model", default=DEFAULT_MODEL,
+def add_model_arguments(p: argparse.ArgumentParser, model: str, baseline: str, batch_size: int,
+                        batch_help: str) -> None:
+    """The options ``bench vit`` and ``bench onnx`` share: model, weights, r settings, batch and input size."""
+    p.add_argument("--model", default=model,
                    help="timm ViT name (random weights unless --pretrained), a shipped checkpoint name "
                         "(cifar10_vit) or a visiontools .safetensors checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
     p.add_argument("--r", type=parse_schedule, nargs="+", default=[8, 16], metavar="R",
-                   help="ToMe settings to compare with the baseline: an int r, 'r,inflection' "
+                   help=f"ToMe settings to compare with the {baseline}: an int r, 'r,inflection' "
                         "(e.g. 16,-0.5 for the decreasing schedule) or a comma list of per-layer r")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
                    help="input size (one value for square, or H W); default: the model's own")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``visiontools bench [vit]``."""
+    add_model_arguments(p, DEFAULT_MODEL, "baseline", 32, "images per forward pass")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     add_run_arguments(p, repeats=10, warmup=3)

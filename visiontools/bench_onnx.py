@@ -73,18 +73,9 @@ def markdown_table(result: dict, title: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench onnx``."""
-    from visiontools.bench import parse_schedule
+    from visiontools.bench import add_model_arguments
 
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="timm ViT name (random weights unless --pretrained), a shipped checkpoint name "
-                        "(cifar10_vit) or a visiontools .safetensors checkpoint")
-    p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
-    p.add_argument("--r", type=parse_schedule, nargs="+", default=[8, 16], metavar="R",
-                   help="ToMe settings to compare with the unpatched export: an int r, 'r,inflection' "
-                        "(e.g. 16,-0.5) or a comma list of per-layer r")
-    p.add_argument("--batch-size", type=int, default=8, help="images per onnxruntime call (fixed in the export)")
-    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
-                   help="input size (one value for square, or H W); default: the model's own")
+    add_model_arguments(p, DEFAULT_MODEL, "unpatched export", 8, "images per onnxruntime call (fixed in the export)")
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every candidate once)")
