@@ -53,6 +53,18 @@ def fit_losses(cifar_batch):
     return fit
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: on a shared 2-core machine more threads oversubscribe
+    and crawl (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def recorded_subset(datasets_dir):
     """``predict(model, meta) -> (top1, pred, labels)``: a shipped checkpoint's predictions on the CIFAR-10

@@ -19,13 +19,7 @@ from visiontools.demos.model_cache import ModelCache, load_model
 CAT = next(p for p in example_images() if p.endswith("cat.jpg"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine more threads oversubscribe and crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from visiontools.vis import render_merges
 FRAMES, W, H, FPS = 20, 96, 64, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine more threads oversubscribe and crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shapes_frame(i: int) -> np.ndarray:
