@@ -397,9 +397,7 @@ def _solve_budget(model, flops, speedup, calibrate: bool, input_size, batch: int
         return f
 
     num_layers = len(model.blocks)
-    with torch.inference_mode():  # warm the caches (Hyena keeps its filters): count steady-state calls
-        run_with(0, x)()
-    base = count_flops(run_with(0, x))
+    base = count_flops(run_with(0, x))  # steady state: count_flops warms caches (Hyena's filters) first
     num_tokens = model.patch_embed.num_patches if input_size is None else math.prod(
         s // p_ for s, p_ in zip(size, model.patch_embed.patch_size))
     r_max = num_tokens // 2

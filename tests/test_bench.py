@@ -60,6 +60,24 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert "| ToMe r=4 |" in capsys.readouterr().out
 
 
+def test_count_flops_counts_a_steady_state_call():
+    """Work a model caches on its first call (Hyena's inference-mode filters) is not per-call work."""
+    import timm
+
+    import visiontools.models  # noqa: F401  (registers hyena_vit_cifar)
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    fresh = timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2).eval()
+    twin = timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2).eval()
+    with torch.inference_mode():
+        twin(x)  # its filters are cached already
+    assert count_flops(lambda: fresh(x)) == count_flops(lambda: twin(x))
+    calls = []
+    count_flops(lambda: calls.append(1))
+    assert calls == [1, 1]  # one uncounted warm-up call, one counted
+
+
 def test_count_flops_counts_ffts_which_torch_misses():
     """Hyena's long convolutions are FFTs: 5·n·log2(n) per complex transform of n points, half for real."""
     x = torch.randn(2, 3, 8, 8)

@@ -132,8 +132,12 @@ def median(xs: list[float]) -> float:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` (a multiply-add counts as 2), from ``torch.utils.flop_counter``
-    (plus CPU flash attention and FFTs, which it misses)."""
+    """FLOPs of one steady-state call of ``fn`` (a multiply-add counts as 2), from
+    ``torch.utils.flop_counter`` (plus CPU flash attention and FFTs, which it misses). ``fn`` runs once
+    uncounted first, so that work a model caches on its first call (Hyena's inference-mode filters)
+    is not counted as per-call work."""
+    with torch.inference_mode():
+        fn()
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     with torch.inference_mode(), counter:
         fn()
