@@ -68,6 +68,13 @@ def test_existing_output_folder(capsys, tmp_path):
     one_line_error(capsys, ["train", "--set", f"out_dir={tmp_path}"], "already exists", "--overwrite", "--out-dir")
 
 
+def test_unsupported_method_or_budget_on_a_grid_model_is_one_line(capsys):
+    one_line_error(capsys, ["eval", "--checkpoint", "conformer_cifar10", "--r", "4", "--method", "pitome",
+                            "--per-class", "1", "--no-progress"], "method='pitome'", "grid operations", "method='tome'")
+    one_line_error(capsys, ["eval", "--checkpoint", "hyena_cifar10", "--r", "0", "--budget", "0.05",
+                            "--per-class", "1", "--no-progress"], "FLOP fraction of 0.05 is out of reach")
+
+
 def test_set_typo_suggests_the_key(capsys):
     one_line_error(capsys, ["train", "--config", "configs/vit_cifar10_cpu.yaml", "--set", "epoch=2"],
                    "unknown config key 'epoch'", "did you mean 'epochs'")
