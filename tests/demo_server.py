@@ -63,6 +63,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+EXPECT_TIMEOUT_MS = 30_000  # a loaded 2-core machine can take seconds per model call; Playwright's default is 5 s
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

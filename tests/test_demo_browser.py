@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from demo_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, HOLDING_LAUNCHER, DemoServer
+from demo_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, EXPECT_TIMEOUT_MS, HOLDING_LAUNCHER, DemoServer
 
 pytestmark = pytest.mark.browser
 
@@ -30,6 +30,8 @@ def _token_rows(page) -> list[list[str]]:
 
 def test_pick_example_and_move_r_slider(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
 
     assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: `bash scripts/setup.sh --dev` installs it"
     url, startup_s = server

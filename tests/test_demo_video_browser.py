@@ -4,7 +4,7 @@ back a clip it can play, with the plot and the numbers. Screenshot: artifacts/de
 from __future__ import annotations
 
 import pytest
-from demo_server import ARTIFACTS, CHROMIUM, DemoServer
+from demo_server import ARTIFACTS, CHROMIUM, EXPECT_TIMEOUT_MS, DemoServer
 from demo_server import CHROMIUM_ARGS as BASE_ARGS
 
 # a fake camera (a test pattern) that the page may use without a permission prompt
@@ -34,6 +34,8 @@ def _playable(page, selector: str) -> dict:
 
 def test_upload_example_clip_and_get_an_annotated_clip(server):
     from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
 
     url, clip = server
     with sync_playwright() as p:
@@ -67,6 +69,8 @@ def test_webcam_stream_gets_merge_maps(server):
     """Chromium's fake camera (a moving test pattern) streams into the webcam section: annotated frames
     come back and keep changing."""
     from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
 
     url, _ = server
     with sync_playwright() as p:
