@@ -1,7 +1,12 @@
 """Tests of the 2D Hyena operator (visiontools/hyena.py) and its timm adapter (patches/timm_hyena.py)."""
 from __future__ import annotations
 
+import copy
+import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +18,8 @@ import visiontools.models  # noqa: F401  (registers the Hyena ViTs)
 import visiontools.patches.timm_hyena as th
 from visiontools.data import CIFAR_STATS
 from visiontools.hyena import (
-    Hyena2d, HyenaAttention, ImplicitFilter2d, direct_conv2d, fft_conv2d, fft_size,
+    DENSE_MAX_TOKENS, Hyena2d, HyenaAttention, ImplicitFilter2d, conv_matrix, dense_conv2d, direct_conv2d,
+    fft_conv2d, fft_size,
 )
 
 GRIDS = [(1, 1), (2, 3), (5, 5), (7, 4), (4, 9), (8, 8)]
@@ -197,6 +203,46 @@ def test_long_range_mixing():
     assert (m(x2) - m(x))[0, 9, 9].abs().max() > 1e-8
 
 
+@pytest.mark.parametrize("H,W", GRIDS)
+def test_dense_conv_equals_direct_convolution(H, W):
+    """The dense-matrix long convolution is the same linear map as the direct one (fp64, 1e-12)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, H, W, dtype=torch.float64)
+    k = torch.randn(4, 2 * H - 1, 2 * W - 1, dtype=torch.float64)
+    torch.testing.assert_close(dense_conv2d(x, conv_matrix(k, H, W)), direct_conv2d(x, k), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="kernel must be"):
+        conv_matrix(k, H + 1, W)
+    with pytest.raises(ValueError, match="matrix must be"):
+        dense_conv2d(x[:, :3], conv_matrix(k, H, W))
+
+
+def test_long_conv_modes_agree_with_gradients_and_auto_picks_by_grid_size(monkeypatch):
+    """long_conv='fft'/'dense'/'auto' give the same outputs and gradients (fp64, with a prefix token);
+    'auto' runs dense matrices up to DENSE_MAX_TOKENS tokens and FFTs above."""
+    torch.manual_seed(0)
+    base = Hyena2d(8, filter_hidden=8).double()
+    x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
+    prefix = torch.randn(2, 1, 8, dtype=torch.float64)
+    outs, grads = {}, {}
+    for mode in ("fft", "dense", "auto"):
+        m = copy.deepcopy(base)
+        m.long_conv = mode
+        y, yp = m(x, prefix=prefix)
+        (y.square().sum() + yp.sum()).backward()
+        outs[mode] = torch.cat([y.flatten(), yp.flatten()])
+        grads[mode] = torch.cat([p.grad.flatten() for p in m.parameters()])
+    for mode in ("dense", "auto"):
+        torch.testing.assert_close(outs[mode], outs["fft"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(grads[mode], grads["fft"], rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # the cached operators: matrices on a small grid, spectra on a large one
+        small = base.filter_operators(16, 16)
+        large = base.filter_operators(17, 16)
+    assert 16 * 16 <= DENSE_MAX_TOKENS < 17 * 16
+    assert not small[0].is_complex() and small[0].shape == (8, 256, 256) and large[0].is_complex()
+    with pytest.raises(ValueError, match="long_conv must be one of"):
+        Hyena2d(8, long_conv="matmul")
+
+
 def test_filter_cache_is_reused_and_invalidated():
     torch.manual_seed(0)
     m = Hyena2d(8, filter_hidden=8).double()
@@ -239,7 +285,7 @@ def test_bf16_autocast_keeps_fft_in_float32(monkeypatch):
 
     monkeypatch.setattr(torch.fft, "rfft2", spy)
     torch.manual_seed(0)
-    m = Hyena2d(16, filter_hidden=16)
+    m = Hyena2d(16, filter_hidden=16, long_conv="fft")
     x = torch.randn(2, 7, 5, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
@@ -449,3 +495,16 @@ def test_bench_tiny_run(tmp_path):
     assert "| 3x5 | 15 | 4 |" in table
     plot(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_long_conv_script_measures_every_mode_on_a_tiny_run(tmp_path):
+    """scripts/hyena_long_conv.py (the README's FFT-vs-dense table) runs and writes its table."""
+    out = tmp_path / "t.md"
+    res = subprocess.run([sys.executable, "scripts/hyena_long_conv.py", "--tokens", "64", "--threads", "1",
+                          "--repeats", "1", "--batch", "4", "--train-batch", "2", "--out", str(out)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert res.returncode == 0, res.stderr
+    g = json.loads(out.with_suffix(".json").read_text())["grids"][0]
+    assert [r["model"] for r in g["rows"]] == ["attention", "Hyena, FFT", "Hyena, auto (dense)"]
+    assert g["max_abs_diff"] < 1e-5 and all(r["images_per_s"] > 0 and r["train_peak_mb"] > 0 for r in g["rows"])
+    assert "| 64 | Hyena, auto (dense) |" in out.read_text()
