@@ -82,7 +82,8 @@ def markdown(result: dict) -> str:
     for g in result["grids"]:
         base = g["rows"][0]["images_per_s"]
         for r in g["rows"]:
-            lines.append(f"| {g['tokens']} | {r['model']} | {r['images_per_s']:.0f} | {r['images_per_s'] / base:.2f}x | "
+            lines.append(f"| {g['tokens']} | {r['model']} | {r['images_per_s']:.0f} | "
+                         f"{r['images_per_s'] / base:.2f}x | "
                          f"{r['train_steps_per_s']:.2f} | {r['gflops']:.3f} | {r['train_peak_mb']:.0f} |")
     lines.append("")
     lines += [f"- {g['tokens']} tokens: largest output difference between the two Hyena modes "
@@ -98,7 +99,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds")
     p.add_argument("--batch", type=int, default=256, help="images per inference call")
     p.add_argument("--train-batch", type=int, default=64, help="images per training step")
-    p.add_argument("--out", type=Path, default=None, help="write the table to OUT with suffix .md and the numbers with .json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the table to OUT with suffix .md and the numbers with suffix .json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,8 +18,8 @@ import visiontools.models  # noqa: F401  (registers the Hyena ViTs)
 import visiontools.patches.timm_hyena as th
 from visiontools.data import CIFAR_STATS
 from visiontools.hyena import (
-    DENSE_MAX_TOKENS, Hyena2d, HyenaAttention, ImplicitFilter2d, conv_matrix, dense_conv2d, direct_conv2d,
-    fft_conv2d, fft_size,
+    DENSE_MAX_BYTES, DENSE_MAX_TOKENS, Hyena2d, HyenaAttention, ImplicitFilter2d, conv_matrix, dense_conv2d,
+    direct_conv2d, fft_conv2d, fft_size,
 )
 
 GRIDS = [(1, 1), (2, 3), (5, 5), (7, 4), (4, 9), (8, 8)]
@@ -239,6 +239,10 @@ def test_long_conv_modes_agree_with_gradients_and_auto_picks_by_grid_size(monkey
         large = base.filter_operators(17, 16)
     assert 16 * 16 <= DENSE_MAX_TOKENS < 17 * 16
     assert not small[0].is_complex() and small[0].shape == (8, 256, 256) and large[0].is_complex()
+    wide = Hyena2d(100, filter_hidden=8)  # 100 x 256^2 float32 = 26 MB per order: over DENSE_MAX_BYTES
+    with torch.no_grad():
+        assert 100 * 256**2 * 4 > DENSE_MAX_BYTES and wide.filter_operators(16, 16)[0].is_complex()
+        assert not wide.filter_operators(8, 8)[0].is_complex()
     with pytest.raises(ValueError, match="long_conv must be one of"):
         Hyena2d(8, long_conv="matmul")
 

@@ -20,9 +20,10 @@ to the image when the resolution changes).
 
 The long convolution is computed with ``torch.fft.rfft2`` as a *linear* (zero-padded), not circular,
 convolution, in float32 even under autocast: see :func:`fft_conv2d`. On small grids (at most
-``DENSE_MAX_TOKENS`` tokens, e.g. CIFAR's 8x8 and 16x16) it is by default one batched matmul with
-the convolution's dense (H*W x H*W) matrix instead (:func:`dense_conv2d`): the same linear map,
-3-4x faster on a CPU there, where many tiny FFTs cost more than the N^2 multiply-adds (``long_conv``).
+``DENSE_MAX_TOKENS`` tokens, e.g. CIFAR's 8x8 and 16x16, and at most ``DENSE_MAX_BYTES`` of matrices
+per order) it is by default one batched matmul with the convolution's dense (H*W x H*W) matrix
+instead (:func:`dense_conv2d`, ``long_conv``): the same linear map, where many tiny FFTs cost more
+than the N^2 multiply-adds (2-3x faster inference of the CIFAR Hyena ViTs on a CPU).
 
 This module imports no timm; :class:`HyenaAttention` only matches the constructor and call signature
 that ``timm.models.vision_transformer.Block`` uses for its ``attn_layer`` (adapter:
@@ -46,6 +47,7 @@ __all__ = [
     "dense_conv2d",
     "long_conv2d",
     "DENSE_MAX_TOKENS",
+    "DENSE_MAX_BYTES",
     "direct_conv2d",
     "fft_size",
     "ImplicitFilter2d",
@@ -131,7 +133,8 @@ def fft_conv2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 LONG_CONV = ("auto", "fft", "dense")
-DENSE_MAX_TOKENS = 256  # long_conv="auto": dense matrices up to 16x16 grids (C x 256 x 256 floats each)
+DENSE_MAX_TOKENS = 256  # long_conv="auto": dense matrices up to 16x16 grids ...
+DENSE_MAX_BYTES = 16 * 2**20  # ... and at most 16 MiB per order's matrices (C x (H*W)^2 float32)
 
 
 def conv_matrix(kernel: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -270,8 +273,10 @@ class Hyena2d(nn.Module):
     not see prefix tokens (the long convolution is defined on the grid only).
 
     ``long_conv``: how the long convolutions run. ``"auto"`` (default): as dense matrices
-    (:func:`dense_conv2d`) on grids of at most ``DENSE_MAX_TOKENS`` tokens, by FFT above; ``"fft"`` or
-    ``"dense"`` always. The results agree to float rounding; dense holds C x (H*W)^2 floats per order.
+    (:func:`dense_conv2d`) on grids of at most ``DENSE_MAX_TOKENS`` tokens whose matrices (dim x
+    (H*W)^2 float32 per order, cached in inference and kept for backward in training) fit in
+    ``DENSE_MAX_BYTES``, by FFT otherwise; ``"fft"`` or ``"dense"`` always. The results agree to
+    float rounding.
 
     The filters and their FFTs (or matrices) depend only on the weights and the grid size. With ``cache_filters``
     (default) and gradients disabled (``torch.no_grad``/``inference_mode``), they are kept per grid
@@ -309,7 +314,8 @@ class Hyena2d(nn.Module):
         self._filter_cache: dict = {}
 
     def _dense(self, H: int, W: int) -> bool:
-        return self.long_conv == "dense" or (self.long_conv == "auto" and H * W <= DENSE_MAX_TOKENS)
+        small = H * W <= DENSE_MAX_TOKENS and self.dim * (H * W) ** 2 * 4 <= DENSE_MAX_BYTES
+        return self.long_conv == "dense" or (self.long_conv == "auto" and small)
 
     def _operators(self, H: int, W: int) -> list[torch.Tensor]:
         kernels = self.filter((H, W))
