@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import visiontools.models  # noqa: F401  (registers the CIFAR ViTs)
+from visiontools.evaluate import training_peak_memory
 from visiontools.hyena import Hyena2d
-from visiontools.memory import peak_memory
 from visiontools.timing import count_flops, interleaved_times, machine_description, median
 
 MODELS = {64: ("hyena_vit_cifar", "attn_vit_cifar"), 256: ("hyena_vit_cifar_p2", "attn_vit_cifar_p2")}
@@ -62,13 +62,13 @@ def measure(tokens: int, repeats: int, batch: int, train_batch: int) -> dict:
     t_train = interleaved_times({n: train_step(m) for n, m in models.items()}, repeats=repeats, warmup=1)
     with torch.no_grad():
         a, b = (models[n].eval()(x[:16]) for n in ("Hyena, FFT", "Hyena, auto (dense)"))
+    memory = training_peak_memory(models, xt, y, torch.device("cpu"))
     rows = []
     for n, m in models.items():
         m.eval()
         rows.append({"model": n, "images_per_s": batch / median(t_inf[n]),
                      "train_steps_per_s": 1 / median(t_train[n]),
-                     "gflops": count_flops(lambda m=m: m(x[:1])) / 1e9,
-                     "train_peak_mb": peak_memory(train_step(m), torch.device("cpu"), autograd=True) / 2**20})
+                     "gflops": count_flops(lambda m=m: m(x[:1])) / 1e9, "train_peak_mb": memory[n] / 2**20})
     return {"tokens": tokens, "models": [hyena_name, attn_name], "max_abs_diff": (a - b).abs().max().item(),
             "rows": rows}
 

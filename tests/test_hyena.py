@@ -216,7 +216,7 @@ def test_dense_conv_equals_direct_convolution(H, W):
         dense_conv2d(x[:, :3], conv_matrix(k, H, W))
 
 
-def test_long_conv_modes_agree_with_gradients_and_auto_picks_by_grid_size(monkeypatch):
+def test_long_conv_modes_agree_with_gradients_and_auto_picks_by_grid_size():
     """long_conv='fft'/'dense'/'auto' give the same outputs and gradients (fp64, with a prefix token);
     'auto' runs dense matrices up to DENSE_MAX_TOKENS tokens and FFTs above."""
     torch.manual_seed(0)
