@@ -19,7 +19,7 @@ def available() -> bool:
     """Whether the Hyena operator and its timm adapter are installed."""
     try:
         import visiontools.patches.timm_hyena  # noqa: F401
-        import visiontools.hyena  # noqa: F401
+        import visiontools.layers.hyena  # noqa: F401
     except ImportError:
         return False
     return True
@@ -104,9 +104,9 @@ def filter_figure(kernels: torch.Tensor, show: int = 8, title: str = ""):
 
 def block_timing(grids=DEFAULT_GRIDS, dim: int = 192, heads: int = 3, repeats: int = 3) -> dict:
     """One attention block against one Hyena block on ``g x g`` token grids, measured by
-    ``visiontools.bench_hyena.benchmark`` (interleaved, medians, peak memory, crossover); returns its
+    ``visiontools.bench.hyena.benchmark`` (interleaved, medians, peak memory, crossover); returns its
     result dict. Its tqdm bar drives the page's progress bar (``gr.Progress(track_tqdm=True)``)."""
-    from visiontools.bench_hyena import benchmark
+    from visiontools.bench.hyena import benchmark
 
     with _LOCK:
         return benchmark([(g, g) for g in grids], dim=dim, num_heads=heads, repeats=repeats, progress=True)

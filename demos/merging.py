@@ -81,7 +81,7 @@ def analyse(dm: DemoModel, image: Image.Image, r: int, schedule: str = "constant
     if not 0.0 <= float(opacity) <= 1.0:
         raise ValueError(f"opacity must be between 0 and 1, got {opacity}")
     from visiontools.patches.timm import tome_forward
-    from visiontools.vis import group_count, render_merges
+    from visiontools.tome.vis import group_count, render_merges
 
     layer = dm.depth if layer is None else int(layer)
     if not 0 <= layer <= dm.depth:

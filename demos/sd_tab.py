@@ -2,7 +2,7 @@
 and the UNet speed-up measured on this machine (unpatched SDPA vs ToMe-SD merge vs token downsampling).
 
 Offline, the UNet is the SD 1.5 layout at a few million parameters with random weights
-(``visiontools.bench_sd.TINY_UNET_CONFIG``); the "latent" is the picture itself resized to the
+(``visiontools.bench.sd.TINY_UNET_CONFIG``); the "latent" is the picture itself resized to the
 latent grid (RGB in [-1, 1] plus luminance as the 4 channels). Merge plans use fixed (top-left)
 destinations and the tokens' own dtype for matching (:func:`exact_plan_options`), so the plan
 recomputed here from each transformer block's input is exactly the one the patched block used.
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from visiontools.demos.images import square_resized
-from visiontools.bench_sd import shared_copy
+from visiontools.bench.sd import shared_copy
 
 LATENT_SIDES = {"32x32 (256 px image)": 32, "64x64 (512 px image)": 64}
 TIMESTEP = 500
@@ -31,7 +31,7 @@ def available() -> bool:
     from importlib.util import find_spec
 
     try:
-        return all(find_spec(m) is not None for m in ("diffusers", "visiontools.patches.diffusers", "visiontools.bench_sd"))
+        return all(find_spec(m) is not None for m in ("diffusers", "visiontools.patches.diffusers", "visiontools.bench.sd"))
     except (ImportError, ValueError):
         return False
 
@@ -43,7 +43,7 @@ def tiny_unet():
         if _UNET is None:
             from diffusers import UNet2DConditionModel
 
-            from visiontools.bench_sd import TINY_UNET_CONFIG
+            from visiontools.bench.sd import TINY_UNET_CONFIG
 
             g = torch.random.get_rng_state()
             torch.manual_seed(0)
@@ -93,8 +93,8 @@ def sd_merge_maps(image: Image.Image, ratio: float, max_downsample: int, latent_
     """Run the (tiny) UNet patched with ToMe-SD at ``ratio`` on levels downsampled at most
     ``max_downsample`` times, and draw, for every patched block, which latent tokens merged."""
     from visiontools.patches.diffusers import apply_tome_sd, patched_blocks
-    from visiontools import merge2d
-    from visiontools.vis import render_merges
+    from visiontools.tome import merge2d
+    from visiontools.tome.vis import render_merges
 
     unet = apply_tome_sd(shared_copy(tiny_unet()), ratio=ratio, mode="merge", max_downsample=max_downsample,
                          **exact_plan_options())
@@ -131,7 +131,7 @@ def sd_speed(ratio: float, max_downsample: int, latent_side: int = 64, repeats: 
     from diffusers import UNet2DConditionModel
 
     from visiontools.patches.diffusers import apply_tome_sd
-    from visiontools.bench_sd import TINY_UNET_CONFIG
+    from visiontools.bench.sd import TINY_UNET_CONFIG
     from visiontools.timing import count_flops, interleaved_times, machine_description, median
 
     base = tiny_unet()

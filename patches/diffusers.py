@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from visiontools import merge2d
+from visiontools.tome import merge2d
 
 __all__ = ["ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks", "transformer_blocks"]
 

@@ -2,12 +2,12 @@
 
 The patch swaps the model's class for a subclass whose ``forward_features``/``forward`` run the
 blocks with token merging between attention and MLP (as in the ToMe paper), with the merges of the
-paper's reference implementation (see ``visiontools.merge.bipartite_soft_matching``). Everything a
+paper's reference implementation (see ``visiontools.tome.merge.bipartite_soft_matching``). Everything a
 forward pass needs (token sizes, source map, rotary embeddings) lives in local variables of that
 call, so the model can be called from several threads, with different batch or image sizes, or
 through ``forward_features``. Settings live on the model as plain attributes: ``model.tome_r``
 (int, ``(r, inflection)`` or a per-layer list), ``model.tome_prop_attn``, ``model.tome_method``
-(``tome``, ``tofu``, ``pitome``, ``prune``: see ``visiontools.merge_methods``), ``model.tome_budget``
+(``tome``, ``tofu``, ``pitome``, ``prune``: see ``visiontools.tome.methods``), ``model.tome_budget``
 (when a FLOP or speedup budget chose the schedule) and, on EVA models, ``model.tome_rope_rule``;
 ``remove_tome`` deletes them all.
 
@@ -35,9 +35,9 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from visiontools import merge_methods
-from visiontools.grid import GridTokens
-from visiontools.merge import (
+from visiontools.tome import methods as merge_methods
+from visiontools.layers.grid import GridTokens
+from visiontools.tome.merge import (
     ROPE_RULES, bipartite_soft_matching, check_r, init_source, max_r, merge_rope, merge_source, merge_wavg,
     parse_r, size_bias,
 )
@@ -123,7 +123,7 @@ def _merge(x, size, source, rope, metric, r: int, num_prefix: int, rope_rule: st
            layer: int = 0, num_layers: int = 1, importance=None):
     """The token-reduction step of one block: plan from ``metric`` (or, for ``prune``, the tokens'
     attention ``importance``) and apply it to the tokens, their sizes, the source map and the rotary
-    embeddings (of the non-prefix tokens). ``method``: one of ``visiontools.merge_methods.METHODS``."""
+    embeddings (of the non-prefix tokens). ``method``: one of ``visiontools.tome.methods.METHODS``."""
     if max_r(r, x.shape[1], num_prefix) == 0:
         return x, size, source, rope
     if method != "tome":
@@ -140,7 +140,7 @@ def _merge(x, size, source, rope, metric, r: int, num_prefix: int, rope_rule: st
 
 
 def _reduce(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer, num_layers, importance):
-    """:func:`_merge` for the methods of ``visiontools.merge_methods`` other than ToMe."""
+    """:func:`_merge` for the methods of ``visiontools.tome.methods`` other than ToMe."""
     red = merge_methods.plan(method, r, num_prefix, layer, num_layers, metric, importance)
     if rope is not None:
         rope = rope[:, 0]
@@ -330,7 +330,7 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     ``r``: tokens removed per block (int, default 16), ``(r, inflection)`` for the paper's schedule
     (e.g. ``(16, -0.5)`` merges more early), or a per-layer list. Change it later via ``model.tome_r``.
     ``method``: ``"tome"`` (default), ``"tofu"``, ``"pitome"`` or ``"prune"``
-    (see ``visiontools.merge_methods``); ``model.tome_method`` changes it later.
+    (see ``visiontools.tome.methods``); ``model.tome_method`` changes it later.
     ``flops=0.5`` instead of ``r``: the lightest per-layer schedule whose FLOPs (counted with
     ``visiontools.timing.count_flops`` on one image of ``input_size``, default the model's
     ``patch_embed.img_size``) are at most that fraction of the unpatched model's. ``speedup=1.8``:
@@ -338,12 +338,12 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     against r=0 (interleaved, a batch of ``calibrate_batch`` random images on the model's device) and
     merges more while the measured speedup falls short (at most 3 measurements). The choice
     (schedule, FLOP fraction, measured speedup) is ``model.tome_budget``, a
-    ``visiontools.budget.BudgetResult``.
+    ``visiontools.tome.budget.BudgetResult``.
     ``prop_attn``: proportional attention (adds ``log(size)`` to the attention logits).
     ViTs with grid operations (Conformer, Hyena or ConvFFN blocks) merge through them
     (``visiontools.patches.timm_grid``): ``r`` or a budget, ``method="tome"`` only.
     ``rope_rule`` (models with rotary embeddings): the rotation of a merged token, one of
-    ``visiontools.merge.ROPE_RULES`` (see ``merge_rope``).
+    ``visiontools.tome.merge.ROPE_RULES`` (see ``merge_rope``).
     """
     budget = flops is not None or speedup is not None
     if budget and r is not None:
@@ -379,8 +379,8 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
 
 
 def _solve_budget(model, flops, speedup, calibrate: bool, input_size, batch: int):
-    """The :class:`visiontools.budget.BudgetResult` for a patched model (see :func:`apply_tome`)."""
-    from visiontools.budget import solve_budget
+    """The :class:`visiontools.tome.budget.BudgetResult` for a patched model (see :func:`apply_tome`)."""
+    from visiontools.tome.budget import solve_budget
     from visiontools.timing import count_flops, interleaved_times, median
 
     p = next(model.parameters())

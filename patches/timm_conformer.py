@@ -1,5 +1,5 @@
 """Conv-augmented ViTs in timm: the convolutional tokenizer as a timm ``PatchEmbed``, and the builder
-of a timm ``VisionTransformer`` made of :class:`visiontools.conformer.ConformerBlock` s.
+of a timm ``VisionTransformer`` made of :class:`visiontools.layers.conformer.ConformerBlock` s.
 
 The blocks are plain ``block_fn`` s of timm's ``VisionTransformer`` (its forward, position
 embeddings, pooling and head are kept); :func:`visiontools.patches.timm_grid.configure_grid` tells
@@ -13,14 +13,14 @@ from typing import Optional
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.conformer import ConformerBlock, conv_stem
+from visiontools.layers.conformer import ConformerBlock, conv_stem
 from visiontools.patches.timm_grid import configure_grid
 
 __all__ = ["ConvTokenizer", "conformer_vit"]
 
 
 class ConvTokenizer(PatchEmbed):
-    """timm ``PatchEmbed`` whose ``proj`` is :func:`visiontools.conformer.conv_stem` (CCT-style
+    """timm ``PatchEmbed`` whose ``proj`` is :func:`visiontools.layers.conformer.conv_stem` (CCT-style
     conv/BN/ReLU/max-pool stages, total stride ``patch_size``) instead of one strided convolution.
     Everything else (grid size, ``dynamic_img_size`` output, padding checks) is timm's."""
 

@@ -1,13 +1,13 @@
 """Grid layers in timm ViTs: ``configure_grid(model)`` (prefix count and per-call grid for every
-:class:`visiontools.grid.GridTokens` layer) and token merging through grid operations.
+:class:`visiontools.layers.grid.GridTokens` layer) and token merging through grid operations.
 
-ToMe on a ViT whose blocks mix tokens on the 2D grid (:class:`visiontools.conformer.ConformerBlock`,
-timm ``Block`` s with :class:`visiontools.hyena.HyenaAttention` or a
-:class:`visiontools.conformer.ConvMlp`): :func:`visiontools.patches.timm.apply_tome` hands such models
+ToMe on a ViT whose blocks mix tokens on the 2D grid (:class:`visiontools.layers.conformer.ConformerBlock`,
+timm ``Block`` s with :class:`visiontools.layers.hyena.HyenaAttention` or a
+:class:`visiontools.layers.conformer.ConvMlp`): :func:`visiontools.patches.timm.apply_tome` hands such models
 to :func:`apply_tome_grid`. Every block merges after its token mixer (attention keys, or for Hyena
 the mixed tokens, as the similarity metric) with ToMe's bipartite matching; each grid operation
 after that spreads the merged tokens over the grid with the source map, runs, and averages back
-into the same groups (:mod:`visiontools.merge_grid`); attention, projections and MLPs run on the
+into the same groups (:mod:`visiontools.tome.merge_grid`); attention, projections and MLPs run on the
 merged tokens. The source map and sizes are local to each call (a :class:`GridLayout`).
 """
 from __future__ import annotations
@@ -18,17 +18,17 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from visiontools.conformer import ConformerBlock
-from visiontools.grid import GridKey, GridLayout, GridTokens, set_call_grid
-from visiontools.hyena import HyenaAttention
-from visiontools.merge import bipartite_soft_matching, init_source, max_r, merge_source, merge_wavg, parse_r
+from visiontools.layers.conformer import ConformerBlock
+from visiontools.layers.grid import GridKey, GridLayout, GridTokens, set_call_grid
+from visiontools.layers.hyena import HyenaAttention
+from visiontools.tome.merge import bipartite_soft_matching, init_source, max_r, merge_source, merge_wavg, parse_r
 from visiontools.patches.timm import ToMeInfo, ToMeVisionTransformer, attention_with_metric
 
 __all__ = ["configure_grid", "grid_layers", "has_grid_layers", "apply_tome_grid"]
 
 
 def grid_layers(model: nn.Module) -> list[nn.Module]:
-    """All layers of a model that need the token grid (:class:`visiontools.grid.GridTokens`)."""
+    """All layers of a model that need the token grid (:class:`visiontools.layers.grid.GridTokens`)."""
     return [m for m in model.modules() if isinstance(m, GridTokens)]
 
 

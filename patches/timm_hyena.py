@@ -1,11 +1,11 @@
 """Hyena for timm Vision Transformers: ``swap_attention_for_hyena(model)`` and ``configure_hyena(model)``.
 
 ``swap_attention_for_hyena`` replaces the ``attn`` of every block of a timm ``VisionTransformer`` by a
-:class:`visiontools.hyena.HyenaAttention` (new, randomly initialised weights) and tells each one the
+:class:`visiontools.layers.hyena.HyenaAttention` (new, randomly initialised weights) and tells each one the
 number of prefix tokens and the patch grid. For ``dynamic_img_size`` models a forward hook on
 ``patch_embed`` updates the grid for every input (any H x W, not only squares); otherwise the grid is
 ``patch_embed.grid_size``. Prefix (class/register) tokens read the grid mean in every block (see
-:class:`visiontools.hyena.Hyena2d`), so ``global_pool='token'`` keeps working.
+:class:`visiontools.layers.hyena.Hyena2d`), so ``global_pool='token'`` keeps working.
 
 The registered Hyena ViTs (``hyena_vit_cifar``, its attention twin ``attn_vit_cifar``, ...) are
 built from these functions in :mod:`visiontools.models`, the project's one model registry.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.hyena import HyenaAttention
+from visiontools.layers.hyena import HyenaAttention
 from visiontools.patches.timm_grid import configure_grid
 
 __all__ = ["swap_attention_for_hyena", "configure_hyena", "hyena_layers"]
@@ -39,7 +39,7 @@ def swap_attention_for_hyena(model: nn.Module, order: int = 2, **hyena_kwargs) -
     """Replace the attention of every block of a timm ``VisionTransformer`` by a Hyena operator of
     the same width (new random weights; the rest of the model is kept). ``order`` and
     ``hyena_kwargs`` (``filter_hidden``, ``filter_bands``, ``filter_layers``, ``short_kernel``) go to
-    :class:`visiontools.hyena.Hyena2d`. Works in place and returns the model."""
+    :class:`visiontools.layers.hyena.Hyena2d`. Works in place and returns the model."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"swap_attention_for_hyena needs a timm VisionTransformer (blocks with an .attn "
                         f"on a patch grid), got {type(model).__name__} from {type(model).__module__}")

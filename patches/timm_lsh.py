@@ -1,9 +1,9 @@
 """LSH attention for timm Vision Transformers: ``swap_attention_for_lsh(model)`` and ``configure_lsh(model)``.
 
-:class:`visiontools.lsh.LSHAttention` is a drop-in ``attn_layer`` for timm's ``VisionTransformer``
+:class:`visiontools.layers.lsh.LSHAttention` is a drop-in ``attn_layer`` for timm's ``VisionTransformer``
 (``VisionTransformer(attn_layer=LSHAttention.bound(n_hashes=4), ...)``); ``configure_lsh`` then tells
 every LSH layer how many prefix (class/register) tokens lead the sequence: those attend exactly to
-all tokens, the patch tokens through LSH (see :class:`~visiontools.lsh.LSHAttention`). This is the
+all tokens, the patch tokens through LSH (see :class:`~visiontools.layers.lsh.LSHAttention`). This is the
 role ``configure_hyena`` plays for Hyena; LSH needs no patch grid.
 
 ``swap_attention_for_lsh`` converts an existing (e.g. pretrained) ViT. LSH attention is shared-QK
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.lsh import LSHAttention
+from visiontools.layers.lsh import LSHAttention
 
 __all__ = ["swap_attention_for_lsh", "configure_lsh", "lsh_layers"]
 

@@ -1,7 +1,7 @@
 """Reversible timm Vision Transformers: ``make_reversible(model)``.
 
 Turns the ``blocks`` of a timm ``VisionTransformer`` into a
-:class:`visiontools.reversible.ReversibleSequence`: block ``i``'s attention sub-block
+:class:`visiontools.layers.reversible.ReversibleSequence`: block ``i``'s attention sub-block
 (``norm1 -> attn -> ls1 -> drop_path1``) becomes ``F`` and its MLP sub-block
 (``norm2 -> mlp -> ls2 -> drop_path2``) ``G`` of a two-stream RevNet coupling; the token sequence
 enters both streams and their mean goes on to timm's final norm and head. The weights are kept, but
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.reversible import RevCoupling, ReversibleSequence
+from visiontools.layers.reversible import RevCoupling, ReversibleSequence
 
 __all__ = ["make_reversible"]
 

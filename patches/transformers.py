@@ -21,7 +21,7 @@ How it hooks in, without copying any model's forward:
 The ``ContextVar`` (rather than a keyword argument) carries the call's state because the pooling
 head is called without ``**kwargs``. Settings live on the tower as ``tower.tome_r`` and
 ``tower.tome_prop_attn``; nothing per call is stored on the model. The merge rules are those of
-:mod:`visiontools.merge` (shared with the timm adapter), with the class and register tokens protected.
+:mod:`visiontools.tome.merge` (shared with the timm adapter), with the class and register tokens protected.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ try:
 except ImportError:  # transformers 4.x: refused in apply_tome with a clear message
     _CAN_RECORD_REGISTRY = None
 
-from visiontools.merge import bipartite_soft_matching, check_r, max_r, merge_wavg, parse_r, size_bias
+from visiontools.tome.merge import bipartite_soft_matching, check_r, max_r, merge_wavg, parse_r, size_bias
 
 __all__ = ["ToMeInfo", "apply_tome", "remove_tome", "tome_forward", "is_patched", "SUPPORTED"]
 

@@ -1,7 +1,7 @@
 """Hyena's long convolutions by FFT against dense matrices (``long_conv``), beside the attention twin.
 
 For each grid, the Hyena CIFAR ViT with ``long_conv="fft"`` and with the default ``"auto"`` (dense
-matrices up to ``visiontools.hyena.DENSE_MAX_TOKENS`` tokens) and the attention ViT of the same size:
+matrices up to ``visiontools.layers.hyena.DENSE_MAX_TOKENS`` tokens) and the attention ViT of the same size:
 inference images/s (eval, cached filters, batch 256) and training steps/s (forward, cross-entropy,
 backward, batch 64), all interleaved in one process (medians), GFLOPs per image, training-step peak
 memory, and the largest output difference between the two Hyena modes. The weights are random (speed
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import visiontools.models  # noqa: F401  (registers the CIFAR ViTs)
 from visiontools.evaluate import training_peak_memory
-from visiontools.hyena import Hyena2d
+from visiontools.layers.hyena import Hyena2d
 from visiontools.timing import count_flops, interleaved_times, machine_description, median
 
 MODELS = {64: ("hyena_vit_cifar", "attn_vit_cifar"), 256: ("hyena_vit_cifar_p2", "attn_vit_cifar_p2")}

@@ -1,6 +1,6 @@
 """Compare ToMe's rules for the rotary embedding of a merged token on a trained EVA-style model.
 
-For every r and every rule in ``visiontools.merge.ROPE_RULES``: top-1 on CIFAR-10 test images, and
+For every r and every rule in ``visiontools.tome.merge.ROPE_RULES``: top-1 on CIFAR-10 test images, and
 how far the logits move from the unpatched model's (mean absolute difference, and the share of
 images whose top-1 class is unchanged). Usage (after `visiontools train --config configs/eva_cifar10_cpu.yaml`):
 
@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from visiontools.data import load_cifar, normalize
-from visiontools.merge import ROPE_RULES
+from visiontools.tome.merge import ROPE_RULES
 from visiontools.models import load_checkpoint_model
 from visiontools.patches.timm import apply_tome
 from visiontools.timing import machine_description

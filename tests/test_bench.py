@@ -1,10 +1,10 @@
-"""visiontools.bench / timing: structure and FLOP accounting (speed itself is measured in benchmarks)."""
+"""visiontools.bench.vit / timing: structure and FLOP accounting (speed itself is measured in benchmarks)."""
 import json
 
 import torch
 import torch.nn.functional as F
 
-from visiontools.bench import benchmark_vit, markdown_table, parse_schedule
+from visiontools.bench.vit import benchmark_vit, markdown_table, parse_schedule
 from visiontools.cli import main
 from visiontools.timing import count_flops, interleaved_times
 

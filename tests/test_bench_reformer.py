@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from visiontools import bench_mixers, bench_reversible
+from visiontools.bench import mixers as bench_mixers
+from visiontools.bench import reversible as bench_reversible
 from visiontools.cli import main
 
 
@@ -31,7 +32,7 @@ def test_bench_mixers_tiny_run_writes_every_mixer_and_metric(tmp_path):
 
 
 def test_projections_row_is_the_lsh_layers_linear_layers():
-    from visiontools.lsh import LSHAttention
+    from visiontools.layers.lsh import LSHAttention
 
     proj, lsh = bench_mixers.Projections(24), LSHAttention(24, 3)
     assert [p.shape for p in proj.parameters()] == [p.shape for p in lsh.parameters()]

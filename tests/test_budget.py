@@ -1,9 +1,9 @@
-"""Budgets instead of r: visiontools.budget and apply_tome(flops=..., speedup=...)."""
+"""Budgets instead of r: visiontools.tome.budget and apply_tome(flops=..., speedup=...)."""
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.budget import solve_budget, solve_schedule
+from visiontools.tome.budget import solve_budget, solve_schedule
 from visiontools.patches.timm import apply_tome, remove_tome
 from visiontools.timing import count_flops
 

@@ -244,7 +244,7 @@ def test_bench_sd_prints_one_table_per_resolution(capsys):
 
 
 def test_cpu_peak_memory_without_the_profiler():
-    from visiontools.memory import peak_bytes
+    from visiontools.bench.memory import peak_bytes
 
     def fn():
         a = torch.ones(1000)          # 4000 bytes
@@ -308,7 +308,7 @@ def test_remove_on_unpatched_models_raises_the_same_way():
 def test_render_merges_accepts_an_int_grid_side():
     from PIL import Image
 
-    from visiontools.vis import render_merges
+    from visiontools.tome.vis import render_merges
 
     img = Image.new("RGB", (56, 56), (10, 20, 30))
     source = torch.arange(196) // 2
@@ -333,7 +333,7 @@ def test_cpu_peak_memory_of_a_training_step_sees_a_reversible_backward():
     import timm
 
     import visiontools.models  # noqa: F401  (registers rev_vit_cifar)
-    from visiontools.memory import peak_memory
+    from visiontools.bench.memory import peak_memory
 
     torch.manual_seed(0)
     model = timm.create_model("rev_vit_cifar", depth=2).train()

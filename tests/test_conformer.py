@@ -1,4 +1,4 @@
-"""Conv-augmented ViTs (visiontools/conformer.py, patches/timm_conformer.py, the conformer_vit_* models):
+"""Conv-augmented ViTs (visiontools/layers/conformer.py, patches/timm_conformer.py, the conformer_vit_* models):
 shapes on square and non-square grids, true 2D neighbourhoods of the depthwise convolutions, prefix
 tokens skipping the convolutions, gradients, errors, and a tiny model training on real CIFAR-10."""
 import pytest
@@ -6,8 +6,8 @@ import timm
 import torch
 
 import visiontools.models  # noqa: F401  (registers conformer_vit_*)
-from visiontools.conformer import ConformerBlock, ConvMlp, ConvModule, conv_stem
-from visiontools.grid import GridLayout
+from visiontools.layers.conformer import ConformerBlock, ConvMlp, ConvModule, conv_stem
+from visiontools.layers.grid import GridLayout
 from visiontools.patches.timm_grid import configure_grid
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)

@@ -185,7 +185,7 @@ def test_analyse_counts_tokens_and_groups(dm, cat):
 
 
 def test_analyse_layer_zero_and_r_zero(dm, cat):
-    from visiontools.vis import render_merges
+    from visiontools.tome.vis import render_merges
 
     res = analyse(dm, cat, 0, layer=0)
     assert res.groups == dm.num_patches
@@ -481,10 +481,10 @@ def test_sd_latent_from_image(cat):
 def test_sd_merge_maps_show_the_plan_the_patched_block_used(cat):
     """The plan drawn is the one the patched attention used: recomputing the block's self-attention
     with it reproduces the block's output."""
-    from visiontools import merge2d
+    from visiontools.tome import merge2d
     from visiontools.demos.images import square_resized
     from visiontools.patches.diffusers import apply_tome_sd
-    from visiontools.vis import render_merges
+    from visiontools.tome.vis import render_merges
 
     from visiontools.demos.sd_tab import (
         TIMESTEP, _text_embedding, exact_plan_options, image_latent, sd_merge_maps, shared_copy, tiny_unet,

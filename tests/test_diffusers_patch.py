@@ -1,4 +1,4 @@
-"""ToMe-SD / token downsampling for diffusers UNets (patches/diffusers.py, visiontools/merge2d.py).
+"""ToMe-SD / token downsampling for diffusers UNets (patches/diffusers.py, visiontools/tome/merge2d.py).
 
 Offline: every model is built from a tiny config with random weights.
 """
@@ -13,7 +13,7 @@ import tomesd
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from visiontools import merge2d
+from visiontools.tome import merge2d
 from visiontools.patches import diffusers as sd_patch
 from visiontools.patches.diffusers import apply_tome_sd, is_patched, patched_blocks, remove_tome_sd
 
@@ -609,7 +609,7 @@ def test_bench_sd_tiny_smoke(tmp_path):
     import argparse
     import json
 
-    from visiontools import bench_sd
+    from visiontools.bench import sd as bench_sd
 
     parser = argparse.ArgumentParser()
     bench_sd.add_arguments(parser)

@@ -99,7 +99,7 @@ def test_eval_train_memory_column_measures_a_training_step_without_touching_the_
     import timm
 
     from visiontools.evaluate import training_peak_memory
-    from visiontools.memory import peak_memory
+    from visiontools.bench.memory import peak_memory
 
     res = evaluate(checkpoint="attn_cifar10", compare=["lsh_cifar10"], data_dir=str(datasets_dir / "cifar10"),
                    per_class=1, rs=[], batch_size=10, timing_batch_size=2, repeats=1, warmup=0, progress=False,

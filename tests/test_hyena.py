@@ -1,4 +1,4 @@
-"""Tests of the 2D Hyena operator (visiontools/hyena.py) and its timm adapter (patches/timm_hyena.py)."""
+"""Tests of the 2D Hyena operator (visiontools/layers/hyena.py) and its timm adapter (patches/timm_hyena.py)."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 import visiontools.models  # noqa: F401  (registers the Hyena ViTs)
 import visiontools.patches.timm_hyena as th
 from visiontools.data import CIFAR_STATS
-from visiontools.hyena import (
+from visiontools.layers.hyena import (
     DENSE_MAX_BYTES, DENSE_MAX_TOKENS, Hyena2d, HyenaAttention, ImplicitFilter2d, conv_matrix, dense_conv2d,
     direct_conv2d, fft_conv2d, fft_size,
 )
@@ -457,7 +457,7 @@ def test_tiny_hyena_vit_learns_real_cifar10(cifar_batch, fit_losses):
 # ----------------------------------------------------------------------------- benchmark helpers
 
 def test_bench_peak_memory_sees_a_known_peak():
-    from visiontools.bench_hyena import peak_forward_memory
+    from visiontools.bench.hyena import peak_forward_memory
 
     def fn():
         a = torch.ones(1 << 20)       # 4 MiB
@@ -473,7 +473,7 @@ def test_bench_peak_memory_sees_a_known_peak():
 def test_bench_crossover_slope_and_grid_parsing():
     import argparse
 
-    from visiontools.bench_hyena import crossover, loglog_slope, parse_grid
+    from visiontools.bench.hyena import crossover, loglog_slope, parse_grid
 
     rows = [{"tokens": n, "attn_ms": a, "hyena_ms": h}
             for n, a, h in [(64, 1, 2), (256, 3, 2), (1024, 9, 10), (4096, 50, 20), (16384, 400, 90)]]
@@ -488,7 +488,7 @@ def test_bench_crossover_slope_and_grid_parsing():
 def test_bench_tiny_run(tmp_path):
     import json
 
-    from visiontools.bench_hyena import benchmark, markdown_table, plot
+    from visiontools.bench.hyena import benchmark, markdown_table, plot
 
     res = benchmark([(4, 4), (3, 5)], dim=16, num_heads=2, max_tokens=64, repeats=1, warmup=0, progress=False)
     assert [r["tokens"] for r in res["rows"]] == [16, 15] and [r["batch"] for r in res["rows"]] == [4, 4]

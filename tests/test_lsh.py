@@ -1,4 +1,4 @@
-"""LSH attention (visiontools.lsh) and its timm adapter (visiontools.patches.timm_lsh)."""
+"""LSH attention (visiontools.layers.lsh) and its timm adapter (visiontools.patches.timm_lsh)."""
 import math
 import warnings
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import visiontools.models  # noqa: F401  (registers lsh_vit_*)
-from visiontools.lsh import (SELF_LOGIT, LSHAttention, default_n_buckets, full_shared_qk_attention,
+from visiontools.layers.lsh import (SELF_LOGIT, LSHAttention, default_n_buckets, full_shared_qk_attention,
                              hash_buckets, lsh_attention, random_rotations)
 from visiontools.patches.timm_lsh import lsh_layers, swap_attention_for_lsh
 

@@ -1,8 +1,8 @@
-"""The library-agnostic ToMe algorithms in visiontools.merge."""
+"""The library-agnostic ToMe algorithms in visiontools.tome.merge."""
 import pytest
 import torch
 
-from visiontools.merge import (
+from visiontools.tome.merge import (
     bipartite_soft_matching, index_map, init_source, merge, merge_rope, merge_source, merge_wavg, parse_r, unmerge,
 )
 

@@ -1,4 +1,4 @@
-"""Token merging through grid operations (visiontools/merge_grid.py, visiontools/grid.py,
+"""Token merging through grid operations (visiontools/tome/merge_grid.py, visiontools/layers/grid.py,
 patches/timm_grid.py): merged tokens are spread over the grid with the source map, the grid
 operation runs, and the result is averaged back into the same groups. Checked against an
 independent dense-matrix reference, end to end on Conformer and Hyena ViTs."""
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import visiontools.models  # noqa: F401  (registers the Conformer and Hyena ViTs)
-from visiontools.conformer import ConformerBlock, ConvMlp
-from visiontools.grid import GridLayout
-from visiontools.hyena import HyenaAttention, direct_conv2d
-from visiontools.merge_grid import reduce_to_groups, through_grid, unmerge_to_grid
+from visiontools.layers.conformer import ConformerBlock, ConvMlp
+from visiontools.layers.grid import GridLayout
+from visiontools.layers.hyena import HyenaAttention, direct_conv2d
+from visiontools.tome.merge_grid import reduce_to_groups, through_grid, unmerge_to_grid
 from visiontools.patches.timm import apply_tome, remove_tome, tome_forward
 from visiontools.patches.timm_grid import configure_grid
 

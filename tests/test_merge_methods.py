@@ -1,4 +1,4 @@
-"""visiontools.merge_methods through apply_tome(method=...): ToFu, PiToMe and pruning against
+"""visiontools.tome.methods through apply_tome(method=...): ToFu, PiToMe and pruning against
 straightforward per-image implementations written from the papers, plus every guarantee of the patch."""
 import math
 
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.merge import parse_r
+from visiontools.tome.merge import parse_r
 from visiontools.patches.timm import apply_tome, remove_tome, tome_forward
-from visiontools.vis import group_count, render_merges
+from visiontools.tome.vis import group_count, render_merges
 
 NEW_METHODS = ["tofu", "pitome", "prune"]
 
@@ -219,7 +219,7 @@ def test_r0_equals_unpatched_and_remove_restores_bit_for_bit(method, name, make)
 def test_protected_prefix_tokens_are_never_touched(method):
     """Registers and the class token stay first and untouched (bit for bit); no other token maps to
     them; sizes add up (pruning loses the dropped tokens' sizes; ToFu merges in layer 3 of 4)."""
-    from visiontools import merge_methods
+    from visiontools.tome import methods as merge_methods
 
     torch.manual_seed(0)
     P, N = 3, 20
@@ -253,7 +253,7 @@ def test_gradients_flow(method):
 
 
 def test_mlerp_keeps_the_largest_norm_and_the_direction_of_the_average():
-    from visiontools.merge_methods import mlerp
+    from visiontools.tome.methods import mlerp
 
     x = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
     slots = torch.tensor([[[0], [0], [1]]])

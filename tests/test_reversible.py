@@ -1,4 +1,4 @@
-"""Reversible ViT blocks (visiontools.reversible, visiontools.patches.timm_reversible)."""
+"""Reversible ViT blocks (visiontools.layers.reversible, visiontools.patches.timm_reversible)."""
 import numpy as np
 import pytest
 import timm
@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import visiontools.models  # noqa: F401  (registers rev_vit_*)
-from visiontools.reversible import RevCoupling, ReversibleSequence
+from visiontools.layers.reversible import RevCoupling, ReversibleSequence
 
 
 def _grads(model, x, y, seed):
@@ -71,7 +71,7 @@ def test_tiny_reversible_vit_learns_real_cifar10(fit_losses):
 
 def test_shipped_reversible_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy(recorded_subset):
     from visiontools.models import SHIPPED, load_checkpoint_model
-    from visiontools.reversible import ReversibleSequence
+    from visiontools.layers.reversible import ReversibleSequence
 
     assert SHIPPED["rev_cifar10"].stat().st_size < 1e6
     model, meta = load_checkpoint_model("rev_cifar10")

@@ -11,7 +11,7 @@ from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.vision_transformer import VisionTransformer
 
 from visiontools.patches.timm import apply_tome, remove_tome, tome_forward
-from visiontools.merge import parse_r
+from visiontools.tome.merge import parse_r
 
 torch.manual_seed(0)
 

@@ -1,4 +1,4 @@
-"""visiontools.train / visiontools.checkpoint: config, schedule, exact resume, atomic checkpoints,
+"""visiontools.train / visiontools.models.checkpoint: config, schedule, exact resume, atomic checkpoints,
 2-process torchrun (gloo) on a tiny ViT and real CIFAR-10 images."""
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visiontools import checkpoint as ckpt
+from visiontools.models import checkpoint as ckpt
 from visiontools.models import load_checkpoint_model
 from visiontools.train import DEFAULTS, load_config, lr_at, train
 
@@ -117,7 +117,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
 
 KILL_WRITER = """
 import sys, torch
-from visiontools.checkpoint import save_safetensors_atomic
+from visiontools.models.checkpoint import save_safetensors_atomic
 path = sys.argv[1]
 i = 0
 print("ready", flush=True)

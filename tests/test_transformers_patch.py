@@ -8,7 +8,7 @@ import transformers as T
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import visiontools
-from visiontools.merge import parse_r
+from visiontools.tome.merge import parse_r
 from visiontools.patches import transformers as hf_tome
 from visiontools.patches.timm import apply_tome as timm_apply_tome, tome_forward as timm_tome_forward
 from visiontools.patches.transformers import apply_tome, remove_tome, tome_forward

@@ -15,7 +15,7 @@ from PIL import Image
 from visiontools import video
 from visiontools.cli import main
 from visiontools.patches.timm import apply_tome, tome_forward
-from visiontools.vis import render_merges
+from visiontools.tome.vis import render_merges
 
 FRAMES, W, H, FPS = 20, 96, 64, 10
 

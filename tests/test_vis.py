@@ -1,11 +1,11 @@
-"""visiontools.vis on a real photo."""
+"""visiontools.tome.vis on a real photo."""
 import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from visiontools.patches.timm import apply_tome, tome_forward
-from visiontools.vis import group_count, render_merges
+from visiontools.tome.vis import group_count, render_merges
 
 
 def test_render_merges_of_a_real_image(imagenet_image, tmp_path):

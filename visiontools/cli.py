@@ -25,12 +25,12 @@ COMMANDS = {
     "video": ("visiontools.video", "annotate a video: ToMe merge map, tokens and FPS on every frame"),
 }
 BENCH_TARGETS = {
-    "vit": ("visiontools.bench", "timm ViT: unpatched (fused attention) vs ToMe at several r"),
-    "sd": ("visiontools.bench_sd", "Stable Diffusion UNet: SDPA vs tomesd vs ToMe-SD vs downsampling"),
-    "hyena": ("visiontools.bench_hyena", "one Hyena block vs one attention block over grid sizes"),
-    "mixers": ("visiontools.bench_mixers", "token mixers vs tokens: SDPA, Hyena, LSH, reformer-pytorch"),
-    "reversible": ("visiontools.bench_reversible", "training memory vs depth: plain, checkpointed, reversible ViT"),
-    "onnx": ("visiontools.bench_onnx", "onnxruntime: the exported unpatched ViT vs exported ToMe ViTs"),
+    "vit": ("visiontools.bench.vit", "timm ViT: unpatched (fused attention) vs ToMe at several r"),
+    "sd": ("visiontools.bench.sd", "Stable Diffusion UNet: SDPA vs tomesd vs ToMe-SD vs downsampling"),
+    "hyena": ("visiontools.bench.hyena", "one Hyena block vs one attention block over grid sizes"),
+    "mixers": ("visiontools.bench.mixers", "token mixers vs tokens: SDPA, Hyena, LSH, reformer-pytorch"),
+    "reversible": ("visiontools.bench.reversible", "training memory vs depth: plain, checkpointed, reversible ViT"),
+    "onnx": ("visiontools.bench.onnx", "onnxruntime: the exported unpatched ViT vs exported ToMe ViTs"),
 }
 
 

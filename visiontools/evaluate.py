@@ -49,8 +49,8 @@ def candidate_settings(rs: Sequence[int], schedules: Sequence[tuple[int, float]]
 def budget_settings(budgets: Sequence[float], methods: Sequence[str]) -> list[tuple[str, Any]]:
     """(name, patch arguments) for every method at every FLOP fraction: ``("pitome @0.50", {"method":
     "pitome", "flops": 0.5})``; the r schedule is solved per model (``apply_tome(flops=...)``)."""
-    from visiontools.budget import check_fraction
-    from visiontools.merge_methods import check_method
+    from visiontools.tome.budget import check_fraction
+    from visiontools.tome.methods import check_method
 
     rows = []
     for m in methods:
@@ -63,7 +63,7 @@ def budget_settings(budgets: Sequence[float], methods: Sequence[str]) -> list[tu
 def method_settings(rs: Sequence[int], methods: Sequence[str]) -> list[tuple[str, Any]]:
     """(name, patch arguments) for every method other than ToMe at every r (ToMe's rows come from
     :func:`candidate_settings`)."""
-    from visiontools.merge_methods import check_method
+    from visiontools.tome.methods import check_method
 
     rows = []
     for m in methods:
@@ -227,11 +227,11 @@ def speed_and_flops(models: dict[str, torch.nn.Module], x: torch.Tensor, device:
 def training_peak_memory(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
                          device: torch.device) -> dict[str, int]:
     """Peak bytes of one training step (train mode, forward, cross-entropy, backward) on batch ``x``
-    for each model (``visiontools.memory.peak_memory``: activations and gradients, weights excluded).
+    for each model (``visiontools.bench.memory.peak_memory``: activations and gradients, weights excluded).
     Each step runs on a copy, so BatchNorm statistics and LSH rotations of the evaluated models stay as they were."""
     import copy
 
-    from visiontools.memory import peak_memory
+    from visiontools.bench.memory import peak_memory
 
     out = {}
     for name, model in models.items():
@@ -418,7 +418,7 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
              budgets: Sequence[float] = (), methods: Sequence[str] = ("tome",), train_memory_batch: int = 0) -> dict:
     """Run the whole evaluation and return the result dict (rows, machine, settings); see module doc.
     ``compare``: more checkpoints, evaluated unpatched beside the model (rows named by their file).
-    ``methods`` (``visiontools.merge_methods.METHODS``) at every r in ``rs`` (ToMe also at every
+    ``methods`` (``visiontools.tome.methods.METHODS``) at every r in ``rs`` (ToMe also at every
     schedule) and, with ``budgets`` (FLOP fractions), at every budget: equal FLOPs side by side.
     ``train_memory_batch``: also the peak memory of one training step at that batch size (0: not measured)."""
     from visiontools.models import DEFAULT_CHECKPOINT
@@ -539,7 +539,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ToMe schedules such as 8,-0.5 (the decreasing schedule)")
     t.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
     t.add_argument("--method", nargs="+", default=["tome"], metavar="METHOD",
-                   help="token reduction methods: tome, tofu, pitome, prune (visiontools.merge_methods); each runs "
+                   help="token reduction methods: tome, tofu, pitome, prune (visiontools.tome.methods); each runs "
                         "at every --r and --budget")
     t.add_argument("--budget", nargs="*", type=float, default=[], metavar="FLOPS",
                    help="FLOP fractions such as 0.5 0.6 0.7: each method's r schedule is solved to keep at most that "
@@ -564,7 +564,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``visiontools eval``."""
-    from visiontools.checkpoint import atomic_write_text
+    from visiontools.models.checkpoint import atomic_write_text
 
     from visiontools.errors import UserError
 

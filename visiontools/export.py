@@ -115,7 +115,7 @@ def max_abs_diff(model: torch.nn.Module, session, x: torch.Tensor) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools export``."""
-    from visiontools.bench import parse_schedule
+    from visiontools.bench.vit import parse_schedule
 
     p.add_argument("--model", required=True,
                    help="timm ViT or EVA name (random weights unless --pretrained), a shipped checkpoint name "
@@ -141,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> torch.nn.Module:
-    from visiontools.bench import load_model
+    from visiontools.bench.vit import load_model
 
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
     try:
@@ -155,7 +155,7 @@ def _load(args) -> torch.nn.Module:
 
 def run(args: argparse.Namespace) -> int:
     """``visiontools export``: export a (ToMe-patched) timm ViT or EVA to ONNX and check it in onnxruntime."""
-    from visiontools.merge import check_r
+    from visiontools.tome.merge import check_r
     from visiontools.patches.timm import apply_tome
 
     if args.out.suffix != ".onnx":

@@ -215,7 +215,7 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
     """Train as described by ``cfg`` (see the module docstring); returns the last log record.
     ``stop_after`` ends the run after that many completed epochs (as if killed there; the schedule
     still targets ``cfg['epochs']``, so ``--resume`` continues it exactly)."""
-    from visiontools import checkpoint as ckpt
+    from visiontools.models import checkpoint as ckpt
     from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, iterate_batches, load_cifar, mixup, \
         normalize, rand_augment, random_crop_flip, shard_indices
     from visiontools.evaluate import EvalData, accuracy

@@ -1,6 +1,6 @@
 """Token merging on video: ``visiontools video``. Every frame of a clip goes through a ToMe-patched
 timm ViT (in batches); each output frame shows the frame beside its merge map (merged patch groups
-filled with their mean colour and outlined, as :func:`visiontools.vis.render_merges` draws a photo),
+filled with their mean colour and outlined, as :func:`visiontools.tome.vis.render_merges` draws a photo),
 the frame number, the tokens left after the chosen block, and the measured model frames per second
 with and without ToMe. OpenCV reads and writes the video, one batch of frames at a time.
 
@@ -188,10 +188,10 @@ def display_size(width: int, height: int, out_height: int = DEFAULT_HEIGHT) -> t
 
 
 def merge_panel(frame: np.ndarray, source, grid_size: tuple[int, int]) -> np.ndarray:
-    """The merge map of one frame, drawn exactly as :func:`visiontools.vis.render_merges` draws a photo."""
+    """The merge map of one frame, drawn exactly as :func:`visiontools.tome.vis.render_merges` draws a photo."""
     from PIL import Image
 
-    from visiontools.vis import render_merges
+    from visiontools.tome.vis import render_merges
 
     return np.asarray(render_merges(Image.fromarray(frame), source, grid_size))
 
@@ -459,7 +459,7 @@ def load_model(name: str, pretrained: bool = False) -> tuple[torch.nn.Module, tu
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools video``."""
-    from visiontools.bench import parse_schedule
+    from visiontools.bench.vit import parse_schedule
 
     p.add_argument("--in", dest="src", required=True, metavar="VIDEO",
                    help="input video (MP4, WebM, MKV, AVI, MOV; any codec this OpenCV build decodes)")

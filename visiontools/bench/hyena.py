@@ -1,7 +1,7 @@
 """Hyena vs attention: forward time and peak memory of one ViT block of each kind over token-grid sizes.
 
 Both blocks are timm ``Block`` s of the same width and MLP: one with timm's ``Attention`` (fused
-``scaled_dot_product_attention``), one with :class:`visiontools.hyena.HyenaAttention` as ``attn_layer``.
+``scaled_dot_product_attention``), one with :class:`visiontools.layers.hyena.HyenaAttention` as ``attn_layer``.
 At every grid size they are timed interleaved in one process (``visiontools.timing.interleaved_times``,
 median reported). The table gives milliseconds per forward, the time ratio, the FLOP ratio
 (``visiontools.timing.count_flops``: ``torch.utils.flop_counter`` plus FFTs at 5·n·log2(n)) and the
@@ -16,7 +16,7 @@ and peak memory are measured with the filters generated inside the forward (cons
 would otherwise hold the filter spectra, O(tokens x channels), outside the measured call).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the level before the forward. On CPU,
-:func:`visiontools.memory.peak_bytes`: the storages every operator returns are counted until they are
+:func:`visiontools.bench.memory.peak_bytes`: the storages every operator returns are counted until they are
 freed, and the running total's maximum is the peak (the same quantity as ``torch.profiler``'s
 per-operator memory sums, which earlier results used, without starting the profiler). Scratch that an
 operator allocates and frees within itself, and memory allocated outside PyTorch's allocator
@@ -56,7 +56,7 @@ def build_blocks(dim: int, num_heads: int, order: int, mlp_ratio: float, device)
     from timm.layers import Attention
     from timm.models.vision_transformer import Block
 
-    from visiontools.hyena import HyenaAttention
+    from visiontools.layers.hyena import HyenaAttention
 
     if dim % num_heads:
         raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -81,7 +81,7 @@ def uncached_copy(hyena_block):
 
 def peak_forward_memory(fn, device: torch.device) -> int:
     """Peak bytes allocated by one inference call of ``fn`` above the level before it (see module docstring)."""
-    from visiontools.memory import peak_memory
+    from visiontools.bench.memory import peak_memory
 
     return peak_memory(fn, device)
 
@@ -179,7 +179,7 @@ def benchmark(grids, dim: int = 192, num_heads: int = 3, order: int = 2, mlp_rat
             "hyena": loglog_slope([r["tokens"] for r in big], [per_img(r, "hyena_peak_bytes") for r in big])},
         "slopes_fit_tokens": [r["tokens"] for r in big],
         "memory_method": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                          "visiontools.memory.peak_bytes: storages returned by operators, counted until freed"),
+                          "visiontools.bench.memory.peak_bytes: storages returned by operators, counted until freed"),
     }
 
 
@@ -261,7 +261,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``visiontools bench hyena``."""
-    from visiontools.bench import resolve_dtype
+    from visiontools.bench.vit import resolve_dtype
     from visiontools.timing import resolve_device
 
     if args.threads:

@@ -24,7 +24,7 @@ def benchmark_onnx(model: torch.nn.Module, rs, batch_size: int = 8, img_size=Non
                    repeats: int = 10, warmup: int = 3, progress: bool = True) -> dict:
     """Export ``model`` unpatched and with ToMe at each r setting in ``rs``, time the ONNX models in
     onnxruntime interleaved (medians), count FLOPs per image and check each against PyTorch."""
-    from visiontools.bench import schedule_label
+    from visiontools.bench.vit import schedule_label
     from visiontools.export import example_input, export_onnx, max_abs_diff, onnx_session, token_counts
     from visiontools.patches.timm import apply_tome
 
@@ -61,7 +61,7 @@ def benchmark_onnx(model: torch.nn.Module, rs, batch_size: int = 8, img_size=Non
 
 def markdown_table(result: dict, title: str) -> str:
     """A markdown table of a :func:`benchmark_onnx` result."""
-    from visiontools.bench import TOME_COLUMNS, tome_cells
+    from visiontools.bench.vit import TOME_COLUMNS, tome_cells
 
     lines = [f"**{title}** in onnxruntime {result['onnxruntime']} (CPU, {result['ort_threads']} intra-op threads) "
              f"— batch {result['batch_size']}, {result['img_size'][0]}x{result['img_size'][1]}, fp32, "
@@ -73,7 +73,7 @@ def markdown_table(result: dict, title: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench onnx``."""
-    from visiontools.bench import add_model_arguments
+    from visiontools.bench.vit import add_model_arguments
 
     add_model_arguments(p, DEFAULT_MODEL, "unpatched export", 8, "images per onnxruntime call (fixed in the export)")
     p.add_argument("--threads", type=int, default=None,
@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the ONNX benchmark from parsed command-line arguments and print a markdown table."""
     from visiontools.export import require_onnx
-    from visiontools.bench import load_model
+    from visiontools.bench.vit import load_model
 
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("error: --batch-size and --repeats must be >= 1 and --warmup >= 0")

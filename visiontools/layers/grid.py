@@ -9,7 +9,7 @@ merged) tokens that a grid operation (a depthwise convolution, Hyena's FFT convo
   Conformer block, the ConvFFN). It resolves ``(prefix tokens, (H, W))`` for a sequence length.
 - :class:`GridLayout`: prefix count, grid and, once tokens were merged, the source map. Its
   :meth:`GridLayout.run` applies a grid operation to the grid tokens, merged or not (unmerge ->
-  operation -> group mean, :mod:`visiontools.merge_grid`).
+  operation -> group mean, :mod:`visiontools.tome.merge_grid`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from visiontools.merge_grid import through_grid
+from visiontools.tome.merge_grid import through_grid
 
 __all__ = ["GridKey", "set_call_grid", "square_grid", "GridTokens", "GridLayout"]
 

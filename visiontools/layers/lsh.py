@@ -26,7 +26,7 @@ an even number, so that an average bucket fills one chunk.
 **Reproducible hashing.** In eval mode the rotations come from ``torch.Generator().manual_seed(seed)``
 (``seed`` is kept on the layer and in its ``state_dict``), so the same input always gets the same
 buckets. In training they are drawn fresh each forward from torch's global RNG (as the paper redraws
-them), which ``torch.utils.checkpoint`` and :mod:`visiontools.reversible` replay, so a recomputed
+them), which ``torch.utils.checkpoint`` and :mod:`visiontools.layers.reversible` replay, so a recomputed
 forward sees the same buckets; plain autograd keeps the sort indices of the forward. Rotations are
 drawn on the CPU and moved, so a seed hashes the same on every device.
 

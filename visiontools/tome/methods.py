@@ -7,7 +7,7 @@ merge or drop and stay, in order, at the front. Every method removes exactly ``r
 (capped at half of the unprotected tokens), so an r schedule means the same token counts, and the
 same FLOPs up to each method's small planning cost, for all of them.
 
-- ``tome``: ToMe's bipartite soft matching (``visiontools.merge``), unchanged.
+- ``tome``: ToMe's bipartite soft matching (``visiontools.tome.merge``), unchanged.
 - ``tofu``: Token Fusion (Kim et al., "Token Fusion: Bridging the Gap between Token Pruning and
   Token Merging", WACV 2024, arXiv:2312.01026). ToMe's matching; in the early layers
   (``layer <= num_layers // 2``, the split of OpenToMe's port, Westlake-AI/OpenToMe
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from visiontools.merge import Merge, bipartite_soft_matching, index_map, max_r, rope_from_mean, split_sizes
+from visiontools.tome.merge import Merge, bipartite_soft_matching, index_map, max_r, rope_from_mean, split_sizes
 
 METHODS = ("tome", "tofu", "pitome", "prune")
 
@@ -64,8 +64,8 @@ def check_method(method: str) -> None:
 # ----------------------------------------------------------------------------- planning
 
 def from_merge(m: Merge, prune_sources: bool = False) -> Reduction:
-    """A ToMe :class:`~visiontools.merge.Merge` as a :class:`Reduction` (same output order as
-    :func:`visiontools.merge.merge`); ``prune_sources`` drops the merged A tokens instead."""
+    """A ToMe :class:`~visiontools.tome.merge.Merge` as a :class:`Reduction` (same output order as
+    :func:`visiontools.tome.merge.merge`); ``prune_sources`` drops the merged A tokens instead."""
     index = index_map(m)
     B, N, P = index.shape[0], m.num_tokens, m.num_protected
     dev = index.device
@@ -213,7 +213,7 @@ def reduce_keep(red: Reduction, x: torch.Tensor) -> torch.Tensor:
 
 def reduce_rope(red: Reduction, rope: torch.Tensor, size: torch.Tensor | None, rule: str = "mean") -> torch.Tensor:
     """Rotary embeddings ``(B, N, 2D)`` after ``red``, with the rules of
-    :func:`visiontools.merge.merge_rope` (``"dst"``: the representative's embedding)."""
+    :func:`visiontools.tome.merge.merge_rope` (``"dst"``: the representative's embedding)."""
     if rule == "dst":
         return reduce_keep(red, rope)
     return rope_from_mean(reduce_wavg(red, rope, size)[0], rule)
@@ -233,7 +233,7 @@ def plan(method: str, r: int, num_protected: int, layer: int, num_layers: int, m
             raise ValueError("method 'prune' needs the attention importance of the tokens")
         return plan_prune(importance, r, num_protected)
     check_method(method)
-    raise ValueError(f"method {method!r} has no Reduction plan (tome uses visiontools.merge directly)")
+    raise ValueError(f"method {method!r} has no Reduction plan (tome uses visiontools.tome.merge directly)")
 
 
 def merge_norm(method: str, layer: int, num_layers: int) -> str:

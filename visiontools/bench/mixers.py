@@ -1,8 +1,8 @@
 """Token mixers over sequence length: timm SDPA attention vs Hyena vs LSH attention vs reformer-pytorch.
 
 Each candidate is one token-mixing layer (the ``attn`` of a ViT block) of the same width and heads:
-timm's ``Attention`` (fused ``scaled_dot_product_attention``, exact), :class:`visiontools.hyena.HyenaAttention`
-(order 2), :class:`visiontools.lsh.LSHAttention` at each ``--hashes`` count, and, when installed (the
+timm's ``Attention`` (fused ``scaled_dot_product_attention``, exact), :class:`visiontools.layers.hyena.HyenaAttention`
+(order 2), :class:`visiontools.layers.lsh.LSHAttention` at each ``--hashes`` count, and, when installed (the
 ``bench`` extra), ``reformer_pytorch.LSHSelfAttention`` at each ``--reformer-hashes`` count with the same
 bucket size. visiontools' LSH looks one chunk back and one forward by default; reformer-pytorch looks
 one back only, so a second visiontools row, "back only" (``chunks_after=0``), runs its exact setting.
@@ -13,7 +13,7 @@ the summary also gives the reformer-pytorch/visiontools ratio of the attention c
 At every token count (a square grid: Hyena needs one) all candidates are timed interleaved in one
 process (``visiontools.timing.interleaved_times``, medians): the forward (eval, inference mode) and a
 forward+backward (train mode, gradient of the output sum). Peak memory is that of one forward+backward
-(``visiontools.memory.peak_memory``: on a CPU, the tensor storages every operator returns, counted
+(``visiontools.bench.memory.peak_memory``: on a CPU, the tensor storages every operator returns, counted
 until freed). The error of each
 approximation is measured on the attention core alone, on the same Gaussian ``qk``/``v`` (one head):
 ``||out - exact|| / ||exact||``, where "exact" is full shared-QK softmax attention (keys = normalised
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from visiontools.bench_hyena import loglog_slope
-from visiontools.memory import peak_memory
+from visiontools.bench.hyena import loglog_slope
+from visiontools.bench.memory import peak_memory
 from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median, write_results
 
 DEFAULT_GRIDS = [14, 16, 32, 48, 64, 96, 128]
@@ -51,8 +51,8 @@ def build_mixers(dim: int, num_heads: int, bucket_size: int, hashes, reformer_ha
     """name -> token-mixing layer (B, N, dim) -> (B, N, dim), see module docstring."""
     from timm.layers import Attention
 
-    from visiontools.hyena import HyenaAttention
-    from visiontools.lsh import LSHAttention
+    from visiontools.layers.hyena import HyenaAttention
+    from visiontools.layers.lsh import LSHAttention
 
     torch.manual_seed(0)
     mixers = {"sdpa": Attention(dim, num_heads, qkv_bias=True),
@@ -91,7 +91,7 @@ def _call(name: str, m, x, bucket_size: int, grid):
 def approximation_errors(n: int, head_dim: int, bucket_size: int, hashes, reformer_hashes, device,
                          seed: int = 0) -> dict:
     """Relative error of each LSH variant against exact shared-QK attention on Gaussian qk/v (n tokens)."""
-    from visiontools.lsh import default_n_buckets, lsh_attention, random_rotations
+    from visiontools.layers.lsh import default_n_buckets, lsh_attention, random_rotations
 
     g = torch.Generator().manual_seed(seed)
     qk = torch.randn(1, n, head_dim, generator=g).to(device)
@@ -120,7 +120,7 @@ def approximation_errors(n: int, head_dim: int, bucket_size: int, hashes, reform
 
 def _exact_rows(qk, v, i, j):
     """Rows i:j of exact shared-QK attention (queries in blocks, so 16k tokens fit in memory)."""
-    from visiontools.lsh import SELF_LOGIT
+    from visiontools.layers.lsh import SELF_LOGIT
     d = qk.shape[-1]
     dots = (qk[:, i:j] @ torch.nn.functional.normalize(qk, dim=-1).transpose(1, 2)) * d ** -0.5
     idx = torch.arange(i, j, device=qk.device)
@@ -294,7 +294,7 @@ def plot(result: dict, path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench mixers``."""
-    from visiontools.bench_hyena import parse_grid
+    from visiontools.bench.hyena import parse_grid
 
     p.add_argument("--grids", type=parse_grid, nargs="+", default=[(g, g) for g in DEFAULT_GRIDS], metavar="HxW",
                    help="token grids (tokens = H*W), e.g. 14 64 128")

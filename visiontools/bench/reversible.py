@@ -7,7 +7,7 @@ and ``reversible`` (:mod:`visiontools.patches.timm_reversible`: two-stream RevNe
 are rebuilt from their outputs, so only one block's activations live at a time). One training step
 (forward, cross-entropy, backward) is timed for all three interleaved in one process (medians), and
 its peak memory is measured above the level before it (weights excluded, their gradients included;
-``visiontools.memory.peak_memory``; on a CPU, the storages every operator returns, counted until
+``visiontools.bench.memory.peak_memory``; on a CPU, the storages every operator returns, counted until
 freed: ``torch.profiler``'s allocator events miss the reversible backward's recomputation).
 
 A second table gives the peak training-step memory of CIFAR models at the training batch size
@@ -20,7 +20,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from visiontools.memory import peak_memory
+from visiontools.bench.memory import peak_memory
 from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median, write_results
 
 VARIANTS = ("plain", "checkpointed", "reversible")

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from visiontools.grid import GridKey, GridLayout, GridTokens, set_call_grid  # noqa: F401 (re-exported)
+from visiontools.layers.grid import GridKey, GridLayout, GridTokens, set_call_grid  # noqa: F401 (re-exported)
 
 __all__ = [
     "fft_conv2d",
@@ -378,7 +378,7 @@ class Hyena2d(nn.Module):
         """:meth:`forward` on merged grid tokens ``t`` (B, M, dim) laid out as ``layout`` (token
         merging): projections and gates per token; the short and the long convolutions spread the
         tokens over the grid, run there and average back into the merged groups
-        (:meth:`visiontools.grid.GridLayout.run`); prefix tokens read the grid mean (the size-weighted
+        (:meth:`visiontools.layers.grid.GridLayout.run`); prefix tokens read the grid mean (the size-weighted
         mean of the merged tokens). Returns (B, M, dim), or ``(tokens, prefix)`` with a prefix."""
         B, M, C = t.shape
         N, H, W = self.order, layout.H, layout.W
@@ -433,7 +433,7 @@ class HyenaAttention(GridTokens, nn.Module):
                              out_dropout=proj_drop, device=device, dtype=dtype, **hyena_kwargs)
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = tuple(grid_size) if grid_size is not None else None
-        self.grid_owner: Optional[GridKey] = None  # key of a per-call grid (see visiontools.grid)
+        self.grid_owner: Optional[GridKey] = None  # key of a per-call grid (see visiontools.layers.grid)
 
     @classmethod
     def bound(cls, **fixed):

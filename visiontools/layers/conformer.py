@@ -22,8 +22,8 @@ convolutional tokenizer (pure PyTorch; the registered timm models are in ``visio
   stages of conv 3x3 -> BatchNorm -> ReLU -> max-pool 3x3/2 instead of a linear patch embedding
   (the BatchNorm follows "Early convolutions help transformers see better", Xiao et al. 2021).
 
-Every grid layer resolves the (H, W) grid per call (:class:`visiontools.grid.GridTokens`) and runs
-its convolutions through a :class:`visiontools.grid.GridLayout`, so the same code runs merged tokens
+Every grid layer resolves the (H, W) grid per call (:class:`visiontools.layers.grid.GridTokens`) and runs
+its convolutions through a :class:`visiontools.layers.grid.GridLayout`, so the same code runs merged tokens
 (token merging: unmerge -> convolution -> group mean) and any image size.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from visiontools.grid import GridKey, GridLayout, GridTokens
+from visiontools.layers.grid import GridKey, GridLayout, GridTokens
 
 __all__ = ["ConvModule", "ConvMlp", "MultiHeadAttention", "ConformerBlock", "conv_stem", "CONV_NORMS"]
 

@@ -15,11 +15,11 @@ Registered models (``timm.create_model(name)`` works once this module is importe
 - ``eva_cifar_mini_p4``: the same size as an EVA-02 (``timm.models.eva.Eva``: rotary position embeddings,
   SwiGLU MLP, class token, average pooling); used to choose ToMe's rule for rotary embeddings.
 - ``conformer_vit_cifar`` / ``conformer_vit_cifar_cct`` / ``conformer_vit_small_224``: conv-augmented
-  ViTs (:class:`visiontools.conformer.ConformerBlock` as ``block_fn``; the ``_cct`` one with the
+  ViTs (:class:`visiontools.layers.conformer.ConformerBlock` as ``block_fn``; the ``_cct`` one with the
   convolutional tokenizer and ConvFFNs), built by ``visiontools.patches.timm_conformer.conformer_vit``.
 
 All but the EVA are plain ``timm`` ``VisionTransformer`` instances (the Hyena ones with
-:class:`visiontools.hyena.HyenaAttention` as ``attn_layer``, configured by
+:class:`visiontools.layers.hyena.HyenaAttention` as ``attn_layer``, configured by
 ``visiontools.patches.timm_hyena``), so timm tooling and ``visiontools.patches.timm`` (ToMe) apply.
 The Hyena models and twins use ``dynamic_img_size=True``: other image sizes (multiples of the patch
 size) work, with position embeddings resampled by timm and Hyena filters generated per grid.
@@ -37,13 +37,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.checkpoint import META_KEY, read_checkpoint  # META_KEY: metadata entry holding the model description
+from visiontools.models.checkpoint import META_KEY, read_checkpoint  # META_KEY: metadata entry holding the model description
 from visiontools.data import CIFAR_STATS, CIFAR10_CLASSES
 
-from visiontools.hyena import HyenaAttention
+from visiontools.layers.hyena import HyenaAttention
 from visiontools.patches.timm_hyena import configure_hyena
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED = {
     "cifar10_vit": CHECKPOINT_DIR / "cifar10_vit.safetensors",
     "hyena_cifar10": CHECKPOINT_DIR / "hyena_cifar10.safetensors",
@@ -173,8 +173,8 @@ def eva_cifar_mini_p4(pretrained: bool = False, **kwargs):
 
 
 # ----------------------------------------------------------------------------- LSH ViTs and reversible ViTs (Reformer)
-# lsh_vit_*: the attention twins above with shared-QK LSH attention (visiontools.lsh) as attn_layer.
-# rev_vit_*: the same ViTs with reversible two-stream blocks (visiontools.reversible); any mixer as F.
+# lsh_vit_*: the attention twins above with shared-QK LSH attention (visiontools.layers.lsh) as attn_layer.
+# rev_vit_*: the same ViTs with reversible two-stream blocks (visiontools.layers.reversible); any mixer as F.
 
 SHIPPED["lsh_cifar10"] = CHECKPOINT_DIR / "lsh_cifar10.safetensors"  # LSH twin of attn_cifar10, same recipe
 SHIPPED["rev_cifar10"] = CHECKPOINT_DIR / "rev_cifar10.safetensors"  # reversible twin of attn_cifar10, same recipe
@@ -185,7 +185,7 @@ _SIZES = {"cifar": CIFAR_DIMS, "cifar_p2": {**CIFAR_DIMS, "patch_size": 2}, "sma
 
 
 def _lsh_layer(size: str, lsh_kwargs: Optional[dict]):
-    from visiontools.lsh import LSHAttention
+    from visiontools.layers.lsh import LSHAttention
     return LSHAttention.bound(**{**LSH_DEFAULTS[size], **(lsh_kwargs or {})})
 
 
@@ -267,7 +267,7 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if pretrained:  # fails fast, in one line, without a network
-        from visiontools.hub import create_pretrained
+        from visiontools.models.hub import create_pretrained
         return create_pretrained(name, **kwargs)
     return timm.create_model(name, **kwargs)
 
@@ -353,7 +353,7 @@ def ship_checkpoint(train_checkpoint: str | os.PathLike, dst: str | os.PathLike,
     """Export a training checkpoint as fp16 weights to ``dst`` and write ``dst.json`` beside it (config,
     training log, subset accuracy, accuracy and per-class accuracy on the whole test split with the
     fp16 weights, the machine, the ``visiontools eval`` result and ``notes``). Returns that JSON."""
-    from visiontools.checkpoint import atomic_write_text, export_for_inference, load_training_state
+    from visiontools.models.checkpoint import atomic_write_text, export_for_inference, load_training_state
     from visiontools.timing import machine_description
 
     _, desc, state = load_training_state(train_checkpoint)

@@ -6,7 +6,7 @@ Tokens are ``(B, N, C)`` in row-major order of an ``h x w`` grid, ``N == h * w``
 
 ToMe-SD: one destination token per ``sy x sx`` window (fixed top-left or pseudo-random), every other
 token is a source that is averaged into its most similar destination or kept; :func:`unmerge` (from
-:mod:`visiontools.merge`) copies each merged token back to every grid position it came from.
+:mod:`visiontools.tome.merge`) copies each merged token back to every grid position it came from.
 Everything is gather/scatter on index tensors, with no Python loop over tokens and no
 ``torch.Generator``, so it traces under ``torch.compile(fullgraph=True)``.
 """
@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from visiontools.merge import match, unmerge
+from visiontools.tome.merge import match, unmerge
 
 __all__ = [
     "Merge2d", "grid_at", "max_merge_ratio", "check_ratio", "num_merged", "window_offsets",
