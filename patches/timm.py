@@ -24,42 +24,24 @@ Anything else raises ``TypeError`` naming the class it cannot handle.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolLatent
 from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
-from torch.utils.checkpoint import checkpoint
 
-from visiontools.tome import methods as merge_methods
+from visiontools.layers.conformer import ConformerBlock
 from visiontools.layers.grid import GridTokens
-from visiontools.tome.merge import (
-    ROPE_RULES, bipartite_soft_matching, check_r, init_source, max_r, merge_rope, merge_source, merge_wavg,
-    parse_r, size_bias,
-)
+from visiontools.layers.hyena import HyenaAttention
+from visiontools.tome import methods as merge_methods
+from visiontools.tome.engine import ToMeInfo, TokenState, solve_budget_for
+from visiontools.tome.merge import ROPE_RULES, check_r, parse_r, size_bias
 
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")
 SIZED_POOLS = ("avg", "avgmax", "map")  # pools that need the token sizes
 DEFAULT_ROPE_RULE = "circular"  # smallest logit change on the trained CIFAR-10 EVA (README)
 DEFAULT_METHOD = "tome"
-
-
-@dataclass
-class ToMeInfo:
-    """What one ToMe forward pass did: tokens entering each block and after the last one, the
-    final token sizes ``(B, N, 1)`` and, when traced, the source map ``(B, num_patches)``
-    (for each input patch, the index of the output token it ended in, ``-1`` if it was pruned;
-    prefix tokens included in that numbering) plus one such map after every block in ``layer_sources``."""
-
-    tokens_per_layer: list[int] = field(default_factory=list)
-    size: torch.Tensor | None = None
-    source: torch.Tensor | None = None
-    layer_sources: list[torch.Tensor] = field(default_factory=list)
-    num_prefix_tokens: int = 0
 
 
 def attention_with_metric(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None):
@@ -119,122 +101,103 @@ def _sdpa(attn, q, k, v, bias):
     return attn.attn_drop(logits.softmax(dim=-1)) @ v
 
 
-def _merge(x, size, source, rope, metric, r: int, num_prefix: int, rope_rule: str, method: str = "tome",
-           layer: int = 0, num_layers: int = 1, importance=None):
-    """The token-reduction step of one block: plan from ``metric`` (or, for ``prune``, the tokens'
-    attention ``importance``) and apply it to the tokens, their sizes, the source map and the rotary
-    embeddings (of the non-prefix tokens). ``method``: one of ``visiontools.tome.methods.METHODS``."""
-    if max_r(r, x.shape[1], num_prefix) == 0:
-        return x, size, source, rope
-    if method != "tome":
-        return _reduce(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer, num_layers, importance)
-    m = bipartite_soft_matching(metric, r, num_prefix)
-    if rope is not None:  # pad the prefix rows so the rope lines up with the tokens
-        rope = rope[:, 0]
-        rope = torch.cat([rope.new_zeros(rope.shape[0], num_prefix, rope.shape[-1]), rope], dim=1)
-        rope = merge_rope(m, rope, size, rope_rule)[:, num_prefix:, None].transpose(1, 2)
-    x, size = merge_wavg(m, x, size)
-    if source is not None:
-        source = merge_source(m, source)
-    return x, size, source, rope
+def _prune_importance(attn, qk, bias, state: TokenState):
+    """The tokens' attention importance for ``prune`` (called by the engine only when it prunes)."""
+    return lambda: merge_methods.class_attention(*qk, attn.scale, bias, state.num_prefix_tokens)
 
 
-def _reduce(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer, num_layers, importance):
-    """:func:`_merge` for the methods of ``visiontools.tome.methods`` other than ToMe."""
-    red = merge_methods.plan(method, r, num_prefix, layer, num_layers, metric, importance)
-    if rope is not None:
-        rope = rope[:, 0]
-        rope = torch.cat([rope.new_zeros(rope.shape[0], num_prefix, rope.shape[-1]), rope], dim=1)
-        rope = merge_methods.reduce_rope(red, rope, size, rope_rule)[:, num_prefix:, None].transpose(1, 2)
-    x, size = merge_methods.reduce_wavg(red, x, size, merge_methods.merge_norm(method, layer, num_layers))
-    if source is not None:
-        source = merge_methods.reduce_source(red, source)
-    return x, size, source, rope
-
-
-def _importance(attn, qk, bias, method: str, num_prefix: int, r: int):
-    """The tokens' attention importance when ``method`` needs it (``prune`` with r > 0), else ``None``."""
-    if method != "prune" or max_r(r, qk[1].shape[2], num_prefix) == 0:
-        return None
-    return merge_methods.class_attention(*qk, attn.scale, bias, num_prefix)
-
-
-def _vit_block(blk: Block, x, size, source, rope, r: int, num_prefix: int, prop_attn: bool, rope_rule: str,
-               method: str = "tome", layer: int = 0, num_layers: int = 1):
-    """One timm ``Block`` with a ToMe merge between attention and MLP."""
-    bias = size_bias(size) if prop_attn and size is not None else None
+def _vit_block(blk: Block, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """One timm ``Block`` with the engine's reduction step between attention and MLP."""
+    bias = state.bias()
     y, metric, qk = attention_with_metric(blk.attn, blk.norm1(x), bias)
     x = x + blk.drop_path1(blk.ls1(y))
-    x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer,
-                                   num_layers, _importance(blk.attn, qk, bias, method, num_prefix, r))
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, size, source, rope
+    x = state.reduce(x, metric, _prune_importance(blk.attn, qk, bias, state))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-def _eva_block(blk: EvaBlock, x, size, source, rope, r: int, num_prefix: int, prop_attn: bool, rope_rule: str,
-               method: str = "tome", layer: int = 0, num_layers: int = 1):
-    """One timm ``EvaBlock`` with a ToMe merge between attention and MLP."""
-    bias = size_bias(size) if prop_attn and size is not None else None
-    y, metric, qk = _eva_attention(blk.attn, blk.norm1(x), bias, rope)
+def _eva_block(blk: EvaBlock, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """One timm ``EvaBlock`` with the engine's reduction step between attention and MLP."""
+    bias = state.bias()
+    y, metric, qk = _eva_attention(blk.attn, blk.norm1(x), bias, state.rope)
     if blk.gamma_1 is not None:
         y = blk.gamma_1 * y
     x = x + blk.drop_path1(y)
-    x, size, source, rope = _merge(x, size, source, rope, metric, r, num_prefix, rope_rule, method, layer,
-                                   num_layers, _importance(blk.attn, qk, bias, method, num_prefix, r))
+    x = state.reduce(x, metric, _prune_importance(blk.attn, qk, bias, state))
     y = blk.mlp(blk.norm2(x))
     if blk.gamma_2 is not None:
         y = blk.gamma_2 * y
-    return x + blk.drop_path2(y), size, source, rope
+    return x + blk.drop_path2(y)
+
+
+def _grid_block(blk, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """A block of a ViT with grid operations: a :class:`ConformerBlock`, or a timm ``Block`` whose
+    mixer is attention or Hyena and whose MLP may be a ConvFFN. Grid operations see the merged
+    tokens spread over the grid (``state.layout()``); Hyena's metric is the mixed tokens."""
+    if isinstance(blk, ConformerBlock):
+        def merge(x, metric, layout):
+            x = state.reduce(x, metric)
+            return x, state.layout()
+        return blk.run(x, state.layout(), merge, state.prop_attn)[0]
+    if isinstance(blk.attn, HyenaAttention):
+        x = x + blk.drop_path1(blk.ls1(blk.attn.forward_layout(blk.norm1(x), state.layout())))
+        metric = x  # Hyena has no keys: the mixed tokens are the similarity metric
+    else:
+        y, metric, _ = attention_with_metric(blk.attn, blk.norm1(x), state.bias())
+        x = x + blk.drop_path1(blk.ls1(y))
+    x = state.reduce(x, metric)
+    h = blk.norm2(x)
+    h = blk.mlp(h, state.layout()) if isinstance(blk.mlp, GridTokens) else blk.mlp(h)
+    return x + blk.drop_path2(blk.ls2(h))
 
 
 class ToMeVisionTransformer:
     """Methods of every patched class; ``apply_tome`` builds ``type(name, (this, original))``, so
     ``isinstance(model, ToMeVisionTransformer)`` tells a patched timm model (ViT or EVA)."""
 
+    _tome_block = staticmethod(_vit_block)  # set per patched class: _vit_block, _eva_block or _grid_block
+
     def _tome_embed(self, x: torch.Tensor):
-        """Patch and position embedding: tokens ``(B, N, C)`` and rotary embeddings
-        ``(B, 1, N - prefix, 2D)`` or ``None``."""
+        """Patch and position embedding: tokens ``(B, N, C)``, rotary embeddings
+        ``(B, 1, N - prefix, 2D)`` or ``None``, and the (H, W) patch grid when blocks need it."""
         x = self.patch_embed(x)
         if isinstance(self, Eva):
             x, rope = self._pos_embed(x)
             x = self.norm_pre(x)
             if rope is not None:
                 rope = rope.expand(x.shape[0], 1, *rope.shape[-2:]) if rope.dim() < 4 else rope
-            return x, rope
-        return self.norm_pre(self.patch_drop(self._pos_embed(x))), None
+            return x, rope, None
+        if type(self)._tome_block is not _grid_block:
+            return self.norm_pre(self.patch_drop(self._pos_embed(x))), None, None
+        H, W = (x.shape[1], x.shape[2]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
+        if x.shape[1] != self.num_prefix_tokens + H * W:
+            raise ValueError(f"{x.shape[1]} tokens after the embedding, expected {self.num_prefix_tokens} prefix + "
+                             f"{H}x{W} grid tokens (patch dropout cannot be combined with token merging on grid layers)")
+        return x, None, (H, W)
 
     def __setattr__(self, name, value):
         if name == "tome_r":  # `model.tome_r = -1` fails here, not at the next forward
             check_r(value)
+        if name == "tome_method":
+            merge_methods.check_method(value)
+            if value != DEFAULT_METHOD and type(self)._tome_block is _grid_block:
+                raise ValueError(_GRID_METHODS)
         super().__setattr__(name, value)
 
     def tome_forward_features(self, x: torch.Tensor, trace_source: bool = False):
-        """Features and a :class:`ToMeInfo` for one forward pass with token merging."""
-        x, rope = self._tome_embed(x)
-        P = self.num_prefix_tokens
-        B, N, _ = x.shape
-        rs = parse_r(len(self.blocks), self.tome_r)
-        block = _eva_block if isinstance(self, Eva) else _vit_block
-        rope_rule = getattr(self, "tome_rope_rule", DEFAULT_ROPE_RULE)
-        size = None
-        source = init_source(B, N, x.device) if trace_source else None
-        info = ToMeInfo(num_prefix_tokens=P)
-        method = getattr(self, "tome_method", DEFAULT_METHOD)
-        for layer, (blk, r) in enumerate(zip(self.blocks, rs)):
-            info.tokens_per_layer.append(x.shape[1])
-            args = (blk, x, size, source, rope, r, P, self.tome_prop_attn, rope_rule, method, layer, len(rs))
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x, size, source, rope = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x, size, source, rope = block(*args)
-            if source is not None:
-                info.layer_sources.append(source[:, P:])
-        info.tokens_per_layer.append(x.shape[1])
+        """Features and the call's :class:`~visiontools.tome.engine.ToMeInfo` for one forward pass with token reduction."""
+        x, rope, grid = self._tome_embed(x)
+        state = TokenState(schedule=parse_r(len(self.blocks), self.tome_r), num_prefix_tokens=self.num_prefix_tokens,
+                           method=getattr(self, "tome_method", DEFAULT_METHOD), prop_attn=self.tome_prop_attn,
+                           rope_rule=getattr(self, "tome_rope_rule", DEFAULT_ROPE_RULE), trace_source=trace_source,
+                           grid=grid, rope=rope)
+        state.start(x)
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        for blk in self.blocks:
+            x = state.run(type(self)._tome_block, blk, x, ckpt)
         x = self.norm(x)
-        info.size = size if size is not None else torch.ones_like(x[..., :1])
-        if source is not None:
-            info.source = source[:, P:]
-        return x, info
+        state.finish(x)
+        return x, state
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         """Merged output tokens (protected prefix tokens first). For ``global_pool`` ``avg``,
@@ -287,24 +250,48 @@ def _no_masks(attn_mask, is_causal) -> None:
                          "attn_mask or is_causal; remove_tome(model) first")
 
 
-def _check_supported(model) -> None:
+_GRID_METHODS = ("ViTs with grid operations (Conformer, Hyena, ConvFFN) merge with method='tome' only (with r= or a "
+                 "flops=/speedup= budget): the other methods do not carry the source map grid operations need")
+
+
+def _host_classes(model):
+    """(host class, block class, attention class) of a supported timm model, else ``TypeError``."""
     name = type(model).__name__
     if isinstance(model, VisionTransformer):
-        host, block_cls, attn_cls = VisionTransformer, Block, Attention
-    elif isinstance(model, Eva):
-        host, block_cls, attn_cls = Eva, EvaBlock, EvaAttention
-    else:
-        raise TypeError(f"ToMe supports timm VisionTransformer and Eva models; got {name}")
+        return VisionTransformer, Block, Attention
+    if isinstance(model, Eva):
+        return Eva, EvaBlock, EvaAttention
+    raise TypeError(f"ToMe supports timm VisionTransformer and Eva models; got {name}")
+
+
+def _check_blocks(model, block_cls, attn_cls, grid: bool) -> None:
+    """``TypeError`` naming the first block the engine cannot run."""
+    name = type(model).__name__
+    if not isinstance(model.blocks, (torch.nn.Sequential, torch.nn.ModuleList)):
+        raise TypeError(f"ToMe cannot patch {name}: its blocks are a {type(model.blocks).__name__}, not a sequence "
+                        "of timm blocks (reversible ViTs recompute activations and cannot merge tokens)")
+    for i, blk in enumerate(model.blocks):
+        if grid and isinstance(blk, ConformerBlock):
+            continue
+        if type(blk) is not block_cls:
+            raise TypeError(f"ToMe cannot patch block {i} of {name}: {type(blk).__name__} "
+                            f"(supported: {block_cls.__module__}.{block_cls.__name__}"
+                            + (", visiontools ConformerBlock)" if grid else ")"))
+        ok = type(blk.attn) is attn_cls or (grid and isinstance(blk.attn, HyenaAttention))
+        if not ok:
+            raise TypeError(f"ToMe cannot patch block {i} of {name}: attention {type(blk.attn).__name__} "
+                            f"is not {attn_cls.__module__}.{attn_cls.__name__}"
+                            + (" or visiontools HyenaAttention" if grid else ""))
+
+
+def _check_supported(model, grid: bool) -> None:
+    """``TypeError`` naming what the engine cannot run in ``model`` (class, blocks, rope, pooling)."""
+    name = type(model).__name__
+    host, block_cls, attn_cls = _host_classes(model)
     for fn in ("forward_features", "forward"):
         if getattr(type(model), fn) is not getattr(host, fn):
             raise TypeError(f"ToMe cannot patch {name}: it overrides {fn}")
-    for i, blk in enumerate(model.blocks):
-        if type(blk) is not block_cls:
-            raise TypeError(f"ToMe cannot patch block {i} of {name}: {type(blk).__name__} "
-                            f"(supported: {block_cls.__module__}.{block_cls.__name__})")
-        if type(blk.attn) is not attn_cls:
-            raise TypeError(f"ToMe cannot patch block {i} of {name}: attention {type(blk.attn).__name__} "
-                            f"is not {attn_cls.__module__}.{attn_cls.__name__}")
+    _check_blocks(model, block_cls, attn_cls, grid)
     if host is Eva:
         if getattr(model, "rope_mixed", False) or not (model.rope is None or type(model.rope) is RotaryEmbeddingCat):
             raise TypeError(f"ToMe cannot patch {name}: rotary embedding {type(model.rope).__name__} "
@@ -315,14 +302,27 @@ def _check_supported(model) -> None:
             raise TypeError(f"ToMe cannot patch {name}: attention pool {type(model.attn_pool).__name__} "
                             "(supported: AttentionPoolLatent without position embedding, global_pool='map')")
         pool = "map"
-    if pool not in SUPPORTED_POOLS:
-        raise TypeError(f"ToMe does not support global_pool={pool!r} (supported: {SUPPORTED_POOLS})")
+    supported = ("token", "avg", "") if grid else SUPPORTED_POOLS
+    if pool not in supported:
+        raise TypeError(f"ToMe does not support global_pool={pool!r} on {name} (supported: {supported})")
 
 
-_PATCHED: dict[type, type] = {}
+_PATCHED: dict[tuple[type, object], type] = {}
 
 
-def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_ROPE_RULE, method: str = DEFAULT_METHOD,
+def _patch_class(model, grid: bool) -> None:
+    """Swap ``model``'s class for its ToMe subclass, whose blocks run through the engine."""
+    _check_supported(model, grid)
+    block = _grid_block if grid else _eva_block if isinstance(model, Eva) else _vit_block
+    base = type(model)
+    if (base, block) not in _PATCHED:
+        prefix = "ToMeGrid" if grid else "ToMe"
+        _PATCHED[(base, block)] = type(f"{prefix}{base.__name__}", (ToMeVisionTransformer, base),
+                                       {"_tome_block": staticmethod(block)})
+    model.__class__ = _PATCHED[(base, block)]
+
+
+def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_ROPE_RULE, method: str | None = None,
                flops: float | None = None, speedup: float | None = None, calibrate: bool = False,
                input_size: tuple[int, int] | None = None, calibrate_batch: int = 32):
     """Patch a timm ViT or EVA in place for token reduction and return it.
@@ -330,7 +330,8 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     ``r``: tokens removed per block (int, default 16), ``(r, inflection)`` for the paper's schedule
     (e.g. ``(16, -0.5)`` merges more early), or a per-layer list. Change it later via ``model.tome_r``.
     ``method``: ``"tome"`` (default), ``"tofu"``, ``"pitome"`` or ``"prune"``
-    (see ``visiontools.tome.methods``); ``model.tome_method`` changes it later.
+    (see ``visiontools.tome.methods``); ``model.tome_method`` changes it later, and re-applying
+    without ``method`` keeps the one chosen before.
     ``flops=0.5`` instead of ``r``: the lightest per-layer schedule whose FLOPs (counted with
     ``visiontools.timing.count_flops`` on one image of ``input_size``, default the model's
     ``patch_embed.img_size``) are at most that fraction of the unpatched model's. ``speedup=1.8``:
@@ -340,78 +341,61 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     (schedule, FLOP fraction, measured speedup) is ``model.tome_budget``, a
     ``visiontools.tome.budget.BudgetResult``.
     ``prop_attn``: proportional attention (adds ``log(size)`` to the attention logits).
-    ViTs with grid operations (Conformer, Hyena or ConvFFN blocks) merge through them
-    (``visiontools.patches.timm_grid``): ``r`` or a budget, ``method="tome"`` only.
+    ViTs with grid operations (Conformer, Hyena or ConvFFN blocks) merge through them: ``r`` or a
+    budget, ``method="tome"`` only.
     ``rope_rule`` (models with rotary embeddings): the rotation of a merged token, one of
     ``visiontools.tome.merge.ROPE_RULES`` (see ``merge_rope``).
     """
-    budget = flops is not None or speedup is not None
-    if budget and r is not None:
-        raise ValueError("give r or a budget (flops= / speedup=), not both")
-    if calibrate and speedup is None:
-        raise ValueError("calibrate=True measures a speedup: use it with speedup=")
-    r = 16 if r is None else r
-    check_r(r)
-    merge_methods.check_method(method)
+    r, method = _check_request(model, r, method, flops, speedup, calibrate)
     if rope_rule not in ROPE_RULES:
         raise ValueError(f"unknown rope_rule {rope_rule!r}; choose one of {ROPE_RULES}")
     grid = any(isinstance(m, GridTokens) for m in model.modules())  # Conformer / Hyena / ConvFFN blocks
     if grid and method != DEFAULT_METHOD:
-        raise ValueError(f"method={method!r} is not available for ViTs with grid operations (Conformer, Hyena, "
-                         "ConvFFN) yet: use method='tome' (with r= or a flops=/speedup= budget)")
+        raise ValueError(f"method={method!r} is not available here: {_GRID_METHODS}")
     if not isinstance(model, ToMeVisionTransformer):
-        if grid:
-            from visiontools.patches.timm_grid import apply_tome_grid  # (lazy: timm_grid builds on this module)
-            apply_tome_grid(model, r, prop_attn)
-        else:
-            _check_supported(model)
-            base = type(model)
-            if base not in _PATCHED:
-                _PATCHED[base] = type(f"ToMe{base.__name__}", (ToMeVisionTransformer, base), {})
-            model.__class__ = _PATCHED[base]
+        _patch_class(model, grid)
     model.tome_r, model.tome_prop_attn, model.tome_method = r, prop_attn, method
     if isinstance(model, Eva):
         model.tome_rope_rule = rope_rule
-    if budget:
+    if flops is not None or speedup is not None:
         model.tome_budget = _solve_budget(model, flops, speedup, calibrate, input_size, calibrate_batch)
         model.tome_r = model.tome_budget.schedule
     return model
 
 
+def _check_request(model, r, method, flops, speedup, calibrate: bool):
+    """Validated ``(r, method)`` of an ``apply_tome`` call: ``r`` or a budget, the method kept from a
+    previous patch when not given."""
+    if (flops is not None or speedup is not None) and r is not None:
+        raise ValueError("give r or a budget (flops= / speedup=), not both")
+    if calibrate and speedup is None:
+        raise ValueError("calibrate=True measures a speedup: use it with speedup=")
+    r = 16 if r is None else r
+    check_r(r)
+    if method is None:
+        method = getattr(model, "tome_method", DEFAULT_METHOD)
+    merge_methods.check_method(method)
+    return r, method
+
+
 def _solve_budget(model, flops, speedup, calibrate: bool, input_size, batch: int):
     """The :class:`visiontools.tome.budget.BudgetResult` for a patched model (see :func:`apply_tome`)."""
-    from visiontools.tome.budget import solve_budget
-    from visiontools.timing import count_flops, interleaved_times, median
-
     p = next(model.parameters())
     size = tuple(input_size) if input_size is not None else tuple(model.patch_embed.img_size)
     in_chans = next(m.in_channels for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.zeros(1, in_chans, *size, device=p.device, dtype=p.dtype)
+    num_tokens = 1
+    for s, ps in zip(size, model.patch_embed.patch_size):
+        num_tokens *= s // ps
+
+    def run(rs, inp):
+        model.tome_r = rs
+        return model(inp)
+
     was_training = model.training
     model.eval()
-
-    def run_with(rs, inp):
-        def f():
-            model.tome_r = rs
-            return model(inp)
-        return f
-
-    num_layers = len(model.blocks)
-    base = count_flops(run_with(0, x))  # steady state: count_flops warms caches (Hyena's filters) first
-    num_tokens = model.patch_embed.num_patches if input_size is None else math.prod(
-        s // p_ for s, p_ in zip(size, model.patch_embed.patch_size))
-    r_max = num_tokens // 2
-    measure = None
-    if calibrate:
-        xb = torch.randn(batch, *x.shape[1:], device=p.device, dtype=p.dtype)
-
-        def measure(rs):
-            times = interleaved_times({"base": run_with(0, xb), "reduced": run_with(rs, xb)}, repeats=5, warmup=1,
-                                      device=p.device)
-            return median(times["base"]) / median(times["reduced"])
     try:
-        return solve_budget(lambda rs: count_flops(run_with(rs, x)) / base, num_layers, r_max, flops, speedup,
-                            measure)
+        return solve_budget_for(run, x, len(model.blocks), num_tokens, flops, speedup, calibrate, batch)
     finally:
         model.train(was_training)
 

@@ -19,15 +19,17 @@ How it hooks in, without copying any model's forward:
   ``log(size)`` bias, so merged tokens count for the patches they hold.
 
 The ``ContextVar`` (rather than a keyword argument) carries the call's state because the pooling
-head is called without ``**kwargs``. Settings live on the tower as ``tower.tome_r`` and
-``tower.tome_prop_attn``; nothing per call is stored on the model. The merge rules are those of
-:mod:`visiontools.tome.merge` (shared with the timm adapter), with the class and register tokens protected.
+head is called without ``**kwargs``. Settings live on the tower as ``tower.tome_r``,
+``tower.tome_prop_attn`` and ``tower.tome_method``; nothing per call is stored on the model. Each
+call's state is a :class:`visiontools.tome.engine.TokenState`, and every layer reduces tokens with its
+one reduction step (shared with the timm adapter): every method of :mod:`visiontools.tome.methods`,
+FLOP and speedup budgets, the class and register tokens protected.
 """
 from __future__ import annotations
 
 import sys
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,7 +42,9 @@ try:
 except ImportError:  # transformers 4.x: refused in apply_tome with a clear message
     _CAN_RECORD_REGISTRY = None
 
-from visiontools.tome.merge import bipartite_soft_matching, check_r, max_r, merge_wavg, parse_r, size_bias
+from visiontools.tome import methods
+from visiontools.tome.engine import ToMeInfo, TokenState, solve_budget_for
+from visiontools.tome.merge import check_r, parse_r
 
 __all__ = ["ToMeInfo", "apply_tome", "remove_tome", "tome_forward", "is_patched", "SUPPORTED"]
 
@@ -48,41 +52,7 @@ __all__ = ["ToMeInfo", "apply_tome", "remove_tome", "tome_forward", "is_patched"
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
-@dataclass
-class ToMeInfo:
-    """What one forward pass of a patched tower did: tokens entering each layer and after the last
-    one, and the final token sizes ``(B, N, 1)`` (how many input tokens each output token holds)."""
-
-    tokens_per_layer: list[int] = field(default_factory=list)
-    size: torch.Tensor | None = None
-    num_prefix_tokens: int = 0
-
-
-class _Call:
-    """The state of one forward pass of one patched tower (never stored on the model)."""
-
-    def __init__(self, rs: list[int], num_protected: int, prop_attn: bool):
-        self.rs, self.prop_attn = rs, prop_attn
-        self.layer = 0
-        self.size: torch.Tensor | None = None
-        self.info = ToMeInfo(num_prefix_tokens=num_protected)
-
-    def bias(self) -> torch.Tensor | None:
-        """The proportional-attention mask ``(B, 1, 1, N)`` for the current tokens, or ``None``."""
-        return size_bias(self.size) if self.prop_attn and self.size is not None else None
-
-    def merge(self, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        """Merge ``x`` after this call's current layer (its r), updating the token sizes."""
-        r, P = self.rs[self.layer], self.info.num_prefix_tokens
-        self.info.tokens_per_layer.append(x.shape[1])
-        self.layer += 1
-        if max_r(r, x.shape[1], P) > 0:
-            m = bipartite_soft_matching(metric, r, P)
-            x, self.size = merge_wavg(m, x, self.size)
-        return x
-
-
-_CALL: ContextVar[_Call | None] = ContextVar("visiontools_tome_call", default=None)
+_CALL: ContextVar[TokenState | None] = ContextVar("visiontools_tome_call", default=None)
 _RECORD: ContextVar[list | None] = ContextVar("visiontools_tome_record", default=None)
 
 
@@ -101,29 +71,34 @@ def _attention(attn: nn.Module, x: torch.Tensor, mask, out_proj: nn.Module, scal
     if mask is not None:
         mask = mask.to(q.dtype)
     out, _ = fn(attn, q, k, v, mask, dropout=dropout if attn.training else 0.0, scaling=scaling)
-    return out_proj(out.reshape(B, N, -1).contiguous()), k.mean(1)
+    return out_proj(out.reshape(B, N, -1).contiguous()), k.mean(1), (q, k)
+
+
+def _reduce(state: TokenState, x: torch.Tensor, metric: torch.Tensor, qk, scaling: float, bias) -> torch.Tensor:
+    """The engine's reduction step, with the tokens' attention importance for ``prune``."""
+    return state.reduce(x, metric, lambda: methods.class_attention(*qk, scaling, bias, state.num_prefix_tokens))
 
 
 # --- one function per layer family: the layer's own modules, with a merge between attention and MLP --
 
-def _vit_layer(layer, x, call: _Call):
-    a = layer.attention
-    y, metric = _attention(a, layer.layernorm_before(x), call.bias(), a.o_proj, a.scaling, a.attention_dropout)
-    x = call.merge(x + layer.dropout(y), metric)
+def _vit_layer(layer, x, state: TokenState):
+    a, bias = layer.attention, state.bias()
+    y, metric, qk = _attention(a, layer.layernorm_before(x), bias, a.o_proj, a.scaling, a.attention_dropout)
+    x = _reduce(state, x + layer.dropout(y), metric, qk, a.scaling, bias)
     return x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
 
 
-def _clip_layer(layer, x, call: _Call):  # CLIP and SigLIP encoder layers
-    a = layer.self_attn
-    y, metric = _attention(a, layer.layer_norm1(x), call.bias(), a.out_proj, a.scale, a.dropout)
-    x = call.merge(x + y, metric)
+def _clip_layer(layer, x, state: TokenState):  # CLIP and SigLIP encoder layers
+    a, bias = layer.self_attn, state.bias()
+    y, metric, qk = _attention(a, layer.layer_norm1(x), bias, a.out_proj, a.scale, a.dropout)
+    x = _reduce(state, x + y, metric, qk, a.scale, bias)
     return x + layer.mlp(layer.layer_norm2(x))
 
 
-def _dinov2_layer(layer, x, call: _Call):  # Dinov2 and Dinov2WithRegisters
-    a = layer.attention
-    y, metric = _attention(a, layer.norm1(x), call.bias(), a.o_proj, a.scaling, a.attention_dropout)
-    x = call.merge(x + layer.drop_path(layer.layer_scale1(y)), metric)
+def _dinov2_layer(layer, x, state: TokenState):  # Dinov2 and Dinov2WithRegisters
+    a, bias = layer.attention, state.bias()
+    y, metric, qk = _attention(a, layer.norm1(x), bias, a.o_proj, a.scaling, a.attention_dropout)
+    x = _reduce(state, x + layer.drop_path(layer.layer_scale1(y)), metric, qk, a.scaling, bias)
     return x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
 
 
@@ -164,13 +139,15 @@ class _ToMeLayer:
     _tome_run: Callable
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        call = _CALL.get()
-        if call is None:
+        state = _CALL.get()
+        if state is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
             raise ValueError("token merging changes the token count, so it cannot be combined with an "
                              "attention_mask (or flex attention's block mask); remove_tome(model) first")
-        return type(self)._tome_run(self, hidden_states, call)
+        if not state.tokens_per_layer:
+            state.start(hidden_states)
+        return state.run(type(self)._tome_run, self, hidden_states)
 
 
 class _ToMeTower:
@@ -186,18 +163,18 @@ class _ToMeTower:
                              f"({', '.join(MASKABLE_ATTENTION)}), not {impl!r}: use "
                              f"model.set_attn_implementation('sdpa') or apply_tome(model, prop_attn=False)")
         family = TOWERS[_base(type(self)).__name__]
-        rs = parse_r(len(family.layers(self)), self.tome_r)
-        call = _Call(rs, family.num_protected(self.config), self.tome_prop_attn)
-        token = _CALL.set(call)
+        state = TokenState(schedule=parse_r(len(family.layers(self)), self.tome_r),
+                           num_prefix_tokens=family.num_protected(self.config),
+                           method=getattr(self, "tome_method", "tome"), prop_attn=self.tome_prop_attn)
+        token = _CALL.set(state)
         try:
             out = super().forward(*args, **kwargs)
         finally:
             _CALL.reset(token)
-        call.info.tokens_per_layer.append(out[0].shape[1])
-        call.info.size = call.size
+        state.finish(out[0])
         record = _RECORD.get()
         if record is not None:
-            record.append(call.info)
+            record.append(state)
         return out
 
 
@@ -212,8 +189,8 @@ class _SizeBiasedMHA(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        call = _CALL.get()
-        bias = call.bias() if call is not None else None
+        state = _CALL.get()
+        bias = state.bias() if state is not None else None
         if bias is not None and attn_mask is None and key.shape[1] == bias.shape[-1] and self.batch_first:
             # (B, 1, 1, N) -> (B * heads, L, N), batch-major as nn.MultiheadAttention expects
             attn_mask = bias[:, 0].to(query.dtype).repeat_interleave(self.num_heads, 0).expand(-1, query.shape[1], -1)
@@ -268,29 +245,79 @@ def is_patched(model: nn.Module) -> bool:
     return any(isinstance(m, _ToMeTower) for m in model.modules())
 
 
-def apply_tome(model: nn.Module, r=16, prop_attn: bool = True) -> nn.Module:
-    """Patch a transformers vision model in place for token merging and return it.
+def apply_tome(model: nn.Module, r=None, prop_attn: bool = True, method: str | None = None,
+               flops: float | None = None, speedup: float | None = None, calibrate: bool = False,
+               input_size: tuple[int, int] | None = None, calibrate_batch: int = 32) -> nn.Module:
+    """Patch a transformers vision model in place for token reduction and return it.
 
-    ``r``: tokens merged per layer (int), ``(r, inflection)`` (the paper's schedule) or a per-layer
-    list; change it later with ``apply_tome(model, r=...)`` or ``tower.tome_r``. ``prop_attn``:
-    proportional attention (``log(size)`` added to the attention logits; needs ``sdpa`` or ``eager``).
+    ``r``: tokens removed per layer (int, default 16), ``(r, inflection)`` (the paper's schedule) or
+    a per-layer list; change it later with ``apply_tome(model, r=...)`` or ``tower.tome_r``.
+    ``method``: ``"tome"`` (default), ``"tofu"``, ``"pitome"`` or ``"prune"`` (see
+    ``visiontools.tome.methods``); re-applying without ``method`` keeps the one chosen before.
+    ``flops=0.6`` or ``speedup=1.5`` instead of ``r``: the lightest per-layer schedule whose counted
+    FLOPs of the vision tower (one image of ``input_size``, default ``config.image_size``) are at
+    most that fraction of the unpatched tower's; ``calibrate=True`` also times it (see
+    ``visiontools.patches.timm.apply_tome``). The result is ``model.tome_budget``.
+    ``prop_attn``: proportional attention (``log(size)`` added to the attention logits; needs
+    ``sdpa`` or ``eager``).
     """
+    if (flops is not None or speedup is not None) and r is not None:
+        raise ValueError("give r or a budget (flops= / speedup=), not both")
+    if calibrate and speedup is None:
+        raise ValueError("calibrate=True measures a speedup: use it with speedup=")
+    r = 16 if r is None else r
     check_r(r)
     if int(transformers.__version__.split(".")[0]) < 5:
         raise ImportError(f"ToMe for transformers needs transformers>=5 (installed: {transformers.__version__}): "
                           "pip install -U 'transformers>=5'")
     towers = _towers(model)
+    if method is None:
+        method = getattr(towers[0], "tome_method", "tome")
+    methods.check_method(method)
     for tower in towers:
-        if not isinstance(tower, _ToMeTower):
-            family = TOWERS[type(tower).__name__]
-            for layer in family.layers(tower):
-                _swap(layer, _ToMeLayer, _tome_run=family.run_layer)
-            for m in tower.modules():
-                if type(m) is nn.MultiheadAttention:  # SigLIP's attention-pooling head
-                    m.__class__ = _SizeBiasedMHA
-            _swap(tower, _ToMeTower)
-        tower.tome_r, tower.tome_prop_attn = r, prop_attn
+        _patch_tower(tower)
+        tower.tome_r, tower.tome_prop_attn, tower.tome_method = r, prop_attn, method
+    if flops is not None or speedup is not None:
+        for tower in towers:
+            tower.tome_budget = _solve_budget(tower, flops, speedup, calibrate, input_size, calibrate_batch)
+            tower.tome_r = tower.tome_budget.schedule
+        if model is not towers[0]:
+            model.tome_budget = towers[0].tome_budget
     return model
+
+
+def _patch_tower(tower: nn.Module) -> None:
+    """Swap the classes of a vision tower, its encoder layers and its attention-pooling head."""
+    if isinstance(tower, _ToMeTower):
+        return
+    family = TOWERS[type(tower).__name__]
+    for layer in family.layers(tower):
+        _swap(layer, _ToMeLayer, _tome_run=family.run_layer)
+    for m in tower.modules():
+        if type(m) is nn.MultiheadAttention:  # SigLIP's attention-pooling head
+            m.__class__ = _SizeBiasedMHA
+    _swap(tower, _ToMeTower)
+
+
+def _solve_budget(tower: nn.Module, flops, speedup, calibrate: bool, input_size, batch: int):
+    """The budget's :class:`~visiontools.tome.budget.BudgetResult` for one patched vision tower."""
+    cfg = tower.config
+    p = next(tower.parameters())
+    size = tuple(input_size) if input_size is not None else (cfg.image_size, cfg.image_size)
+    x = torch.zeros(1, getattr(cfg, "num_channels", 3), *size, device=p.device, dtype=p.dtype)
+
+    def run(rs, inp):
+        tower.tome_r = rs
+        return tower(pixel_values=inp)
+
+    was_training = tower.training
+    tower.eval()
+    try:
+        num_tokens = (size[0] // cfg.patch_size) * (size[1] // cfg.patch_size)
+        return solve_budget_for(run, x, len(TOWERS[_base(type(tower)).__name__].layers(tower)), num_tokens, flops,
+                                speedup, calibrate, batch)
+    finally:
+        tower.train(was_training)
 
 
 def remove_tome(model: nn.Module) -> nn.Module:
@@ -298,8 +325,8 @@ def remove_tome(model: nn.Module) -> nn.Module:
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not ToMe-patched")
     for m in model.modules():
-        if isinstance(m, _ToMeTower):
-            del m.tome_r, m.tome_prop_attn
+        for name in [n for n in vars(m) if n.startswith("tome_")]:
+            delattr(m, name)
         m.__class__ = _base(type(m))
     return model
 

@@ -256,6 +256,120 @@ def test_grid_models_meet_a_flop_budget_and_refuse_other_methods():
         apply_tome(timm.create_model("hyena_vit_cifar", embed_dim=32, depth=2, num_heads=2), r=2, method="pitome")
     with pytest.raises(ValueError, match="grid operations"):
         apply_tome(model, r=2, method="prune")  # already patched: still refused
-    model.tome_method = "pitome"
     with pytest.raises(ValueError, match="grid operations"):
-        model(x)
+        model.tome_method = "pitome"  # refused when set, not silently ignored
+    assert model.tome_method == "tome"
+
+
+# ------------------------------------------------------------------ guards (issue 25): prop_attn and the Hyena metric
+
+def _sizes(source: torch.Tensor, P: int, M: int) -> torch.Tensor:
+    """Token sizes (B, M) from a source map (B, patches) -> token index (prefix tokens counted in)."""
+    size = torch.stack([torch.bincount(s, minlength=M) for s in source]).float()
+    size[:, :P] = 1
+    return size
+
+
+def _attention_ref(qkv, proj, num_heads, h, size):
+    """Multi-head attention written out, with log(size) added to the logits of every query."""
+    B, N, C = h.shape
+    d = C // num_heads
+    q, k, v = qkv(h).reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) * d ** -0.5 + size.log()[:, None, None, :]
+    return proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def _record(module, store, key, what="output"):
+    def hook(m, args, out):
+        store[key] = (out if what == "output" else args[0]).detach()
+    return module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("name", ["conformer_vit_cifar", "conformer_cls_token", "vit_conv_ffn"])
+def test_grid_blocks_use_proportional_attention_on_merged_tokens(name):
+    """Block 0 merges; block 1 attends over the merged tokens with log(size) added (prop_attn=True,
+    the default), checked against attention written out; prop_attn=False gives another output."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    blk = model.blocks[1]
+    conformer = isinstance(blk, ConformerBlock)
+    seen = {}
+    hooks = [_record(blk.norm_attn if conformer else blk.norm1, seen, "h")]
+    if conformer:
+        hooks.append(blk.attn.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out[0].detach())))
+    else:
+        hooks.append(_record(blk.ls1, seen, "y", what="input"))
+    x = torch.randn(2, 3, 32, 32)
+    apply_tome(model, r=[10, 0, 0])
+    with torch.no_grad():
+        out, info = tome_forward(model, x, trace_source=True)
+        P, M = info.num_prefix_tokens, info.tokens_per_layer[1]
+        assert M == info.tokens_per_layer[0] - 10
+        size = _sizes(info.layer_sources[0], P, M)
+        assert size.max() > 1 and seen["h"].shape[1] == M
+        attn = blk.attn
+        ref = _attention_ref(attn.qkv, attn.proj, attn.num_heads, seen["h"], size)
+        torch.testing.assert_close(seen["y"], ref, rtol=1e-4, atol=1e-5)
+        plain = _attention_ref(attn.qkv, attn.proj, attn.num_heads, seen["h"], torch.ones_like(size))
+        assert (seen["y"] - plain).abs().max() > 1e-3  # the bias matters here
+        apply_tome(model, r=[10, 0, 0], prop_attn=False)
+        no_prop = model(x)
+        torch.testing.assert_close(seen["y"], plain, rtol=1e-4, atol=1e-5)
+        assert (no_prop - out).abs().max() > 1e-4
+        model.tome_r = 0  # nothing merged: log(1) = 0, prop_attn cannot matter
+        a = model(x)
+        model.tome_prop_attn = True
+        torch.testing.assert_close(model(x), a, rtol=0, atol=1e-6)
+    for h in hooks:
+        h.remove()
+
+
+def _bipartite_groups(metric: torch.Tensor, r: int, P: int) -> torch.Tensor:
+    """ToMe's bipartite matching written out: tokens at even positions (A) each pick their most
+    cosine-similar odd-position token (B), the r best pairs merge; tokens before P never take part.
+    Returns per image a group label for every patch (two patches share a group iff they merged)."""
+    B, N, _ = metric.shape
+    labels = torch.arange(P, N).repeat(B, 1)
+    m = F.normalize(metric, dim=-1)
+    for b in range(B):
+        best = []
+        for a in range(P + (P % 2), N, 2):  # even positions past the prefix
+            cands = [(float(m[b, a] @ m[b, j]), j) for j in range(1, N, 2) if j >= P]
+            score, j = max(cands)
+            best.append((score, a, j))
+        for _, a, j in sorted(best, reverse=True)[:r]:
+            labels[b, a - P] = j
+    return labels
+
+
+def _same_group(labels: torch.Tensor) -> torch.Tensor:
+    return labels[:, :, None] == labels[:, None, :]
+
+
+@pytest.mark.parametrize("name", ["hyena_vit_cifar", "hyena_cls_token"])
+def test_hyena_blocks_merge_by_the_mixed_tokens(name):
+    """A Hyena block has no keys: its merge follows bipartite matching on the tokens after the Hyena
+    residual (block input + mixer output), not on the block input."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    blk = model.blocks[0]
+    with torch.no_grad():  # at init the mixer's output is tiny next to the residual: make them comparable
+        blk.attn.mixer.out_proj.weight.mul_(400.0)
+    seen = {}
+    hooks = [blk.norm1.register_forward_hook(lambda m, a, out: seen.__setitem__("x", a[0].detach())),
+             _record(blk.ls1, seen, "y", what="input")]
+    apply_tome(model, r=[7, 0, 0])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, info = tome_forward(model, x, trace_source=True)
+    for h in hooks:
+        h.remove()
+    P = info.num_prefix_tokens
+    got = _same_group(info.layer_sources[0])
+    mixed = seen["x"] + seen["y"]  # eval: drop path and layer scale are identities here
+    assert torch.equal(got, _same_group(_bipartite_groups(mixed, 7, P)))
+    assert [len(s.unique()) for s in info.layer_sources[0]] == [64 - 7] * 2  # 7 tokens merged away
+    ratio = (seen["y"].norm(dim=-1) / seen["x"].norm(dim=-1)).median()
+    assert 0.3 < ratio < 3, ratio
+    for other in (seen["x"], seen["y"]):  # block input or mixer output alone would merge other tokens
+        assert not torch.equal(got, _same_group(_bipartite_groups(other, 7, P)))

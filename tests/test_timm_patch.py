@@ -465,3 +465,38 @@ def test_top_level_dispatch():
     assert type(model) is VisionTransformer
     with pytest.raises(TypeError, match="no ToMe adapter"):
         visiontools.apply_tome(torch.nn.Linear(2, 2), r=3)
+
+
+def test_unsupported_models_and_keywords_are_named_in_one_line():
+    """A reversible or LSH ViT, an unknown keyword and a model no adapter handles each get a
+    TypeError that names the class (or keyword) and what is supported, never an internal error."""
+    import visiontools
+    from visiontools.patches.timm_lsh import swap_attention_for_lsh
+    from visiontools.patches.timm_reversible import make_reversible
+
+    def vit():
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=4)
+
+    with pytest.raises(TypeError, match="'ratio'; it takes r, prop_attn, rope_rule, method, flops"):
+        visiontools.apply_tome(vit(), ratio=0.5)
+    with pytest.raises(TypeError, match="blocks are a ReversibleSequence"):
+        visiontools.apply_tome(make_reversible(vit()), r=2)
+    with pytest.warns(UserWarning):
+        lsh = swap_attention_for_lsh(vit(), bucket_size=4, n_hashes=1)
+    with pytest.raises(TypeError, match="attention LSHAttention is not timm"):
+        visiontools.apply_tome(lsh, r=2)
+    with pytest.raises(TypeError, match="remove_tome: Conv2d .* supported: timm"):
+        visiontools.remove_tome(torch.nn.Conv2d(1, 1, 1))
+
+
+def test_reapplying_keeps_the_method_and_a_budget_keeps_it_too():
+    import visiontools
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=3, num_classes=4).eval()
+    visiontools.apply_tome(model, r=2, method="pitome")
+    visiontools.apply_tome(model, r=4)
+    assert model.tome_method == "pitome"
+    visiontools.apply_tome(model, flops=0.8)
+    assert model.tome_method == "pitome" and model.tome_budget.flop_fraction <= 0.8
+    visiontools.apply_tome(model, r=4, method="tome")
+    assert model.tome_method == "tome"

@@ -312,3 +312,68 @@ def test_transformers_4_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setattr(T, "__version__", "4.46.3")
     with pytest.raises(ImportError, match=r"needs transformers>=5 \(installed: 4\.46\.3\): pip install"):
         apply_tome(build("ViTModel"), r=4)
+
+
+# --- every method and budgets, through the one engine the timm adapter uses --------------------------
+
+@pytest.mark.parametrize("method", ["tofu", "pitome", "prune"])
+def test_hf_vit_reduces_exactly_like_the_timm_adapter_with_every_method(method):
+    """Each method on a HF ViT equals the same method on its timm twin (whose methods are checked
+    against their straightforward implementations in test_merge_methods)."""
+    torch.manual_seed(0)
+    hf = T.ViTForImageClassification(T.ViTConfig(**SMALL, intermediate_size=128, num_labels=10, layer_norm_eps=1e-6,
+                                                 attn_implementation="sdpa")).eval()
+    tv = timm_twin(hf)
+    x = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad():
+        timm_apply_tome(tv, r=6, method=method)
+        visiontools.apply_tome(hf, r=6, method=method)
+        ref, ref_info = timm_tome_forward(tv, x)
+        out, info = tome_forward(hf, pixel_values=x)
+    assert hf.vit.tome_method == method
+    assert info.tokens_per_layer == ref_info.tokens_per_layer == [65, 59, 53, 47]
+    assert torch.allclose(info.size, ref_info.size)
+    assert (out.logits - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["tofu", "pitome", "prune"])
+@pytest.mark.parametrize("name", ["ViTModel", "CLIPVisionModel", "Dinov2Model", "SiglipVisionModel"])
+def test_every_method_is_exact_at_r0_and_reduces_tokens(name, method):
+    model = build(name)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        ref = run(model, x)
+        visiontools.apply_tome(model, r=0, method=method)
+        assert torch.equal(run(model, x), ref)
+        visiontools.apply_tome(model, r=4)  # re-applying keeps the method
+        assert tower(model).tome_method == method
+        _, info = tome_forward(tower(model), pixel_values=x)
+    P = PREFIX.get(name, 1)
+    assert info.tokens_per_layer == [P + N_PATCHES - 4 * i for i in range(LAYERS + 1)]
+
+
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "CLIPVisionModel", "Dinov2Model"])
+def test_a_flop_budget_is_met_as_counted(name):
+    from visiontools.timing import count_flops
+
+    model = build(name)
+    t = model.vit if name == "ViTForImageClassification" else tower(model)
+    x = torch.zeros(1, 3, IMG, IMG)
+    base = count_flops(lambda: t(pixel_values=x))
+    visiontools.apply_tome(model, flops=0.7, method="pitome")
+    b = model.tome_budget
+    assert t.tome_r == b.schedule and sum(b.schedule) > 0 and b.flop_fraction <= 0.7
+    assert t.tome_method == "pitome"  # a budget keeps the method
+    assert count_flops(lambda: t(pixel_values=x)) / base == pytest.approx(b.flop_fraction, rel=1e-6)
+    visiontools.remove_tome(model)
+    assert not any(n.startswith("tome_") for m in model.modules() for n in vars(m))
+
+
+def test_unknown_keywords_and_methods_name_the_fix():
+    model = build("ViTModel")
+    with pytest.raises(ValueError, match="method"):
+        visiontools.apply_tome(model, r=2, method="bogus")
+    with pytest.raises(TypeError, match="ratio.*takes.*method"):
+        visiontools.apply_tome(model, ratio=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        visiontools.apply_tome(model, r=2, flops=0.5)

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from visiontools.layers.grid import GridKey, GridLayout, GridTokens
+from visiontools.tome.merge import size_bias
 
 __all__ = ["ConvModule", "ConvMlp", "MultiHeadAttention", "ConformerBlock", "conv_stem", "CONV_NORMS"]
 
@@ -227,7 +228,7 @@ class ConformerBlock(GridTokens, nn.Module):
         ``prop_attn`` adds ``log(size)`` to the attention logits of merged tokens."""
         p = layout.prefix
         x = x + 0.5 * self.drop_path(self.ff1(self.norm_ff1(x), layout))
-        bias = layout.size.log()[:, None, None, :, 0] if prop_attn and layout.size is not None else None
+        bias = size_bias(layout.size) if prop_attn and layout.size is not None else None
         y, keys = self.attn(self.norm_attn(x), bias)
         x = x + self.drop_path(y)
         if merge is not None:

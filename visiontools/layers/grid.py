@@ -7,20 +7,19 @@ merged) tokens that a grid operation (a depthwise convolution, Hyena's FFT convo
   with different image sizes never see each other's grid.
 - :class:`GridTokens`: the mixin of every layer that needs the grid (``HyenaAttention``, the
   Conformer block, the ConvFFN). It resolves ``(prefix tokens, (H, W))`` for a sequence length.
-- :class:`GridLayout`: prefix count, grid and, once tokens were merged, the source map. Its
-  :meth:`GridLayout.run` applies a grid operation to the grid tokens, merged or not (unmerge ->
-  operation -> group mean, :mod:`visiontools.tome.merge_grid`).
+- :class:`~visiontools.tome.merge_grid.GridLayout` (defined with the merging algorithms, re-exported
+  here): prefix count, grid and, once tokens were merged, the source map; its ``run`` applies a grid
+  operation to the grid tokens, merged or not.
 """
 from __future__ import annotations
 
 import math
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from visiontools.tome.merge_grid import through_grid
+from visiontools.tome.merge_grid import GridLayout  # noqa: F401 (re-exported: layers take it)
 
 __all__ = ["GridKey", "set_call_grid", "square_grid", "GridTokens", "GridLayout"]
 
@@ -79,32 +78,3 @@ class GridTokens:
         """The :class:`GridLayout` of an unmerged sequence of ``n`` tokens."""
         p, (H, W) = self.resolve_grid(n)
         return GridLayout(p, H, W)
-
-
-@dataclass(frozen=True)
-class GridLayout:
-    """How the current tokens sit on an H x W patch grid: ``prefix`` prefix tokens first, then either
-    the H*W grid tokens in row-major order (``source is None``) or merged tokens, with ``source``
-    ``(B, prefix + H*W)`` giving for every prefix token and patch the index of the current token
-    that holds it (ToMe's source map), and ``size`` ``(B, M, 1)`` the patches per token."""
-
-    prefix: int
-    H: int
-    W: int
-    source: Optional[torch.Tensor] = None
-    size: Optional[torch.Tensor] = None
-
-    @property
-    def merged(self) -> bool:
-        return self.source is not None
-
-    def run(self, op: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-        """Apply ``op`` ((B, H, W, C) -> (B, H, W, C')) to the grid tokens ``tokens`` (B, n, C) (the
-        sequence without its prefix): directly when unmerged; when merged, spread each token over the
-        patches it holds, run ``op`` on the full grid and average the result over each group."""
-        B, n, C = tokens.shape
-        if self.source is None:
-            if n != self.H * self.W:
-                raise ValueError(f"{n} grid tokens do not fill the {self.H}x{self.W} grid")
-            return op(tokens.reshape(B, self.H, self.W, C)).reshape(B, n, -1)
-        return through_grid(op, tokens, self.source[:, self.prefix:] - self.prefix, self.H, self.W)

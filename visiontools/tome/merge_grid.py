@@ -11,11 +11,12 @@ Library-agnostic tensor code; the ToMe adapters (``visiontools.patches.timm_grid
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["unmerge_to_grid", "reduce_to_groups", "through_grid"]
+__all__ = ["unmerge_to_grid", "reduce_to_groups", "through_grid", "GridLayout"]
 
 
 def _check_source(source: torch.Tensor, H: int, W: int) -> None:
@@ -46,3 +47,32 @@ def through_grid(op: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tenso
     """``op`` ((B, H, W, C) -> (B, H, W, C')) applied to merged grid tokens (B, M, C): unmerge with
     ``source`` (B, H*W), run ``op``, reduce back to the M groups by their mean. Returns (B, M, C')."""
     return reduce_to_groups(op(unmerge_to_grid(tokens, source, H, W)), source, tokens.shape[1])
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """How the current tokens sit on an H x W patch grid: ``prefix`` prefix tokens first, then either
+    the H*W grid tokens in row-major order (``source is None``) or merged tokens, with ``source``
+    ``(B, prefix + H*W)`` giving for every prefix token and patch the index of the current token
+    that holds it (ToMe's source map), and ``size`` ``(B, M, 1)`` the patches per token."""
+
+    prefix: int
+    H: int
+    W: int
+    source: Optional[torch.Tensor] = None
+    size: Optional[torch.Tensor] = None
+
+    @property
+    def merged(self) -> bool:
+        return self.source is not None
+
+    def run(self, op: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        """Apply ``op`` ((B, H, W, C) -> (B, H, W, C')) to the grid tokens ``tokens`` (B, n, C) (the
+        sequence without its prefix): directly when unmerged; when merged, spread each token over the
+        patches it holds, run ``op`` on the full grid and average the result over each group."""
+        B, n, C = tokens.shape
+        if self.source is None:
+            if n != self.H * self.W:
+                raise ValueError(f"{n} grid tokens do not fill the {self.H}x{self.W} grid")
+            return op(tokens.reshape(B, self.H, self.W, C)).reshape(B, n, -1)
+        return through_grid(op, tokens, self.source[:, self.prefix:] - self.prefix, self.H, self.W)
