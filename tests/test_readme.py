@@ -1,6 +1,7 @@
-"""The README must keep working when pasted: every ``visiontools`` command in its code blocks parses
-with the real argument parser, every repository path it names exists, the quick commands run as
-written, and the numbers it shares with stored results agree with them."""
+"""The README and the documentation pages (docs/*.md) must keep working when pasted: every
+``visiontools`` command in their code blocks parses with the real argument parser, every repository
+path they name exists, the README's quick commands run as written, and the numbers they share with
+stored results agree with them."""
 from __future__ import annotations
 
 import glob
@@ -18,6 +19,10 @@ from visiontools.cli import build_parser, normalize_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# The README and every documentation page; docs/results/ holds tables written by the benchmarks.
+DOC_FILES = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")
+                                   if "results" not in p.relative_to(ROOT / "docs").parts)
+DOCS = {name: (ROOT / name).read_text() for name in DOC_FILES}
 
 # Commands of the README run verbatim by test_quick_commands_run_as_written (each must stay in the README).
 QUICK = [
@@ -25,12 +30,12 @@ QUICK = [
     "visiontools bench --model cifar10_vit --batch-size 32 --r 8 --repeats 2 --warmup 1 --threads 1",
     "visiontools bench hyena --grids 8 16 --max-tokens 1024 --repeats 2 --warmup 1 --threads 1 --no-progress",
 ]
-# README commands that are run with tiny settings appended (as written they take minutes on 10,000 images).
+# Documented commands that are run with tiny settings appended (as written they take minutes on 10,000 images).
 SHORTENED = {
     "visiontools eval --checkpoint attn_cifar10 --compare hyena_cifar10 --r 8":
         ["--per-class", "2", "--timing-batch-size", "4", "--repeats", "1", "--warmup", "0", "--no-progress"],
 }
-# Top-level folders whose paths the README names (outputs under runs/ are not expected to exist).
+# Top-level folders whose paths the README and docs name (outputs under runs/ are not expected to exist).
 REPO_PREFIXES = ("visiontools/", "patches/", "demos/", "configs/", "docs/", "scripts/", "tests/", ".ci/",
                  "../shared/")
 
@@ -61,7 +66,12 @@ def commands(text: str) -> list[list[str]]:
 
 def visiontools_argv(cmd: list[str]) -> list[str] | None:
     """The arguments after ``visiontools`` (also ``.venv/bin/visiontools``, ``torchrun ... -m
-    visiontools.cli`` and ``python -m visiontools.cli``), or None for other commands."""
+    visiontools.cli`` and ``python -m visiontools.cli``, after any ``VAR=value``), or None for other
+    commands."""
+    while cmd and re.fullmatch(r"[A-Za-z_]\w*=\S*", cmd[0]):
+        cmd = cmd[1:]
+    if not cmd:
+        return None
     if Path(cmd[0]).name == "visiontools":
         return cmd[1:]
     for i in range(len(cmd) - 1):
@@ -70,21 +80,31 @@ def visiontools_argv(cmd: list[str]) -> list[str] | None:
     return None
 
 
-README_COMMANDS = [(" ".join(c), visiontools_argv(c)) for c in commands(README) if visiontools_argv(c) is not None]
+def visiontools_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(command as written, arguments after ``visiontools``) for every visiontools command in ``text``."""
+    return [(" ".join(c), argv) for c in commands(text) if (argv := visiontools_argv(c)) is not None]
 
 
-def test_the_readme_shows_visiontools_commands():
-    assert len(README_COMMANDS) >= 10
-    assert {argv[0] for _, argv in README_COMMANDS} >= {"train", "eval", "bench", "demo"}
+README_COMMANDS = visiontools_commands(README)
+# (file, command as written, arguments) for the README and every docs page
+DOC_COMMANDS = [(name, text, argv) for name in DOC_FILES for text, argv in visiontools_commands(DOCS[name])]
 
 
-@pytest.mark.parametrize("text,argv", README_COMMANDS, ids=[t[:80] for t, _ in README_COMMANDS])
-def test_every_readme_command_parses(text, argv, capsys):
+def test_the_docs_show_visiontools_commands():
+    assert "README.md" in DOC_FILES and "docs/hyena.md" in DOC_FILES
+    assert not any(name.startswith("docs/results/") for name in DOC_FILES)
+    assert {argv[0] for _, argv in README_COMMANDS} >= {"eval", "bench", "demo"}
+    assert len(DOC_COMMANDS) >= 30
+    assert {argv[0] for _, _, argv in DOC_COMMANDS} >= {"train", "eval", "bench", "demo", "export", "video"}
+
+
+@pytest.mark.parametrize("name,text,argv", DOC_COMMANDS, ids=[f"{n}: {t[:70]}" for n, t, _ in DOC_COMMANDS])
+def test_every_documented_command_parses(name, text, argv, capsys):
     parser = build_parser()
     try:
         args = parser.parse_args(normalize_argv(argv))
     except SystemExit as e:  # --help exits 0; a parse error exits 2 with the reason on stderr
-        assert e.code == 0, f"README command does not parse: {text}\n{capsys.readouterr().err}"
+        assert e.code == 0, f"{name}: command does not parse: {text}\n{capsys.readouterr().err}"
         return
     assert callable(args._run)
 
@@ -97,7 +117,7 @@ def test_parse_check_catches_a_broken_command(capsys):
 
 
 def named_paths(text: str) -> set[str]:
-    """Repository paths named anywhere in the README (code blocks, inline code, links)."""
+    """Repository paths named anywhere in a text (code blocks, inline code, links)."""
     pattern = r"(?<![\w./-])((?:" + "|".join(re.escape(p) for p in REPO_PREFIXES) + r")[\w./{},*-]*)"
     out = set()
     for m in re.finditer(pattern, text):
@@ -109,11 +129,19 @@ def named_paths(text: str) -> set[str]:
     return out
 
 
-def test_every_path_the_readme_names_exists():
-    paths = named_paths(README)
-    assert "configs/vit_cifar10_cpu.yaml" in paths and "docs/results/bench_cifar10_vit_cpu_1threads.md" in paths
+def test_path_check_finds_the_paths():
+    """Guards the check below: the paths of a docs page and of the README are found."""
+    assert {"configs/vit_cifar10_cpu.yaml", "docs/results/bench_cifar10_vit_cpu_1threads.md",
+            "docs/results/bench_cifar10_vit_cpu_2threads.md"} <= named_paths(DOCS["docs/training-evaluation.md"])
+    assert "docs/hyena.md" in named_paths(README)
+    assert named_paths("see `visiontools/no_such_module.py`") == {"visiontools/no_such_module.py"}
+
+
+@pytest.mark.parametrize("name", DOC_FILES)
+def test_every_path_the_docs_name_exists(name):
+    paths = named_paths(DOCS[name])
     missing = [p for p in sorted(paths) if not glob.glob(str(ROOT / p))]
-    assert not missing, f"README names paths that do not exist: {missing}"
+    assert not missing, f"{name} names paths that do not exist: {missing}"
 
 
 def sandbox(tmp_path: Path) -> Path:
@@ -147,7 +175,7 @@ def test_quick_commands_run_as_written(tmp_path, datasets_dir):
 
 @pytest.mark.parametrize("text", list(SHORTENED))
 def test_long_commands_run_as_written_with_tiny_settings(text, tmp_path, datasets_dir):
-    assert text in {t for t, _ in README_COMMANDS}, f"the README no longer shows {text!r}: update SHORTENED"
+    assert text in {t for _, t, _ in DOC_COMMANDS}, f"no page shows {text!r} any more: update SHORTENED"
     repo = sandbox(tmp_path)
     res = run_readme_command(shlex.split(text)[1:] + SHORTENED[text], repo)
     assert res.returncode == 0, f"{text}\n{res.stderr[-3000:]}"
@@ -157,15 +185,18 @@ def test_long_commands_run_as_written_with_tiny_settings(text, tmp_path, dataset
 
 
 def test_shared_numbers_agree_with_the_stored_results():
-    """The demo and the README quote the shipped ViT's accuracy from one source (its card), and the
-    Hyena crossover in the README is the one docs/results/bench_hyena_cpu.* report."""
+    """The demo, the README and the training page quote the shipped ViT's accuracy from one source
+    (its card), and the Hyena crossover in the README and on the Hyena page is the one
+    docs/results/bench_hyena_cpu.* report."""
     from visiontools.demos.model_cache import accuracy_note
 
     card = json.loads((ROOT / "visiontools/checkpoints/cifar10_vit.json").read_text())
     top1 = f"{card['eval']['rows'][0]['top1']:.1f}"
     assert f"top-1 {top1}%" in accuracy_note(card)
-    assert f"**{top1} % top-1**" in README
+    for name in ("README.md", "docs/training-evaluation.md"):
+        assert f"**{top1} % top-1**" in DOCS[name], name
     hyena = json.loads((ROOT / "docs/results/bench_hyena_cpu.json").read_text())
     co = hyena["crossover_tokens"]
     assert f"from {co} tokens on" in (ROOT / "docs/results/bench_hyena_cpu.md").read_text()
-    assert f"faster than attention from {co:,} tokens on" in README
+    for name in ("README.md", "docs/hyena.md"):
+        assert f"faster than attention from {co:,} tokens on" in DOCS[name], name
