@@ -1,0 +1,359 @@
+"""Every GPU number the docs promise, from one command within a time budget: ``visiontools bench all``.
+
+Four sections, each timed interleaved in one process (``visiontools.timing.interleaved_times``):
+
+- ``vit``: ViT-B/16 and ViT-L/16 (random weights, batch 256, bf16 autocast on CUDA): timm's fused
+  SDPA against ToMe at r=8, r=16 and the decreasing schedule (16, -0.5), eager and under
+  ``torch.compile``; the counted FLOP ratio beside the measured one.
+- ``sd``: the SD 1.5 and SDXL UNets (random weights at their real shapes) at 1024² and 2048²:
+  diffusers' SDPA against tomesd, ToMe-SD merge and downsample at ratios 0.5 and 0.75.
+- ``hyena``: one Hyena block against one SDPA attention block from 1K to 64K tokens: time and peak memory.
+- ``lsh``: LSH attention against SDPA from 4K to 64K tokens: time and peak memory.
+
+Each section fails on its own (its error is recorded, the others still run), and every finished
+measurement is written at once to ``OUT/bench_all.json`` and ``OUT/bench_all.md``, with the machine
+named. ``--budget-s`` bounds the whole run: each section gets an equal share of what is left, sizes
+run smallest first, and a size whose predicted time does not fit is skipped (the largest go first).
+``--smoke`` runs every section at tiny sizes on the CPU (the test suite does), so the script is
+known to work before a GPU is ever available. ``scripts/gpu_bench.sh`` is the prepared GPU run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+SECTIONS = ("vit", "sd", "hyena", "lsh")
+
+# The GPU run. Items of a section are listed smallest first; "cost" is a relative size used to
+# predict an item's time from the last one measured.
+FULL = {
+    "vit": [dict(model="vit_base_patch16_224", batch=256, compile=False, cost=1),
+            dict(model="vit_base_patch16_224", batch=256, compile=True, cost=3),
+            dict(model="vit_large_patch16_224", batch=256, compile=False, cost=3.5),
+            dict(model="vit_large_patch16_224", batch=256, compile=True, cost=8)],
+    "sd": [dict(unet=u, resolution=r, cost=w * (r / 1024) ** 2.5)
+           for r in (1024, 2048) for u, w in (("sd15", 1), ("sdxl", 2.5))],
+    "hyena": [dict(grid=g, cost=g ** 2) for g in (32, 64, 128, 181, 256)],
+    "lsh": [dict(grid=g, cost=g ** 2) for g in (64, 128, 181, 256)],
+}
+# CPU smoke sizes: every code path, in seconds.
+SMOKE = {
+    "vit": [dict(model="vit_tiny_patch16_224", batch=2, compile=False, cost=1, img_size=64, patch_size=8, depth=3)],
+    "sd": [dict(unet="sd15_tiny", resolution=64, cost=1), dict(unet="sdxl_tiny", resolution=64, cost=1)],
+    "hyena": [dict(grid=8, cost=64), dict(grid=16, cost=256)],
+    "lsh": [dict(grid=8, cost=64), dict(grid=16, cost=256)],
+}
+VIT_SCHEDULES = [8, 16, (16, -0.5)]
+SD_CANDIDATES = [("tomesd", 0.5), ("tomesd", 0.75), ("merge", 0.5), ("merge", 0.75),
+                 ("downsample", 0.5), ("downsample", 0.75)]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``visiontools bench all``."""
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run, in order")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="seconds for the whole run; the largest sizes are dropped first to fit")
+    p.add_argument("--smoke", action="store_true", help="every section at tiny sizes (CPU, seconds): checks the script")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per size (default: 5, smoke: 1)")
+    p.add_argument("--out", default="docs/results/gpu", help="folder for bench_all.json and bench_all.md")
+
+
+class Budget:
+    """Deadlines for the sections and the prediction that decides whether the next size fits."""
+
+    def __init__(self, seconds: float, sections: int):
+        self.start, self.seconds, self.left = time.perf_counter(), seconds, sections
+
+    def section_deadline(self) -> float:
+        """Equal share of the time still left for this section and the ones after it."""
+        now = time.perf_counter()
+        share = (self.start + self.seconds - now) / max(1, self.left)
+        self.left -= 1
+        return now + share
+
+    @staticmethod
+    def fits(deadline: float, last: tuple[float, float] | None, cost: float) -> bool:
+        """Whether an item of relative ``cost`` fits before ``deadline``, predicted from the last
+        ``(seconds, cost)``; the first item of a section always runs."""
+        if last is None:
+            return time.perf_counter() < deadline
+        return time.perf_counter() + last[0] * cost / last[1] <= deadline
+
+
+def run_section(name: str, items: list[dict], measure, deadline: float, results: dict, save) -> None:
+    """Measure ``items`` in order until the deadline; record rows, skips and errors; save after each."""
+    sec = results["sections"].setdefault(name, {"rows": [], "skipped": [], "errors": []})
+    last = None
+    for item in items:
+        label = {k: v for k, v in item.items() if k != "cost"}
+        if not Budget.fits(deadline, last, item["cost"]):
+            sec["skipped"].append(label)
+            print(f"[{name}] skipped {label}: does not fit in the time budget", flush=True)
+            continue
+        print(f"[{name}] {label} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            rows = measure(item)
+            sec["rows"].extend(rows)
+        except Exception as e:  # one size (or section) failing loses nothing else
+            sec["errors"].append({**label, "error": f"{type(e).__name__}: {e}",
+                                  "traceback": traceback.format_exc(limit=4)})
+            print(f"[{name}] {label} failed: {type(e).__name__}: {e}", flush=True)
+        last = (time.perf_counter() - t0, item["cost"])
+        save()
+
+
+def run(args: argparse.Namespace) -> int:
+    """``visiontools bench all``: every section within ``--budget-s``; results saved as they come."""
+    import torch
+
+    from visiontools.timing import machine_description, resolve_device
+
+    device = torch.device("cpu") if args.smoke else resolve_device(args.device)
+    plan = SMOKE if args.smoke else FULL
+    ctx = Context(device=device, smoke=args.smoke, repeats=args.repeats or (1 if args.smoke else 5))
+    results = {"machine": machine_description(device), "device": str(device), "smoke": args.smoke,
+               "budget_s": args.budget_s, "sections": {}}
+    out = Path(args.out)
+    save = lambda: write(results, out)  # noqa: E731
+    budget = Budget(args.budget_s, len(args.sections))
+    for name in args.sections:
+        deadline = budget.section_deadline()
+        run_section(name, plan[name], lambda item, name=name: MEASURE[name](ctx, item), deadline, results, save)
+    results["elapsed_s"] = time.perf_counter() - budget.start
+    save()
+    errors = sum(len(s["errors"]) for s in results["sections"].values())
+    print(f"wrote {out / 'bench_all.json'} and {out / 'bench_all.md'} in {results['elapsed_s']:.0f} s"
+          + (f" ({errors} measurement(s) failed: see the JSON)" if errors else ""))
+    return 0
+
+
+class Context:
+    """What every measurement needs: the device, the dtype, smoke mode, timed rounds."""
+
+    def __init__(self, device, smoke: bool, repeats: int):
+        import torch
+
+        self.device, self.smoke, self.repeats = device, smoke, repeats
+        self.warmup = 1 if smoke else 2
+        self.dtype = torch.bfloat16 if device.type == "cuda" else None  # bf16 only where hardware has it
+
+    def times(self, fns: dict) -> dict:
+        from visiontools.timing import interleaved_times
+
+        return interleaved_times(fns, repeats=self.repeats, warmup=self.warmup, device=self.device)
+
+
+# ----------------------------------------------------------------------------- sections
+
+def measure_vit(ctx: Context, item: dict) -> list[dict]:
+    """One ViT: SDPA baseline vs ToMe schedules, eager or compiled, FLOP ratio beside the measured ratio."""
+    import copy
+
+    import timm
+    import torch
+
+    from visiontools.patches.timm import apply_tome
+    from visiontools.timing import autocast_context, count_flops, median
+
+    kw = {k: item[k] for k in ("img_size", "patch_size", "depth") if k in item}
+    torch.manual_seed(0)
+    base = timm.create_model(item["model"], **kw).eval().to(ctx.device)
+    size = kw.get("img_size", 224)
+    x = torch.randn(item["batch"], 3, size, size, device=ctx.device)
+    one = torch.randn(1, 3, size, size, device=ctx.device)
+    models = {"sdpa": base, **{f"r={_label(r)}": apply_tome(copy.deepcopy(base), r=r) for r in VIT_SCHEDULES}}
+    flops = {k: count_flops(lambda m=m: m(one)) for k, m in models.items()}  # fp32, one image, before compiling
+    if item["compile"]:
+        models = {k: torch.compile(m) for k, m in models.items()}
+
+    def call(m):
+        with torch.inference_mode(), autocast_context(ctx.device, ctx.dtype):
+            return m(x)
+
+    times = ctx.times({k: (lambda m=m: call(m)) for k, m in models.items()})
+    ref = median(times["sdpa"])
+    return [{"model": item["model"], "compile": item["compile"], "batch": item["batch"], "candidate": k,
+             "dtype": str(ctx.dtype or torch.float32).replace("torch.", ""), "median_s": median(times[k]),
+             "images_per_s": item["batch"] / median(times[k]), "speedup": ref / median(times[k]),
+             "flop_ratio": flops["sdpa"] / flops[k], "times_s": times[k]} for k in models]
+
+
+def _label(r) -> str:
+    return f"{r[0]},{r[1]:g}" if isinstance(r, tuple) else str(r)
+
+
+# diffusers' SDXL base UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, architecture only)
+SDXL_UNET_CONFIG = {
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": (5, 10, 20), "block_out_channels": (320, 640, 1280), "cross_attention_dim": 2048,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "in_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": (1, 2, 10), "use_linear_projection": True,
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+}
+SDXL_TINY_CONFIG = {
+    **SDXL_UNET_CONFIG, "block_out_channels": (32, 64, 64), "attention_head_dim": (2, 4, 4),
+    "transformer_layers_per_block": (1, 1, 1), "layers_per_block": 1, "norm_num_groups": 8,
+    "cross_attention_dim": 32, "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+
+
+def unet_config(name: str) -> dict:
+    from visiontools.bench.sd import SD15_UNET_CONFIG, TINY_UNET_CONFIG
+
+    return {"sd15": SD15_UNET_CONFIG, "sd15_tiny": TINY_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG,
+            "sdxl_tiny": SDXL_TINY_CONFIG}[name]
+
+
+def unet_inputs(config: dict, resolution: int, device, dtype) -> tuple:
+    """``(sample, timestep, encoder_hidden_states, added_cond_kwargs)`` for one image."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lat = resolution // 8
+    x = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
+    e = torch.randn(1, 77, config["cross_attention_dim"], generator=g).to(device, dtype)
+    added = None
+    if config.get("addition_embed_type") == "text_time":
+        n_text = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        added = {"text_embeds": torch.randn(1, n_text, generator=g).to(device, dtype),
+                 "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                          dtype=dtype or torch.float32, device=device)}
+    return x, torch.tensor(500, device=device), e, added
+
+
+def measure_sd(ctx: Context, item: dict) -> list[dict]:
+    """One UNet at one resolution: SDPA vs tomesd, merge and downsample; FLOP ratio (counted on a
+    meta-device twin) and the relative L2 distance of the predicted noise to SDPA's."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from visiontools.bench.sd import _patch, shared_copy
+    from visiontools.timing import count_flops, median
+
+    cfg = unet_config(item["unet"])
+    dtype = torch.float16 if ctx.device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**cfg).eval().to(ctx.device, dtype)
+    with torch.device("meta"):
+        meta = UNet2DConditionModel(**cfg).eval()
+    x, t, e, added = unet_inputs(cfg, item["resolution"], ctx.device, dtype)
+    meta_in = (x.to("meta"), t.to("meta"), e.to("meta"),
+               None if added is None else {k: v.to("meta") for k, v in added.items()})
+    fns, outs, flops = {}, {}, {}
+    for method, ratio in [("sdpa", 0.0)] + SD_CANDIDATES:
+        name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
+        levels = 2 if "sdxl" in item["unet"] else 1  # SDXL's first attention is at 1/2 of the latent
+        unet = _patch(shared_copy(base), method, ratio, levels)
+        m = _patch(shared_copy(meta), method, ratio, levels)
+        flops[name] = count_flops(lambda m=m: m(*meta_in[:3], added_cond_kwargs=meta_in[3]))
+
+        def call(unet=unet, name=name):
+            with torch.inference_mode():
+                outs[name] = unet(x, t, e, added_cond_kwargs=added).sample.float()
+        fns[name] = call
+    times = ctx.times(fns)
+    ref = median(times["sdpa"])
+    return [{"unet": item["unet"], "resolution": item["resolution"], "candidate": k, "dtype": str(dtype)[6:],
+             "median_s": median(times[k]), "speedup": ref / median(times[k]), "flop_ratio": flops["sdpa"] / flops[k],
+             "rel_l2": ((outs[k] - outs["sdpa"]).norm() / outs["sdpa"].norm()).item(), "times_s": times[k]}
+            for k in fns]
+
+
+def _mixer_rows(ctx: Context, section: str, grid: int, fns: dict, flops: dict, dim: int) -> list[dict]:
+    """Time (interleaved) and forward peak memory of each mixer on one token grid."""
+    from visiontools.bench.memory import peak_memory
+    from visiontools.timing import median
+
+    times = ctx.times(fns)
+    ref = median(times["sdpa"])
+    return [{"section": section, "tokens": grid * grid, "grid": grid, "dim": dim, "candidate": k,
+             "median_s": median(times[k]), "speedup": ref / median(times[k]),
+             "peak_mb": peak_memory(fns[k], ctx.device) / 2 ** 20, "flops": flops.get(k),
+             "times_s": times[k]} for k in fns]
+
+
+def measure_hyena(ctx: Context, item: dict) -> list[dict]:
+    """One Hyena block (order 2) against one SDPA attention block (width 192, batch 1)."""
+    import torch
+
+    from visiontools.bench.hyena import build_blocks
+    from visiontools.timing import autocast_context, count_flops
+
+    dim, g = 192, item["grid"]
+    torch.manual_seed(0)
+    attn, hyena = build_blocks(dim, 3, 2, 4.0, ctx.device)
+    hyena.attn.grid_size = (g, g)
+    x = torch.randn(1, g * g, dim, device=ctx.device)
+
+    def call(block):
+        with torch.inference_mode(), autocast_context(ctx.device, ctx.dtype):
+            return block(x)
+
+    fns = {"sdpa": lambda: call(attn), "hyena": lambda: call(hyena)}
+    flops = {k: count_flops(f) for k, f in fns.items()} if g * g <= 16384 else {}
+    return _mixer_rows(ctx, "hyena", g, fns, flops, dim)
+
+
+def measure_lsh(ctx: Context, item: dict) -> list[dict]:
+    """LSH attention (bucket 64, 4 hashes) against timm's SDPA attention (width 192, batch 1)."""
+    import torch
+    from timm.layers import Attention
+
+    from visiontools.layers.lsh import LSHAttention
+    from visiontools.timing import autocast_context
+
+    dim, g = 192, item["grid"]
+    torch.manual_seed(0)
+    bucket = 8 if ctx.smoke else 64
+    mixers = {"sdpa": Attention(dim, num_heads=3), "lsh": LSHAttention(dim, num_heads=3, bucket_size=bucket, n_hashes=4)}
+    mixers = {k: m.eval().to(ctx.device) for k, m in mixers.items()}
+    x = torch.randn(1, g * g, dim, device=ctx.device)
+
+    def call(m):
+        with torch.inference_mode(), autocast_context(ctx.device, ctx.dtype):
+            return m(x)
+
+    return _mixer_rows(ctx, "lsh", g, {k: (lambda m=m: call(m)) for k, m in mixers.items()}, {}, dim)
+
+
+MEASURE = {"vit": measure_vit, "sd": measure_sd, "hyena": measure_hyena, "lsh": measure_lsh}
+
+
+# ----------------------------------------------------------------------------- results
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables, one per section, with the machine named."""
+    lines = [f"# `visiontools bench all` on {results['machine']}", ""]
+    if results["smoke"]:
+        lines += ["Smoke run (tiny sizes, CPU): checks the script, not a measurement.", ""]
+    cols = {"vit": ["model", "compile", "batch", "candidate", "images_per_s", "speedup", "flop_ratio"],
+            "sd": ["unet", "resolution", "candidate", "median_s", "speedup", "flop_ratio", "rel_l2"],
+            "hyena": ["tokens", "candidate", "median_s", "speedup", "peak_mb", "flops"],
+            "lsh": ["tokens", "candidate", "median_s", "speedup", "peak_mb"]}
+    for name, sec in results["sections"].items():
+        lines += [f"## {name}", "", "| " + " | ".join(cols[name]) + " |", "|" + "---|" * len(cols[name])]
+        lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols[name]) + " |" for r in sec["rows"]]
+        lines += [""] + [f"- skipped (time budget): {s}" for s in sec["skipped"]]
+        lines += [f"- failed: {e_['error']} ({ {k: v for k, v in e_.items() if k not in ('error', 'traceback')} })"
+                  for e_ in sec["errors"]] + [""]
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return "" if v is None else str(v)
+
+
+def write(results: dict, out: Path) -> None:
+    """``bench_all.json`` and ``bench_all.md`` in ``out`` (rewritten after every measurement)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_all.json").write_text(json.dumps(results, indent=1))
+    (out / "bench_all.md").write_text(markdown(results))
