@@ -301,47 +301,18 @@ def _check_config(cfg: ToMeSDConfig) -> None:
 
 
 def _timestep_seed(seed: int, timestep) -> torch.Tensor:
-    """Per-call seed: ``seed`` mixed with the (first) timestep, as a 0-d int64 tensor."""
+    """Per-call seed: ``seed`` mixed with the (first) timestep, as a 0-d int64 tensor. The timestep
+    enters as the bit pattern of its float32 value, so any two different timesteps (however close:
+    fractional schedules crowd near 0) seed different draws, and an int seeds like the same float."""
     if timestep is None:
         return torch.tensor(seed, dtype=torch.int64)
-    t = torch.as_tensor(timestep).reshape(-1)[0].float()
-    return (t * 16).round().to(torch.int64) * 1000003 + seed
+    t = torch.as_tensor(timestep).reshape(-1)[0].to(torch.float32) + 0.0  # (+ 0.0: -0.0 -> 0.0)
+    return t.view(torch.int32).to(torch.int64) * 1000003 + seed
 
 
-def apply_tome_sd(
-    pipe_or_unet,
-    ratio: float = 0.5,
-    mode: str = "merge",
-    max_downsample: int | None = None,
-    sx: int = 2,
-    sy: int = 2,
-    use_rand: bool = True,
-    seed: int = 0,
-    merge_attn: bool = True,
-    merge_crossattn: bool = False,
-    merge_mlp: bool = False,
-    downsample_method: str = "nearest-exact",
-    similarity_dtype: str = "auto",
-):
-    """Patch a Stable Diffusion pipeline or UNet in place with ToMe-SD (``mode="merge"``) or token
-    downsampling (``mode="downsample"``); returns ``pipe_or_unet``. An existing patch is replaced.
-
-    - ``ratio``: fraction of tokens removed (merge: from self-attention, at most ``1 - 1/(sx*sy)``;
-      downsample: from its keys/values, < 1; 0.75 halves the grid side).
-    - ``max_downsample``: patch only levels downsampled at most this much (1, 2, 4, 8); ``None``
-      = the highest-resolution level that has attention (x1 on SD 1.x/2.x, x2 on SDXL).
-    - ``sx, sy``: destination window; ``use_rand``: pseudo-random destination per window, seeded per
-      UNet call from ``seed`` and the timestep (deterministic), else top-left.
-    - ``merge_attn / merge_crossattn / merge_mlp``: where merged tokens are used (merge mode).
-    - ``downsample_method``: ``F.interpolate`` mode or ``"avg"`` for the key/value grid.
-    - ``similarity_dtype``: dtype of the matching matmul (merge mode): ``"auto"`` (bf16 for fp32 on
-      CPUs with AMX/AVX512-BF16, else the tokens' dtype), ``"input"``, ``"float32"``, ``"bfloat16"``,
-      ``"float16"``.
-    """
-    unet = _find_unet(pipe_or_unet)
-    cfg = ToMeSDConfig(ratio, mode, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
-                       merge_mlp, downsample_method, similarity_dtype)
-    _check_config(cfg)
+def _chosen_blocks(unet, cfg: ToMeSDConfig):
+    """The transformer blocks to patch: ``(all blocks, cfg with max_downsample resolved, chosen blocks)``;
+    refuses a UNet without blocks, and downsample mode on fused q/k/v projections."""
     blocks = transformer_blocks(unet)
     if not blocks:
         raise TypeError(f"{type(unet).__name__} has no transformer blocks (BasicTransformerBlock) to patch")
@@ -354,11 +325,12 @@ def apply_tome_sd(
         raise ValueError(f"mode='downsample' needs separate key/value projections, but {fused[0]}{more} has "
                          "fused q/k/v projections; call unfuse_qkv_projections() on the UNet or pipeline first "
                          "(merge mode works with fused projections)")
-    if is_patched(unet):  # re-applying replaces the patch
-        remove_tome_sd(unet)
+    return blocks, cfg, chosen
 
-    state = _State(cfg)
-    state.checkpointable = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+
+def _patch_blocks(state: _State, chosen) -> None:
+    """Wrap the attention processors of every chosen block and add its hooks (merge plan, ``ff``)."""
+    cfg = state.config
 
     def wrap(attn, processor):
         state.wrappers.append((attn, processor))
@@ -375,6 +347,12 @@ def apply_tome_sd(
         if cfg.mode == "merge" and cfg.merge_mlp:
             state.hooks += _ff_hooks(block.ff, slot)
         state.blocks.append((name, ds))
+
+
+def _unet_hooks(unet, state: _State) -> list:
+    """Hooks on the UNet that open each call's context (latent size, per-call seed; refusing a second
+    concurrent call and gradient checkpointing) and clear it, and every plan, when the call ends."""
+    cfg = state.config
 
     def pre(module, args, kwargs):  # start of a UNet call: its latent size and seed
         sample = args[0] if args else kwargs.get("sample")
@@ -411,8 +389,52 @@ def apply_tome_sd(
             slot.plan = None
         return None
 
-    state.hooks.append(unet.register_forward_pre_hook(pre, with_kwargs=True))
-    state.hooks.append(unet.register_forward_hook(post, with_kwargs=True, always_call=True))
+    return [unet.register_forward_pre_hook(pre, with_kwargs=True),
+            unet.register_forward_hook(post, with_kwargs=True, always_call=True)]
+
+
+def apply_tome_sd(
+    pipe_or_unet,
+    ratio: float = 0.5,
+    mode: str = "merge",
+    max_downsample: int | None = None,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    seed: int = 0,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    downsample_method: str = "nearest-exact",
+    similarity_dtype: str = "auto",
+):
+    """Patch a Stable Diffusion pipeline or UNet in place with ToMe-SD (``mode="merge"``) or token
+    downsampling (``mode="downsample"``); returns ``pipe_or_unet``. An existing patch is replaced.
+
+    - ``ratio``: fraction of tokens removed (merge: from self-attention, at most ``1 - 1/(sx*sy)``;
+      downsample: from its keys/values, < 1; 0.75 halves the grid side).
+    - ``max_downsample``: patch only levels downsampled at most this much (1, 2, 4, 8); ``None``
+      = the highest-resolution level that has attention (x1 on SD 1.x/2.x, x2 on SDXL).
+    - ``sx, sy``: destination window; ``use_rand``: pseudo-random destination per window, seeded per
+      UNet call from ``seed`` and the timestep (deterministic), else top-left.
+    - ``merge_attn / merge_crossattn / merge_mlp``: where merged tokens are used (merge mode).
+    - ``downsample_method``: ``F.interpolate`` mode or ``"avg"`` for the key/value grid.
+    - ``similarity_dtype``: dtype of the matching matmul (merge mode): ``"auto"`` (bf16 for fp32 on
+      CPUs with AMX/AVX512-BF16, else the tokens' dtype), ``"input"``, ``"float32"``, ``"bfloat16"``,
+      ``"float16"``.
+    """
+    unet = _find_unet(pipe_or_unet)
+    cfg = ToMeSDConfig(ratio, mode, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
+                       merge_mlp, downsample_method, similarity_dtype)
+    _check_config(cfg)
+    blocks, cfg, chosen = _chosen_blocks(unet, cfg)
+    if is_patched(unet):  # re-applying replaces the patch
+        remove_tome_sd(unet)
+
+    state = _State(cfg)
+    state.checkpointable = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+    _patch_blocks(state, chosen)
+    state.hooks += _unet_hooks(unet, state)
     setattr(unet, _ATTR, state)
 
     if not chosen:

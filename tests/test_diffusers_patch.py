@@ -636,3 +636,71 @@ def test_bench_sd_tiny_smoke(tmp_path):
         bench_sd.run(parser.parse_args(["--tiny", "--candidates", "merge"]))
     with pytest.raises(ValueError, match="merge ratios must be in"):  # downsample allows up to < 1
         bench_sd.run(parser.parse_args(["--tiny", "--candidates", "downsample@0.9", "merge@0.9"]))
+
+
+# ------------------------------------------------------------------ guards (issue 25): per-call seeds, plan lifetime
+
+def test_fractional_timesteps_get_their_own_per_call_seeds(monkeypatch):
+    """Schedulers with fractional timesteps (Euler, DPM++, Karras sigmas: close together near t=0)
+    must not share destinations between steps: every distinct timestep seeds its own draw, the
+    same timestep the same one (int or float)."""
+    unet = tiny_unet()
+    x, _, e = inputs(12, 12, batch=1)
+    plans = record_plans(monkeypatch)
+    apply_tome_sd(unet, ratio=0.5, seed=3)
+    timesteps = [500.0, 500.25, 500.5, 0.0, 0.03, 0.0625, 999.0, 999.03, 14.6, 14.62]
+
+    def seeds(t):
+        plans.clear()
+        run(unet, x, torch.tensor(t), e)
+        assert len(plans) == 3
+        return [int(p["seed"]) for p in plans], [p["plan"].dst_pos for p in plans]
+
+    got = {t: seeds(t) for t in timesteps}
+    first = [s[0] for s, _ in got.values()]
+    assert len(set(first)) == len(timesteps), dict(zip(timesteps, first))
+    for t in timesteps:
+        assert seeds(t)[0] == got[t][0]  # deterministic
+        assert len(set(got[t][0])) == 3  # and different for each block of the call
+    assert seeds(500)[0] == got[500.0][0]  # an int timestep seeds like the same float
+    # a different seed means different destinations (for most of the windows, with 36 per block)
+    assert not torch.equal(got[0.0][1][0], got[0.03][1][0]) and not torch.equal(got[999.0][1][0], got[999.03][1][0])
+
+
+def test_a_blocks_plan_is_cleared_when_that_block_returns():
+    """Each patched block has its merge plan while it runs and none once it has returned: when a
+    block starts, no other block still holds one (not only at the end of the UNet call)."""
+    unet = tiny_unet()
+    x, t, e = inputs(12, 12)
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True, merge_mlp=True)
+    state = unet._visiontools_tome_sd
+    names = [n for n, _ in patched_blocks(unet)]
+    assert len(names) == len(state.slots) == 3
+    events = []
+
+    def on_start(i):
+        def hook(module, args):
+            events.append(("start", i, [s.plan is not None for s in state.slots]))
+        return hook
+
+    def on_end(i):
+        def hook(module, args, out):
+            events.append(("end", i, [s.plan is not None for s in state.slots]))
+        return hook
+
+    hooks = []
+    for i, name in enumerate(names):  # registered after the patch's own hooks, so they run after them
+        block = unet.get_submodule(name)
+        hooks += [block.register_forward_pre_hook(on_start(i)), block.register_forward_hook(on_end(i))]
+    seen_in_attn = []
+    block0 = unet.get_submodule(names[0])
+    hooks.append(block0.attn1.register_forward_pre_hook(
+        lambda m, a: seen_in_attn.append(state.slots[0].plan is not None)))
+    run(unet, x, t, e)
+    for h in hooks:
+        h.remove()
+    assert seen_in_attn == [True]
+    assert [(kind, i) for kind, i, _ in events] == [(k, i) for i in range(3) for k in ("start", "end")]
+    for kind, i, held in events:
+        expected = [kind == "start" and j == i for j in range(3)]
+        assert held == expected, (kind, i, held)

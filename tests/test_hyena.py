@@ -512,3 +512,31 @@ def test_long_conv_script_measures_every_mode_on_a_tiny_run(tmp_path):
     assert [r["model"] for r in g["rows"]] == ["attention", "Hyena, FFT", "Hyena, auto (dense)"]
     assert g["max_abs_diff"] < 1e-5 and all(r["images_per_s"] > 0 and r["train_peak_mb"] > 0 for r in g["rows"])
     assert "| 64 | Hyena, auto (dense) |" in out.read_text()
+
+
+@pytest.mark.parametrize("mode", ["dense", "auto"])
+def test_bf16_autocast_keeps_the_dense_long_conv_in_float32(mode):
+    """Under bf16 autocast the dense long convolution (long_conv='dense', and 'auto' on a small grid)
+    multiplies float32 matrices in float32: a bf16 input is convolved to within the bf16 rounding of
+    each output value (a bf16 matmul would be off by much more where terms cancel)."""
+    torch.manual_seed(0)
+    H, W, C = 8, 8, 4
+    m = Hyena2d(C, filter_hidden=16, long_conv=mode)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ops = m.filter_operators(H, W)
+        kernels = m.filter((H, W)).split(C, dim=0)
+    assert all(op.dtype == torch.float32 and not op.is_complex() and op.shape == (C, H * W, H * W) for op in ops)
+    xb = torch.randn(2, C, H, W).bfloat16()
+    for op, k in zip(ops, kernels):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yb = dense_conv2d(xb, op)
+        assert yb.dtype == torch.bfloat16
+        ref = direct_conv2d(xb.double(), k.double())  # the convolution written as F.conv2d, in float64
+        err = (yb.double() - ref).abs()
+        assert (err <= 2.0**-8 * ref.abs() + 1e-6).all(), (err / ref.abs()).max()
+    with torch.no_grad():  # the module under autocast follows its float32 run to bf16 accuracy
+        x = torch.randn(1, H, W, C)
+        y32 = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = m(x)
+    torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.05 * y32.abs().max().item())

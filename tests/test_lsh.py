@@ -246,3 +246,80 @@ def test_shipped_lsh_checkpoint_classifies_real_cifar10_at_its_recorded_accuracy
     acc, _, _ = recorded_subset(model, meta)
     assert acc == pytest.approx(meta["subset_accuracy"]["top1"], abs=1.0) and acc > 25.0  # trained (chance is 10%)
     assert meta["params"] == sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ guards (issue 25): bucket count, swap, dropout
+
+@pytest.mark.parametrize("n,c", [(1, 8), (8, 8), (9, 8), (16, 8), (17, 8), (24, 8), (64, 64), (65, 64),
+                                 (129, 64), (196, 64), (257, 32), (1024, 64)])
+def test_default_bucket_count_is_padded_chunks_rounded_up_to_even(n, c):
+    chunks = math.ceil(n / c)                       # chunks of the padded sequence
+    expected = max(2, 2 * math.ceil(chunks / 2))     # rounded up to an even number, at least 2
+    assert default_n_buckets(n, c) == expected
+    layer = LSHAttention(16, num_heads=2, bucket_size=c, n_hashes=3).eval()
+    assert layer.rotations(n, torch.device("cpu"), torch.float32).shape == (8, 3, expected // 2)
+
+
+def test_swap_gives_each_layer_seed_plus_index_and_copies_q_v_weights_and_biases():
+    torch.manual_seed(0)
+    m = timm.create_model("vit_cifar_mini_p4", depth=3).eval()
+    dim = m.embed_dim
+    with torch.no_grad():  # timm initialises biases to zero: make them tell q, k and v apart
+        for blk in m.blocks:
+            blk.attn.qkv.bias.normal_()
+            blk.attn.proj.bias.normal_()
+    old = [(b.attn.qkv.weight.detach().clone(), b.attn.qkv.bias.detach().clone(),
+            b.attn.proj.weight.detach().clone(), b.attn.proj.bias.detach().clone(), b.attn.num_heads) for b in m.blocks]
+    with pytest.warns(UserWarning, match="shared-QK"):
+        swap_attention_for_lsh(m, bucket_size=128, n_hashes=1, seed=10)  # one chunk: exact shared-QK attention
+    layers = lsh_layers(m)
+    assert [int(a.seed) for a in layers] == [10, 11, 12]
+    x = torch.randn(2, 65, dim)
+    for a, (w, b, pw, pb, heads) in zip(layers, old):
+        assert torch.equal(a.qkv.weight, torch.cat([w[:dim], w[2 * dim:]]))
+        assert torch.equal(a.qkv.bias, torch.cat([b[:dim], b[2 * dim:]]))
+        assert torch.equal(a.proj.weight, pw) and torch.equal(a.proj.bias, pb)
+        # reference: timm's query and value projections (with their biases), keys = unit queries,
+        # no self-attention, the output projection
+        d = dim // heads
+        q = (x @ w[:dim].T + b[:dim]).view(2, 65, heads, d).transpose(1, 2)
+        v = (x @ w[2 * dim:].T + b[2 * dim:]).view(2, 65, heads, d).transpose(1, 2)
+        logits = q @ F.normalize(q, dim=-1).transpose(-1, -2) * d ** -0.5
+        logits = logits.masked_fill(torch.eye(65, dtype=torch.bool), SELF_LOGIT)
+        ref = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 65, dim) @ pw.T + pb
+        with torch.no_grad():
+            assert (a(x) - ref).abs().max() < 1e-4
+
+
+def test_attention_dropout_drops_attention_weights_in_training_only():
+    """v = identity makes the output the attention matrix itself: in training each weight is either
+    dropped (0) or scaled by 1 / (1 - p); in eval it is the exact attention."""
+    torch.manual_seed(0)
+    N = 24
+    qk = torch.randn(1, N, 4, dtype=torch.float64)
+    eye = torch.eye(N, dtype=torch.float64)[None]
+    rot = rotations(4, 1, 2)
+    logits = (qk @ F.normalize(qk, dim=-1).transpose(1, 2)) / 2.0
+    ref = logits.masked_fill(torch.eye(N, dtype=torch.bool), SELF_LOGIT).softmax(-1)
+    for impl in ("auto", "matmul"):
+        out = lsh_attention(qk, eye, rot, bucket_size=N, dropout_p=0.5, training=False, impl=impl)
+        assert torch.allclose(out, ref, atol=1e-12)
+    out = lsh_attention(qk, eye, rot, bucket_size=N, dropout_p=0.5, training=True)
+    off = ~torch.eye(N, dtype=torch.bool)[None]
+    dropped = out[off] == 0
+    assert torch.allclose(out[off][~dropped], 2 * ref[off][~dropped], atol=1e-12)
+    assert 0.35 < dropped.double().mean() < 0.65, dropped.double().mean()
+    # the layer: attn_drop changes training outputs only (one chunk: the hashing does not matter)
+    layer = LSHAttention(16, num_heads=2, bucket_size=64, n_hashes=1, attn_drop=0.5, num_prefix_tokens=1).double()
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    ev = layer.eval()(x)
+    torch.manual_seed(1)
+    assert torch.equal(layer.eval()(x), ev)
+    layer.train()
+    t1, t2 = layer(x), layer(x)
+    assert not torch.allclose(t1[:, 1:], ev[:, 1:]) and not torch.allclose(t1[:, 1:], t2[:, 1:])
+    assert not torch.allclose(t1[:, :1], ev[:, :1])  # the class token's exact attention is dropped too
+    mean = torch.stack([layer(x) for _ in range(300)]).mean(0)  # inverted dropout: unbiased
+    assert (mean - ev).abs().max() < 0.15 * ev.abs().max(), (mean - ev).abs().max()
+    layer.attn_drop = 0.0
+    assert torch.allclose(layer(x), ev, atol=1e-12)

@@ -122,6 +122,98 @@ def _use_flash(x: torch.Tensor, dropout: bool) -> bool:
             and x.dtype in (torch.float32, torch.float64) and not dropout)
 
 
+def _check_lsh_args(qk: torch.Tensor, v: torch.Tensor, bucket_size: int, impl: str, dropout: bool) -> bool:
+    """Validate the arguments of :func:`lsh_attention`; returns whether the flash kernel runs the chunks."""
+    if qk.dim() != 3 or v.shape[:2] != qk.shape[:2]:
+        raise ValueError(f"qk and v must be (B, N, d) with equal B and N, got {tuple(qk.shape)} and {tuple(v.shape)}")
+    if bucket_size < 1:
+        raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
+    if impl not in ("auto", "flash", "matmul"):
+        raise ValueError(f"impl must be 'auto', 'flash' or 'matmul', got {impl!r}")
+    flash = _use_flash(qk, dropout) if impl == "auto" else impl == "flash"
+    if flash and not _use_flash(qk, dropout):
+        raise ValueError("impl='flash' needs float32/float64 CPU tensors, no attention dropout, and a PyTorch "
+                         "with the CPU flash-attention kernel")
+    return flash
+
+
+def _sorted_chunks(buckets: torch.Tensor, c: int, chunks_before: int, chunks_after: int):
+    """Per round, the stable sort by bucket (``order`` (B, nh, Np)), and as flat row indices into the
+    (B * Np) tokens: each sorted chunk's own rows and the rows of the chunks it attends to
+    (itself, ``chunks_before`` back, ``chunks_after`` forward, wrapping inside the round)."""
+    B, nh, Np = buckets.shape
+    nc = Np // c
+    # stable sort by bucket keeps position order inside a bucket: a sort by (bucket, position)
+    order = torch.sort(buckets, dim=-1, stable=True).indices                      # (B, nh, Np)
+    rows = (order + torch.arange(B, device=order.device).view(B, 1, 1) * Np).view(B, nh, nc, c)
+    # the keys of chunk i: the rows of chunks i, i-1, i+1 (wrapping inside the round): gathered in one
+    # index_select straight from the unsorted tokens (its backward is one index_add)
+    shifts = _neighbour_shifts(nc, chunks_before, chunks_after)
+    ctx_rows = torch.cat([torch.roll(rows, -sh, dims=2) for sh in shifts], dim=3).reshape(-1)
+    return order, rows.reshape(-1), ctx_rows, len(shifts) * c
+
+
+def _chunks_flash(qk, k, v, rows, ctx_rows, c: int, w: int, N: int, scale: float):
+    """Attention inside the sorted chunks through the fused CPU flash kernel (:class:`_FlashChunkAttention`):
+    outputs (B * nh * Np, dv) and log-sum-exps (B * nh * Np) in sorted order."""
+    B, Np, d = qk.shape
+    dv = v.shape[-1]
+    # extra columns: q' = [q, 0.., 1, 0], k' = [k, 0.., pad bias, 0], v' = [v, 0.., 0, 1] (the ones
+    # column carries the log-sum-exp's gradient; the pad-bias column masks padding keys)
+    D = max(d, dv) + 2
+    col = qk.new_zeros(B, Np, 1)
+    one = qk.new_ones(B, Np, 1)
+    padb = col
+    if Np > N:
+        padb = qk.new_zeros(B, Np, 1)
+        padb[:, N:] = -1e9
+    qx = torch.cat([F.pad(qk, (0, D - 2 - d)), one, col], -1).view(B * Np, D)
+    kx = torch.cat([F.pad(k, (0, D - 2 - d)), padb, col], -1).view(B * Np, D)
+    vx = torch.cat([F.pad(v, (0, D - 2 - dv)), col, one], -1).view(B * Np, D)
+    mask = torch.zeros(c, w, dtype=qk.dtype, device=qk.device)
+    mask.diagonal().fill_(SELF_LOGIT)
+    so, lse = _FlashChunkAttention.apply(qx.index_select(0, rows).view(-1, 1, c, D),
+                                         kx.index_select(0, ctx_rows).view(-1, 1, w, D),
+                                         vx.index_select(0, ctx_rows).view(-1, 1, w, D), mask, scale)
+    return so[..., :dv].reshape(-1, dv), lse.reshape(-1)
+
+
+def _chunks_matmul(qk, k, v, rows, ctx_rows, c: int, w: int, N: int, scale: float, dropout_p: float):
+    """Attention inside the sorted chunks with matmul + softmax (any device/dtype; attention dropout
+    ``dropout_p`` when non-zero): outputs (B * nh * Np, dv) and log-sum-exps in sorted order."""
+    B, Np, d = qk.shape
+    dv = v.shape[-1]
+    sq = qk.reshape(B * Np, d).index_select(0, rows).view(-1, c, d)
+    kctx = k.reshape(B * Np, d).index_select(0, ctx_rows).view(-1, w, d)
+    vctx = v.reshape(B * Np, dv).index_select(0, ctx_rows).view(-1, w, dv)
+    dots = (sq @ kctx.transpose(1, 2)).mul_(scale)
+    dots[..., :c].diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)  # self chunk comes first
+    if Np > N:
+        kpad = (ctx_rows % Np >= N).view(-1, 1, w)
+        dots = dots.masked_fill(kpad, torch.finfo(dots.dtype).min)
+    # softmax, and the log-sum-exp from it: lse = max - log(max p) (its gradient is p, as it should be)
+    p = torch.softmax(dots, dim=-1)
+    lse = dots.amax(-1) - torch.log(p.amax(-1))
+    if dropout_p:
+        p = F.dropout(p, dropout_p, training=True)
+    return (p @ vctx).view(-1, dv), lse.reshape(-1)
+
+
+def _unsort_and_combine(so: torch.Tensor, slse: torch.Tensor, order: torch.Tensor, N: int) -> torch.Tensor:
+    """Undo each round's sort of the chunk outputs and combine the rounds with weights
+    ``softmax_r(log-sum-exp)``: (B, N, dv)."""
+    B, nh, Np = order.shape
+    dv = so.shape[-1]
+    # sorted slot j of round r holds token order[r, j]
+    inv = torch.empty_like(order).scatter_(-1, order, torch.arange(Np, device=order.device).expand_as(order))
+    inv = (inv + torch.arange(B * nh, device=order.device).view(B, nh, 1) * Np)[:, :, :N].reshape(-1)
+    o = so.index_select(0, inv).view(B, nh, N, dv)
+    if nh == 1:
+        return o[:, 0]
+    logits = slse.index_select(0, inv).view(B, nh, N, 1)
+    return (o * torch.softmax(logits, dim=1)).sum(dim=1)
+
+
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, bucket_size: int,
                   chunks_before: int = 1, chunks_after: int = 1, scale: Optional[float] = None,
                   dropout_p: float = 0.0, training: bool = False, return_buckets: bool = False,
@@ -133,24 +225,11 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, bu
     through PyTorch's fused CPU flash-attention kernel (float32/64 on CPU, no attention dropout),
     ``"matmul"`` through plain matmul + softmax (any device/dtype, dropout), ``"auto"`` picks flash
     where it applies. Returns (B, N, d) (and the (B, n_hashes, N) buckets with ``return_buckets``)."""
-    if qk.dim() != 3 or v.shape[:2] != qk.shape[:2]:
-        raise ValueError(f"qk and v must be (B, N, d) with equal B and N, got {tuple(qk.shape)} and {tuple(v.shape)}")
-    if bucket_size < 1:
-        raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
-    if impl not in ("auto", "flash", "matmul"):
-        raise ValueError(f"impl must be 'auto', 'flash' or 'matmul', got {impl!r}")
     dropout = bool(dropout_p and training)
-    flash = _use_flash(qk, dropout) if impl == "auto" else impl == "flash"
-    if flash and not _use_flash(qk, dropout):
-        raise ValueError("impl='flash' needs float32/float64 CPU tensors, no attention dropout, and a PyTorch "
-                         "with the CPU flash-attention kernel")
-    B, N, d = qk.shape
-    dv = v.shape[-1]
-    nh = rotations.shape[1]
+    flash = _check_lsh_args(qk, v, bucket_size, impl, dropout)
+    N, d = qk.shape[1], qk.shape[2]
     c = bucket_size
     n_pad = (-N) % c
-    Np = N + n_pad
-    nc = Np // c
     scale = d ** -0.5 if scale is None else scale
 
     buckets = hash_buckets(qk, rotations)                                         # (B, nh, N)
@@ -158,71 +237,24 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, rotations: torch.Tensor, bu
         qk = F.pad(qk, (0, 0, 0, n_pad))
         v = F.pad(v, (0, 0, 0, n_pad))
         buckets = F.pad(buckets, (0, n_pad), value=2 * rotations.shape[2])
-    # stable sort by bucket keeps position order inside a bucket: a sort by (bucket, position)
-    order = torch.sort(buckets, dim=-1, stable=True).indices                      # (B, nh, Np)
-    rows = (order + torch.arange(B, device=order.device).view(B, 1, 1) * Np).view(B, nh, nc, c)
-    # the keys of chunk i: the rows of chunks i, i-1, i+1 (wrapping inside the round): gathered in one
-    # index_select straight from the unsorted tokens (its backward is one index_add)
-    shifts = _neighbour_shifts(nc, chunks_before, chunks_after)
-    ctx_rows = torch.cat([torch.roll(rows, -sh, dims=2) for sh in shifts], dim=3).reshape(-1)
-    rows = rows.reshape(-1)
-    w = len(shifts) * c
+    order, rows, ctx_rows, w = _sorted_chunks(buckets, c, chunks_before, chunks_after)
     k = F.normalize(qk, dim=-1)
     if flash:
-        # extra columns: q' = [q, 0.., 1, 0], k' = [k, 0.., pad bias, 0], v' = [v, 0.., 0, 1] (the ones
-        # column carries the log-sum-exp's gradient; the pad-bias column masks padding keys)
-        D = max(d, dv) + 2
-        col = qk.new_zeros(B, Np, 1)
-        one = qk.new_ones(B, Np, 1)
-        padb = col
-        if n_pad:
-            padb = qk.new_zeros(B, Np, 1)
-            padb[:, N:] = -1e9
-        qx = torch.cat([F.pad(qk, (0, D - 2 - d)), one, col], -1).view(B * Np, D)
-        kx = torch.cat([F.pad(k, (0, D - 2 - d)), padb, col], -1).view(B * Np, D)
-        vx = torch.cat([F.pad(v, (0, D - 2 - dv)), col, one], -1).view(B * Np, D)
-        mask = torch.zeros(c, w, dtype=qk.dtype, device=qk.device)
-        mask.diagonal().fill_(SELF_LOGIT)
-        so, lse = _FlashChunkAttention.apply(qx.index_select(0, rows).view(-1, 1, c, D),
-                                             kx.index_select(0, ctx_rows).view(-1, 1, w, D),
-                                             vx.index_select(0, ctx_rows).view(-1, 1, w, D), mask, scale)
-        so = so[..., :dv].reshape(B * nh * Np, dv)
-        slse = lse.reshape(B * nh * Np)
+        so, slse = _chunks_flash(qk, k, v, rows, ctx_rows, c, w, N, scale)
     else:
-        sq = qk.reshape(B * Np, d).index_select(0, rows).view(-1, c, d)
-        kctx = k.reshape(B * Np, d).index_select(0, ctx_rows).view(-1, w, d)
-        vctx = v.reshape(B * Np, dv).index_select(0, ctx_rows).view(-1, w, dv)
-        dots = (sq @ kctx.transpose(1, 2)).mul_(scale)
-        dots[..., :c].diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)  # self chunk comes first
-        if n_pad:
-            kpad = (ctx_rows % Np >= N).view(-1, 1, w)
-            dots = dots.masked_fill(kpad, torch.finfo(dots.dtype).min)
-        # softmax, and the log-sum-exp from it: lse = max - log(max p) (its gradient is p, as it should be)
-        p = torch.softmax(dots, dim=-1)
-        lse = dots.amax(-1) - torch.log(p.amax(-1))
-        if dropout:
-            p = F.dropout(p, dropout_p, training=True)
-        so = (p @ vctx).view(B * nh * Np, dv)
-        slse = lse.reshape(B * nh * Np)
-    # undo the sort: sorted slot j of round r holds token order[r, j]
-    inv = torch.empty_like(order).scatter_(-1, order, torch.arange(Np, device=order.device).expand_as(order))
-    inv = (inv + torch.arange(B * nh, device=order.device).view(B, nh, 1) * Np)[:, :, :N].reshape(-1)
-    o = so.index_select(0, inv).view(B, nh, N, dv)
-    logits = slse.index_select(0, inv).view(B, nh, N, 1)
-    if nh == 1:
-        out = o[:, 0]
-    else:
-        out = (o * torch.softmax(logits, dim=1)).sum(dim=1)
+        so, slse = _chunks_matmul(qk, k, v, rows, ctx_rows, c, w, N, scale, dropout_p if dropout else 0.0)
+    out = _unsort_and_combine(so, slse, order, N)
     if return_buckets:
         return out, buckets[..., :N]
     return out
 
 
 def full_shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                             q: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             q: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Exact shared-QK attention (keys = normalised ``qk``, no self-attention unless a token is alone,
     as in :func:`lsh_attention`): the O(N^2) reference. ``q`` (B, M, d): queries that are the first M
-    tokens of ``qk`` (default all)."""
+    tokens of ``qk`` (default all). ``dropout_p``: dropout on the attention weights (pass it only in
+    training)."""
     B, N, d = qk.shape
     scale = d ** -0.5 if scale is None else scale
     q = qk if q is None else q
@@ -231,7 +263,10 @@ def full_shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, scale: Optional[
     eye = torch.zeros(M, N, dtype=dots.dtype, device=dots.device)
     eye[:, :M].diagonal().fill_(SELF_LOGIT)
     dots = dots.masked_fill(eye.bool(), SELF_LOGIT) if N > 1 else dots
-    return torch.softmax(dots, dim=-1) @ v
+    p = torch.softmax(dots, dim=-1)
+    if dropout_p:
+        p = F.dropout(p, dropout_p, training=True)
+    return p @ v
 
 
 class LSHAttention(nn.Module):
@@ -317,6 +352,8 @@ class LSHAttention(nn.Module):
         if p:
             if p >= N:
                 raise ValueError(f"{N} tokens with {p} prefix tokens: nothing to attend to")
-            out = torch.cat([full_shared_qk_attention(qk, v, self.scale, q=qk[:, :p]), out[:, p:]], dim=1)
+            drop = self.attn_drop if self.training else 0.0  # as the LSH rows: dropout in training only
+            out = torch.cat([full_shared_qk_attention(qk, v, self.scale, q=qk[:, :p], dropout_p=drop), out[:, p:]],
+                            dim=1)
         out = out.view(B, h, N, d).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
