@@ -7,6 +7,7 @@ import threading
 
 import torch
 
+TITLE = "Hyena"
 _LOCK = threading.Lock()
 _MODEL = None
 DEFAULT_GRIDS = (8, 16, 32, 48, 64)
@@ -31,29 +32,20 @@ def hyena_model():
     global _MODEL
     with _LOCK:
         if _MODEL is None:
-            import timm
+            from visiontools import models
 
-            import visiontools.models  # noqa: F401  (registers hyena_vit_cifar)
-
-            try:
-                from visiontools import models as vt_models
-                shipped = sorted(vt_models.CHECKPOINT_DIR.glob("*hyena*.safetensors"))
-            except ImportError:
-                shipped = []
+            shipped = sorted(models.CHECKPOINT_DIR.glob("*hyena*.safetensors"))
             why = "no Hyena checkpoint is shipped"
             if shipped:
                 from visiontools.demos.model_cache import accuracy_note
 
                 try:
-                    model, desc = vt_models.load_checkpoint_model(shipped[0])
+                    model, desc = models.load(shipped[0])
                     _MODEL = (model, f"shipped checkpoint {shipped[0].name} ({desc['model']}{accuracy_note(desc)})", True)
                 except (OSError, ValueError) as e:
                     why = f"{shipped[0].name} could not be loaded: {e}"
             if _MODEL is None:
-                g = torch.random.get_rng_state()
-                torch.manual_seed(0)
-                model = timm.create_model("hyena_vit_cifar").eval()
-                torch.random.set_rng_state(g)
+                model, _ = models.load("hyena_vit_cifar")  # random weights, seeded
                 _MODEL = (model, f"hyena_vit_cifar with random weights ({why}): "
                                  "the filters shown are the untrained initial ones", False)
         return _MODEL
@@ -157,7 +149,7 @@ def filters_ui(block, order_index):
     return fig, f"**{desc}.** Red = positive, blue = negative weight at each (dy, dx) offset."
 
 
-def build_tab(gr, image) -> None:
+def build_tab(gr, shared) -> None:  # noqa: ARG001  (the tab interface: visiontools.demos.state)
     """The tab's components and events."""
     def run_timing(dim, repeats, largest, progress=gr.Progress(track_tqdm=True)):
         grids = tuple(g for g in ALL_GRIDS if g <= int(largest))
@@ -168,7 +160,7 @@ def build_tab(gr, image) -> None:
             f"Measured on **{result['machine']}** by `visiontools bench hyena`'s code: median of {int(repeats)} "
             f"interleaved rounds per grid. {said}. Peak memory: {result['memory_method']}.")
 
-    with gr.Tab("Hyena") as tab:
+    with gr.Tab(TITLE) as tab:
         gr.Markdown("Hyena replaces attention by long 2D convolutions with implicit filters (an MLP over "
                     "the offset, times a decay window) and gating: O(N log N) instead of O(N²) in the tokens N.")
         depth = 6

@@ -12,22 +12,24 @@ from visiontools.demos.images import square_resized
 from visiontools.demos.model_cache import DemoModel
 from visiontools.data import normalize
 
-SCHEDULES = {"constant": 0.0, "decreasing": -0.5, "increasing": 0.5}
+SCHEDULES = {"constant": "{r}", "decreasing": "{r},-0.5", "increasing": "{r},+0.5"}  # as `--r` writes them
 DISPLAY_SIDE = 384
 TOKEN_TABLE_HEADERS = ["block", "tokens in", "merged", "tokens out"]
 
 
 def r_setting(r: int, schedule: str = "constant"):
-    """The ``tome_r`` value for a slider r and a schedule name: ``r`` for ``constant``,
+    """The ``tome_r`` value for a slider r and a schedule name, read by the command line's grammar
+    (:func:`visiontools.tome.merge.parse_r_text` of ``SCHEDULES[schedule]``): ``r`` for ``constant``,
     ``(r, -0.5)`` for ``decreasing`` (merge more early), ``(r, 0.5)`` for ``increasing``."""
+    from visiontools.tome.merge import parse_r_text
+
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
     if isinstance(r, float) and r.is_integer():
         r = int(r)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+    if isinstance(r, bool) or not isinstance(r, int):
         raise ValueError(f"r must be a non-negative integer, got {r!r}")
-    inflection = SCHEDULES[schedule]
-    return r if inflection == 0 else (r, inflection)
+    return parse_r_text(SCHEDULES[schedule].format(r=r))
 
 
 def model_input(dm: DemoModel, image: Image.Image) -> torch.Tensor:

@@ -1,26 +1,25 @@
-"""Models for the demo: the most accurate shipped CIFAR-10 model (``conformer_cifar10``) by default,
-another shipped checkpoint or any timm ViT by name, loaded once and cached (thread-safe). Every
-request patches a shallow copy of the cached model, so users with different ToMe settings never change
-each other's model."""
+"""Models for the demo: the library's default checkpoint (``visiontools.models.DEFAULT_CHECKPOINT``,
+``cifar10_vit``: a plain ViT, where ToMe pays on a CPU) by default, another shipped checkpoint (e.g.
+the more accurate ``conformer_cifar10``) or any timm ViT by name, loaded once by
+``visiontools.models.load`` and cached (thread-safe). Every request patches a shallow copy of the cached
+model, so users with different ToMe settings never change each other's model."""
 from __future__ import annotations
 
 import copy
-import os
-import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
+from visiontools import models
+from visiontools.models import DEFAULT_ARCHITECTURE, DEFAULT_CHECKPOINT, SHIPPED
+
 DEFAULT_MODEL = "default"
-DEFAULT_CHECKPOINT = "conformer_cifar10"  # the most accurate shipped CIFAR-10 model (visiontools.models.SHIPPED)
 DEFAULT_ALIASES = ("default", DEFAULT_CHECKPOINT)
-FALLBACK_DEFAULT = "conformer_vit_cifar_cct"  # architecture of the default checkpoint
-SUGGESTED_MODELS = ["default", "cifar10_vit", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_small_patch16_224",
-                    "deit_small_patch16_224", "vit_base_patch16_224"]
+SUGGESTED_MODELS = ["default", "conformer_cifar10", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
+                    "vit_small_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224"]
 MAX_CACHED = 3  # models kept in memory besides the default one
 
 
@@ -65,48 +64,6 @@ class DemoModel:
         return apply_tome(copy.copy(self.model), r=r)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (where timm's pretrained weights live) can be reached; checked
-    with one TCP connection so that machines without network fail in seconds, not a minute of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _register_visiontools_models() -> bool:
-    try:
-        import visiontools.models  # noqa: F401  (registers vit_cifar_* with timm)
-        return True
-    except ImportError:
-        return False
-
-
-def _imagenet_classes(model) -> list[str] | None:
-    """Class names for ImageNet-1k/21k heads (from timm's bundled label lists), else None."""
-    try:
-        from timm.data import ImageNetInfo, infer_imagenet_subset
-
-        subset = infer_imagenet_subset(model)
-        if subset is None:
-            return None
-        info = ImageNetInfo(subset)
-        return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
-    except Exception:
-        return None
-
-
-def _cfg_stats(model) -> tuple[tuple, tuple]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-    return mean, std
-
-
 def check_tome_supported(model: torch.nn.Module, name: str) -> None:
     """Raise ``ValueError`` naming the problem when ToMe cannot patch ``model``."""
     from visiontools.patches.timm import apply_tome
@@ -120,31 +77,17 @@ def check_tome_supported(model: torch.nn.Module, name: str) -> None:
 
 
 def _load_default() -> DemoModel:
-    if _register_visiontools_models():
-        from visiontools import models as vt_models
-
-        try:
-            model, desc = vt_models.load_checkpoint_model(DEFAULT_CHECKPOINT)
-        except (FileNotFoundError, ValueError) as e:
-            model = vt_models.create_model(FALLBACK_DEFAULT).eval()
-            mean, std = _cfg_stats(model)
-            return DemoModel(
-                "default", model, list(vt_models.CIFAR10_CLASSES), mean, std, trained=False,
-                notice=(f"The shipped CIFAR-10 checkpoint could not be loaded, so {FALLBACK_DEFAULT} runs "
-                        "with random weights: its predictions are meaningless (merging and speed are "
-                        f"still real). Reason: {e}"),
-                description=f"{FALLBACK_DEFAULT} (random weights)")
-        acc = accuracy_note(desc)
-        return DemoModel("default", model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
-                         description=f"shipped CIFAR-10 checkpoint ({desc['model']}, 32x32 input){acc}")
-    # visiontools.models not installed: a random-weight ViT-Tiny on 32x32 images
-    import timm
-
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10).eval()
-    mean, std = _cfg_stats(model)
-    return DemoModel("default", model, [f"class {i}" for i in range(10)], mean, std, trained=False,
-                     notice="visiontools.models is not available: using a random-weight ViT-Tiny; "
-                            "predictions are meaningless.", description="ViT-Tiny/4 on 32x32 (random weights)")
+    """The default checkpoint; if its file cannot be read, its architecture with random weights and a notice."""
+    try:
+        return _load_checkpoint(DEFAULT_CHECKPOINT, "default")
+    except (FileNotFoundError, ValueError) as e:
+        model, desc = models.load(DEFAULT_ARCHITECTURE)
+        return DemoModel(
+            "default", model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]), trained=False,
+            notice=(f"The shipped CIFAR-10 checkpoint could not be loaded, so {DEFAULT_ARCHITECTURE} runs "
+                    "with random weights: its predictions are meaningless (merging and speed are "
+                    f"still real). Reason: {e}"),
+            description=f"{DEFAULT_ARCHITECTURE} (random weights)")
 
 
 def accuracy_note(desc: dict) -> str:
@@ -165,84 +108,76 @@ def accuracy_note(desc: dict) -> str:
     return note + (" (provisional checkpoint)" if desc.get("provisional") else "")
 
 
-def _shipped() -> dict:
-    from visiontools.models import SHIPPED
+def _load_checkpoint(path: str, name: str | None = None) -> DemoModel:
+    model, desc = models.load(path)
+    what = (f"shipped CIFAR-10 checkpoint {path}" if path in SHIPPED and desc.get("dataset", "cifar10") == "cifar10"
+            else f"shipped checkpoint {path}" if path in SHIPPED else f"checkpoint {Path(path).name}")
+    h, w = model.patch_embed.img_size if hasattr(model, "patch_embed") else (0, 0)
+    return DemoModel(name or path, model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
+                     description=f"{what} ({desc['model']}, {h}x{w} input){accuracy_note(desc)}")
 
-    return SHIPPED
 
+def _weights_notice(name: str, allow_download: bool) -> str:
+    """Why ``name`` runs with random weights (no downloadable weights, downloads off, hub unreachable),
+    or ``""`` when its pretrained weights can be tried."""
+    import timm
 
-def _load_checkpoint(path: str) -> DemoModel:
-    if not _register_visiontools_models():
-        raise ValueError("loading a visiontools checkpoint needs visiontools.models")
-    from visiontools import models as vt_models
+    from visiontools.models.hub import hub_reachable, offline_requested
 
-    model, desc = vt_models.load_checkpoint_model(path)
-    return DemoModel(path, model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
-                     description=f"checkpoint {Path(path).name} ({desc['model']}){accuracy_note(desc)}")
+    from_hub = name.startswith("hf-hub:")
+    cfg = None if from_hub else timm.models.get_pretrained_cfg(name)
+    if not (from_hub or (cfg and (cfg.hf_hub_id or cfg.url))):
+        return f"{name} has no downloadable pretrained weights: using random weights, predictions are meaningless."
+    if not allow_download:
+        return f"Downloads are turned off: {name} uses random weights, predictions are meaningless."
+    if offline_requested() or not hub_reachable():
+        return (f"The Hugging Face hub cannot be reached from this machine, so {name}'s pretrained weights "
+                "could not be downloaded: using random weights, predictions are meaningless.")
+    return ""
 
 
 def _load_timm(name: str, allow_download: bool) -> DemoModel:
     import timm
 
-    _register_visiontools_models()
     from_hub = name.startswith("hf-hub:")
     if not from_hub and not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f" Similar names: {', '.join(close)}." if close else ""
         raise ValueError(f"{name!r} is not a timm model name.{hint}")
-    cfg = None if from_hub else timm.models.get_pretrained_cfg(name)
-    has_weights = from_hub or bool(cfg and (cfg.hf_hub_id or cfg.url))
-    notice, trained, model = "", True, None
-    if not has_weights:
-        notice = f"{name} has no downloadable pretrained weights: using random weights, predictions are meaningless."
-    elif not allow_download:
-        notice = f"Downloads are turned off: {name} uses random weights, predictions are meaningless."
-    elif not _hub_reachable():
-        notice = (f"The Hugging Face hub cannot be reached from this machine, so {name}'s pretrained weights "
-                  "could not be downloaded: using random weights, predictions are meaningless.")
-    else:
+    notice, loaded = _weights_notice(name, allow_download), None
+    if not notice:
         try:
-            model = timm.create_model(name, pretrained=True)
+            loaded = models.load(name, pretrained=True)
         except Exception as e:  # network errors, missing files, hub auth...
             notice = (f"Downloading pretrained weights for {name} failed ({type(e).__name__}: {str(e)[:200]}): "
                       "using random weights, predictions are meaningless.")
-    if model is None:
+    if loaded is None:
         if from_hub:
             raise ValueError(f"{name} is only defined on the Hugging Face hub, which could not be used: {notice}")
-        model, trained = timm.create_model(name, pretrained=False), False
-    model.eval()
+        loaded = models.load(name)
+    model, desc = loaded
+    trained = desc["trained"]
     check_tome_supported(model, name)  # before reading patch_embed below
-    n = getattr(model, "num_classes", 0)
-    classes = vt_models_classes(name, n) or _imagenet_classes(model) or [f"class {i}" for i in range(n)]
-    mean, std = _cfg_stats(model)
+    classes = desc["classes"] or [f"class {i}" for i in range(getattr(model, "num_classes", 0))]
     h, w = model.patch_embed.img_size
-    return DemoModel(name, model, classes, mean, std, notice=notice, trained=trained,
+    return DemoModel(name, model, classes, tuple(desc["mean"]), tuple(desc["std"]), notice=notice, trained=trained,
                      description=f"timm {name} ({'pretrained' if trained else 'random weights'}, {h}x{w} input)")
 
 
-def vt_models_classes(name: str, n: int) -> list[str] | None:
-    """CIFAR-10 class names for visiontools' own 10-class CIFAR models."""
-    if name.startswith("vit_cifar_") and n == 10:
-        from visiontools.data import CIFAR10_CLASSES
-
-        return list(CIFAR10_CLASSES)
-    return None
-
-
 def load_model(name: str, allow_download: bool = True, allow_path: bool = True) -> DemoModel:
-    """Load a model for the demo (no caching; use :class:`ModelCache`). ``name``: ``default`` (the
-    shipped ``DEFAULT_CHECKPOINT``), another shipped checkpoint's name (``cifar10_vit``), a path to a
-    visiontools ``.safetensors`` checkpoint (when ``allow_path``), or a timm model name (pretrained weights when they can be downloaded, random
-    weights and a notice otherwise). Raises ``ValueError`` with a message for the user when the name
-    cannot be used."""
+    """Load a model for the demo (no caching; use :class:`ModelCache`) with ``visiontools.models.load``.
+    ``name``: ``default`` (the shipped ``DEFAULT_CHECKPOINT``), another shipped checkpoint's name
+    (``conformer_cifar10``), a path to a visiontools ``.safetensors`` checkpoint (when ``allow_path``), or
+    a timm model name (pretrained weights when they can be downloaded, random weights and a notice
+    otherwise). Raises ``ValueError`` with a message for the user when the name cannot be used."""
     name = (name or "").strip()
     if not name:
         raise ValueError("No model name given.")
     if name in DEFAULT_ALIASES:
         dm = _load_default()
-    elif _register_visiontools_models() and name in _shipped():  # files of this package, not a user's path
+    elif name in SHIPPED:  # files of this package, not a user's path
         dm = _load_checkpoint(name)
-    elif name.endswith(".safetensors"):
+    elif models.is_checkpoint(name):
         if not allow_path:
             raise ValueError("Checkpoint files can only be chosen when the demo is started "
                              "(visiontools demo --model PATH), not from the page.")

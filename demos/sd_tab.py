@@ -19,6 +19,10 @@ from PIL import Image
 from visiontools.demos.images import square_resized
 from visiontools.bench.sd import shared_copy
 
+TITLE = "Stable Diffusion (ToMe-SD)"
+MISSING = ("**Stable Diffusion is not installed.** This tab needs the optional `sd` extra (diffusers, "
+           "transformers, accelerate): run `pip install -e '.[sd]'` in the repository (or `bash scripts/setup.sh`, "
+           "which installs it), then restart `visiontools demo`.")
 LATENT_SIDES = {"32x32 (256 px image)": 32, "64x64 (512 px image)": 64}
 TIMESTEP = 500
 _LOCK = threading.Lock()
@@ -166,8 +170,8 @@ def merge_maps_ui(img, ratio, max_ds, side_label):
     a warning and a note instead of an exception."""
     import gradio as gr
 
-    from visiontools.demos.app import upload_path
     from visiontools.demos.images import ImageInputError, read_image
+    from visiontools.demos.state import upload_path
 
     try:
         im, _ = read_image(upload_path(img))
@@ -183,8 +187,8 @@ def merge_maps_ui(img, ratio, max_ds, side_label):
     return [(b.picture, b.caption) for b in maps], text
 
 
-def build_tab(gr, image) -> None:
-    """The tab's components and events (``image``: the shared input image component)."""
+def build_tab(gr, shared) -> None:
+    """The tab's components and events (``shared.image``: the input image of the merge tab)."""
 
     def run_speed(ratio, max_ds, side_label, repeats, progress=gr.Progress()):
         rows, machine = sd_speed(float(ratio), int(max_ds), LATENT_SIDES[side_label], int(repeats),
@@ -193,7 +197,7 @@ def build_tab(gr, image) -> None:
                       f"{int(repeats)} interleaved rounds. The gain depends on the latent size and the UNet "
                       "width (merge plans cost time too); full-size SD 1.5 numbers come from `visiontools bench sd`.")
 
-    with gr.Tab("Stable Diffusion (ToMe-SD)"):
+    with gr.Tab(TITLE):
         gr.Markdown("ToMe for Stable Diffusion merges similar latent tokens before each self-attention (one "
                     "destination per 2x2 window) and copies the result back after it. Pictures: which latent "
                     "tokens share a merged token in each patched UNet block, for the image of the first tab.")
@@ -212,7 +216,7 @@ def build_tab(gr, image) -> None:
             measure = gr.Button("Measure UNet speed", elem_id="sd-measure")
         table = gr.Dataframe(headers=SD_SPEED_HEADERS, interactive=False, label="UNet call", elem_id="sd-speed")
         speed_note = gr.Markdown()
-        show.click(merge_maps_ui, [image, ratio, max_ds, side], [gallery, note], preprocess=False,
+        show.click(merge_maps_ui, [shared.image, ratio, max_ds, side], [gallery, note], preprocess=False,
                    concurrency_limit=1, concurrency_id="sd")
         measure.click(run_speed, [ratio, max_ds, side, repeats], [table, speed_note], concurrency_limit=1,
                       concurrency_id="sd")

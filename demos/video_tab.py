@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+TITLE = "Video"
 MAX_FRAMES = 120            # longer clips are cut here, with a message (the CLI has no limit)
 MAX_PIXELS = 3840 * 2160    # 4K frames at most in the demo
 OUT_HEIGHT = 240            # output panel height: small files, quick to encode and send
@@ -105,15 +106,15 @@ def run_video(clip, r, block, batch_size, progress=None):
     """The tab's callback: returns (annotated clip path or None, figure or None, markdown note)."""
     import gradio as gr
 
-    from visiontools.demos.app import _cache, upload_path
     from visiontools.demos.merging import r_setting
+    from visiontools.demos.state import cache, upload_path
     from visiontools.video import VideoInputError, annotate_video, probe_video
 
     path = upload_path(clip)
     if path is None:
         return None, None, "Upload a clip or pick the example."
     try:
-        dm = _cache().get(None)
+        dm = cache().get(None)
         info = probe_video(path, MAX_PIXELS)
         total = info.frame_count
         out = _work_dir() / f"{uuid.uuid4().hex}.webm"
@@ -154,8 +155,8 @@ def webcam_frame(frame, r, block):
     """One webcam frame (RGB array) -> the frame beside its merge map, with tokens and the model time."""
     import torch
 
-    from visiontools.demos.app import _cache
     from visiontools.demos.merging import r_setting
+    from visiontools.demos.state import cache
     from visiontools.patches.timm import tome_forward
     from visiontools.video import annotate_frame, display_size, model_input
 
@@ -163,7 +164,7 @@ def webcam_frame(frame, r, block):
         return None
     import cv2
 
-    dm = _cache().get(None)
+    dm = cache().get(None)
     block = min(int(block), dm.depth)
     tome = dm.patched(r_setting(int(r)))
     x = model_input([frame], dm.input_size, dm.mean, dm.std)
@@ -179,16 +180,16 @@ def webcam_frame(frame, r, block):
         f"ToMe forward {ms:.1f} ms (one frame)"])
 
 
-def build_tab(gr, image) -> None:  # noqa: ARG001  (same signature as the other tabs)
-    """The tab's components and events."""
-    from visiontools.demos.app import _cache
+def build_tab(gr, shared) -> None:  # noqa: ARG001  (the tab interface: visiontools.demos.state)
+    """The tab's components and events, for the demo's start-up model."""
+    from visiontools.demos.state import cache
 
-    dm = _cache().get(None)
+    dm = cache().get(None)
 
     def annotate(clip, r, block, batch_size, progress=gr.Progress()):
         return run_video(clip, r, block, batch_size, progress=progress)
 
-    with gr.Tab("Video"):
+    with gr.Tab(TITLE):
         gr.Markdown(f"Token merging on every frame of a clip, with {dm.description}: each frame beside the "
                     "patch groups merged after the chosen block, the tokens left, and the model's frames per "
                     f"second with and without ToMe. Clips are cut at {MAX_FRAMES} frames here "

@@ -26,8 +26,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # at the same time on any machine.
 HOLDING_LAUNCHER = """
 import functools, os, sys, threading, time
-import visiontools.demos.app as app
-_lock, _active, _merge = threading.Lock(), [0], app.run_merge
+import visiontools.demos.merge_tab as merge_tab
+_lock, _active, _merge = threading.Lock(), [0], merge_tab.run_merge
 _seconds, _gate = float(os.environ.get("VT_HOLD_SECONDS", "0")), os.environ.get("VT_HOLD_FILE")
 
 @functools.wraps(_merge)
@@ -44,7 +44,7 @@ def _held(*args, **kwargs):
         with _lock:
             _active[0] -= 1
 
-app.run_merge = _held
+merge_tab.run_merge = _held
 LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0", None)
 def hook(event, args):
     if event == "socket.getaddrinfo":

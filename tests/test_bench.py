@@ -4,7 +4,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from visiontools.bench.vit import benchmark_vit, markdown_table, parse_schedule
+from visiontools.bench.vit import benchmark_vit, markdown_table, r_argument
 from visiontools.cli import main
 from visiontools.timing import count_flops, interleaved_times
 
@@ -29,10 +29,70 @@ def test_interleaved_times_runs_every_candidate_in_rotating_order():
                        (2 / 3, "timing round 3 of 3"), 5, (1.0, "done")]
 
 
-def test_parse_schedule():
-    assert parse_schedule("16") == 16
-    assert parse_schedule("16,-0.5") == (16, -0.5)
-    assert parse_schedule("4,4,2") == [4, 4, 2]
+def test_r_argument_is_the_one_grammar_with_argparse_errors():
+    import argparse
+
+    import pytest
+
+    assert r_argument("16") == 16
+    assert r_argument("16,-0.5") == (16, -0.5)
+    assert r_argument("4,4,2") == [4, 4, 2]
+    with pytest.raises(argparse.ArgumentTypeError, match="not an r setting: 'x'; use an int r"):
+        r_argument("x")
+
+
+def test_every_r_option_reads_the_same_grammar():
+    """bench, eval, video and export parse --r with parse_r_text: the same text gives the same tome_r."""
+    from visiontools.cli import build_parser
+
+    parser = build_parser()
+    common = {"bench": ["bench", "vit"], "onnx": ["bench", "onnx"], "eval": ["eval"],
+              "video": ["video", "--in", "a.mp4", "--out", "b.mp4"], "export": ["export", "--model", "m", "--out", "m.onnx"]}
+    for text, want in (("8", 8), ("8,-0.5", (8, -0.5)), ("8,8,4,4", [8, 8, 4, 4])):
+        for name, argv in common.items():
+            got = parser.parse_args([*argv, "--r", text]).r
+            assert (got[0] if name in ("bench", "onnx", "eval") else got) == want, (name, text, got)
+    assert parser.parse_args(["eval", "--schedule", "8,1"]).schedule == [[8, 1]]  # run() reads it as (8, 1.0)
+
+
+def test_resolve_dtype_is_the_one_reading_of_dtype_names(monkeypatch):
+    import pytest
+
+    from visiontools.timing import dtype_label, resolve_dtype
+
+    for name, want in (("fp32", torch.float32), ("off", torch.float32), (None, torch.float32), ("bf16", torch.bfloat16),
+                       ("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("half", torch.float16),
+                       (torch.float16, torch.float16), ("auto", torch.float32)):
+        assert resolve_dtype(name, "cpu") == want, name
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda") == torch.float16  # no bf16 on this GPU
+    assert resolve_dtype("auto", "cuda", auto="fp16") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert [dtype_label(d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(ValueError, match="unknown dtype 'fp8': use auto, fp32, bf16 or fp16"):
+        resolve_dtype("fp8")
+
+
+def test_write_results_prints_writes_and_plots(tmp_path, capsys):
+    """The one reporting path of the bench targets: table printed, markdown/JSON/plot written, each named."""
+    from argparse import Namespace
+
+    from visiontools.timing import save_figure, subplots, write_results
+
+    def plot(result, path):
+        fig, ax = subplots()
+        ax.plot(result["xs"])
+        save_figure(fig, path)
+
+    args = Namespace(out_md=tmp_path / "a" / "t.md", out_json=tmp_path / "b" / "t.json", plot=tmp_path / "c" / "t.png")
+    write_results(args, "| t |", {"xs": [1, 2]}, plot=plot, header="head")
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "| t |" and all(f"wrote {p}" in out for p in (args.out_md, args.out_json, args.plot))
+    assert args.out_md.read_text() == "head\n\n| t |\n" and json.loads(args.out_json.read_text()) == {"xs": [1, 2]}
+    assert args.plot.read_bytes()[:4] == b"\x89PNG"
+    write_results(Namespace(out_md=None, out_json=None), "| u |", {}, echo=False)  # no --plot option: fine
+    assert capsys.readouterr().out == ""
 
 
 def test_benchmark_rows_and_flop_ratio():

@@ -166,14 +166,14 @@ def test_demo_port_honours_gradio_server_port(monkeypatch):
 def test_demo_without_diffusers_says_what_to_install(monkeypatch):
     import gradio as gr
 
-    from visiontools.demos import app, hyena_tab, sd_tab
+    from visiontools.demos import app, hyena_tab, sd_tab, state
 
     monkeypatch.setattr(sd_tab, "available", lambda: False)
     monkeypatch.setattr(hyena_tab, "available", lambda: False)
     with gr.Blocks() as demo:
-        app._extra_tabs(gr, None)
+        app.add_tabs(gr, state.Shared(), [sd_tab, hyena_tab])
     texts = [getattr(b, "value", None) for b in demo.blocks.values()]
-    assert app.SD_MISSING in texts and "pip install -e '.[sd]'" in app.SD_MISSING
+    assert sd_tab.MISSING in texts and "pip install -e '.[sd]'" in sd_tab.MISSING
 
 
 # ----------------------------------------------------------------------------- honest output

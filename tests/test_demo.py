@@ -146,8 +146,21 @@ def test_r_setting_schedules():
     assert r_setting(8, "increasing") == (8, 0.5)
     with pytest.raises(ValueError, match="schedule"):
         r_setting(8, "sideways")
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="r must be >= 0"):
         r_setting(-1)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        r_setting(2.5)
+
+
+def test_r_setting_reads_the_schedules_with_the_command_lines_grammar(monkeypatch):
+    """The demo's schedule names are `--r` texts read by parse_r_text (the one grammar)."""
+    import visiontools.demos.merging as merging
+
+    from visiontools.tome.merge import parse_r_text
+
+    assert all(r_setting(8, name) == parse_r_text(text.format(r=8)) for name, text in merging.SCHEDULES.items())
+    monkeypatch.setitem(merging.SCHEDULES, "per-layer", "{r},{r},0")
+    assert r_setting(4, "per-layer") == [4, 4, 0]
 
 
 def test_model_input_normalises_with_model_stats(dm):
@@ -249,11 +262,11 @@ def test_cache_loads_each_model_once_across_threads():
     for t in threads:
         t.join()
     assert cache.loads == 1 and len(got) == 4 and all(g is got[0] for g in got)
-    assert cache.get("conformer_cifar10") is got[0] and cache.get("") is got[0]
+    assert cache.get("cifar10_vit") is got[0] and cache.get("") is got[0]
 
 
 def test_start_up_model_named_by_alias_is_never_evicted_and_failed_loads_leave_no_lock():
-    cache = ModelCache(allow_download=False, max_cached=0, default="conformer_cifar10")
+    cache = ModelCache(allow_download=False, max_cached=0, default="cifar10_vit")
     start = cache.get(None)
     cache.get("vit_tiny_patch16_224")  # over max_cached: evicted again, but not the start-up model
     assert cache.get("default") is start and cache.loads == 2
@@ -262,25 +275,56 @@ def test_start_up_model_named_by_alias_is_never_evicted_and_failed_loads_leave_n
     assert not cache._loading  # the failed name's load lock is gone
 
 
-def test_default_model_is_the_shipped_checkpoint(dm):
-    """The demo's default model carries exactly the shipped trained weights (no random fallback)."""
+def test_default_model_is_the_librarys_default_checkpoint(dm):
+    """The demo opens on the library's one default checkpoint (visiontools.models.DEFAULT_CHECKPOINT, the
+    plain cifar10_vit, where ToMe pays on a CPU) with exactly its shipped trained weights (no random fallback)."""
     from safetensors.torch import load_file
 
-    from visiontools.models import SHIPPED
+    from visiontools import models
+    from visiontools.demos import model_cache
 
+    assert models.DEFAULT_CHECKPOINT == "cifar10_vit" and model_cache.DEFAULT_ALIASES == ("default", "cifar10_vit")
+    assert not hasattr(model_cache, "DEFAULT_CHECKPOINT") or model_cache.DEFAULT_CHECKPOINT is models.DEFAULT_CHECKPOINT
     assert dm.classes[:3] == ["airplane", "automobile", "bird"] and dm.input_size == (32, 32)
-    assert dm.trained and not dm.notice and "shipped CIFAR-10 checkpoint" in dm.description
-    shipped = load_file(str(SHIPPED["conformer_cifar10"]))  # the most accurate shipped CIFAR-10 model
+    assert dm.trained and not dm.notice and "shipped CIFAR-10 checkpoint cifar10_vit" in dm.description
+    assert "vit_cifar_mini_p4" in dm.description and "top-1 55.4%" in dm.description
+    assert dm.model.num_prefix_tokens == 1 and dm.num_patches == 64  # 65 tokens: 64 patches + the class token
+    shipped = load_file(str(models.SHIPPED[models.DEFAULT_CHECKPOINT]))
     state = dm.model.state_dict()
     assert {f"model.{k}" for k in state} == set(shipped)
     assert all(torch.equal(v, shipped[f"model.{k}"]) for k, v in state.items())
+    assert models.load(models.DEFAULT_CHECKPOINT)[1]["model"] == models.DEFAULT_ARCHITECTURE  # the fallback's shape
+
+
+def test_default_checkpoint_is_one_for_library_cli_and_demo():
+    """The library, `eval`, `video` and the demo open on the same checkpoint."""
+    from visiontools import models
+    from visiontools.cli import build_parser
+
+    assert models.load_default_model()[1]["path"] == str(models.SHIPPED[models.DEFAULT_CHECKPOINT])
+    assert build_parser().parse_args(["video", "--in", "a.mp4", "--out", "b.mp4"]).model == models.DEFAULT_CHECKPOINT
+    from visiontools.evaluate import load_model_for_eval
+
+    assert load_model_for_eval(None, None, False, "cifar10", torch.device("cpu"))[1]["path"] == \
+        str(models.SHIPPED[models.DEFAULT_CHECKPOINT])
+
+
+def test_broken_default_checkpoint_falls_back_to_its_architecture_with_a_notice(monkeypatch, tmp_path):
+    from visiontools.demos import model_cache
+
+    monkeypatch.setitem(model_cache.SHIPPED, "cifar10_vit", tmp_path / "gone.safetensors")
+    dm = model_cache.load_model("default", allow_download=False)
+    assert not dm.trained and "could not be loaded" in dm.notice and "vit_cifar_mini_p4" in dm.notice
+    assert dm.classes[0] == "airplane" and dm.grid_size == (8, 8)
 
 
 def test_other_shipped_checkpoints_load_by_name_from_the_page():
-    """Shipped names are files of the package, not user paths: the page may choose them."""
-    dm = ModelCache(allow_download=False).get("cifar10_vit")
-    assert dm.trained and dm.model.num_prefix_tokens == 1 and dm.grid_size == (8, 8)
-    assert "cifar10_vit" in dm.description and "vit_cifar_mini_p4" in dm.description and "top-1 55.4%" in dm.description
+    """Shipped names are files of the package, not user paths: the page may choose them. The more accurate
+    conv-augmented conformer_cifar10 (no class token) stays selectable by name."""
+    dm = ModelCache(allow_download=False).get("conformer_cifar10")
+    assert dm.trained and dm.model.num_prefix_tokens == 0 and dm.grid_size == (8, 8)
+    assert "conformer_cifar10" in dm.description and "conformer_vit_cifar_cct" in dm.description
+    assert "top-1 87.0%" in dm.description
 
 
 def test_checkpoint_paths_only_from_the_command_line():
@@ -329,8 +373,8 @@ def test_measure_speed_reports_all_candidates_and_flop_ratio(dm, cat):
     table = res.table()
     assert table[0][3] == 1.0 and table[0][5] == 1.0
     flop_ratios = [row[5] for row in table]
-    # more merging, fewer FLOPs (the default Conformer's tokenizer and grid operations do not shrink: 1.32x at r=8)
-    assert flop_ratios == sorted(flop_ratios) and flop_ratios[-1] > 1.3
+    # more merging, fewer FLOPs (the default plain ViT: 65 -> 25 tokens at r=8 over 6 blocks)
+    assert flop_ratios == sorted(flop_ratios) and flop_ratios[-1] > 1.5
     assert table[-1][6] == dm.num_patches + dm.model.num_prefix_tokens - 8 * (dm.depth - 1)
     assert all(row[1] > 0 and row[2] > 0 for row in table)
     assert seen[0] == 0 and seen[-1] == 1.0 and seen == sorted(seen)
@@ -353,7 +397,7 @@ def test_measure_speed_thread_setting_is_used_and_restored(dm, cat):
 def test_thread_choices():
     import os
 
-    from visiontools.demos.app import thread_choices
+    from visiontools.demos.speed_tab import thread_choices
 
     ch = thread_choices()
     assert ch[0] == 1 and ch[-1] == (os.cpu_count() or 1) and ch == sorted(set(ch))
@@ -370,7 +414,7 @@ def test_sweep_values():
 # --- Gradio callbacks and app ---------------------------------------------------------------------
 
 def test_run_merge_callback_outputs_and_bad_uploads(tmp_path):
-    from visiontools.demos import app
+    from visiontools.demos import merge_tab as app
 
     vis, table, summary, before, after, status = app.run_merge(CAT, "default", 4, "constant", 3)
     assert isinstance(vis, Image.Image) and len(table) >= 3 and "after block 3" in summary
@@ -392,7 +436,7 @@ def test_run_merge_callback_outputs_and_bad_uploads(tmp_path):
 
 def test_run_merge_reports_unexpected_failures_instead_of_raising(monkeypatch):
     import visiontools.demos.merging
-    from visiontools.demos import app
+    from visiontools.demos import merge_tab as app
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure inside the model")
@@ -404,7 +448,7 @@ def test_run_merge_reports_unexpected_failures_instead_of_raising(monkeypatch):
 
 
 def test_run_speed_callback(tmp_path):
-    from visiontools.demos import app
+    from visiontools.demos import speed_tab as app
 
     fig, table, note = app.run_speed(CAT, "default", 4, "decreasing", 2, 2, False, 1)
     assert [row[0] for row in table] == ["unpatched", "ToMe r=4 (decreasing)"]
@@ -417,7 +461,7 @@ def test_run_speed_callback(tmp_path):
 
 
 def test_load_model_callback_reports_unknown_model():
-    from visiontools.demos import app
+    from visiontools.demos import merge_tab as app
 
     with pytest.warns(UserWarning):
         out = app.load_model_ui("no_such_model_xyz")
@@ -425,9 +469,10 @@ def test_load_model_callback_reports_unknown_model():
 
 
 def test_switching_model_updates_sliders_and_warns_about_random_weights(monkeypatch):
-    from visiontools.demos import app
+    from visiontools.demos import merge_tab as app
+    from visiontools.demos import state
 
-    monkeypatch.setattr(app, "_CACHE", ModelCache(allow_download=False))
+    monkeypatch.setattr(state, "_CACHE", ModelCache(allow_download=False))
     with pytest.warns(UserWarning, match="random weights"):
         info, r, layer, status = app.load_model_ui("deit_tiny_patch16_224")
     assert "14x14 = 196 patches" in info and "meaningless" in info
@@ -435,13 +480,13 @@ def test_switching_model_updates_sliders_and_warns_about_random_weights(monkeypa
     vis, table, summary, before, after, _ = app.run_merge(CAT, "deit_tiny_patch16_224", 16, "decreasing", 12)
     assert vis.size == (384, 384) and len(table) == 12 and table[0][1] == 197
     assert sum(row[2] for row in table) == 197 - table[-1][3]
-    assert all(k in app._CACHE.get("deit_tiny_patch16_224").classes for k in before)
+    assert all(k in state.cache().get("deit_tiny_patch16_224").classes for k in before)
 
 
 def test_upload_path_accepts_raw_component_values():
     from gradio.data_classes import FileData
 
-    from visiontools.demos.app import upload_path
+    from visiontools.demos.state import upload_path
 
     assert upload_path(None) is None and upload_path(CAT) == CAT
     assert upload_path({"path": CAT, "url": "http://x/file=cat.jpg", "orig_name": "cat.jpg"}) == CAT
@@ -460,6 +505,44 @@ def test_build_demo_and_cli_options():
     assert all(a.help for a in parser._actions if a.dest != "help")
     args = parser.parse_args([])
     assert (args.host, args.port, args.model, args.share) == ("127.0.0.1", 7860, "default", False)
+    tabs = [getattr(b, "label", None) for b in demo.blocks.values() if type(b).__name__ == "Tab"]
+    assert tabs == ["Which patches merge", "Measured speed", "Stable Diffusion (ToMe-SD)", "Hyena", "Video"]
+
+
+def test_tabs_share_one_interface_and_never_import_the_app():
+    """Every tab is a module with TITLE, available() and build_tab(gr, shared), composed by app.add_tabs;
+    what tabs share lives in demos/state.py, so no tab imports demos/app.py (not even inside a function)."""
+    import ast
+    import inspect
+
+    from visiontools.demos import app
+
+    tabs = app.tab_modules()
+    assert [t.__name__.rpartition(".")[2] for t in tabs] == ["merge_tab", "speed_tab", "sd_tab", "hyena_tab",
+                                                            "video_tab"]
+    for tab in tabs:
+        assert isinstance(tab.TITLE, str) and callable(tab.available)
+        assert list(inspect.signature(tab.build_tab).parameters) == ["gr", "shared"], tab.__name__
+        imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(tab))) if isinstance(n, ast.ImportFrom)}
+        imported |= {f"{n.module}.{a.name}" for n in ast.walk(ast.parse(inspect.getsource(tab)))
+                     if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not {m for m in imported if m and m.endswith("demos.app")}, tab.__name__
+    assert "__import__" not in inspect.getsource(app)
+
+
+def test_a_missing_tab_shows_its_note_and_the_others_still_build(monkeypatch):
+    import gradio as gr
+
+    from visiontools.demos import app, hyena_tab, sd_tab, state
+
+    monkeypatch.setattr(sd_tab, "available", lambda: False)
+    monkeypatch.setattr(hyena_tab, "available", lambda: False)
+    shared = state.Shared()
+    with gr.Blocks() as demo:
+        app.add_tabs(gr, shared, [sd_tab, hyena_tab])
+    texts = {getattr(b, "elem_id", None): getattr(b, "value", None) for b in demo.blocks.values()}
+    assert texts["sd-missing"] == sd_tab.MISSING and "pip install -e '.[sd]'" in sd_tab.MISSING
+    assert not any(k and k.startswith("hyena") for k in texts)  # no MISSING note: no tab at all
 
 
 # --- Stable Diffusion tab ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from PIL import Image
 
 from visiontools.cli import main as cli_main
 from visiontools.data import ImageNetFolder, load_cifar, normalize, timm_eval_transform
-from visiontools.evaluate import candidate_settings, evaluate, markdown_table, parse_schedule
+from visiontools.evaluate import candidate_settings, evaluate, markdown_table
 from visiontools.models import SHIPPED, load_checkpoint_model, load_default_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,21 @@ def test_eval_cli_writes_markdown_json_and_plot(tmp_path, datasets_dir):
         assert im.size[0] > 300
 
 
+def test_eval_r_takes_every_form_of_the_one_grammar(tmp_path, datasets_dir):
+    """--r takes an int, r,inflection and a per-layer list (one row each); --schedule keeps reading two
+    values as r,inflection (4,1 is inflection 1); the rows are ToMe-patched with exactly those settings."""
+    out = tmp_path / "ev"
+    rc = cli_main(["eval", "--data-dir", str(datasets_dir / "cifar10"), "--per-class", "1", "--r", "2", "4,-0.5",
+                   "8,8,4,4,2,2", "--schedule", "4,1", "--timing-batch-size", "2", "--repeats", "1", "--warmup", "0",
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = json.loads(Path(str(out) + ".json").read_text())["rows"]
+    assert [(r["name"], r["r"]) for r in rows] == [("unpatched", None), ("ToMe r=2", 2), ("ToMe r=4,-0.5", [4, -0.5]),
+                                                   ("ToMe r=[8,8,4,4,2,2]", [8, 8, 4, 4, 2, 2]),
+                                                   ("ToMe r=4,1", [4, 1.0])]
+    assert rows[3]["tokens_per_layer"] == [65, 57, 49, 45, 41, 39, 37]
+
+
 def test_eval_on_imagenet_folder_uses_wordnet_labels(datasets_dir):
     folder_dir = datasets_dir / "imagenet-samples"
     res = evaluate(model_name="vit_cifar_mini_p4", dataset="imagenet", data_dir=str(folder_dir), rs=[4],
@@ -189,12 +204,16 @@ def test_eval_errors_are_clear(tmp_path, datasets_dir):
         evaluate(dataset="cifar100", data_dir=str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="unknown model"):
         evaluate(model_name="no_such_model", dataset="cifar10", progress=False)
-    with pytest.raises(ValueError, match="'r,inflection'"):
-        parse_schedule("8")
     with pytest.raises(ValueError, match="r must be >= 0"):
         candidate_settings([-1], [])
+    with pytest.raises(SystemExit):  # argparse: one line naming the value and the accepted forms
+        cli_main(["eval", "--schedule", "8,x"])
     with pytest.raises(FileNotFoundError, match="shipped names"):
         load_checkpoint_model(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="--checkpoint vit_cifar_mini_p4: not a shipped checkpoint.*--model instead"):
+        evaluate(checkpoint="vit_cifar_mini_p4", progress=False)  # never random weights in place of a checkpoint
+    with pytest.raises(ValueError, match="--compare takes checkpoints"):
+        evaluate(data_dir=str(datasets_dir / "cifar10"), per_class=1, compare=["attn_vit_cifar"], progress=False)
 
 
 def test_eval_under_torchrun_matches_single_process(tmp_path, datasets_dir):

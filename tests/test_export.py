@@ -141,3 +141,52 @@ def test_bench_onnx_compares_the_exports_and_writes_its_table(tmp_path, capsys):
     assert rows[0]["flop_ratio"] == 1.0 and rows[1]["flop_ratio"] > 1.2
     assert all(r["max_abs_diff"] <= 1e-4 and len(r["times_s"]) == 1 for r in rows)
     assert "| ToMe r=2 (ONNX) | 5 |" in out_md.read_text() and "onnxruntime" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ guards (issue 25): what the CLI flags export
+
+def test_cli_no_prop_attn_and_static_batch_change_the_exported_model(tmp_path, monkeypatch):
+    """--no-prop-attn exports attention without the log(size) bias (no Log in the graph; the logits of
+    the patched model with prop_attn=False, not those of the default export); --static-batch fixes
+    the batch dimension of input and output to --batch-size, which is otherwise symbolic."""
+    import onnxruntime as ort
+
+    exported = {}  # ONNX path -> the model the CLI exported to it
+    real = export.export_onnx
+
+    def recording(model, x, path, *args, **kwargs):
+        exported[path] = model
+        return real(model, x, path, *args, **kwargs)
+
+    monkeypatch.setattr(export, "export_onnx", recording)
+    paths = {}
+    for name, flags in (("default", []), ("changed", ["--no-prop-attn", "--static-batch", "--batch-size", "2"])):
+        paths[name] = tmp_path / f"{name}.onnx"
+        torch.manual_seed(0)  # test_vit has random weights: the same ones in both exports
+        assert main(["export", "--model", "test_vit", "--img-size", "32", "--r", "3", "--out", str(paths[name]),
+                     "--no-check", *flags]) == 0
+    graphs = {k: onnx.load(str(p)).graph for k, p in paths.items()}
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert "Log" in {n.op_type for n in graphs["default"].node}
+    assert "Log" not in {n.op_type for n in graphs["changed"].node}
+    assert [isinstance(d, str) for d in dims(graphs["default"].input[0])] == [True, False, False, False]
+    assert isinstance(dims(graphs["default"].output[0])[0], str)
+    assert dims(graphs["changed"].input[0]) == [2, 3, 32, 32] and dims(graphs["changed"].output[0]) == [2, 1000]
+
+    model = exported[paths["default"]]
+    other = exported[paths["changed"]]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    x = torch.randn(2, 3, 32, 32)
+    sessions = {k: export.onnx_session(p, threads=1) for k, p in paths.items()}
+    logits = {k: export.onnx_logits(s, x) for k, s in sessions.items()}
+    with torch.inference_mode():
+        ref = {prop: apply_tome(model, r=3, prop_attn=prop)(x) for prop in (True, False)}
+    assert (logits["default"] - ref[True]).abs().max() <= 1e-4
+    assert (logits["changed"] - ref[False]).abs().max() <= 1e-4
+    assert (logits["changed"] - logits["default"]).abs().max() > 1e-3
+    assert export.onnx_logits(sessions["default"], x[:1]).shape == (1, 1000)  # dynamic: any batch
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):
+        export.onnx_logits(sessions["changed"], x[:1])

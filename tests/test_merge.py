@@ -157,3 +157,25 @@ def test_merge_rope_rules():
                     torch.testing.assert_close(r[b, out_i], rope[b, members[0]])
     with pytest.raises(ValueError, match="rope rule"):
         merge_rope(m, rope, size, "centroid")
+
+
+def test_parse_r_text_reads_every_documented_form():
+    import re
+
+    from visiontools.tome.merge import check_r, parse_r_text
+
+    cases = {"16": 16, " 0 ": 0, "16,-0.5": (16, -0.5), "8,0.5": (8, 0.5), "8,+1": (8, 1.0), "8,1e-1": (8, 0.1),
+             "8,8,4,4": [8, 8, 4, 4], "8,4": [8, 4], " 4, 4 ,2 ": [4, 4, 2], "[8]": [8], "(8,1)": (8, 1.0),
+             "[8,4]": [8, 4]}
+    for text, want in cases.items():
+        got = parse_r_text(text)
+        assert got == want and type(got) is type(want), (text, got)
+        check_r(got)  # every result is a valid tome_r
+    for bad in ("", "x", "1.5", "16,x", "(1,2,3)", "[8,-0.5]", "[]", "()"):
+        with pytest.raises(ValueError, match=f"not an r setting: {re.escape(repr(bad))}.*per-layer list"):
+            parse_r_text(bad)
+    for bad in ("-1", "8,-2,4", "(-1,0.5)"):
+        with pytest.raises(ValueError, match=f"r must be >= 0 .*got {re.escape(repr(bad))}; use an int r"):
+            parse_r_text(bad)
+    with pytest.raises(ValueError, match="inflection must be a finite number"):
+        parse_r_text("16,nan")

@@ -30,7 +30,9 @@ def test_wheel_has_one_top_level_package(wheel):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"visiontools"}
     for module in ("visiontools/patches/timm.py", "visiontools/patches/diffusers.py",
-                   "visiontools/demos/app.py", "visiontools/checkpoints/cifar10_vit.safetensors"):
+                   "visiontools/demos/app.py", "visiontools/demos/state.py", "visiontools/demos/merge_tab.py",
+                   "visiontools/models/vit.py", "visiontools/models/shipped.py",
+                   "visiontools/checkpoints/cifar10_vit.safetensors"):
         assert module in names
 
 

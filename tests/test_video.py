@@ -255,7 +255,7 @@ def test_demo_tab_annotates_caps_long_clips_and_explains_bad_ones(clip, tmp_path
     frames, fourcc = read_all(out)
     assert len(frames) == 8 and fourcc == "VP80"
     assert f"The clip has {FRAMES} frames (2.0 s); the demo processes the first 8 (0.8 s)" in note
-    assert "56 of 64 tokens** after block 2" in note  # the demo's default Conformer: 64 tokens, no class token
+    assert "57 of 65 tokens** after block 2" in note  # the demo's default cifar10_vit: 64 patches + class token
     assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2   # tokens per block; FPS with / without ToMe
 
     bad = tmp_path / "notes.webm"
@@ -279,3 +279,74 @@ def test_demo_webcam_frame_is_the_still_image_map(vit):
     view = cv2.resize(frame, (pw, ph), interpolation=cv2.INTER_AREA)
     expected = np.asarray(render_merges(Image.fromarray(view), info.layer_sources[2][0], dm.grid_size))
     assert np.array_equal(shown[:ph, pw:], expected) and np.array_equal(shown[:ph, :pw], view)
+
+
+# ------------------------------------------------------------------ guards (issue 25): timing order, normalisation
+
+def test_tome_and_baseline_take_turns_going_first_and_each_gets_its_own_time(clip, vit, monkeypatch):
+    """With a fake clock that a baseline forward advances by 1 s and a ToMe forward by 3 s: after one
+    untimed warm-up of each, batches alternate which model runs first (baseline on even batches), and
+    each model is charged exactly its own forward."""
+    import types
+
+    from visiontools.patches import timm as tome_timm
+
+    model, mean, std = vit
+    clock = {"now": 0.0}
+    calls = []
+    real = tome_timm.tome_forward
+
+    def tome_forward(m, x, trace_source=False):
+        calls.append("tome")
+        clock["now"] += 3.0
+        return real(m, x, trace_source=trace_source)
+
+    def base_hook(m, args):
+        if not isinstance(m, tome_timm.ToMeVisionTransformer):
+            calls.append("base")
+            clock["now"] += 1.0
+
+    monkeypatch.setattr(tome_timm, "tome_forward", tome_forward)
+    monkeypatch.setattr(video, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    hook = model.register_forward_pre_hook(base_hook)
+    try:
+        res = video.annotate_video(model, clip, clip.parent / "order.mp4", r=4, mean=mean, std=std, max_frames=10,
+                                   batch_size=3, out_height=48)
+    finally:
+        hook.remove()
+        (clip.parent / "order.mp4").unlink(missing_ok=True)
+    assert res.batch_frames == [3, 6, 9, 10]
+    warmup, timed = calls[:2], calls[2:]
+    assert warmup == ["base", "tome"]
+    assert [tuple(timed[i:i + 2]) for i in range(0, len(timed), 2)] == [
+        ("base", "tome"), ("tome", "base"), ("base", "tome"), ("tome", "base")]
+    assert res.base_seconds == [1.0] * 4 and res.tome_seconds == [3.0] * 4
+
+
+@pytest.mark.parametrize("name,mean,std", [
+    ("cifar10_vit", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # its card: trained on CIFAR-10
+    ("deit_tiny_patch16_224", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm cfg: ImageNet statistics
+])
+def test_cli_normalises_frames_with_the_models_own_mean_and_std(clip, tmp_path, monkeypatch, name, mean, std):
+    """What the model sees is (frame resized with the area filter / 255 - mean) / std, with the
+    statistics the model was trained with, written out here (not the helper's 0.5 default)."""
+    seen = []
+    real = video.load_model
+
+    def load_model(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+        return loaded
+
+    monkeypatch.setattr(video, "load_model", load_model)
+    assert main(["video", "--in", str(clip), "--out", str(tmp_path / "n.mp4"), "--model", name, "--max-frames", "2",
+                 "--batch-size", "2", "--height", "32", "--threads", "1", "--no-progress"]) == 0
+    frames, _ = read_all(clip)
+    size = seen[0].shape[-1]
+    expected = []
+    for f in frames[:2]:
+        small = cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA).astype(np.float64) / 255.0
+        expected.append(torch.from_numpy((small - np.array(mean)) / np.array(std)).permute(2, 0, 1))
+    expected = torch.stack(expected)
+    assert seen[0].shape == (2, 3, size, size)
+    torch.testing.assert_close(seen[0].double(), expected, rtol=0, atol=1e-5)

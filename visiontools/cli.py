@@ -31,6 +31,8 @@ BENCH_TARGETS = {
     "mixers": ("visiontools.bench.mixers", "token mixers vs tokens: SDPA, Hyena, LSH, reformer-pytorch"),
     "reversible": ("visiontools.bench.reversible", "training memory vs depth: plain, checkpointed, reversible ViT"),
     "onnx": ("visiontools.bench.onnx", "onnxruntime: the exported unpatched ViT vs exported ToMe ViTs"),
+    "dit": ("visiontools.bench.dit", "SD3 / PixArt / Flux blocks: unpatched vs ToMe merge vs key/value downsampling"),
+    "all": ("visiontools.bench.all", "the prepared GPU run: ViT, SD, Hyena and LSH sections within a time budget"),
 }
 
 

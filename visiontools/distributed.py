@@ -1,5 +1,6 @@
 """torch.distributed helpers shared by training and evaluation (both run under ``torchrun``):
-process-group set-up, exact metric sums over processes, barriers, and the autocast dtype choice."""
+process-group set-up, exact metric sums over processes and barriers (the autocast dtype comes from
+``visiontools.timing.resolve_dtype``)."""
 from __future__ import annotations
 
 import os
@@ -49,14 +50,3 @@ def destroy_if_distributed() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for an ``amp`` setting: ``off`` -> None; ``auto`` -> bf16 (fp16 where bf16 is
-    unsupported) on CUDA and None on CPU; ``bf16``/``fp16`` as named."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16

@@ -25,24 +25,26 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- candidates
 
-def parse_schedule(text: str) -> tuple[int, float]:
-    """``"8,-0.5"`` -> ``(8, -0.5)``: ToMe's (r, inflection) schedule."""
-    try:
-        r, inflect = text.split(",")
-        return int(r), float(inflect)
-    except ValueError:
-        raise ValueError(f"a schedule is 'r,inflection' such as '8,-0.5', got {text!r}") from None
+def setting_name(r) -> str:
+    """A row name for a ToMe r setting: ``ToMe r=8``, ``ToMe r=8,-0.5`` (schedule), ``ToMe r=[8,8,4]`` (per layer)."""
+    if isinstance(r, tuple):
+        return f"ToMe r={int(r[0])},{float(r[1]):g}"
+    if isinstance(r, list):
+        return "ToMe r=[" + ",".join(str(int(v)) for v in r) + "]"
+    return f"ToMe r={int(r)}"
 
 
-def candidate_settings(rs: Sequence[int], schedules: Sequence[tuple[int, float]]) -> list[tuple[str, Any]]:
-    """(name, tome_r) for every row: ``("unpatched", None)`` first, then ToMe at each r and schedule."""
+def candidate_settings(rs: Sequence[Any], schedules: Sequence[tuple[int, float]] = ()) -> list[tuple[str, Any]]:
+    """(name, tome_r) for every row: ``("unpatched", None)`` first, then ToMe at each r setting of
+    ``rs`` (ints, ``(r, inflection)`` schedules or per-layer lists, as ``parse_r_text`` reads them) and
+    each of ``schedules``."""
+    from visiontools.tome.merge import check_r
+
     rows: list[tuple[str, Any]] = [("unpatched", None)]
-    for r in rs:
-        if int(r) < 0:
-            raise ValueError(f"r must be >= 0, got {r}")
-        rows.append((f"ToMe r={int(r)}", int(r)))
-    for r, inflect in schedules:
-        rows.append((f"ToMe r={r},{inflect:g}", (int(r), float(inflect))))
+    for r in [*rs, *schedules]:
+        r = (int(r[0]), float(r[1])) if isinstance(r, tuple) else list(r) if isinstance(r, list) else r
+        check_r(r)
+        rows.append((setting_name(r), r))
     return rows
 
 
@@ -69,7 +71,7 @@ def method_settings(rs: Sequence[int], methods: Sequence[str]) -> list[tuple[str
     for m in methods:
         check_method(m)
         if m != "tome":
-            rows += [(f"{m} r={int(r)}", {"method": m, "r": int(r)}) for r in rs]
+            rows += [(setting_name(r).replace("ToMe", m, 1), {"method": m, "r": r}) for r in rs]
     return rows
 
 
@@ -278,11 +280,9 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: str | os.PathLike) -> None:
     """Accuracy against throughput, one labelled point per row (PNG, matplotlib Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from visiontools.timing import save_figure, subplots
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = subplots(figsize=(6.4, 4.4), dpi=120)
     rows = result["rows"]
     kinds = [("ToMe", "o", "tab:blue", [r for r in rows if r["name"].startswith("ToMe")]),
              ("unpatched", "s", "tab:red", rows[:1]),
@@ -301,9 +301,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     ax.legend()
     fig.text(0.01, 0.01, result["machine"], fontsize=6, color="gray")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def budget_table(result: dict) -> str:
@@ -327,13 +325,11 @@ def budget_table(result: dict) -> str:
 def plot_budgets(result: dict, path: str | os.PathLike) -> None:
     """Methods at equal FLOPs: top-1 against FLOP fraction (left) and measured images/s against FLOP
     fraction (right), a line per method, the unpatched model at 1.0 (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from visiontools.timing import save_figure, subplots
 
     rows = [r for r in result["rows"] if r.get("budget") is not None]
     base = result["rows"][0]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 4.2), dpi=120)
     for m in dict.fromkeys(r["method"] for r in rows):
         pts = sorted(((1 / r["flop_ratio"], r["top1"], r["images_per_s"]) for r in rows if r["method"] == m))
         pts.append((1.0, base["top1"], base["images_per_s"]))
@@ -347,9 +343,7 @@ def plot_budgets(result: dict, path: str | os.PathLike) -> None:
     ax1.set_title(f"{result['model']} on {result['dataset']} ({result['n_images']} images)", fontsize=9)
     fig.text(0.01, 0.01, result["machine"], fontsize=6, color="gray")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -359,11 +353,14 @@ def load_comparisons(checkpoints: Sequence[str], desc: dict, device: torch.devic
     ``<folder>_<stem>`` when stems repeat (``runs/a/last.safetensors``, ``runs/b/last.safetensors``);
     ``ValueError`` for a checkpoint given twice, or unless it was trained on the same dataset, classes
     and normalisation as the evaluated model (``desc``)."""
-    from visiontools.models import load_checkpoint_model
+    from visiontools.errors import UserError
+    from visiontools.models import is_checkpoint, load
 
     loaded = []
     for ckpt in checkpoints:
-        model, other = load_checkpoint_model(ckpt, device=device)
+        if not is_checkpoint(ckpt):
+            raise UserError(f"--compare takes checkpoints (a shipped name or a .safetensors file), got {ckpt!r}")
+        model, other = load(ckpt, device=device)
         for key in ("dataset", "classes", "mean", "std"):
             if other.get(key) != desc.get(key):
                 raise ValueError(f"--compare {ckpt}: its {key} ({other.get(key)}) differs from the evaluated "
@@ -381,22 +378,25 @@ def load_comparisons(checkpoints: Sequence[str], desc: dict, device: torch.devic
 
 def load_model_for_eval(checkpoint: str | None, model_name: str | None, pretrained: bool, dataset: str,
                         device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, description with classes/mean/std) from a checkpoint or a timm name."""
+    """(model in eval mode, description with classes/mean/std) from a checkpoint or a timm name
+    (``visiontools.models.load``); a timm model gets the dataset's classes and normalisation."""
     from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS
-    from visiontools.models import DEFAULT_CHECKPOINT, create_model, load_checkpoint_model
+    from visiontools.errors import UserError
+    from visiontools.models import DEFAULT_CHECKPOINT, is_checkpoint, load
 
     if checkpoint is not None and model_name is not None:
         raise ValueError("give either --checkpoint or --model, not both")
     if model_name is None:
-        model, desc = load_checkpoint_model(checkpoint or DEFAULT_CHECKPOINT, device=device)
-        return model, desc
+        if checkpoint is not None and not is_checkpoint(checkpoint):
+            raise UserError(f"--checkpoint {checkpoint}: not a shipped checkpoint or a .safetensors file "
+                            "(name a timm model with --model instead)")
+        return load(checkpoint or DEFAULT_CHECKPOINT, device=device)
     num_classes = CIFAR_NUM_CLASSES.get(dataset, 1000 if dataset == "imagenet" else None)
     kwargs = {} if (pretrained and dataset == "imagenet") else {"num_classes": num_classes}
-    torch.manual_seed(0)  # random-weight models: the same weights, hence the same numbers, on every run
-    model = create_model(model_name, pretrained=pretrained, **kwargs).to(device).eval()
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    mean, std = CIFAR_STATS[dataset] if dataset in CIFAR_STATS else (cfg.get("mean"), cfg.get("std"))
-    desc = {"model": model_name, "mean": list(mean), "std": list(std), "classes": None, "pretrained": pretrained}
+    model, desc = load(model_name, device=device, pretrained=pretrained, **kwargs)  # random weights seeded: runs repeat
+    if dataset in CIFAR_STATS:
+        desc["mean"], desc["std"] = (list(v) for v in CIFAR_STATS[dataset])
+    desc["classes"] = None
     if not pretrained:
         desc["notice"] = RANDOM_WEIGHTS_NOTICE
     elif "num_classes" in kwargs:
@@ -422,8 +422,8 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     schedule) and, with ``budgets`` (FLOP fractions), at every budget: equal FLOPs side by side.
     ``train_memory_batch``: also the peak memory of one training step at that batch size (0: not measured)."""
     from visiontools.models import DEFAULT_CHECKPOINT
-    from visiontools.timing import machine_description, resolve_device
-    from visiontools.distributed import amp_dtype, barrier, init_distributed
+    from visiontools.timing import machine_description, resolve_device, resolve_dtype
+    from visiontools.distributed import barrier, init_distributed
 
     rank, world, dev = init_distributed(resolve_device(device))
     if dataset is None:
@@ -436,7 +436,7 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     if desc.get("classes") and dataset != "imagenet" and list(desc["classes"]) != list(data.classes):
         raise ValueError(f"the model's classes {desc['classes'][:4]}... do not match the dataset's "
                          f"{data.classes[:4]}... (wrong --dataset or --data-dir?)")
-    adt = amp_dtype(amp, dev)
+    adt = resolve_dtype(amp, dev)
     settings = candidate_settings(rs if "tome" in methods else [], schedules if "tome" in methods else [])
     settings += method_settings(rs, methods) + budget_settings(budgets, methods)
     models = build_candidates(model, settings, prop_attn)
@@ -481,17 +481,6 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     return result
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (tokens merged per block)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"r must be >= 0 (tokens merged per block), got {value}")
-    return value
-
-
 def output_prefix(args: argparse.Namespace, model_shown: str, dataset: str) -> Path:
     """``--out`` or ``runs/eval/<name>_<dataset>``. A checkpoint file is named with its folder too
     (``runs/a/last.safetensors`` -> ``a_last``), so two runs' ``last.safetensors`` do not collide."""
@@ -511,6 +500,8 @@ def output_prefix(args: argparse.Namespace, model_shown: str, dataset: str) -> P
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools eval``."""
+    from visiontools.bench.vit import r_argument
+
     src = parser.add_argument_group("model")
     src.add_argument("--checkpoint", default=None,
                      help="visiontools checkpoint (.safetensors) or shipped name; if neither this nor --model is given, "
@@ -532,11 +523,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--per-class", type=int, default=None, help="only the first N images of every class")
     d.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image folders")
     t = parser.add_argument_group("ToMe")
-    t.add_argument("--r", "--tome-r", dest="r", type=non_negative_int, nargs="*", default=None,
-                   help="ToMe r values (tokens merged per block; default 0 2 4 6 8, none with --budget); under torchrun spell it --tome-r "
-                        "(torchrun reads --r as an abbreviation of its own --rdzv-* options)")
-    t.add_argument("--schedule", nargs="*", default=[], metavar="R,INFLECTION",
-                   help="ToMe schedules such as 8,-0.5 (the decreasing schedule)")
+    t.add_argument("--r", "--tome-r", dest="r", type=r_argument, nargs="*", default=None,
+                   help="ToMe r settings, one row each: an int r (tokens merged per block), r,inflection (e.g. "
+                        "8,-0.5, the decreasing schedule) or a per-layer list (8,8,4,4); default 0 2 4 6 8, none "
+                        "with --budget. Under torchrun spell it --tome-r (torchrun reads --r as an abbreviation of "
+                        "its own --rdzv-* options)")
+    t.add_argument("--schedule", type=r_argument, nargs="*", default=[], metavar="R,INFLECTION",
+                   help="more ToMe settings, read as --r reads them except that two values are always r,inflection "
+                        "(8,1 is inflection 1)")
     t.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
     t.add_argument("--method", nargs="+", default=["tome"], metavar="METHOD",
                    help="token reduction methods: tome, tofu, pitome, prune (visiontools.tome.methods); each runs "
@@ -570,7 +564,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    schedules = [parse_schedule(s) for s in args.schedule]
+    # --schedule: two values always mean r,inflection (its documented form, also for 8,1)
+    schedules = [(v[0], float(v[1])) if isinstance(v, list) and len(v) == 2 else v for v in args.schedule]
     if args.batch_size < 1 or args.timing_batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.train_memory < 0:
         raise UserError("--batch-size, --timing-batch-size and --repeats must be >= 1, --warmup and --train-memory >= 0")
     result = evaluate(checkpoint=args.checkpoint, model_name=args.model, pretrained=args.pretrained,

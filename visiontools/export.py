@@ -115,13 +115,13 @@ def max_abs_diff(model: torch.nn.Module, session, x: torch.Tensor) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools export``."""
-    from visiontools.bench.vit import parse_schedule
+    from visiontools.bench.vit import r_argument
 
     p.add_argument("--model", required=True,
                    help="timm ViT or EVA name (random weights unless --pretrained), a shipped checkpoint name "
                         "(cifar10_vit) or a visiontools .safetensors checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
-    p.add_argument("--r", type=parse_schedule, default=16, metavar="R",
+    p.add_argument("--r", type=r_argument, default=16, metavar="R",
                    help="ToMe tokens merged per block: an int (0 exports the unpatched model), 'r,inflection' "
                         "(e.g. 16,-0.5) or a comma list of per-block r")
     p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention (log-size mask)")
@@ -141,14 +141,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> torch.nn.Module:
-    from visiontools.bench.vit import load_model
+    from visiontools import models
 
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
     try:
-        model = load_model(args.model, args.pretrained, img)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise SystemExit(f"error: {e}; list timm ViTs with `python -c \"import timm; print(timm.list_models('vit*'))\"`")
-    except (FileNotFoundError, ValueError) as e:
+        model, _ = models.load(args.model, pretrained=args.pretrained, **({} if img is None else {"img_size": img}))
+    except (FileNotFoundError, ValueError) as e:  # unknown names (UserError), broken checkpoints
         raise SystemExit(f"error: cannot load --model {args.model}: {e}")
     return model.eval()
 

@@ -66,16 +66,73 @@ def add_run_arguments(parser, repeats: int, warmup: int) -> None:
     parser.add_argument("--out-md", type=Path, default=None, help="write the markdown table (with the machine) here")
 
 
-def write_results(args, table: str, result: dict) -> None:
-    """Print a bench target's markdown ``table`` and write it and the full ``result`` to
-    ``--out-md`` / ``--out-json`` (:func:`add_run_arguments`) when given, creating their folders."""
+def write_results(args, table: str, result: dict, plot: Callable[[dict, Path], None] | None = None,
+                  header: str = "", echo: bool = True) -> None:
+    """The one way a bench target reports: print its markdown ``table`` (unless ``echo`` is False, for
+    a target that printed it already), write ``header`` + ``table`` to ``--out-md`` and the full
+    ``result`` to ``--out-json`` (:func:`add_run_arguments`), and draw ``plot(result, path)`` to
+    ``--plot`` when the target has that option; folders are created, every file written is named."""
     import json
 
-    print(table)
-    for path, text in ((args.out_md, table + "\n"), (args.out_json, json.dumps(result, indent=1, default=str))):
+    if echo:
+        print(table)
+    md = (header + "\n\n" if header else "") + table + "\n"
+    for path, text in ((args.out_md, md), (args.out_json, json.dumps(result, indent=1, default=str))):
         if path:
+            path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+            print(f"wrote {path}")
+    if plot is not None and getattr(args, "plot", None):
+        plot(result, Path(args.plot))
+        print(f"wrote {args.plot}")
+
+
+def subplots(*args, **kwargs):
+    """``matplotlib.pyplot.subplots`` on the Agg backend (no display needed): ``(figure, axes)`` for a
+    results plot, to be written by :func:`save_figure`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure to ``path`` (PNG), creating its folder, and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "off": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu", auto: str = "bf16"
+                  ) -> torch.dtype:
+    """The one reading of a dtype setting (``--dtype``, ``--amp``, the ``amp`` config key): ``fp32``,
+    ``off`` or None -> float32 (for autocast: none), ``bf16``/``bfloat16``, ``fp16``/``float16``/``half``;
+    ``auto`` -> ``auto`` (bf16, or fp16 where the GPU lacks bf16) on CUDA and float32 elsewhere.
+    A ``torch.dtype`` passes through. ``ValueError`` naming the accepted names otherwise."""
+    if name is None or isinstance(name, torch.dtype):
+        return name or torch.float32
+    key = str(name).strip().lower()
+    if key == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        key = auto if auto != "bf16" or torch.cuda.is_bf16_supported() else "fp16"
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, fp32, bf16 or fp16")
+    return DTYPES[key]
+
+
+def dtype_label(dtype: torch.dtype | None) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` (short names for tables)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -131,13 +188,14 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def count_flops(fn: Callable[[], object]) -> int:
+def count_flops(fn: Callable[[], object], warmup: bool = True) -> int:
     """FLOPs of one steady-state call of ``fn`` (a multiply-add counts as 2), from
     ``torch.utils.flop_counter`` (plus CPU flash attention and FFTs, which it misses). ``fn`` runs once
-    uncounted first, so that work a model caches on its first call (Hyena's inference-mode filters)
-    is not counted as per-call work."""
-    with torch.inference_mode():
-        fn()
+    uncounted first (``warmup``), so that work a model caches on its first call (Hyena's inference-mode
+    filters) is not counted as per-call work; pass ``warmup=False`` when the model is already warm."""
+    if warmup:
+        with torch.inference_mode():
+            fn()
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     with torch.inference_mode(), counter:
         fn()

@@ -52,6 +52,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from visiontools.data import DEFAULT_DATA_DIR
-from visiontools.distributed import all_reduce_sum, amp_dtype, barrier, destroy_if_distributed, init_distributed
+from visiontools.distributed import all_reduce_sum, barrier, destroy_if_distributed, init_distributed
 from visiontools.errors import UserError, did_you_mean
 
 DEFAULTS: dict[str, Any] = {
@@ -210,37 +211,70 @@ def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
 
-def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          device: str | None = None, stop_after: int | None = None) -> dict:
-    """Train as described by ``cfg`` (see the module docstring); returns the last log record.
-    ``stop_after`` ends the run after that many completed epochs (as if killed there; the schedule
-    still targets ``cfg['epochs']``, so ``--resume`` continues it exactly)."""
-    from visiontools.models import checkpoint as ckpt
-    from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, iterate_batches, load_cifar, mixup, \
-        normalize, rand_augment, random_crop_flip, shard_indices
-    from visiontools.evaluate import EvalData, accuracy
-    from visiontools.models import check_model_name, create_model, model_description
-    from visiontools.timing import autocast_context, resolve_device
+@dataclass
+class TrainRun:
+    """Everything one training run works with: built by :func:`build_run`, restored or started by
+    :func:`resume_run` / :func:`start_run`, advanced one epoch at a time by :func:`train_epoch`."""
 
-    check_model_name(cfg["model"])  # before minutes of data decoding
+    cfg: dict
+    rank: int
+    world: int
+    dev: torch.device
+    show: bool                      # progress bars and prints (rank 0 only)
+    out_dir: Path
+    last: Path                      # the resumable checkpoint, out_dir/last.safetensors
+    log_path: Path                  # out_dir/log.jsonl
+    train_ds: Any
+    test_ds: Any
+    mean: tuple
+    std: tuple
+    num_classes: int
+    model: torch.nn.Module
+    desc: dict                      # the checkpoint's model description
+    optimizer: torch.optim.Optimizer
+    ema: WeightEMA | None
+    adt: torch.dtype                # autocast dtype (float32: none)
+    scaler: Any                     # torch.amp.GradScaler, enabled for fp16
+    steps_per_epoch: int
+    train_model: torch.nn.Module = None  # the model, or its DDP wrapper under torchrun
+    step: int = 0
+    start_epoch: int = 0
+    history: list = field(default_factory=list)
 
-    rank, world, dev = init_distributed(resolve_device(device))
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    if cfg["batch_size"] % world:
-        raise ValueError(f"batch_size {cfg['batch_size']} is not divisible by the {world} processes")
-    local_bs = cfg["batch_size"] // world
+    @property
+    def local_bs(self) -> int:
+        return self.cfg["batch_size"] // self.world
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg["epochs"]
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.cfg["warmup_epochs"] * self.steps_per_epoch))
+
+
+def output_paths(cfg: dict, resume: bool, overwrite: bool) -> tuple[Path, Path, Path]:
+    """``(out_dir, last.safetensors, log.jsonl)``, refusing to overwrite a run unless asked to and to
+    resume a run that is not there."""
     out_dir = Path(cfg["out_dir"])
     last = out_dir / "last.safetensors"
-    log_path = out_dir / "log.jsonl"
     if last.exists() and not resume and not overwrite:
         raise FileExistsError(f"{last} already exists: pass --resume to continue that run, --overwrite to "
                               f"start again (the old checkpoint is kept as {last.name}.bak), or another --out-dir")
     if resume and not last.exists():
         raise FileNotFoundError(f"--resume: no checkpoint {last} to resume from (check --out-dir / out_dir)")
+    return out_dir, last, out_dir / "log.jsonl"
 
-    # Data (every rank holds the arrays; only its shard of indices is visited).
+
+def build_run(cfg: dict, rank: int, world: int, dev: torch.device, paths: tuple[Path, Path, Path],
+              progress: bool) -> TrainRun:
+    """Load the data (every rank holds the arrays; each visits its shard), build the model (seeded),
+    optimizer, EMA, autocast dtype and gradient scaler, and count the steps per epoch."""
+    from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, load_cifar
+    from visiontools.models import create_model, model_description
+    from visiontools.timing import resolve_dtype
+
     num_classes = CIFAR_NUM_CLASSES[cfg["dataset"]]
     mean, std = CIFAR_STATS[cfg["dataset"]]
     show = progress and rank == 0
@@ -253,132 +287,186 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bo
                              mean, std, dataset=cfg["dataset"])
     optimizer = build_optimizer(model, cfg)
     ema = WeightEMA(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
-    adt = amp_dtype(cfg["amp"], dev)
+    adt = resolve_dtype(cfg["amp"], dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=(adt == torch.float16))
 
-    steps_per_epoch = math.ceil(len(train_ds) / world) // local_bs
+    steps_per_epoch = math.ceil(len(train_ds) / world) // (cfg["batch_size"] // world)
     if steps_per_epoch == 0:
         raise UserError(f"batch_size {cfg['batch_size']} is larger than the {len(train_ds)} training images"
                         f"{f' per process ({world} processes)' if world > 1 else ''}: pass a smaller --batch-size "
                         "or use more data (train_per_class)")
-    total_steps = steps_per_epoch * cfg["epochs"]
-    warmup_steps = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    return TrainRun(cfg, rank, world, dev, show, *paths, train_ds, test_ds, mean, std, num_classes, model, desc,
+                    optimizer, ema, adt, scaler, steps_per_epoch)
 
-    start_epoch, step, history = 0, 0, []
-    if resume:
-        tensors, _, state = ckpt.load_training_state(last)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-        optimizer.load_state_dict(ckpt.unpack_optimizer_state(tensors, state))
-        if ema is not None:
-            if not any(k.startswith("ema.") for k in tensors):
-                raise ValueError(f"cannot resume {last} with ema_decay set: it holds no EMA weights")
-            ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
-        if "grad_scaler" in state:
-            scaler.load_state_dict(state["grad_scaler"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        old_epochs = (state.get("config") or {}).get("epochs")
-        if rank == 0 and old_epochs is not None and old_epochs != cfg["epochs"]:
-            print(f"warning: {last} was trained with a schedule for {old_epochs} epochs; resuming with "
-                  f"epochs={cfg['epochs']} switches to a learning-rate schedule over {cfg['epochs']} epochs from "
-                  f"step {step} on, so the result differs from an uninterrupted {cfg['epochs']}-epoch run",
-                  file=sys.stderr, flush=True)
-        if start_epoch >= cfg["epochs"] and rank == 0:
-            print(f"warning: {last} already completed {start_epoch} epochs (epochs={cfg['epochs']}): nothing to "
-                  "train; pass --set epochs=N with a larger N to continue", file=sys.stderr, flush=True)
-        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise ValueError(f"cannot resume {last}: it was trained with {state['steps_per_epoch']} steps per "
-                             f"epoch, this config gives {steps_per_epoch} (batch size or data changed)")
-        if rank == 0:  # the log on disk may be ahead of or behind the checkpoint after a kill
-            ckpt.atomic_write_text(log_path, _jsonl(history))
-    elif rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if last.exists():
-            os.replace(last, last.with_name(last.name + ".bak"))
-        ckpt.atomic_write_text(log_path, "")
+
+def resume_run(run: TrainRun) -> None:
+    """Restore the model, optimizer, EMA, scaler, step and history from ``run.last``, warning when the
+    schedule changed and refusing a checkpoint of another step count; rewrite the log to match it."""
+    from visiontools.models import checkpoint as ckpt
+
+    cfg, last = run.cfg, run.last
+    tensors, _, state = ckpt.load_training_state(last)
+    run.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    run.optimizer.load_state_dict(ckpt.unpack_optimizer_state(tensors, state))
+    if run.ema is not None:
+        if not any(k.startswith("ema.") for k in tensors):
+            raise ValueError(f"cannot resume {last} with ema_decay set: it holds no EMA weights")
+        run.ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, strict=True)
+    if "grad_scaler" in state:
+        run.scaler.load_state_dict(state["grad_scaler"])
+    run.start_epoch, run.step, run.history = state["epoch"], state["step"], state["history"]
+    old_epochs = (state.get("config") or {}).get("epochs")
+    if run.rank == 0 and old_epochs is not None and old_epochs != cfg["epochs"]:
+        print(f"warning: {last} was trained with a schedule for {old_epochs} epochs; resuming with "
+              f"epochs={cfg['epochs']} switches to a learning-rate schedule over {cfg['epochs']} epochs from "
+              f"step {run.step} on, so the result differs from an uninterrupted {cfg['epochs']}-epoch run",
+              file=sys.stderr, flush=True)
+    if run.start_epoch >= cfg["epochs"] and run.rank == 0:
+        print(f"warning: {last} already completed {run.start_epoch} epochs (epochs={cfg['epochs']}): nothing to "
+              "train; pass --set epochs=N with a larger N to continue", file=sys.stderr, flush=True)
+    if state.get("steps_per_epoch") not in (None, run.steps_per_epoch):
+        raise ValueError(f"cannot resume {last}: it was trained with {state['steps_per_epoch']} steps per "
+                         f"epoch, this config gives {run.steps_per_epoch} (batch size or data changed)")
+    if run.rank == 0:  # the log on disk may be ahead of or behind the checkpoint after a kill
+        ckpt.atomic_write_text(run.log_path, _jsonl(run.history))
+
+
+def start_run(run: TrainRun) -> None:
+    """A new run (rank 0): create ``out_dir``, keep an old checkpoint as ``.bak``, empty the log."""
+    from visiontools.models import checkpoint as ckpt
+
+    if run.rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        if run.last.exists():
+            os.replace(run.last, run.last.with_name(run.last.name + ".bak"))
+        ckpt.atomic_write_text(run.log_path, "")
+
+
+def train_epoch(run: TrainRun, epoch: int) -> dict:
+    """One epoch over this rank's shard (all randomness a function of (seed, epoch, rank), so a resumed
+    run repeats it exactly); returns its log record (loss and accuracy summed over the processes)."""
+    from visiontools.data import iterate_batches, mixup, normalize, rand_augment, random_crop_flip, shard_indices
+    from visiontools.timing import autocast_context
+
+    cfg, dev = run.cfg, run.dev
+    torch.manual_seed(_epoch_seed(cfg["seed"], epoch, run.rank))
+    gen = torch.Generator().manual_seed(_epoch_seed(cfg["seed"] + 1, epoch, run.rank))
+    order = shard_indices(len(run.train_ds), run.rank, run.world, shuffle=True, seed=cfg["seed"], epoch=epoch)
+    run.train_model.train()
+    t0 = time.time()
+    loss_sum = correct = seen = 0.0
+    batches = iterate_batches(run.train_ds, order, run.local_bs, drop_last=True)
+    if run.show:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                       unit="step", mininterval=5, file=sys.stderr)
+    for x, y in batches:
+        x = random_crop_flip(x, cfg["crop_padding"], cfg["hflip"], gen)
+        if cfg["randaugment"]:
+            x = rand_augment(x, int(cfg["randaugment"][0]), int(cfg["randaugment"][1]), gen)
+        x = normalize(x.to(dev, non_blocking=True), run.mean, run.std)
+        y = y.to(dev, non_blocking=True)
+        if cfg["mixup_alpha"] > 0:
+            x, target = mixup(x, y, run.num_classes, cfg["mixup_alpha"], cfg["label_smoothing"], gen)
+        else:
+            target = y
+        lr = lr_at(run.step, run.total_steps, run.warmup_steps, cfg["lr"], cfg["min_lr"])
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        with autocast_context(dev, run.adt):
+            logits = run.train_model(x)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, target, label_smoothing=0.0 if cfg["mixup_alpha"] > 0
+                               else cfg["label_smoothing"])
+        _optimizer_step(run, loss)
+        loss_value = loss.item()
+        loss_sum += loss_value * y.shape[0]
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += y.shape[0]
+        if run.show:
+            batches.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False)
+    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], run.world)
+    return {"epoch": epoch + 1, "step": run.step, "lr": lr, "train_images": int(seen),
+            "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen, "seconds": round(time.time() - t0, 2)}
+
+
+def _optimizer_step(run: TrainRun, loss: torch.Tensor) -> None:
+    """Backward (scaled for fp16), gradient clipping, the optimizer and EMA updates; counts the step."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if run.cfg["grad_clip"]:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        run.ema.update(run.model, run.step)
+    run.step += 1
+
+
+def finish_epoch(run: TrainRun, epoch: int, record: dict) -> None:
+    """Evaluate on the test set when due (the EMA weights when kept), then (rank 0) save the checkpoint
+    and the whole log atomically and print the record."""
+    from visiontools.evaluate import EvalData, accuracy
+    from visiontools.models import checkpoint as ckpt
+
+    cfg = run.cfg
+    if (epoch + 1) % max(1, int(cfg["eval_every"])) == 0 or epoch + 1 == cfg["epochs"]:
+        run.model.eval()
+        data = EvalData("tensor", tensor_ds=run.test_ds, mean=run.mean, std=run.std)
+        ev = accuracy({"model": run.model if run.ema is None else run.ema.model}, data, 500, run.dev, run.adt,
+                      run.rank, run.world, run.show)["model"]
+        record.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"], test_images=ev["n"])
+        if run.ema is not None:
+            record["test_weights"] = "ema"
+    run.history.append(record)
+    if run.rank == 0:
+        state = {"epoch": epoch + 1, "step": run.step, "steps_per_epoch": run.steps_per_epoch,
+                 "history": run.history, "config": cfg, "world_size": run.world}
+        tensors, meta = ckpt.pack_training_state(run.model, run.optimizer, run.desc, state, run.scaler)
+        if run.ema is not None:  # the EMA weights are the ones evaluated, loaded and exported
+            tensors.update({f"ema.{k}": v for k, v in run.ema.model.state_dict().items()})
+        ckpt.save_safetensors_atomic(run.last, tensors, meta)
+        ckpt.atomic_write_text(run.log_path, _jsonl(run.history))  # whole file: never a partial line
+        print(json.dumps(record), flush=True)
+
+
+def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          device: str | None = None, stop_after: int | None = None) -> dict:
+    """Train as described by ``cfg`` (see the module docstring); returns the last log record.
+    ``stop_after`` ends the run after that many completed epochs (as if killed there; the schedule
+    still targets ``cfg['epochs']``, so ``--resume`` continues it exactly)."""
+    from visiontools.models import check_model_name
+    from visiontools.models import checkpoint as ckpt
+    from visiontools.timing import resolve_device
+
+    check_model_name(cfg["model"])  # before minutes of data decoding
+    rank, world, dev = init_distributed(resolve_device(device))
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    if cfg["batch_size"] % world:
+        raise ValueError(f"batch_size {cfg['batch_size']} is not divisible by the {world} processes")
+    run = build_run(cfg, rank, world, dev, output_paths(cfg, resume, overwrite), progress)
+    (resume_run if resume else start_run)(run)
     if rank == 0:
         import yaml
-        ckpt.atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        ckpt.atomic_write_text(run.out_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     barrier(world)
 
-    train_model = model
+    run.train_model = run.model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        run.train_model = DDP(run.model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    record: dict = history[-1] if history else {}
+    record: dict = run.history[-1] if run.history else {}
     end_epoch = cfg["epochs"] if stop_after is None else min(cfg["epochs"], int(stop_after))
-    for epoch in range(start_epoch, end_epoch):
-        # All randomness of an epoch is a function of (seed, epoch, rank): resumable exactly.
-        torch.manual_seed(_epoch_seed(cfg["seed"], epoch, rank))
-        gen = torch.Generator().manual_seed(_epoch_seed(cfg["seed"] + 1, epoch, rank))
-        order = shard_indices(len(train_ds), rank, world, shuffle=True, seed=cfg["seed"], epoch=epoch)
-        train_model.train()
-        t0 = time.time()
-        loss_sum = correct = seen = 0.0
-        batches = iterate_batches(train_ds, order, local_bs, drop_last=True)
-        if show:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                           unit="step", mininterval=5, file=sys.stderr)
-        for x, y in batches:
-            x = random_crop_flip(x, cfg["crop_padding"], cfg["hflip"], gen)
-            if cfg["randaugment"]:
-                x = rand_augment(x, int(cfg["randaugment"][0]), int(cfg["randaugment"][1]), gen)
-            x = normalize(x.to(dev, non_blocking=True), mean, std)
-            y = y.to(dev, non_blocking=True)
-            if cfg["mixup_alpha"] > 0:
-                x, target = mixup(x, y, num_classes, cfg["mixup_alpha"], cfg["label_smoothing"], gen)
-            else:
-                target = y
-            lr = lr_at(step, total_steps, warmup_steps, cfg["lr"], cfg["min_lr"])
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            with autocast_context(dev, adt):
-                logits = train_model(x)
-            logits = logits.float()
-            loss = F.cross_entropy(logits, target, label_smoothing=0.0 if cfg["mixup_alpha"] > 0
-                                   else cfg["label_smoothing"])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg["grad_clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model, step)
-            step += 1
-            loss_value = loss.item()
-            loss_sum += loss_value * y.shape[0]
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += y.shape[0]
-            if show:
-                batches.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False)
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], world)
-        record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_images": int(seen),
-                  "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen,
-                  "seconds": round(time.time() - t0, 2)}
-        if (epoch + 1) % max(1, int(cfg["eval_every"])) == 0 or epoch + 1 == cfg["epochs"]:
-            model.eval()
-            ev = accuracy({"model": model if ema is None else ema.model}, EvalData("tensor", tensor_ds=test_ds, mean=mean, std=std), 500, dev,
-                          adt, rank, world, show)["model"]
-            record.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"], test_images=ev["n"])
-            if ema is not None:
-                record["test_weights"] = "ema"
-        history.append(record)
-        if rank == 0:
-            state = {"epoch": epoch + 1, "step": step, "steps_per_epoch": steps_per_epoch, "history": history,
-                     "config": cfg, "world_size": world}
-            tensors, meta = ckpt.pack_training_state(model, optimizer, desc, state, scaler)
-            if ema is not None:  # the EMA weights are the ones evaluated, loaded and exported
-                tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
-            ckpt.save_safetensors_atomic(last, tensors, meta)
-            ckpt.atomic_write_text(log_path, _jsonl(history))  # whole file: never a partial line
-            print(json.dumps(record), flush=True)
+    for epoch in range(run.start_epoch, end_epoch):
+        record = train_epoch(run, epoch)
+        finish_epoch(run, epoch, record)
         barrier(world)
 
     if rank == 0 and cfg["export"] and end_epoch == cfg["epochs"]:
-        ckpt.export_for_inference(last, cfg["export"], extra={"history": history})
+        ckpt.export_for_inference(run.last, cfg["export"], extra={"history": run.history})
     barrier(world)
     return record
 

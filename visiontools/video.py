@@ -322,17 +322,11 @@ class VideoResult:
         return self.tokens_per_layer[self.block]
 
 
-def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                   block: int | None = None, batch_size: int = 8, max_frames: int | None = None,
-                   out_height: int = DEFAULT_HEIGHT, max_pixels: int = MAX_FRAME_PIXELS,
-                   keep_sources: bool = False,
-                   progress: bool | Callable[[int, int | None], object] = False) -> VideoResult:
-    """Write ``dst`` (.mp4 or .webm): every frame of ``src`` beside its ToMe merge map after ``block``
-    (default: the last block; 0 = before the first) of an unpatched timm ViT ``model`` patched with
-    ``r`` (any ``tome_r`` setting), with the frame number, tokens left and measured FPS with and
-    without ToMe. ``keep_sources``: also return every frame's source map and text (for tests). ``mean``/``std``: the model's input normalisation. ``progress``: a tqdm bar, or a
-    callable ``(frames done, total or None)``. ``dst`` appears only when the whole clip was written."""
-    from visiontools.patches.timm import apply_tome, tome_forward
+def _checked_setup(model: torch.nn.Module, src, dst, r, block: int | None, batch_size: int,
+                   max_frames: int | None):
+    """Check the settings of :func:`annotate_video` before any frame is read; returns
+    ``(base model, ToMe model sharing its weights, depth, block, dst as a Path)``."""
+    from visiontools.patches.timm import apply_tome
 
     if batch_size < 1:
         raise VideoInputError(f"the batch size (--batch-size) must be at least 1, got {batch_size}")
@@ -352,6 +346,64 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
         raise VideoInputError(f"cannot write {dst.name!r}: the output must end in {' or '.join(CODECS)}")
     if dst.exists() and dst.resolve() == Path(os.fspath(src)).resolve():
         raise VideoInputError("the output would overwrite the input video; choose another --out")
+    return base, tome, depth, block, dst
+
+
+def _frame_batches(info: VideoInfo, max_frames: int | None, batch_size: int, display: tuple[int, int],
+                   input_size: tuple[int, int]) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """Batches of (display-size frame, model-size frame) pairs: each full-size frame is dropped once read."""
+    cv2 = _cv2()
+    batch = []
+    for f in read_frames(info, max_frames):
+        batch.append((cv2.resize(f, display, interpolation=cv2.INTER_AREA),
+                      cv2.resize(f, input_size[::-1], interpolation=cv2.INTER_AREA)))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _timed_forwards(base, tome, x: torch.Tensor, batch_index: int):
+    """Run the unpatched and the ToMe model on ``x``, in alternating order from batch to batch (after an
+    untimed warm-up of both on the first); returns ``({"base": s, "tome": s}, ToMe info with sources)``."""
+    from visiontools.patches.timm import tome_forward
+
+    if batch_index == 0:  # untimed warm-up of both models (first-call allocations, kernel choice)
+        base(x)
+        tome_forward(tome, x, trace_source=True)
+    t = {}
+    for which in (("base", "tome") if batch_index % 2 == 0 else ("tome", "base")):
+        t0 = time.perf_counter()
+        if which == "base":
+            base(x)
+        else:
+            _, tinfo = tome_forward(tome, x, trace_source=True)
+        t[which] = time.perf_counter() - t0
+    return t, tinfo
+
+
+def _frame_text(result: VideoResult, i: int, total: int | None, r, depth: int, prefix: int, batch_size: int,
+                fps_t: float, fps_b: float) -> list[str]:
+    """The two text lines under output frame ``i`` (1-based): frame number and tokens left, then model FPS."""
+    return [f"frame {i}{f'/{total}' if total else ''}   ToMe r={r}: "
+            f"{result.tokens_after_block} tokens after block {result.block}/{depth} "
+            f"(of {result.tokens_per_layer[0]}, {prefix} class)",
+            f"model FPS (batch {batch_size}): ToMe {fps_t:.1f}   without ToMe {fps_b:.1f}"
+            f"   ({fps_t / fps_b:.2f}x)"]
+
+
+def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                   block: int | None = None, batch_size: int = 8, max_frames: int | None = None,
+                   out_height: int = DEFAULT_HEIGHT, max_pixels: int = MAX_FRAME_PIXELS,
+                   keep_sources: bool = False,
+                   progress: bool | Callable[[int, int | None], object] = False) -> VideoResult:
+    """Write ``dst`` (.mp4 or .webm): every frame of ``src`` beside its ToMe merge map after ``block``
+    (default: the last block; 0 = before the first) of an unpatched timm ViT ``model`` patched with
+    ``r`` (any ``tome_r`` setting), with the frame number, tokens left and measured FPS with and
+    without ToMe. ``keep_sources``: also return every frame's source map and text (for tests). ``mean``/``std``: the model's input normalisation. ``progress``: a tqdm bar, or a
+    callable ``(frames done, total or None)``. ``dst`` appears only when the whole clip was written."""
+    base, tome, depth, block, dst = _checked_setup(model, src, dst, r, block, batch_size, max_frames)
     info = probe_video(src, max_pixels)
     if getattr(model.patch_embed, "dynamic_img_size", False):
         raise VideoInputError("models with a dynamic image size are not supported: the merge map needs a fixed patch grid")
@@ -362,7 +414,7 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
     total = info.frame_count or None
     if total is not None and max_frames is not None:
         total = min(total, max_frames)
-    pw, ph = display_size(info.width, info.height, out_height)
+    display = display_size(info.width, info.height, out_height)
     result = VideoResult(str(dst), 0, info, (0, 0), CODECS[dst.suffix.lower()], block, [],
                          sources=[] if keep_sources else None, texts=[] if keep_sources else None)
     bar = None
@@ -370,37 +422,14 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
         from tqdm.auto import tqdm
         bar = tqdm(total=total, unit="frame", desc=f"ToMe video {Path(info.path).name}")
     report = progress if callable(progress) else None
-    cv2 = _cv2()
-
-    def batches() -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-        """(display-size frame, model-size frame) pairs: each full-size frame is dropped once read."""
-        batch = []
-        for f in read_frames(info, max_frames):
-            batch.append((cv2.resize(f, (pw, ph), interpolation=cv2.INTER_AREA),
-                          cv2.resize(f, input_size[::-1], interpolation=cv2.INTER_AREA)))
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
 
     try:
         with _atomic_output(dst) as tmp, torch.inference_mode():
             writer = None
             try:
-                for bi, frames in enumerate(batches()):
+                for bi, frames in enumerate(_frame_batches(info, max_frames, batch_size, display, input_size)):
                     x = model_input([small for _, small in frames], input_size, mean, std)
-                    if bi == 0:  # untimed warm-up of both models (first-call allocations, kernel choice)
-                        base(x)
-                        tome_forward(tome, x, trace_source=True)
-                    t = {}
-                    for which in (("base", "tome") if bi % 2 == 0 else ("tome", "base")):
-                        t0 = time.perf_counter()
-                        if which == "base":
-                            base(x)
-                        else:
-                            _, tinfo = tome_forward(tome, x, trace_source=True)
-                        t[which] = time.perf_counter() - t0
+                    t, tinfo = _timed_forwards(base, tome, x, bi)
                     result.base_seconds.append(t["base"])
                     result.tome_seconds.append(t["tome"])
                     result.tokens_per_layer = list(tinfo.tokens_per_layer)
@@ -411,15 +440,9 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
                     for k, (view, _) in enumerate(frames):
                         src_map = (torch.arange(grid[0] * grid[1]) if block == 0
                                    else tinfo.layer_sources[block - 1][k])
+                        lines = _frame_text(result, result.frames + k + 1, total, r, depth, P, batch_size, fps_t, fps_b)
                         if keep_sources:
                             result.sources.append(src_map.clone())
-                        i = result.frames + k + 1
-                        lines = [f"frame {i}{f'/{total}' if total else ''}   ToMe r={r}: "
-                                 f"{result.tokens_after_block} tokens after block {block}/{depth} "
-                                 f"(of {result.tokens_per_layer[0]}, {P} class)",
-                                 f"model FPS (batch {batch_size}): ToMe {fps_t:.1f}   without ToMe {fps_b:.1f}"
-                                 f"   ({fps_t / fps_b:.2f}x)"]
-                        if keep_sources:
                             result.texts.append(lines)
                         out = annotate_frame(view, src_map, grid, lines)
                         if writer is None:
@@ -443,23 +466,19 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
 # ----------------------------------------------------------------------------------------------- CLI
 
 def load_model(name: str, pretrained: bool = False) -> tuple[torch.nn.Module, tuple, tuple, str]:
-    """``(unpatched model in eval mode, mean, std, description)`` for a shipped checkpoint name
-    (``cifar10_vit``), a visiontools ``.safetensors`` file, or a timm ViT name."""
-    from visiontools import models as zoo
+    """``(unpatched model in eval mode, mean, std, description)`` from ``visiontools.models.load``: a
+    shipped checkpoint name (``cifar10_vit``), a visiontools ``.safetensors`` file, or a timm ViT name."""
+    from visiontools import models
 
-    if name in zoo.SHIPPED or name.endswith(".safetensors"):
-        model, desc = zoo.load_checkpoint_model(name)
-        return model, tuple(desc["mean"]), tuple(desc["std"]), f"{name} ({desc['model']})"
-    model = zoo.create_model(name, pretrained=pretrained).eval()
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    weights = "pretrained" if pretrained else "random weights"
-    return (model, tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-            f"timm {name} ({weights})")
+    model, desc = models.load(name, pretrained=pretrained)
+    what = f"{name} ({desc['model']})" if models.is_checkpoint(name) else \
+        f"timm {name} ({'pretrained' if pretrained else 'random weights'})"
+    return model, tuple(desc["mean"]), tuple(desc["std"]), what
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools video``."""
-    from visiontools.bench.vit import parse_schedule
+    from visiontools.bench.vit import r_argument
 
     p.add_argument("--in", dest="src", required=True, metavar="VIDEO",
                    help="input video (MP4, WebM, MKV, AVI, MOV; any codec this OpenCV build decodes)")
@@ -470,7 +489,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a shipped checkpoint (cifar10_vit), a visiontools .safetensors file or a timm ViT name "
                         "(random weights unless --pretrained)")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
-    p.add_argument("--r", type=parse_schedule, default=4, metavar="R",
+    p.add_argument("--r", type=r_argument, default=4, metavar="R",
                    help="ToMe: tokens merged per block (16), r,inflection (16,-0.5) or a per-layer list")
     p.add_argument("--block", type=int, default=None,
                    help="draw the merge map after this block (0 = before the first); default: the last block")

@@ -32,7 +32,7 @@ import torch
 
 from visiontools.timing import (
     add_run_arguments, autocast_context, count_flops, interleaved_times, machine_description, median,
-    write_results,
+    save_figure, subplots, write_results,
 )
 
 DEFAULT_GRIDS = [14, 16, 24, 32, 48, 64, 96, 128]
@@ -212,13 +212,9 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Log-log plot of time per image against tokens, attention and Hyena."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
     n = [r["tokens"] for r in rows]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax, ax2) = subplots(1, 2, figsize=(10, 4))
     ax.loglog(n, [r["attn_ms"] / r["batch"] for r in rows], "o-", label="attention (fused SDPA)")
     ax.loglog(n, [r["hyena_ms"] / r["batch"] for r in rows], "s-", label=f"Hyena (order {result['order']})")
     ax.loglog(n, [r["hyena_regen_ms"] / r["batch"] for r in rows], "s--", alpha=0.6,
@@ -235,9 +231,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.legend()
     fig.suptitle(f"one ViT block, width {result['dim']}, {result['dtype']}, {result['machine']}", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -261,8 +255,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``visiontools bench hyena``."""
-    from visiontools.bench.vit import resolve_dtype
-    from visiontools.timing import resolve_device
+    from visiontools.timing import resolve_device, resolve_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -275,8 +268,5 @@ def run(args: argparse.Namespace) -> int:
                        mlp_ratio=args.mlp_ratio, batch_size=args.batch_size, max_tokens=args.max_tokens,
                        device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
                        progress=not args.no_progress)
-    write_results(args, markdown_table(result), result)
-    if args.plot:
-        plot(result, args.plot)
-        print(f"plot: {args.plot}")
+    write_results(args, markdown_table(result), result, plot=plot)
     return 0

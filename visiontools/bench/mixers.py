@@ -28,7 +28,9 @@ import torch
 
 from visiontools.bench.hyena import loglog_slope
 from visiontools.bench.memory import peak_memory
-from visiontools.timing import add_run_arguments, interleaved_times, machine_description, median, write_results
+from visiontools.timing import (
+    add_run_arguments, interleaved_times, machine_description, median, save_figure, subplots, write_results,
+)
 
 DEFAULT_GRIDS = [14, 16, 32, 48, 64, 96, 128]
 
@@ -266,12 +268,8 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Log-log plots of forward+backward time, peak memory and error against tokens."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = subplots(1, 3, figsize=(15, 4.5))
     for k in result["mixers"]:
         style = "o-" if k == "sdpa" else "s-" if k == "hyena" else "^--" if k.startswith("reformer") else \
             "v:" if k.endswith("_back") else "k." if k == "proj" else "x-"
@@ -287,9 +285,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"token mixers, width {result['dim']}, bucket {result['bucket_size']}, {result['threads']} "
                  f"thread(s), {result['machine']}", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -324,8 +320,5 @@ def run(args: argparse.Namespace) -> int:
                        hashes=args.hashes, reformer_hashes=args.reformer_hashes or [],
                        device=resolve_device(args.device), repeats=args.repeats, warmup=args.warmup,
                        progress=not args.no_progress, max_exact_tokens=args.max_exact_tokens)
-    write_results(args, markdown_table(result), result)
-    if args.plot:
-        plot(result, args.plot)
-        print(f"plot: {args.plot}")
+    write_results(args, markdown_table(result), result, plot=plot)
     return 0

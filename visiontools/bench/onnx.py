@@ -86,22 +86,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ONNX benchmark from parsed command-line arguments and print a markdown table."""
-    from visiontools.export import require_onnx
     from visiontools.bench.vit import load_model
+    from visiontools.errors import UserError
+    from visiontools.export import require_onnx
 
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("error: --batch-size and --repeats must be >= 1 and --warmup >= 0")
+        raise UserError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
     try:
         require_onnx()
     except ImportError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
-    try:
-        model = load_model(args.model, args.pretrained, img)
-    except RuntimeError as e:
-        raise SystemExit(f"error: {e}")
+    model = load_model(args)
     result = benchmark_onnx(model, args.r, args.batch_size, img, args.threads, args.repeats, args.warmup)
     result["model"] = args.model
     write_results(args, markdown_table(result, args.model), result)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 from visiontools.timing import add_run_arguments
@@ -136,19 +135,11 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark and print a Markdown table (and write JSON with ``--out-json``)."""
-    import torch
+def candidate_pairs(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """``(method, ratio)`` of every candidate besides SDPA (``--candidates``, else ``--methods`` x
+    ``--ratios``), checked: known methods, ratios in range, tomesd installed when asked for."""
+    from visiontools.errors import UserError, missing_extra
 
-    from visiontools.errors import UserError, missing_extra, require
-    from visiontools.timing import count_flops, interleaved_times, machine_description, median, resolve_device
-
-    UNet2DConditionModel = require("diffusers", "`visiontools bench sd`").UNet2DConditionModel
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     if args.candidates:
         pairs = []
         for c in args.candidates:
@@ -171,75 +162,106 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"downsample ratios must be in (0, 1), got {r}")
         if m != "downsample" and not 0 < r <= 0.75:
             raise UserError(f"{m} ratios must be in (0, 0.75] (the 2x2-window merge limit), got {r}")
+    for res in args.resolutions:
+        if res % 8:
+            raise UserError(f"--resolutions must be multiples of 8 (latent = size/8), got {res}")
+    return pairs
 
-    config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
-    torch.manual_seed(args.seed)
-    base = UNet2DConditionModel(**config).eval()
+
+def build_unets(unet_cls, config: dict, seed: int, device, dtype):
+    """The UNet of ``config`` with random weights seeded by ``seed``, on ``device`` in ``dtype``, and a
+    meta-device twin (FLOPs are counted on it, at no compute cost)."""
+    import torch
+
+    torch.manual_seed(seed)
+    base = unet_cls(**config).eval()
     base.to(device)
     if dtype != torch.float32:
         base.to(dtype)
     with torch.device("meta"):
-        meta = UNet2DConditionModel(**config).eval()
+        meta = unet_cls(**config).eval()
+    return base, meta
+
+
+def time_resolution(args: argparse.Namespace, res: int, config: dict, base, meta, candidates, device, dtype
+                    ) -> list[dict]:
+    """Time every candidate (patched copies of ``base``) interleaved at one resolution; a row each: speed-ups
+    over SDPA (medians, per round), FLOP ratio, patched-level block time, relative L2 of the noise prediction."""
+    import torch
+
+    from visiontools.timing import count_flops, interleaved_times, median
+
+    lat = res // 8
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 4, lat, lat, generator=g).to(device, dtype)
+    e = torch.randn(args.batch, 77, config["cross_attention_dim"], generator=g).to(device, dtype)
+    t = torch.tensor(500, device=device)
+    fns, outputs, flops, timers = {}, {}, {}, {}
+    for method, ratio in candidates:
+        name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
+        unet = _patch(shared_copy(base), method, ratio, args.max_downsample, args.similarity_dtype)
+        timers[name] = _BlockTimer(unet, args.max_downsample, device)
+
+        def call(unet=unet, name=name):
+            timers[name].new_call()
+            outputs[name] = unet(x, t, e).sample.float()
+
+        fns[name] = call
+        m = _patch(shared_copy(meta), method, ratio, args.max_downsample, args.similarity_dtype)
+        xm, em, tm = x.to("meta"), e.to("meta"), t.to("meta")
+        flops[name] = count_flops(lambda m=m: m(xm, tm, em))
+    print(f"\n{res}x{res} (latent {lat}x{lat}): timing {len(fns)} candidates, "
+          f"{args.warmup} warm-up + {args.repeats} rounds")
+    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device, progress=True)
+    ref_t, ref_out = median(times["sdpa"]), outputs["sdpa"]
+    rows = []
+    for method, ratio in candidates:
+        name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
+        med = median(times[name])
+        rel = ((outputs[name] - ref_out).norm() / ref_out.norm()).item()
+        # per-round ratio to the baseline of the same round: robust to load drifting over the run
+        paired = median([b / c for b, c in zip(times["sdpa"], times[name])])
+        blocks = timers[name].seconds()[-args.repeats:]
+        rows.append(dict(resolution=res, latent=lat, method=method, ratio=ratio, median_s=med,
+                         min_s=min(times[name]), times_s=times[name], speedup=ref_t / med,
+                         speedup_paired=paired, flops=flops[name],
+                         flop_ratio=flops["sdpa"] / flops[name], blocks_s=median(blocks),
+                         blocks_times_s=blocks, rel_l2=rel))
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark: print a Markdown table per resolution (and of all of them), and write them
+    (``--out-md``) and every timing (``--out-json``) through ``visiontools.timing.write_results``."""
+    import torch
+
+    from visiontools.errors import require
+    from visiontools.timing import dtype_label, machine_description, resolve_device, resolve_dtype, write_results
+
+    unet_cls = require("diffusers", "`visiontools bench sd`").UNet2DConditionModel
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype or "auto", device, auto="fp16")
+    dtype_name = dtype_label(dtype)
+    candidates = [("sdpa", 0.0)] + candidate_pairs(args)
+    config = TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG
+    base, meta = build_unets(unet_cls, config, args.seed, device, dtype)
     n_params = sum(p.numel() for p in base.parameters())
-    candidates = [("sdpa", 0.0)] + pairs
     machine = machine_description(device)
     print(f"{'tiny' if args.tiny else 'SD 1.5'} UNet, {n_params / 1e6:.0f}M parameters, {dtype_name}, "
           f"batch {args.batch}; {machine}")
-
     rows = []
     for res in args.resolutions:
-        if res % 8:
-            raise UserError(f"--resolutions must be multiples of 8 (latent = size/8), got {res}")
-        lat = res // 8
-        g = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(args.batch, 4, lat, lat, generator=g).to(device, dtype)
-        e = torch.randn(args.batch, 77, config["cross_attention_dim"], generator=g).to(device, dtype)
-        t = torch.tensor(500, device=device)
-        fns, outputs, flops, timers = {}, {}, {}, {}
-        for method, ratio in candidates:
-            name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
-            unet = _patch(shared_copy(base), method, ratio, args.max_downsample, args.similarity_dtype)
-            timers[name] = _BlockTimer(unet, args.max_downsample, device)
-
-            def call(unet=unet, name=name):
-                timers[name].new_call()
-                outputs[name] = unet(x, t, e).sample.float()
-
-            fns[name] = call
-            m = _patch(shared_copy(meta), method, ratio, args.max_downsample, args.similarity_dtype)
-            xm, em, tm = x.to("meta"), e.to("meta"), t.to("meta")
-            flops[name] = count_flops(lambda m=m: m(xm, tm, em))
-        print(f"\n{res}x{res} (latent {lat}x{lat}): timing {len(fns)} candidates, "
-              f"{args.warmup} warm-up + {args.repeats} rounds")
-        times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device, progress=True)
-        ref_t, ref_out = median(times["sdpa"]), outputs["sdpa"]
-        for method, ratio in candidates:
-            name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
-            med = median(times[name])
-            rel = ((outputs[name] - ref_out).norm() / ref_out.norm()).item()
-            # per-round ratio to the baseline of the same round: robust to load drifting over the run
-            paired = median([b / c for b, c in zip(times["sdpa"], times[name])])
-            blocks = timers[name].seconds()[-args.repeats:]
-            rows.append(dict(resolution=res, latent=lat, method=method, ratio=ratio, median_s=med,
-                             min_s=min(times[name]), times_s=times[name], speedup=ref_t / med,
-                             speedup_paired=paired, flops=flops[name],
-                             flop_ratio=flops["sdpa"] / flops[name], blocks_s=median(blocks),
-                             blocks_times_s=blocks, rel_l2=rel))
+        rows += time_resolution(args, res, config, base, meta, candidates, device, dtype)
         print(_markdown([r for r in rows if r["resolution"] == res]))
-
-    if len(args.resolutions) > 1:  # all resolutions together (one resolution's table was printed above)
-        print("\n" + _markdown(rows))
-    if args.out_md:
-        with open(args.out_md, "w") as f:
-            f.write(f"SD 1.5 UNet{' (tiny)' if args.tiny else ''}, {dtype_name}, batch {args.batch}, "
-                    f"{args.warmup} warm-up + {args.repeats} interleaved rounds; {machine}\n\n{_markdown(rows)}\n")
-        print(f"wrote {args.out_md}")
-    if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump(dict(machine=machine, device=str(device), dtype=dtype_name, batch=args.batch,
-                           threads=torch.get_num_threads(), params=n_params, tiny=bool(args.tiny),
-                           max_downsample=args.max_downsample, similarity_dtype=args.similarity_dtype,
-                           repeats=args.repeats, warmup=args.warmup,
-                           rows=rows), f, indent=2)
-        print(f"wrote {args.out_json}")
+    if len(args.resolutions) > 1:  # all resolutions together (each one's table was printed above)
+        print()
+    result = dict(machine=machine, device=str(device), dtype=dtype_name, batch=args.batch,
+                  threads=torch.get_num_threads(), params=n_params, tiny=bool(args.tiny),
+                  max_downsample=args.max_downsample, similarity_dtype=args.similarity_dtype,
+                  repeats=args.repeats, warmup=args.warmup, rows=rows)
+    header = (f"SD 1.5 UNet{' (tiny)' if args.tiny else ''}, {dtype_name}, batch {args.batch}, "
+              f"{args.warmup} warm-up + {args.repeats} interleaved rounds; {machine}")
+    write_results(args, _markdown(rows), result, header=header, echo=len(args.resolutions) > 1)
     return 0

@@ -13,28 +13,21 @@ import torch
 
 from visiontools.timing import (
     add_run_arguments, autocast_context, count_flops, interleaved_times, machine_description, median,
-    resolve_device, write_results,
+    resolve_device, resolve_dtype, write_results,
 )
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 
 
-def parse_schedule(text: str):
-    """``"16"`` -> 16, ``"16,-0.5"`` -> (16, -0.5), ``"8,8,4,4"`` (more than two values) -> list."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+def r_argument(text: str):
+    """argparse type of every ``--r`` option (bench, eval, video, export):
+    :func:`visiontools.tome.merge.parse_r_text`, its ``ValueError`` shown as argparse's one-line error."""
+    from visiontools.tome.merge import parse_r_text
+
     try:
-        if len(parts) == 1:
-            r = int(parts[0])
-        elif len(parts) == 2 and "." in parts[1]:
-            r = int(parts[0]), float(parts[1])
-        else:
-            r = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an r setting: {text!r} (expected 16, or r,inflection like 16,-0.5, or a per-layer list)") from None
-    if min([r] if isinstance(r, int) else [r[0]] if isinstance(r, tuple) else r or [0]) < 0:
-        raise argparse.ArgumentTypeError(f"r must be >= 0 (tokens merged per block), got {text!r}")
-    return r
+        return parse_r_text(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def schedule_label(r) -> str:
@@ -44,13 +37,6 @@ def schedule_label(r) -> str:
     if isinstance(r, list):
         return "r=[" + ",".join(map(str, r)) + "]"
     return f"r={r}"
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """``auto`` -> bf16 autocast on CUDA, fp32 on CPU; ``fp32`` means no autocast."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tuple[int, int] | None = None,
@@ -131,7 +117,7 @@ def add_model_arguments(p: argparse.ArgumentParser, model: str, baseline: str, b
                    help="timm ViT name (random weights unless --pretrained), a shipped checkpoint name "
                         "(cifar10_vit) or a visiontools .safetensors checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
-    p.add_argument("--r", type=parse_schedule, nargs="+", default=[8, 16], metavar="R",
+    p.add_argument("--r", type=r_argument, nargs="+", default=[8, 16], metavar="R",
                    help=f"ToMe settings to compare with the {baseline}: an int r, 'r,inflection' "
                         "(e.g. 16,-0.5 for the decreasing schedule) or a comma list of per-layer r")
     p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
@@ -143,20 +129,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench [vit]``."""
     add_model_arguments(p, DEFAULT_MODEL, "baseline", 32, "images per forward pass")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+                   help="autocast dtype (visiontools.timing.resolve_dtype); auto = bf16 on CUDA, fp32 on CPU")
     add_run_arguments(p, repeats=10, warmup=3)
 
 
-def load_model(name: str, pretrained: bool = False, img_size=None) -> torch.nn.Module:
-    """A timm model by name (built for ``img_size`` when given), or a shipped/saved checkpoint
-    when ``visiontools.models`` knows the name."""
-    from visiontools import models as zoo  # imports timm: only when a model is loaded, not for --help
+def load_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The model ``--model`` names (``visiontools.models.load``: a shipped checkpoint, a checkpoint file,
+    or a timm name with random weights unless ``--pretrained``), built for ``--img-size`` when given."""
+    from visiontools import models  # imports timm: only when a model is loaded, not for --help
 
-    if name in zoo.SHIPPED or name.endswith(".safetensors"):
-        return zoo.load_checkpoint_model(name)[0]
-    kwargs = {} if img_size is None else {"img_size": img_size}
-    torch.manual_seed(0)  # random weights: the same model on every run
-    return zoo.create_model(name, pretrained=pretrained, **kwargs)
+    img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
+    return models.load(args.model, pretrained=args.pretrained, **({} if img is None else {"img_size": img}))[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
-    model = load_model(args.model, args.pretrained, img)
+    model = load_model(args)
     result = benchmark_vit(model, args.r, args.batch_size, img, device, dtype, args.repeats, args.warmup)
     result["model"] = args.model
     write_results(args, markdown_table(result, args.model), result)
