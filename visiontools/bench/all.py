@@ -20,7 +20,6 @@ known to work before a GPU is ever available. ``scripts/gpu_bench.sh`` is the pr
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import traceback
 from pathlib import Path
@@ -140,7 +139,9 @@ class Context:
 
         self.device, self.smoke, self.repeats = device, smoke, repeats
         self.warmup = 1 if smoke else 2
-        self.dtype = torch.bfloat16 if device.type == "cuda" else None  # bf16 only where hardware has it
+        from visiontools.timing import resolve_dtype
+
+        self.dtype = resolve_dtype("auto", device)  # bf16 on GPUs that have it, fp16 on older ones; fp32 on CPUs
 
     def times(self, fns: dict) -> dict:
         from visiontools.timing import interleaved_times
@@ -158,7 +159,7 @@ def measure_vit(ctx: Context, item: dict) -> list[dict]:
     import torch
 
     from visiontools.patches.timm import apply_tome
-    from visiontools.timing import autocast_context, count_flops, median
+    from visiontools.timing import autocast_context, count_flops, dtype_label, median
 
     kw = {k: item[k] for k in ("img_size", "patch_size", "depth") if k in item}
     torch.manual_seed(0)
@@ -178,7 +179,7 @@ def measure_vit(ctx: Context, item: dict) -> list[dict]:
     times = ctx.times({k: (lambda m=m: call(m)) for k, m in models.items()})
     ref = median(times["sdpa"])
     return [{"model": item["model"], "compile": item["compile"], "batch": item["batch"], "candidate": k,
-             "dtype": str(ctx.dtype or torch.float32).replace("torch.", ""), "median_s": median(times[k]),
+             "dtype": dtype_label(ctx.dtype), "median_s": median(times[k]),
              "images_per_s": item["batch"] / median(times[k]), "speedup": ref / median(times[k]),
              "flop_ratio": flops["sdpa"] / flops[k], "times_s": times[k]} for k in models]
 
@@ -354,6 +355,7 @@ def _cell(v) -> str:
 
 def write(results: dict, out: Path) -> None:
     """``bench_all.json`` and ``bench_all.md`` in ``out`` (rewritten after every measurement)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_all.json").write_text(json.dumps(results, indent=1))
-    (out / "bench_all.md").write_text(markdown(results))
+    from visiontools.timing import write_results
+
+    write_results(argparse.Namespace(out_md=out / "bench_all.md", out_json=out / "bench_all.json"),
+                  markdown(results), results, echo=False)
