@@ -500,3 +500,18 @@ def test_reapplying_keeps_the_method_and_a_budget_keeps_it_too():
     assert model.tome_method == "pitome" and model.tome_budget.flop_fraction <= 0.8
     visiontools.apply_tome(model, r=4, method="tome")
     assert model.tome_method == "tome"
+
+
+@pytest.mark.parametrize("method", ["tome", "prune"])
+def test_checkpointing_gives_the_same_gradients(method):
+    """Activation checkpointing recomputes each block from a copy of the token state as it was before
+    that block: gradients (of sizes, rope and weights alike) equal those without checkpointing."""
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    grads = []
+    for ckpt in (False, True):
+        model = apply_tome(tiny_vit(global_pool="avg"), r=6, method=method).train()
+        model.set_grad_checkpointing(ckpt)
+        F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
