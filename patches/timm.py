@@ -395,7 +395,8 @@ def _solve_budget(model, flops, speedup, calibrate: bool, input_size, batch: int
     was_training = model.training
     model.eval()
     try:
-        return solve_budget_for(run, x, len(model.blocks), num_tokens, flops, speedup, calibrate, batch)
+        return solve_budget_for(run, x, len(model.blocks), num_tokens, flops, speedup, calibrate, batch,
+                                cache=model.__dict__.setdefault("tome_flop_cache", {}), method=model.tome_method)
     finally:
         model.train(was_training)
 

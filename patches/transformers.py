@@ -315,7 +315,8 @@ def _solve_budget(tower: nn.Module, flops, speedup, calibrate: bool, input_size,
     try:
         num_tokens = (size[0] // cfg.patch_size) * (size[1] // cfg.patch_size)
         return solve_budget_for(run, x, len(TOWERS[_base(type(tower)).__name__].layers(tower)), num_tokens, flops,
-                                speedup, calibrate, batch)
+                                speedup, calibrate, batch, cache=tower.__dict__.setdefault("tome_flop_cache", {}),
+                                method=tower.tome_method)
     finally:
         tower.train(was_training)
 

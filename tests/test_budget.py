@@ -112,3 +112,27 @@ def test_speedup_budget_and_calibration_on_the_model():
 def test_bad_budgets_are_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         apply_tome(tiny_vit(), **kwargs)
+
+
+def test_a_second_solve_on_the_same_model_counts_nothing_again(monkeypatch):
+    """FLOP counts are cached with the model (per input shape and method): re-solving for another
+    budget reuses them, a new method counts anew, and remove_tome drops the cache."""
+    import visiontools.timing as timing
+
+    calls = []
+    real = timing.count_flops
+    monkeypatch.setattr(timing, "count_flops", lambda fn, warmup=True: calls.append(1) or real(fn, warmup))
+    model = tiny_vit()
+    apply_tome(model, flops=0.6)
+    first = len(calls)
+    apply_tome(model, flops=0.6)
+    assert len(calls) == first > 0
+    b = model.tome_budget
+    model.tome_r = 0
+    base = real(lambda: model(torch.zeros(1, 3, 32, 32)))
+    model.tome_r = b.schedule
+    assert real(lambda: model(torch.zeros(1, 3, 32, 32))) / base == pytest.approx(b.flop_fraction, rel=1e-6)
+    apply_tome(model, flops=0.6, method="pitome")
+    assert len(calls) > first
+    remove_tome(model)
+    assert not hasattr(model, "tome_flop_cache")

@@ -170,18 +170,29 @@ ToMeInfo = TokenState  # what tome_forward returns: the finished state of the ca
 
 def solve_budget_for(run: Callable[[Any, torch.Tensor], object], example: torch.Tensor, num_layers: int,
                      num_tokens: int, flops: float | None = None, speedup: float | None = None,
-                     calibrate: bool = False, batch: int = 32) -> BudgetResult:
+                     calibrate: bool = False, batch: int = 32, cache: dict | None = None,
+                     method: str = "tome") -> BudgetResult:
     """The budget solve of every adapter. ``run(schedule, x)`` runs the patched model (or its vision
     tower) on ``x`` with that schedule; ``example``: one input ``(1, ...)`` on the model's device;
     ``num_tokens``: tokens entering the first block (r is at most half of them). FLOPs are counted on
     ``example`` (steady state, see ``visiontools.timing.count_flops``); with ``calibrate`` a batch of
-    ``batch`` random inputs is timed against schedule 0, interleaved."""
+    ``batch`` random inputs is timed against schedule 0, interleaved. ``cache``: a dict kept with the
+    model, so that counts of a schedule (per input shape and ``method``) are made once per model."""
     from visiontools.timing import count_flops, interleaved_times, median
 
-    def fraction_of(rs: list[int]) -> float:
-        return count_flops(lambda: run(rs, example), warmup=False) / base
+    cache = {} if cache is None else cache
+    key = (tuple(example.shape), str(example.dtype), method)
 
-    base = count_flops(lambda: run(0, example))  # warms caches (Hyena's filters) once for all counts
+    def counted(rs, warmup: bool) -> int:
+        k = (*key, tuple(rs) if isinstance(rs, list) else rs)
+        if k not in cache:
+            cache[k] = count_flops(lambda: run(rs, example), warmup=warmup)
+        return cache[k]
+
+    def fraction_of(rs: list[int]) -> float:
+        return counted(rs, warmup=False) / base
+
+    base = counted(0, warmup=True)  # warms caches (Hyena's filters) once for all counts
     measure = None
     if calibrate:
         xb = torch.randn(batch, *example.shape[1:], device=example.device, dtype=example.dtype)
