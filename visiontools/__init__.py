@@ -52,6 +52,9 @@ def apply_tome(model, **kwargs):
                             "apply_tome(pipe, ratio=0.5)), not r= (tokens per block, for timm ViTs)")
         from visiontools.errors import require
         require("diffusers", "ToMe for Stable Diffusion")
+        from visiontools.patches import diffusers_dit
+        if diffusers_dit.is_dit(model):  # SD3 / PixArt / Flux transformer or pipeline
+            return _call(diffusers_dit.apply_tome_dit, model, kwargs, "diffusion transformer")
         from visiontools.patches.diffusers import apply_tome_sd
         return _call(apply_tome_sd, model, kwargs, "Stable Diffusion model")
     raise TypeError(f"no ToMe adapter for {type(model).__name__} (from {type(model).__module__}); "
@@ -67,6 +70,9 @@ def remove_tome(model):
         from visiontools.patches.transformers import remove_tome as remove
         return remove(model)
     if _is_diffusers_model(model):
+        from visiontools.patches import diffusers_dit
+        if diffusers_dit.is_dit(model):
+            return diffusers_dit.remove_tome_dit(model)
         from visiontools.patches.diffusers import remove_tome_sd
         return remove_tome_sd(model)
     raise TypeError(f"remove_tome: {type(model).__name__} (from {type(model).__module__}) is not a model "

@@ -1,0 +1,221 @@
+"""Diffusion transformers (SD3, PixArt, Flux): unpatched vs token merging vs key/value downsampling.
+
+Each model is a diffusers transformer with real block shapes (SD3-medium, PixArt-Σ, Flux.1) but only
+a few blocks, random weights (nothing is downloaded), called at the token counts of a 1024² image
+(4096 image tokens) with the models' text lengths. Candidates share the weights and are timed
+interleaved in one process (``visiontools.timing.interleaved_times``). Beside the speed-up: the FLOP
+ratio (``visiontools.timing.count_flops``, on one call of each candidate, which doubles as its
+warm-up), speed-up / FLOP ratio (how much of the FLOP ideal the patch reaches), and the relative L2
+distance of the output to the unpatched model's.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+from visiontools.timing import add_run_arguments
+
+# (diffusers class, config with real block shapes, text tokens); layers cut to a few blocks.
+MODELS = {
+    "sd3": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192), 333),
+    "pixart": ("PixArtTransformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=72,
+        num_attention_heads=16, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, use_additional_conditions=False, interpolation_scale=2), 300),
+    "flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+        axes_dims_rope=(16, 56, 56)), 512),
+}
+TINY = {"sd3": dict(attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                    pooled_projection_dim=8),
+        "pixart": dict(attention_head_dim=8, num_attention_heads=2, cross_attention_dim=16, caption_channels=16),
+        "flux": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                     axes_dims_rope=(4, 6, 6))}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``visiontools bench dit``."""
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
+    parser.add_argument("--candidates", nargs="+", default=["merge@0.5", "downsample@0.5"], metavar="METHOD@RATIO",
+                        help="patched candidates besides the unpatched baseline, e.g. merge@0.5 downsample@0.75")
+    parser.add_argument("--resolution", type=int, default=1024, help="image size in pixels (square); latent = /8")
+    add_run_arguments(parser, repeats=2, warmup=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths, same layout (smoke test)")
+    parser.add_argument("--rope-rules", action="store_true",
+                        help="instead of timing: errors of Flux's RoPE rules for merged tokens (small random Flux)")
+
+
+def parse_candidates(specs: list[str]) -> list[tuple[str, float]]:
+    """``["merge@0.5", ...]`` -> ``[("merge", 0.5), ...]``; ``ValueError`` naming a bad entry."""
+    out = []
+    for spec in specs:
+        method, _, ratio = spec.partition("@")
+        try:
+            out.append((method, float(ratio)))
+        except ValueError:
+            raise ValueError(f"candidate {spec!r} is not METHOD@RATIO (e.g. merge@0.5, downsample@0.75)") from None
+        if method not in ("merge", "downsample"):
+            raise ValueError(f"candidate {spec!r}: method must be merge or downsample")
+    return out
+
+
+def build(name: str, resolution: int, seed: int, tiny: bool):
+    """The model (real block shapes, or ``tiny`` widths) and the keyword inputs of one call at ``resolution``."""
+    import torch
+    import diffusers
+
+    cls, config, n_text = MODELS[name]
+    config = {**config, **(TINY[name] if tiny else {})}
+    torch.manual_seed(seed)
+    model = getattr(diffusers, cls)(**config).eval()
+    lat = resolution // 8
+    g = torch.Generator().manual_seed(seed)
+    smooth = lambda c, h, w: torch.nn.functional.interpolate(  # noqa: E731  (latents are spatially smooth)
+        torch.randn(1, c, h // 8, w // 8, generator=g), size=(h, w), mode="bicubic")
+    text = torch.randn(1, n_text, config.get("joint_attention_dim", config.get("caption_channels")), generator=g)
+    if name == "flux":
+        h = w = lat // 2
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+        x = smooth(config["in_channels"], h, w).flatten(2).transpose(1, 2)
+        return model, dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.5]),
+                           pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g),
+                           img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(n_text, 3))
+    x = smooth(config["in_channels"], lat, lat)
+    if name == "pixart":
+        return model, dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return model, dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
+                       pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g))
+
+
+def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, float]]) -> list[dict]:
+    """Time the unpatched model and every candidate (patched copies sharing its weights) interleaved;
+    a row each: median seconds, speed-ups (medians, per round), FLOP ratio, its share reached, rel. L2."""
+    import torch
+
+    from visiontools.patches.diffusers_dit import apply_tome_dit
+    from visiontools.timing import count_flops, interleaved_times, median
+
+    base, kw = build(name, args.resolution, args.seed, args.tiny)
+    fns, outputs, flops = {}, {}, {}
+    for method, ratio in [("unpatched", 0.0)] + candidates:
+        key = "unpatched" if method == "unpatched" else f"{method}@{ratio:g}"
+        model = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})  # shares weights
+        if method != "unpatched":
+            apply_tome_dit(model, ratio=ratio, mode=method)
+
+        def call(model=model, key=key):
+            outputs[key] = model(**kw).sample.float()
+
+        fns[key] = call
+        flops[key] = count_flops(call, warmup=False)  # also this candidate's warm-up call
+    n_img = (args.resolution // 16) ** 2  # latent /8, then 2x2 patches (SD3, PixArt) or 2x2 packing (Flux)
+    print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters, timing {len(fns)} "
+          f"candidates, {args.warmup} warm-up + {args.repeats} rounds")
+    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, progress=True)
+    ref_t, ref = median(times["unpatched"]), outputs["unpatched"]
+    rows = []
+    for key in fns:
+        med = median(times[key])
+        flop_ratio = flops["unpatched"] / flops[key]
+        rows.append(dict(model=name, candidate=key, image_tokens=n_img, median_s=med, times_s=times[key],
+                         speedup=ref_t / med, speedup_paired=median([b / c for b, c in zip(times["unpatched"],
+                                                                                              times[key])]),
+                         flops=flops[key], flop_ratio=flop_ratio, of_ideal=ref_t / med / flop_ratio,
+                         rel_l2=((outputs[key] - ref).norm() / ref.norm()).item()))
+    return rows
+
+
+def _markdown(rows: list[dict]) -> str:
+    """The results table."""
+    lines = ["| model (blocks) | candidate | median s | speed-up | per-round speed-up | FLOP ratio | speed-up / FLOP "
+             "ratio | rel. L2 vs unpatched |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['candidate']} | {r['median_s']:.3f} | {r['speedup']:.2f}× | "
+                     f"{r['speedup_paired']:.2f}× | {r['flop_ratio']:.2f}× | {r['of_ideal']:.2f} | "
+                     f"{r['rel_l2']:.4f} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark for every model; print and write (``--out-md``, ``--out-json``) the table."""
+    import torch
+
+    from visiontools.errors import require
+    from visiontools.timing import machine_description, write_results
+
+    require("diffusers", "`visiontools bench dit`")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device not in ("auto", "cpu"):
+        raise ValueError("visiontools bench dit runs on the CPU only for now: use --device cpu")
+    if args.rope_rules:
+        errs = rope_rule_errors()
+        print("| rope rule | rel. L2 of output | rel. L2 of block-0 image attention |\n|---|---|---|")
+        for rule, e in errs.items():
+            print(f"| {rule} | {e['output']:.4f} | {e['block0_attention']:.4f} |")
+        return 0
+    candidates = parse_candidates(args.candidates)
+    machine = machine_description("cpu")
+    rows = []
+    with torch.inference_mode():
+        for name in args.models:
+            rows += time_model(args, name, candidates)
+            print(_markdown([r for r in rows if r["model"] == name]))
+    header = (f"Diffusion-transformer blocks{' (tiny)' if args.tiny else ''} at {args.resolution}² "
+              f"({(args.resolution // 16) ** 2} image tokens), fp32, batch 1, FLOP-counting call + {args.warmup} "
+              f"warm-up + {args.repeats} interleaved rounds; {machine}")
+    result = dict(machine=machine, resolution=args.resolution, threads=torch.get_num_threads(), tiny=bool(args.tiny),
+                  repeats=args.repeats, warmup=args.warmup, models={n: MODELS[n][0] for n in args.models}, rows=rows)
+    write_results(args, _markdown(rows), result, header=header)
+    return 0
+
+
+def rope_rule_errors(seeds: int = 3, grid: int = 24, ratio: float = 0.5) -> dict[str, dict[str, float]]:
+    """Merge mode on a small random Flux (2 double + 4 single blocks, head dim 32): mean relative L2
+    error, against the unpatched model, of the output and of the first block's image attention
+    output, for each RoPE rule of merged tokens and for merged tokens without positions (``none``)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from visiontools.patches import diffusers_dit as dit
+
+    rules, real = (*dit.ROPE_RULES, "none"), dit._merged_rope
+    errs = {r: {"output": 0.0, "block0_attention": 0.0} for r in rules}
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=8, axes_dims_rope=(8, 12, 12)).eval()
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.zeros(grid, grid, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(grid)[:, None], torch.arange(grid)[None]
+        x = torch.nn.functional.interpolate(torch.randn(2, 16, grid // 4, grid // 4, generator=g), size=(grid, grid),
+                                            mode="bicubic") + 0.1 * torch.randn(2, 16, grid, grid, generator=g)
+        kw = dict(hidden_states=x.flatten(2).transpose(1, 2), encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
+                  pooled_projections=torch.randn(2, 8, generator=g), timestep=torch.tensor([0.5, 0.5]),
+                  img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(7, 3))
+        seen = []
+        model.transformer_blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+        with torch.no_grad():
+            ref = model(**kw).sample
+            ref_attn = seen.pop()
+            for rule in rules:
+                try:
+                    if rule == "none":  # merged tokens at angle 0: no position at all
+                        dit._merged_rope = lambda p, c, s, r: tuple(t * 0 + v for t, v in zip(real(p, c, s, r), (1, 0)))
+                    dit.apply_tome_dit(model, ratio=ratio, rope="mean" if rule == "none" else rule)
+                    out = model(**kw).sample
+                finally:
+                    dit._merged_rope = real
+                dit.remove_tome_dit(model)
+                errs[rule]["output"] += ((out - ref).norm() / ref.norm()).item() / seeds
+                attn = seen.pop()
+                errs[rule]["block0_attention"] += ((attn - ref_attn).norm() / ref_attn.norm()).item() / seeds
+    return errs
