@@ -7,6 +7,8 @@ Four sections, each timed interleaved in one process (``visiontools.timing.inter
   ``torch.compile``; the counted FLOP ratio beside the measured one.
 - ``sd``: the SD 1.5 and SDXL UNets (random weights at their real shapes) at 1024² and 2048²:
   diffusers' SDPA against tomesd, ToMe-SD merge and downsample at ratios 0.5 and 0.75.
+- ``dit``: a few SD3-medium-, PixArt- and Flux-sized blocks (``visiontools bench dit``'s models) at
+  1024² and 2048²: unpatched against ToMe merge and key/value downsampling (ratios 0.5, 0.75).
 - ``hyena``: one Hyena block against one SDPA attention block from 1K to 64K tokens: time and peak memory.
 - ``lsh``: LSH attention against SDPA from 4K to 64K tokens: time and peak memory.
 
@@ -24,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("vit", "sd", "hyena", "lsh")
+SECTIONS = ("vit", "sd", "dit", "hyena", "lsh")
 
 # The GPU run. Items of a section are listed smallest first; "cost" is a relative size used to
 # predict an item's time from the last one measured.
@@ -35,6 +37,8 @@ FULL = {
             dict(model="vit_large_patch16_224", batch=256, compile=True, cost=8)],
     "sd": [dict(unet=u, resolution=r, cost=w * (r / 1024) ** 2.5)
            for r in (1024, 2048) for u, w in (("sd15", 1), ("sdxl", 2.5))],
+    "dit": [dict(model=m, resolution=r, cost=w * (r / 1024) ** 2.5)
+            for r in (1024, 2048) for m, w in (("pixart", 1), ("sd3", 1.2), ("flux", 4))],
     "hyena": [dict(grid=g, cost=g ** 2) for g in (32, 64, 128, 181, 256)],
     "lsh": [dict(grid=g, cost=g ** 2) for g in (64, 128, 181, 256)],
 }
@@ -42,6 +46,7 @@ FULL = {
 SMOKE = {
     "vit": [dict(model="vit_tiny_patch16_224", batch=2, compile=False, cost=1, img_size=64, patch_size=8, depth=3)],
     "sd": [dict(unet="sd15_tiny", resolution=64, cost=1), dict(unet="sdxl_tiny", resolution=64, cost=1)],
+    "dit": [dict(model=m, resolution=128, cost=1) for m in ("pixart", "sd3", "flux")],
     "hyena": [dict(grid=8, cost=64), dict(grid=16, cost=256)],
     "lsh": [dict(grid=8, cost=64), dict(grid=16, cost=256)],
 }
@@ -324,7 +329,44 @@ def measure_lsh(ctx: Context, item: dict) -> list[dict]:
     return _mixer_rows(ctx, "lsh", g, {k: (lambda m=m: call(m)) for k, m in mixers.items()}, {}, dim)
 
 
-MEASURE = {"vit": measure_vit, "sd": measure_sd, "hyena": measure_hyena, "lsh": measure_lsh}
+def measure_dit(ctx: Context, item: dict) -> list[dict]:
+    """Diffusion-transformer blocks at one resolution: unpatched vs merge and downsample; FLOP ratio
+    (counted on the device, one call) and relative L2 of the output to the unpatched model's."""
+    import copy
+
+    import torch
+
+    from visiontools.bench.dit import build
+    from visiontools.patches.diffusers_dit import apply_tome_dit
+    from visiontools.timing import count_flops, median
+
+    dtype = torch.float16 if ctx.device.type == "cuda" else torch.float32
+    base, kw = build(item["model"], item["resolution"], 0, ctx.smoke)
+    base = base.to(ctx.device, dtype)
+    kw = {k: (v.to(ctx.device, dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
+              if torch.is_tensor(v) else v) for k, v in kw.items()}
+    fns, outs, flops = {}, {}, {}
+    for method, ratio in [("unpatched", 0.0), ("merge", 0.5), ("downsample", 0.5), ("downsample", 0.75)]:
+        name = "unpatched" if method == "unpatched" else f"{method}@{ratio:g}"
+        model = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})  # shares weights
+        if method != "unpatched":
+            apply_tome_dit(model, ratio=ratio, mode=method)
+
+        def call(model=model, name=name):
+            with torch.inference_mode():
+                outs[name] = model(**kw).sample.float()
+        fns[name] = call
+        flops[name] = count_flops(call)
+    times = ctx.times(fns)
+    ref = median(times["unpatched"])
+    return [{"model": item["model"], "resolution": item["resolution"], "candidate": k, "dtype": str(dtype)[6:],
+             "median_s": median(times[k]), "speedup": ref / median(times[k]),
+             "flop_ratio": flops["unpatched"] / flops[k],
+             "rel_l2": ((outs[k] - outs["unpatched"]).norm() / outs["unpatched"].norm()).item(),
+             "times_s": times[k]} for k in fns]
+
+
+MEASURE = {"vit": measure_vit, "sd": measure_sd, "dit": measure_dit, "hyena": measure_hyena, "lsh": measure_lsh}
 
 
 # ----------------------------------------------------------------------------- results
@@ -336,6 +378,7 @@ def markdown(results: dict) -> str:
         lines += ["Smoke run (tiny sizes, CPU): checks the script, not a measurement.", ""]
     cols = {"vit": ["model", "compile", "batch", "candidate", "images_per_s", "speedup", "flop_ratio"],
             "sd": ["unet", "resolution", "candidate", "median_s", "speedup", "flop_ratio", "rel_l2"],
+            "dit": ["model", "resolution", "candidate", "median_s", "speedup", "flop_ratio", "rel_l2"],
             "hyena": ["tokens", "candidate", "median_s", "speedup", "peak_mb", "flops"],
             "lsh": ["tokens", "candidate", "median_s", "speedup", "peak_mb"]}
     for name, sec in results["sections"].items():
