@@ -21,8 +21,11 @@ def available() -> bool:
 def model_info_markdown(dm) -> str:
     """The model panel: what is loaded, its token grid, and any notice (e.g. random weights)."""
     rows, cols = dm.grid_size
-    text = (f"**Model:** {dm.description}. {dm.depth} blocks, {rows}x{cols} = {dm.num_patches} patches "
-            f"+ {dm.model.num_prefix_tokens} class token(s), {len(dm.classes)} classes.")
+    from visiontools.demos.merging import prefix_words
+
+    tokens = dm.num_patches + dm.model.num_prefix_tokens
+    text = (f"**Model:** {dm.description}. {dm.depth} blocks, {rows}x{cols} = {dm.num_patches} patches, "
+            f"{tokens} tokens ({prefix_words(dm.model)}), {len(dm.classes)} classes.")
     if dm.notice:
         text += f"\n\n⚠️ **Note:** {dm.notice}"
     return text
@@ -117,7 +120,7 @@ def build_tab(gr, shared) -> None:
                 vis = gr.Image(label="Merged patch groups", type="pil", height=384, elem_id="merge-vis",
                                interactive=False, format="png")
                 summary = gr.Markdown(elem_id="token-summary")
-        tokens = gr.Dataframe(headers=TOKEN_TABLE_HEADERS, label="Tokens per block (class token included)",
+        tokens = gr.Dataframe(headers=TOKEN_TABLE_HEADERS, label="Tokens per block (as the summary counts them)",
                               interactive=False, elem_id="token-table")
         with gr.Row():
             before = gr.Label(num_top_classes=5, label="Top-5 without ToMe", elem_id="top5-before")

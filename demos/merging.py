@@ -46,8 +46,21 @@ def top_k(logits: torch.Tensor, classes: list[str], k: int = 5) -> dict[str, flo
     return {classes[i] if i < len(classes) else f"class {i}": float(v) for v, i in zip(vals.tolist(), idx.tolist())}
 
 
+def prefix_words(model: torch.nn.Module) -> str:
+    """What the demo's token counts include besides the patches, worded for this model: ``"class token
+    included"`` for a ViT with one, ``"no class token: patch tokens only"`` for a model without one
+    (e.g. conformer_cifar10), and register tokens named as such."""
+    n = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    has_cls = getattr(model, "cls_token", None) is not None and n > 0
+    extra = n - int(has_cls)
+    if has_cls:
+        return "class token included" if extra == 0 else f"class token and {extra} register token(s) included"
+    return "no class token: patch tokens only" if n == 0 else f"no class token; {n} register token(s) included"
+
+
 def token_table(tokens_per_layer: list[int]) -> list[list[int]]:
-    """Rows ``[block, tokens in, merged, tokens out]`` (class token included) from ``ToMeInfo.tokens_per_layer``."""
+    """Rows ``[block, tokens in, merged, tokens out]`` (prefix tokens such as a class token included) from
+    ``ToMeInfo.tokens_per_layer``."""
     return [[i + 1, a, a - b, b] for i, (a, b) in enumerate(zip(tokens_per_layer[:-1], tokens_per_layer[1:]))]
 
 
@@ -67,12 +80,19 @@ class MergeResult:
         return token_table(self.tokens_per_layer)
 
     def summary(self, dm: DemoModel, r, schedule: str) -> str:
-        """A short markdown summary of the token counts."""
+        """A short markdown summary of the token counts, written as ``bench`` and ``eval`` write them
+        (``65 -> 25``: entering the first -> the last block), worded for the model (class token or not);
+        when nothing merges (r=0, or r too small to merge anything) it says so."""
+        from visiontools.bench.vit import token_span
+
         t = self.tokens_per_layer
         where = "before the first block" if self.layer == 0 else f"after block {self.layer} of {dm.depth}"
-        return (f"**{self.groups} of {dm.num_patches} patch groups {where}** "
-                f"(r={r}, {schedule} schedule). Tokens incl. class token: "
-                f"{' → '.join(str(n) for n in t)}; the last block sees {t[-2]} instead of {t[0]}.")
+        head = f"**{self.groups} of {dm.num_patches} patch groups {where}** (r={r}, {schedule} schedule). "
+        what = prefix_words(dm.model)
+        if t[0] == t[-1]:
+            return head + f"Nothing is merged at this setting: every block sees all {t[0]} tokens ({what})."
+        return (head + f"Tokens ({what}): {token_span(t)} (entering the first -> the last block); "
+                f"per block: {' -> '.join(str(n) for n in t)}.")
 
 
 def analyse(dm: DemoModel, image: Image.Image, r: int, schedule: str = "constant", layer: int | None = None,

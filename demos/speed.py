@@ -12,7 +12,8 @@ import torch
 from visiontools.demos.merging import r_setting
 from visiontools.demos.model_cache import DemoModel
 
-SPEED_HEADERS = ["model", "ms / batch", "images / s", "speedup", "GFLOPs / image", "FLOP ratio", "tokens at last block"]
+SPEED_HEADERS = ["model", "ms / batch", "images / s", "speedup", "GFLOPs / image", "FLOP ratio",
+                 "tokens (first -> last block)"]
 _MEASURE_LOCK = threading.Lock()  # one measurement at a time, or they would slow each other down
 
 
@@ -24,7 +25,7 @@ class SpeedRow:
     seconds: float          # median seconds per batch
     batch_size: int
     flops: int              # per batch
-    last_tokens: int
+    tokens: str             # "65 -> 25" as bench and eval write it (visiontools.bench.vit.token_span)
 
     @property
     def images_per_s(self) -> float:
@@ -44,7 +45,7 @@ class SpeedResult:
         base = self.rows[0]
         return [[r.name, round(r.seconds * 1e3, 2), round(r.images_per_s, 1),
                  round(base.seconds / r.seconds, 2), round(r.flops / r.batch_size / 1e9, 4),
-                 round(base.flops / r.flops, 2), r.last_tokens] for r in self.rows]
+                 round(base.flops / r.flops, 2), r.tokens] for r in self.rows]
 
 
 def sweep_values(r: int, points: int = 4) -> list[int]:
@@ -62,6 +63,7 @@ def measure_speed(dm: DemoModel, x: torch.Tensor, r: int, schedule: str = "const
     ``None`` keeps the current setting). On small CPUs shared with other work the thread count can
     decide whether ToMe's many small merge operations pay off, so it is a choice, not a constant."""
     from visiontools.patches.timm import tome_forward
+    from visiontools.bench.vit import token_span
     from visiontools.timing import count_flops, interleaved_times, machine_description, median
 
     if batch_size < 1 or repeats < 1 or warmup < 0:
@@ -74,13 +76,13 @@ def measure_speed(dm: DemoModel, x: torch.Tensor, r: int, schedule: str = "const
     # FLOPs (linear in the batch) and token counts from one single-image forward per candidate
     fns: dict[str, Callable[[], object]] = {"unpatched": lambda: dm.model(xb)}
     flops = {"unpatched": count_flops(lambda: dm.model(x)) * batch_size}
-    last_tokens = {"unpatched": dm.num_patches + dm.model.num_prefix_tokens}
+    tokens = {"unpatched": token_span(None)}
     for name, setting in settings:
         patched = dm.patched(setting)
         fns[name] = (lambda m: (lambda: m(xb)))(patched)
         info = []
         flops[name] = count_flops(lambda: info.append(tome_forward(patched, x)[1])) * batch_size
-        last_tokens[name] = info[0].tokens_per_layer[-2]
+        tokens[name] = token_span(info[0].tokens_per_layer)
     with _MEASURE_LOCK:
         saved_threads = torch.get_num_threads()
         if threads is not None:
@@ -90,7 +92,7 @@ def measure_speed(dm: DemoModel, x: torch.Tensor, r: int, schedule: str = "const
             machine = machine_description(xb.device)
         finally:
             torch.set_num_threads(saved_threads)
-    rows = [SpeedRow(n, median(times[n]), batch_size, flops[n], last_tokens[n]) for n in fns]
+    rows = [SpeedRow(n, median(times[n]), batch_size, flops[n], tokens[n]) for n in fns]
     return SpeedResult(rows, machine, repeats)
 
 

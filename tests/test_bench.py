@@ -105,6 +105,9 @@ def test_benchmark_rows_and_flop_ratio():
     assert dec["flop_ratio"] > r8["flop_ratio"]  # merging early saves more
     assert all(row["img_per_s"] > 0 for row in res["rows"])
     assert "ToMe r=8 (inflect -0.5)" in markdown_table(res, "tiny")
+    assert r8["tokens_per_layer"] == [65, 57, 49, 41, 33]
+    table = markdown_table(res, "tiny")
+    assert "| ToMe r=8 | 65 -> 41 |" in table and "| timm (fused SDPA) | all |" in table
 
 
 def test_cli_bench_writes_json(tmp_path, capsys):
@@ -149,3 +152,46 @@ def test_count_flops_counts_ffts_which_torch_misses():
     assert count_flops(lambda: torch.fft.fft(xc, dim=-1)) == 5 * 48 * 8 * 3
     w = torch.randn(8, 8)
     assert count_flops(lambda: x @ w) == 2 * 48 * 8 * 8  # torch's own formulas still apply
+
+
+def test_bench_and_eval_write_token_counts_the_same_way():
+    """The same tokens per layer read "65 -> 25" (entering the first -> the last block, class token
+    included) in bench vit's table, eval's table and the demo's speed table; unpatched rows read "all"."""
+    from visiontools.bench.vit import TOKENS_HEADER, token_span
+    from visiontools.evaluate import markdown_table as eval_table
+
+    tokens = [65, 57, 49, 41, 33, 25, 17]  # cifar10_vit at r=8: 6 blocks
+    assert token_span(tokens) == "65 -> 25" and token_span(None) == "all"
+    common = {"speedup": 1.5, "flop_ratio": 1.6}
+    bench_md = markdown_table({"batch_size": 2, "img_size": [32, 32], "dtype": "float32", "machine": "CPU", "rows": [
+        {"name": "ToMe r=8", "tokens_per_layer": tokens, "final_tokens": 17, "img_per_s": 10.0,
+         "gflops_per_img": 0.1, "measured_over_ideal": 0.9, **common}]}, "t")
+    eval_md = eval_table({"rows": [{"name": "ToMe r=8", "tokens_per_layer": tokens, "params": 1e6, "top1": 50.0,
+                                    "top5": 90.0, "images_per_s": 10.0, "gflops": 0.1, **common}]})
+    for md in (bench_md, eval_md):
+        assert TOKENS_HEADER in md and "| ToMe r=8 | " in md and " 65 -> 25 |" in md and "| 17 |" not in md, md
+
+
+def test_bench_without_a_target_lists_the_targets_and_exits_0():
+    """`visiontools bench` alone prints the targets with their one-line help (it used to start a
+    13-minute ViT-B run); options without a target still mean `bench vit`."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    from visiontools.cli import BENCH_TARGETS, normalize_argv
+
+    assert normalize_argv(["bench"]) == ["bench"]
+    assert normalize_argv(["bench", "--model", "m", "--r", "8"]) == ["bench", "vit", "--model", "m", "--r", "8"]
+    assert normalize_argv(["bench", "sd", "--steps", "2"])[:2] == ["bench", "sd"]
+    assert normalize_argv(["bench", "--help"]) == ["bench", "--help"]
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "visiontools.cli", "bench"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stderr == "", out
+    assert time.perf_counter() - start < 60
+    for name, (_, help_) in BENCH_TARGETS.items():  # each target on its own line, with its help
+        assert re.search(rf"^    {name}\b", out.stdout, re.M) and help_.split(":")[0] in out.stdout, (name, out.stdout)
+    assert "usage: visiontools bench" in out.stdout and "im/s" not in out.stdout

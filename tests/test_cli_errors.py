@@ -350,3 +350,57 @@ def test_cpu_peak_memory_of_a_training_step_sees_a_reversible_backward():
     step()  # create the .grad buffers first, so both measurements exclude them
     peak = peak_memory(step, torch.device("cpu"), autograd=True)
     assert peak >= peak_memory(one_block_recompute, torch.device("cpu"), autograd=True) > 0
+
+
+HEAVY = ("torch", "timm", "diffusers", "gradio", "transformers", "cv2", "onnxruntime")
+
+
+@pytest.mark.parametrize("code", [
+    "import visiontools.cli; visiontools.cli.build_parser()",
+    "import visiontools.cli\ntry:\n    visiontools.cli.main(['--help'])\nexcept SystemExit:\n    pass",
+    "import visiontools.cli\ntry:\n    visiontools.cli.main(['bench', '--help'])\nexcept SystemExit:\n    pass",
+    "import visiontools.cli; visiontools.cli.main(['bench'])",
+    "import visiontools.cli\ntry:\n    visiontools.cli.main(['eval', '--help'])\nexcept SystemExit:\n    pass",
+])
+def test_help_and_the_parser_import_no_heavy_module(code):
+    """`visiontools --help` answers in well under a second: building the parser (and the top-level or
+    `bench` help) imports no command module, hence no torch, timm, diffusers or gradio (a module check,
+    not a flaky wall-time one). A command's module is imported when that command is parsed; `eval`'s
+    imports torch only when it runs, so `visiontools eval --help` is fast too."""
+    probe = code + f"\nimport sys\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def _all_parsers(parser, name="visiontools"):
+    """``(command name, parser)`` for the parser and every (nested) command parser, options loaded."""
+    import argparse
+
+    parser.format_help()  # loads a lazy command parser's options
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action._name_parser_map.items():
+                yield from _all_parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_help_shows_each_default_once():
+    """No option's help says its default twice ("(default: torch's choice) (default: None)"): the
+    formatter appends "(default: X)" only to help that does not already mention its default."""
+    import re
+
+    seen = 0
+    for name, parser in _all_parsers(build_parser()):
+        text = parser.format_help()
+        entries = re.split(r"\n(?=  -)", text)  # one entry per option (with its wrapped help lines)
+        for entry in entries:
+            flat = " ".join(entry.split())
+            if "(default: " in flat:
+                seen += 1
+                assert flat.lower().count("default") == 1, (name, flat)
+            assert "(default: None)" not in flat, (name, flat)
+    assert seen > 20  # the formatter still shows defaults that the help does not mention
+    eval_help = " ".join(build_parser()._subparsers._group_actions[0].choices["eval"].format_help().split())
+    assert "untimed warm-up rounds (default: 2)" in eval_help
+    assert "(default): not measured (default: 0)" not in eval_help and "(default): not measured" in eval_help

@@ -212,6 +212,28 @@ def test_analyse_layer_zero_and_r_zero(dm, cat):
         analyse(dm, cat, 4, layer=dm.depth + 1)
 
 
+def test_summary_wording_follows_the_model_and_says_when_nothing_merges(dm, cat):
+    """The summary counts tokens as bench and eval do ("65 -> 49"), says "class token included" only for a
+    model with one (cifar10_vit) and "no class token" for one without (conformer_cifar10), and at r=0
+    says that nothing is merged instead of "the last block sees 65 instead of 65"."""
+    from visiontools.demos.merge_tab import model_info_markdown
+
+    text = analyse(dm, cat, 4).summary(dm, 4, "constant")
+    assert "Tokens (class token included): 65 -> 45 (entering the first -> the last block)" in text, text
+    assert "per block: 65 -> 61 -> 57 -> 53 -> 49 -> 45 -> 41" in text and "Nothing" not in text, text
+    text = analyse(dm, cat, 0).summary(dm, 0, "constant")
+    assert "Nothing is merged at this setting: every block sees all 65 tokens (class token included)" in text, text
+    assert "instead of" not in text and "->" not in text
+    assert "class token included" in model_info_markdown(dm) and "class token(s)" not in model_info_markdown(dm)
+
+    conformer = ModelCache(allow_download=False).get("conformer_cifar10")  # no class token
+    text = analyse(conformer, cat, 4).summary(conformer, 4, "constant")
+    assert "Tokens (no class token: patch tokens only): 64 -> " in text and "class token included" not in text, text
+    text = analyse(conformer, cat, 0).summary(conformer, 0, "constant")
+    assert "every block sees all 64 tokens (no class token: patch tokens only)" in text, text
+    assert "no class token" in model_info_markdown(conformer) and "included" not in model_info_markdown(conformer)
+
+
 def test_opacity_blends_drawing_with_photo(dm, cat):
     full = analyse(dm, cat, 4, layer=3)
     half = analyse(dm, cat, 4, layer=3, opacity=0.5)
@@ -375,7 +397,8 @@ def test_measure_speed_reports_all_candidates_and_flop_ratio(dm, cat):
     flop_ratios = [row[5] for row in table]
     # more merging, fewer FLOPs (the default plain ViT: 65 -> 25 tokens at r=8 over 6 blocks)
     assert flop_ratios == sorted(flop_ratios) and flop_ratios[-1] > 1.5
-    assert table[-1][6] == dm.num_patches + dm.model.num_prefix_tokens - 8 * (dm.depth - 1)
+    n0 = dm.num_patches + dm.model.num_prefix_tokens  # tokens written as bench and eval write them
+    assert table[0][6] == "all" and table[-1][6] == f"{n0} -> {n0 - 8 * (dm.depth - 1)}" == "65 -> 25"
     assert all(row[1] > 0 and row[2] > 0 for row in table)
     assert seen[0] == 0 and seen[-1] == 1.0 and seen == sorted(seen)
     fig = speed_chart(res)

@@ -230,3 +230,19 @@ def test_eval_under_torchrun_matches_single_process(tmp_path, datasets_dir):
     single = evaluate(data_dir=str(datasets_dir / "cifar10"), per_class=3, rs=[6], timing_batch_size=4,
                       repeats=1, warmup=0, progress=False)
     assert [(r["top1"], r["top5"]) for r in ddp["rows"]] == [(r["top1"], r["top5"]) for r in single["rows"]]
+
+
+def test_eval_refuses_an_existing_out_unless_overwrite(tmp_path, datasets_dir, capsys):
+    """An explicit --out onto an earlier result is refused (one line naming the file and --overwrite),
+    before any data is read; --overwrite replaces it."""
+    out = tmp_path / "ev"
+    Path(str(out) + ".json").write_text("earlier result")
+    rc = cli_main(["eval", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("visiontools: error: "), err
+    assert f"{out}.json already exists" in err and "--overwrite" in err and "--out" in err, err
+    assert Path(str(out) + ".json").read_text() == "earlier result"
+    rc = cli_main(["eval", "--data-dir", str(datasets_dir / "cifar10"), "--per-class", "1", "--r", "4",
+                   "--timing-batch-size", "2", "--repeats", "1", "--warmup", "0", "--out", str(out),
+                   "--overwrite", "--no-progress"])
+    assert rc == 0 and json.loads(Path(str(out) + ".json").read_text())["rows"][1]["name"] == "ToMe r=4"

@@ -93,39 +93,55 @@ def test_cli_exports_and_checks_a_patched_vit(tmp_path, capsys):
     assert program.module()(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
 
 
+def one_line_error(argv, capsys) -> str:
+    """Run ``visiontools export argv`` in-process; assert exit status 2 and one stderr line; return it."""
+    try:
+        rc = main(["export", *argv])
+    except SystemExit as e:  # rejected by the argument parser
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    assert lines[0].startswith(("visiontools: error: ", "visiontools export: error: ")), lines[0]
+    return lines[0]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model", "no_such_vit", "--out", "{tmp}/m.onnx"], "unknown model 'no_such_vit'"),
     (["--model", "test_vit", "--out", "{tmp}/m.txt"], "--out must name a .onnx file"),
     (["--model", "test_vit", "--out", "{tmp}/missing/m.onnx"], "folder of --out does not exist"),
     (["--model", "test_vit", "--r", "-2", "--out", "{tmp}/m.onnx"], "r must be >= 0"),
+    (["--model", "test_vit", "--r", "x", "--out", "{tmp}/m.onnx"], "not an r setting"),
     (["--model", "resnet18", "--out", "{tmp}/m.onnx"], "resnet18 is a ResNet; export supports timm ViTs and EVAs"),
+    (["--model", "{tmp}/missing.safetensors", "--out", "{tmp}/m.onnx"], "missing.safetensors"),
+    (["--model", "test_vit", "--batch-size", "0", "--out", "{tmp}/m.onnx"], "--batch-size must be >= 1"),
+    (["--model", "test_vit", "--img-size", "32", "32", "32", "--out", "{tmp}/m.onnx"], "--img-size takes one or two"),
+    (["--model", "test_vit", "--opset", "0", "--out", "{tmp}/m.onnx"], "--opset must be"),
+    (["--model", "test_vit", "--atol", "0", "--out", "{tmp}/m.onnx"], "--atol must be > 0"),
 ])
 def test_cli_bad_input_gives_one_line(tmp_path, argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["export", *[a.format(tmp=tmp_path) for a in argv]])
-    if e.value.code == 2:  # rejected by the argument parser (bench.parse_schedule refuses r < 0): one stderr line
-        text = capsys.readouterr().err.strip()
-        assert text.startswith("visiontools export: error: ")
-    else:
-        text = str(e.value)
-        assert text.startswith("error: ")
-    assert message in text and "\n" not in text
+    """Every everyday mistake: one ``visiontools: error:`` line on stderr and exit status 2 (not 1)."""
+    line = one_line_error([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert message in line, line
+    assert not list(tmp_path.iterdir())
 
 
-def test_missing_export_extra_names_the_fix(monkeypatch, tmp_path):
+def test_missing_export_extra_names_the_fix(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     with pytest.raises(ImportError, match=r"needs onnxruntime: pip install 'visiontools\[export\]'"):
         export.require_onnx()
-    with pytest.raises(SystemExit, match=r"^error: ONNX export needs onnxruntime"):
-        main(["export", "--model", "test_vit", "--out", str(tmp_path / "m.onnx")])
+    line = one_line_error(["--model", "test_vit", "--out", str(tmp_path / "m.onnx")], capsys)
+    assert line.startswith("visiontools: error: ONNX export needs onnxruntime"), line
 
 
-def test_cli_fails_when_onnxruntime_disagrees(tmp_path, monkeypatch):
+def test_cli_fails_when_onnxruntime_disagrees(tmp_path, monkeypatch, capsys):
     real = export.onnx_logits
     monkeypatch.setattr(export, "onnx_logits", lambda session, x: real(session, x) + 1e-3)  # a broken export
-    with pytest.raises(SystemExit, match=r"^error: onnxruntime's logits differ from PyTorch's by 1\.00e-03 > --atol"):
-        main(["export", "--model", "test_vit", "--img-size", "32", "--r", "1", "--out", str(tmp_path / "m.onnx")])
+    line = one_line_error(["--model", "test_vit", "--img-size", "32", "--r", "1", "--out", str(tmp_path / "m.onnx")],
+                          capsys)
+    assert line.startswith("visiontools: error: onnxruntime's logits differ from PyTorch's by 1.00e-03 > --atol"), line
+    assert "--no-check" in line
 
 
 def test_bench_onnx_compares_the_exports_and_writes_its_table(tmp_path, capsys):
@@ -140,7 +156,7 @@ def test_bench_onnx_compares_the_exports_and_writes_its_table(tmp_path, capsys):
     assert [r["final_tokens"] for r in rows] == [None, 5]
     assert rows[0]["flop_ratio"] == 1.0 and rows[1]["flop_ratio"] > 1.2
     assert all(r["max_abs_diff"] <= 1e-4 and len(r["times_s"]) == 1 for r in rows)
-    assert "| ToMe r=2 (ONNX) | 5 |" in out_md.read_text() and "onnxruntime" in capsys.readouterr().out
+    assert "| ToMe r=2 (ONNX) | 17 -> 7 |" in out_md.read_text() and "onnxruntime" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ guards (issue 25): what the CLI flags export

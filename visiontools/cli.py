@@ -1,7 +1,9 @@
 """The ``visiontools`` command line: ``bench`` (vit | sd | hyena | onnx), ``train``, ``eval``, ``demo``, ``export``, ``video``.
 
-Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args)``;
-modules keep heavy imports (diffusers, gradio) inside ``run`` so that ``--help`` stays fast.
+Each command lives in its own module, which provides ``add_arguments(parser)`` and ``run(args)``. The
+parser imports a command's module only when that command is used, so ``visiontools --help`` and a bare
+``visiontools bench`` (which lists the targets) import no torch; modules keep the heaviest imports
+(diffusers, gradio) inside ``run`` so that ``visiontools COMMAND --help`` stays fast too.
 
 Everyday mistakes (an unknown model, a bad value, missing data, an existing output, a missing optional
 extra) end in one line on stderr, ``visiontools: error: ...``, and exit status 2; ``--debug`` (anywhere
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -36,24 +39,76 @@ BENCH_TARGETS = {
 }
 
 
-def _load(module: str):
+def _available(module: str) -> bool:
+    """Whether a command's module is installed, found without importing it (``--help`` stays fast)."""
     try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            return None  # command not available in this install
-        raise
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its package is missing
+        return False
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help once: not when the help already says its default,
+    nor for a ``None`` default or an on/off flag, where it would say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        """The option's help, with ``(default: X)`` appended only where it adds something."""
+        help_ = action.help or ""
+        if "default" in help_.lower() or action.default is None or action.nargs == 0:
+            return help_
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (the usage is one ``--help`` away)."""
+    """argparse with one-line errors (the usage is one ``--help`` away). A command's parser made with
+    ``module=`` imports that module and adds its options only when the command is used (parsed or its
+    help shown), so ``visiontools --help`` imports no command module (no torch)."""
+
+    def __init__(self, *args, module: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._module = module
+
+    def load(self) -> "_Parser":
+        """Import the command's module once and add its options; returns the parser."""
+        if self._module is not None:
+            mod, self._module = importlib.import_module(self._module), None
+            if mod.__doc__ and not self.description:
+                self.description = mod.__doc__.strip().splitlines()[0]
+            mod.add_arguments(self)
+            self.set_defaults(_run=mod.run)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's parse, after loading the command's options."""
+        self.load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        """The command's ``--help`` text, with its options loaded."""
+        self.load()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        """The command's usage line, with its options loaded."""
+        self.load()
+        return super().format_usage()
 
     def error(self, message: str):
+        """Exit with status 2 and one line naming the problem and where the usage is."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _print_bench_targets(parser: argparse.ArgumentParser):
+    """The ``_run`` of ``visiontools bench`` without a target: list the targets and exit 0."""
+    def run(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 0
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with every available command and its options."""
+    """The full argument parser, with every available command; a command's module is imported (and its
+    options added) only when that command is parsed or its help is shown."""
     parser = _Parser(
         prog="visiontools",
         description="visiontools: make vision models faster (token merging, Hyena) and measure it.",
@@ -63,26 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "accepted anywhere on the command line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    bench = sub.add_parser("bench", help="benchmarks (default target: vit)",
-                           description="Throughput benchmarks, candidates interleaved in one process.")
+    bench = sub.add_parser("bench", help="benchmarks: vit, sd, hyena, ... (without a target: list them)",
+                           description="Throughput benchmarks, candidates interleaved in one process. "
+                                       "Run `visiontools bench TARGET`; options without a target run `bench vit`.")
     targets = bench.add_subparsers(dest="target", metavar="TARGET")
+    bench.set_defaults(_run=_print_bench_targets(bench))
     for name, (module, help_) in BENCH_TARGETS.items():
-        mod = _load(module)
-        if mod is None:
-            continue
-        p = targets.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0],
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if _available(module):
+            targets.add_parser(name, help=help_, module=module, formatter_class=_DefaultsFormatter)
 
     for name, (module, help_) in COMMANDS.items():
-        mod = _load(module)
-        if mod is None:
-            continue
-        p = sub.add_parser(name, help=help_, description=help_,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if _available(module):
+            sub.add_parser(name, help=help_, description=help_, module=module, formatter_class=_DefaultsFormatter)
     return parser
 
 
@@ -108,9 +155,10 @@ def error_line(exc: BaseException) -> str | None:
 
 def normalize_argv(argv: list[str]) -> list[str]:
     """The arguments as the parser takes them: ``--debug`` removed (it is accepted anywhere), and
-    ``bench [options]`` read as ``bench vit [options]``."""
+    ``bench --option ...`` (options without a target) read as ``bench vit --option ...``. A bare
+    ``bench`` stays as it is: it lists the targets."""
     argv = [a for a in argv if a != "--debug"]
-    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in (*BENCH_TARGETS, "-h", "--help")):
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1].startswith("-") and argv[1] not in ("-h", "--help"):
         argv.insert(1, "vit")
     return argv
 
@@ -121,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("VISIONTOOLS_DEBUG", "").lower() not in ("", "0", "false", "no")
     if "--debug" in argv:
         debug = True
-    args = build_parser().parse_args(normalize_argv(argv))
-    try:
+    try:  # parsing imports the command's module: a missing optional extra is a one-line error too
+        args = build_parser().parse_args(normalize_argv(argv))
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         if debug:

@@ -17,10 +17,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch is imported where it is used, so that `visiontools eval --help` stays fast
+    import torch
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -120,6 +120,7 @@ class EvalData:
 
         x = normalize(x, self.mean, self.std)
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size):
+            import torch.nn.functional as F
             x = F.interpolate(x, size=tuple(self.input_size), mode="bicubic", align_corners=False)
         return x
 
@@ -130,6 +131,7 @@ class EvalData:
             for x, y in iterate_batches(self.tensor_ds, indices, batch_size):
                 yield self._prep(x), y
         else:
+            import torch.utils.data
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.folder, list(indices)),
                                                  batch_size=batch_size, shuffle=False,
                                                  num_workers=self.num_workers)
@@ -141,6 +143,8 @@ class EvalData:
 
     def first_labelled(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``n`` images (repeated if the dataset is smaller) and their labels."""
+        import torch
+
         idx = [i % len(self) for i in range(n)]
         xs, ys = zip(*self.batches(idx, n))
         return torch.cat(xs)[:n], torch.cat(ys)[:n]
@@ -169,12 +173,14 @@ def load_eval_data(dataset: str, data_dir: str | None, model: torch.nn.Module, m
 
 # ----------------------------------------------------------------------------- measuring
 
-@torch.no_grad()
 def accuracy(models: dict[str, torch.nn.Module], data: EvalData, batch_size: int, device: torch.device,
              amp: torch.dtype | None = None, rank: int = 0, world: int = 1, progress: bool = False
              ) -> dict[str, dict[str, float]]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy (``loss``) of every model on the whole dataset;
     each batch is loaded once and fed to all models. Sharded over ranks and summed exactly."""
+    import torch
+    import torch.nn.functional as F
+
     from visiontools.data import eval_shard
     from visiontools.timing import autocast_context
     from visiontools.distributed import all_reduce_sum
@@ -191,7 +197,7 @@ def accuracy(models: dict[str, torch.nn.Module], data: EvalData, batch_size: int
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         for n in names:
-            with autocast_context(device, amp):
+            with torch.no_grad(), autocast_context(device, amp):
                 logits = models[n](x).float()
             loss[n] += F.cross_entropy(logits, y, reduction="sum").item()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -233,6 +239,8 @@ def training_peak_memory(models: dict[str, torch.nn.Module], x: torch.Tensor, y:
     Each step runs on a copy, so BatchNorm statistics and LSH rotations of the evaluated models stay as they were."""
     import copy
 
+    import torch
+
     from visiontools.bench.memory import peak_memory
 
     out = {}
@@ -249,6 +257,8 @@ def training_peak_memory(models: dict[str, torch.nn.Module], x: torch.Tensor, y:
 
 def tokens_after_merging(model: torch.nn.Module, x: torch.Tensor) -> list[int] | None:
     """Tokens entering each block (and after the last) for a ToMe-patched model, else None."""
+    import torch
+
     from visiontools.patches.timm import ToMeVisionTransformer, tome_forward
 
     if not isinstance(model, ToMeVisionTransformer):
@@ -264,13 +274,14 @@ def markdown_table(result: dict) -> str:
     """The result rows as a markdown table."""
     lines = [f"**Note: {result['notice']}.**", ""] if result.get("notice") else []
     mem = bool(result["rows"]) and "train_peak_bytes" in result["rows"][0]
-    lines += ["| variant | params (M) | tokens (first -> last block) | top-1 % | top-5 % | images/s | speedup "
+    from visiontools.bench.vit import TOKENS_HEADER, token_span
+
+    lines += [f"| variant | params (M) | {TOKENS_HEADER} | top-1 % | top-5 % | images/s | speedup "
               "| GFLOPs/img | FLOP ratio |" + (f" training peak MB (batch {result['rows'][0]['train_memory_batch']}) |"
                                               if mem else ""),
               "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if mem else "")]
     for row in result["rows"]:
-        tok = row.get("tokens_per_layer")
-        tok_s = f"{tok[0]} -> {tok[-2] if len(tok) > 1 else tok[0]}" if tok else "all"
+        tok_s = token_span(row.get("tokens_per_layer"))
         params = f"{row['params'] / 1e6:.2f}" if "params" in row else "—"
         lines.append(f"| {row['name']} | {params} | {tok_s} | {row['top1']:.2f} | {row['top5']:.2f} | "
                      f"{row['images_per_s']:.1f} | {row['speedup']:.2f}x | {row['gflops']:.3f} | "
@@ -498,6 +509,18 @@ def output_prefix(args: argparse.Namespace, model_shown: str, dataset: str) -> P
     return Path("runs/eval") / f"{name}_{dataset}"
 
 
+def refuse_existing_out(out: str | None, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` (one line naming the file and the fix) when an explicit ``--out PREFIX``
+    would replace an earlier result (PREFIX.md, .json or .png) and ``--overwrite`` is not given; checked
+    before the evaluation, so a long run never ends in a refusal. The default prefix is replaced silently."""
+    if out is None or overwrite:
+        return
+    for suffix in (".md", ".json", ".png"):
+        path = Path(str(out) + suffix)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools eval``."""
     from visiontools.bench.vit import r_argument
@@ -553,6 +576,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--out", default=None,
                    help="output prefix: writes PREFIX.md, PREFIX.json and PREFIX.png; if not given, "
                         "runs/eval/<model>_<dataset> (a checkpoint file: <its folder>_<its name>_<dataset>)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an existing --out PREFIX (without it, eval refuses to)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -563,11 +588,13 @@ def run(args: argparse.Namespace) -> int:
     from visiontools.errors import UserError
 
     if args.threads:
+        import torch
         torch.set_num_threads(args.threads)
     # --schedule: two values always mean r,inflection (its documented form, also for 8,1)
     schedules = [(v[0], float(v[1])) if isinstance(v, list) and len(v) == 2 else v for v in args.schedule]
     if args.batch_size < 1 or args.timing_batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.train_memory < 0:
         raise UserError("--batch-size, --timing-batch-size and --repeats must be >= 1, --warmup and --train-memory >= 0")
+    refuse_existing_out(args.out, args.overwrite)
     result = evaluate(checkpoint=args.checkpoint, model_name=args.model, pretrained=args.pretrained,
                       dataset=args.dataset, data_dir=args.data_dir, download=args.download,
                       per_class=args.per_class, rs=args.r if args.r is not None else ([] if args.budget else [0, 2, 4, 6, 8]),

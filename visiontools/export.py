@@ -17,15 +17,22 @@ from pathlib import Path
 
 import torch
 
+from visiontools.errors import UserError
+
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 INSTALL_HINT = "pip install 'visiontools[export]'"
 
 
 def require_onnx() -> None:
-    """Raise ``ImportError`` (one line, with the fix) unless the ONNX packages are installed."""
+    """Raise :class:`~visiontools.errors.MissingExtraError` (an ``ImportError`` with a one-line message
+    naming the fix) unless the ONNX packages are installed."""
+    from visiontools.errors import MissingExtraError
+
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
+        err = MissingExtraError(f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}")
+        err.name = missing[0]
+        raise err
 
 
 def example_input(model: torch.nn.Module, batch_size: int = 1, img_size=None) -> torch.Tensor:
@@ -147,8 +154,25 @@ def _load(args) -> torch.nn.Module:
     try:
         model, _ = models.load(args.model, pretrained=args.pretrained, **({} if img is None else {"img_size": img}))
     except (FileNotFoundError, ValueError) as e:  # unknown names (UserError), broken checkpoints
-        raise SystemExit(f"error: cannot load --model {args.model}: {e}")
+        raise UserError(f"cannot load --model {args.model}: {e}") from e
     return model.eval()
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad option values of ``visiontools export`` with a :class:`UserError` naming the fix,
+    before any model is loaded."""
+    if args.out.suffix != ".onnx":
+        raise UserError(f"--out must name a .onnx file, got {args.out}: end it in .onnx")
+    if not args.out.parent.is_dir():
+        raise UserError(f"the folder of --out does not exist: {args.out.parent}; create it or choose another --out")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
+        raise UserError(f"--img-size takes one or two positive sizes (square, or H W), got {args.img_size}")
+    if args.opset is not None and args.opset < 7:
+        raise UserError(f"--opset must be an ONNX opset number >= 7, got {args.opset} (or leave it out)")
+    if not args.atol > 0:
+        raise UserError(f"--atol must be > 0, got {args.atol} (or pass --no-check)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,25 +180,18 @@ def run(args: argparse.Namespace) -> int:
     from visiontools.tome.merge import check_r
     from visiontools.patches.timm import apply_tome
 
-    if args.out.suffix != ".onnx":
-        raise SystemExit(f"error: --out must name a .onnx file, got {args.out}")
-    if not args.out.parent.is_dir():
-        raise SystemExit(f"error: the folder of --out does not exist: {args.out.parent}")
-    if args.batch_size < 1:
-        raise SystemExit("error: --batch-size must be >= 1")
-    try:
-        check_r(args.r)
-        require_onnx()
-    except (ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}")
+    check_arguments(args)
+    check_r(args.r)
+    require_onnx()
     model = _load(args)
     if not hasattr(model, "patch_embed"):
-        raise SystemExit(f"error: {args.model} is a {type(model).__name__}; export supports timm ViTs and EVAs")
+        raise UserError(f"{args.model} is a {type(model).__name__}; export supports timm ViTs and EVAs: "
+                        "choose one with --model (e.g. vit_small_patch16_224 or cifar10_vit)")
     if args.r != 0:
         try:
             apply_tome(model, r=args.r, prop_attn=not args.no_prop_attn)
         except TypeError as e:
-            raise SystemExit(f"error: {e}")
+            raise UserError(f"{e}; or pass --r 0 to export the unpatched model") from e
     x = example_input(model, args.batch_size, args.img_size and (tuple(args.img_size) * 2)[:2])
     tokens = token_counts(model, x)
     dynamic = not args.static_batch
@@ -190,5 +207,6 @@ def run(args: argparse.Namespace) -> int:
         diff = max_abs_diff(model, onnx_session(args.out), x)
         print(f"onnxruntime vs PyTorch: max |logit difference| = {diff:.2e}")
         if not diff <= args.atol:
-            raise SystemExit(f"error: onnxruntime's logits differ from PyTorch's by {diff:.2e} > --atol {args.atol}")
+            raise UserError(f"onnxruntime's logits differ from PyTorch's by {diff:.2e} > --atol {args.atol} "
+                            f"(the file {args.out} is written): raise --atol, or pass --no-check")
     return 0

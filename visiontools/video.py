@@ -501,23 +501,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad option values of ``visiontools video`` (one-line :class:`VideoInputError`) before a
+    video is opened; :func:`annotate_video` checks --batch-size, --max-frames and --block."""
+    if args.height < 16:
+        raise VideoInputError(f"--height must be at least 16, got {args.height}")
+    if args.threads is not None and args.threads < 1:
+        raise VideoInputError(f"--threads must be at least 1, got {args.threads} (or leave it out)")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``visiontools video``: bad inputs end with one line on stderr, no traceback."""
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-            _cv2().setNumThreads(args.threads)
-        if args.height < 16:
-            raise VideoInputError(f"--height must be at least 16, got {args.height}")
-        probe_video(args.src)  # before loading a model: a bad file fails in a second
-        model, mean, std, desc = load_model(args.model, args.pretrained)
-        res = annotate_video(model, args.src, args.out, args.r, mean=mean, std=std, block=args.block,
-                             batch_size=args.batch_size, max_frames=args.max_frames, out_height=args.height,
-                             progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:  # VideoInputError, unknown model or r, missing checkpoint
-        sys.exit(f"visiontools video: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("visiontools video: interrupted; no output written")
+    """Entry point of ``visiontools video``. Bad inputs raise ``ValueError``s (:class:`VideoInputError`,
+    an unknown model or r) or ``FileNotFoundError``, which ``visiontools.cli`` prints as one line
+    ``visiontools: error: ...`` with exit status 2; an interrupted run writes no output."""
+    check_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        _cv2().setNumThreads(args.threads)
+    probe_video(args.src)  # before loading a model: a bad file fails in a second
+    model, mean, std, desc = load_model(args.model, args.pretrained)
+    res = annotate_video(model, args.src, args.out, args.r, mean=mean, std=std, block=args.block,
+                         batch_size=args.batch_size, max_frames=args.max_frames, out_height=args.height,
+                         progress=not args.no_progress)
     print(f"wrote {res.path}: {res.frames} frames, {res.size[0]}x{res.size[1]}, {res.codec}; {desc}, r={args.r}: "
           f"{res.tokens_after_block} of {res.tokens_per_layer[0]} tokens after block {res.block}; model FPS "
           f"ToMe {res.fps_tome:.1f}, without {res.fps_base:.1f} ({res.fps_tome / res.fps_base:.2f}x), "

@@ -49,7 +49,8 @@ def benchmark_onnx(model: torch.nn.Module, rs, batch_size: int = 8, img_size=Non
     for name, m in candidates.items():
         t, flops = median(times[name]), count_flops(lambda: m(x1))
         tokens = token_counts(m, x1)
-        rows.append({"name": name, "final_tokens": None if tokens is None else tokens[-1], "median_s": t,
+        rows.append({"name": name, "final_tokens": None if tokens is None else tokens[-1],
+                     "tokens_per_layer": None if tokens is None else list(tokens), "median_s": t,
                      "img_per_s": batch_size / t, "speedup": base_t / t, "gflops_per_img": flops / 1e9,
                      "flop_ratio": base_flops / flops, "max_abs_diff": diffs[name], "times_s": times[name]})
     import onnxruntime

@@ -9,12 +9,8 @@ from __future__ import annotations
 import argparse
 import copy
 
-import torch
-
-from visiontools.timing import (
-    add_run_arguments, autocast_context, count_flops, interleaved_times, machine_description, median,
-    resolve_device, resolve_dtype, write_results,
-)
+# torch and visiontools.timing (which imports torch) are imported inside the functions that need them:
+# `eval`, `export` and `video` import r_argument from here to build their parsers.
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 
@@ -28,6 +24,20 @@ def r_argument(text: str):
         return parse_r_text(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+TOKENS_HEADER = "tokens (first -> last block)"
+
+
+def token_span(tokens_per_layer) -> str:
+    """Token counts as every table writes them (bench, eval, the demo): ``"65 -> 25"``, the tokens
+    entering the first block -> the tokens entering the last block, prefix tokens such as the class
+    token included, from ``ToMeInfo.tokens_per_layer`` (tokens entering each block, then after the
+    last); ``"all"`` for an unpatched model (``None``), which keeps every token."""
+    if not tokens_per_layer:
+        return "all"
+    t = list(tokens_per_layer)
+    return f"{t[0]} -> {t[-2] if len(t) > 1 else t[0]}"
 
 
 def schedule_label(r) -> str:
@@ -44,7 +54,10 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
                   progress: bool = True) -> dict:
     """Time ``model`` unpatched and ToMe-patched at each r setting in ``rs`` (interleaved, medians)
     and count FLOPs per image. Returns a dict with one row per candidate."""
+    import torch
+
     from visiontools.patches.timm import apply_tome, tome_forward
+    from visiontools.timing import autocast_context, count_flops, interleaved_times, machine_description, median
 
     device = torch.device(device)
     model = model.eval().to(device)
@@ -76,10 +89,11 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
         tokens = None
         if r is not None:
             with torch.inference_mode():
-                tokens = tome_forward(m, x1)[1].tokens_per_layer[-1]
+                tokens = list(tome_forward(m, x1)[1].tokens_per_layer)
         speedup, flop_ratio = base_t / t, base_flops / flops
         rows.append({
-            "name": name, "r": r, "final_tokens": tokens, "median_s": t, "img_per_s": batch_size / t,
+            "name": name, "r": r, "final_tokens": tokens and tokens[-1], "tokens_per_layer": tokens,
+            "median_s": t, "img_per_s": batch_size / t,
             "speedup": speedup, "gflops_per_img": flops / 1e9, "flop_ratio": flop_ratio,
             "measured_over_ideal": speedup / flop_ratio, "times_s": times[name],
         })
@@ -91,12 +105,12 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
     }
 
 
-TOME_COLUMNS = "| candidate | final tokens | im/s | speedup | GFLOPs/img | FLOP ratio |"
+TOME_COLUMNS = f"| candidate | {TOKENS_HEADER} | im/s | speedup | GFLOPs/img | FLOP ratio |"
 
 
 def tome_cells(row: dict) -> str:
     """A result row's :data:`TOME_COLUMNS` cells (the columns ``bench vit`` and ``bench onnx`` share)."""
-    tok = "—" if row["final_tokens"] is None else str(row["final_tokens"])
+    tok = token_span(row.get("tokens_per_layer"))
     return (f"| {row['name']} | {tok} | {row['img_per_s']:.1f} | {row['speedup']:.2f}x | "
             f"{row['gflops_per_img']:.2f} | {row['flop_ratio']:.2f}x |")
 
@@ -127,6 +141,8 @@ def add_model_arguments(p: argparse.ArgumentParser, model: str, baseline: str, b
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench [vit]``."""
+    from visiontools.timing import add_run_arguments
+
     add_model_arguments(p, DEFAULT_MODEL, "baseline", 32, "images per forward pass")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (visiontools.timing.resolve_dtype); auto = bf16 on CUDA, fp32 on CPU")
@@ -144,6 +160,10 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ViT benchmark from parsed command-line arguments and print a markdown table."""
+    import torch
+
+    from visiontools.timing import resolve_device, resolve_dtype, write_results
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
