@@ -35,7 +35,7 @@ from visiontools.layers.conformer import ConformerBlock
 from visiontools.layers.grid import GridTokens
 from visiontools.layers.hyena import HyenaAttention
 from visiontools.tome import methods as merge_methods
-from visiontools.tome.engine import ToMeInfo, TokenState, solve_budget_for
+from visiontools.tome.engine import ToMeInfo, TokenState, check_request, solve_budget_for
 from visiontools.tome.merge import ROPE_RULES, check_r, parse_r, size_bias
 
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map", "")
@@ -346,7 +346,7 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     ``rope_rule`` (models with rotary embeddings): the rotation of a merged token, one of
     ``visiontools.tome.merge.ROPE_RULES`` (see ``merge_rope``).
     """
-    r, method = _check_request(model, r, method, flops, speedup, calibrate)
+    r, method = check_request(r, method, flops, speedup, calibrate, getattr(model, "tome_method", DEFAULT_METHOD))
     if rope_rule not in ROPE_RULES:
         raise ValueError(f"unknown rope_rule {rope_rule!r}; choose one of {ROPE_RULES}")
     grid = any(isinstance(m, GridTokens) for m in model.modules())  # Conformer / Hyena / ConvFFN blocks
@@ -361,21 +361,6 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
         model.tome_budget = _solve_budget(model, flops, speedup, calibrate, input_size, calibrate_batch)
         model.tome_r = model.tome_budget.schedule
     return model
-
-
-def _check_request(model, r, method, flops, speedup, calibrate: bool):
-    """Validated ``(r, method)`` of an ``apply_tome`` call: ``r`` or a budget, the method kept from a
-    previous patch when not given."""
-    if (flops is not None or speedup is not None) and r is not None:
-        raise ValueError("give r or a budget (flops= / speedup=), not both")
-    if calibrate and speedup is None:
-        raise ValueError("calibrate=True measures a speedup: use it with speedup=")
-    r = 16 if r is None else r
-    check_r(r)
-    if method is None:
-        method = getattr(model, "tome_method", DEFAULT_METHOD)
-    merge_methods.check_method(method)
-    return r, method
 
 
 def _solve_budget(model, flops, speedup, calibrate: bool, input_size, batch: int):

@@ -43,8 +43,8 @@ except ImportError:  # transformers 4.x: refused in apply_tome with a clear mess
     _CAN_RECORD_REGISTRY = None
 
 from visiontools.tome import methods
-from visiontools.tome.engine import ToMeInfo, TokenState, solve_budget_for
-from visiontools.tome.merge import check_r, parse_r
+from visiontools.tome.engine import ToMeInfo, TokenState, check_request, solve_budget_for
+from visiontools.tome.merge import parse_r
 
 __all__ = ["ToMeInfo", "apply_tome", "remove_tome", "tome_forward", "is_patched", "SUPPORTED"]
 
@@ -261,19 +261,11 @@ def apply_tome(model: nn.Module, r=None, prop_attn: bool = True, method: str | N
     ``prop_attn``: proportional attention (``log(size)`` added to the attention logits; needs
     ``sdpa`` or ``eager``).
     """
-    if (flops is not None or speedup is not None) and r is not None:
-        raise ValueError("give r or a budget (flops= / speedup=), not both")
-    if calibrate and speedup is None:
-        raise ValueError("calibrate=True measures a speedup: use it with speedup=")
-    r = 16 if r is None else r
-    check_r(r)
     if int(transformers.__version__.split(".")[0]) < 5:
         raise ImportError(f"ToMe for transformers needs transformers>=5 (installed: {transformers.__version__}): "
                           "pip install -U 'transformers>=5'")
     towers = _towers(model)
-    if method is None:
-        method = getattr(towers[0], "tome_method", "tome")
-    methods.check_method(method)
+    r, method = check_request(r, method, flops, speedup, calibrate, getattr(towers[0], "tome_method", "tome"))
     for tower in towers:
         _patch_tower(tower)
         tower.tome_r, tower.tome_prop_attn, tower.tome_method = r, prop_attn, method

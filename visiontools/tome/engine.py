@@ -26,11 +26,11 @@ from torch.utils.checkpoint import checkpoint
 from visiontools.tome import methods
 from visiontools.tome.budget import BudgetResult, solve_budget
 from visiontools.tome.merge import (
-    bipartite_soft_matching, init_source, max_r, merge_rope, merge_source, merge_wavg, size_bias,
+    bipartite_soft_matching, check_r, init_source, max_r, merge_rope, merge_source, merge_wavg, size_bias,
 )
 from visiontools.tome.merge_grid import GridLayout
 
-__all__ = ["TokenState", "ToMeInfo", "solve_budget_for"]
+__all__ = ["TokenState", "ToMeInfo", "check_request", "solve_budget_for"]
 
 BlockFn = Callable[[torch.nn.Module, torch.Tensor, "TokenState"], torch.Tensor]
 
@@ -166,6 +166,21 @@ class TokenState:
 
 
 ToMeInfo = TokenState  # what tome_forward returns: the finished state of the call
+
+
+def check_request(r, method: str | None, flops, speedup, calibrate: bool, current_method: str = "tome"):
+    """Validated ``(r, method)`` of an ``apply_tome`` call on any ViT host: ``r`` (default 16) or a
+    budget, not both; ``calibrate`` only with ``speedup``; ``method`` kept from a previous patch
+    (``current_method``) when not given."""
+    if (flops is not None or speedup is not None) and r is not None:
+        raise ValueError("give r or a budget (flops= / speedup=), not both")
+    if calibrate and speedup is None:
+        raise ValueError("calibrate=True measures a speedup: use it with speedup=")
+    r = 16 if r is None else r
+    check_r(r)
+    method = current_method if method is None else method
+    methods.check_method(method)
+    return r, method
 
 
 def solve_budget_for(run: Callable[[Any, torch.Tensor], object], example: torch.Tensor, num_layers: int,
