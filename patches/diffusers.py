@@ -449,18 +449,23 @@ def remove_tome_sd(pipe_or_unet):
     """Undo :func:`apply_tome_sd` exactly (original processors back, hooks gone) and return
     ``pipe_or_unet``. Like ``remove_tome`` for timm ViTs, raises ``ValueError`` when the model is not
     patched (check with :func:`is_patched`)."""
-    unet = _find_unet(pipe_or_unet)
-    state = getattr(unet, _ATTR, None)
+    unpatch(_find_unet(pipe_or_unet), _ATTR, f"{type(pipe_or_unet).__name__} is not ToMe-patched (apply_tome_sd "
+                                            "was never applied or was already removed)")
+    return pipe_or_unet
+
+
+def unpatch(model, attr: str, not_patched: str) -> None:
+    """Undo the patch whose state ``model`` holds as ``attr`` (the UNet and DiT adapters): hooks removed,
+    each wrapped attention's original processor back; ``ValueError(not_patched)`` when there is none."""
+    state = getattr(model, attr, None)
     if state is None:
-        raise ValueError(f"{type(pipe_or_unet).__name__} is not ToMe-patched (apply_tome_sd was never applied "
-                         "or was already removed)")
+        raise ValueError(not_patched)
     for h in state.hooks:
         h.remove()
     for attn, wrapper in reversed(state.wrappers):
         if attn.processor is wrapper:  # a processor set after patching is the user's: keep it
             attn.set_processor(wrapper.inner)
-    delattr(unet, _ATTR)
-    return pipe_or_unet
+    delattr(model, attr)
 
 
 def is_patched(pipe_or_unet) -> bool:

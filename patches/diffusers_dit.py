@@ -426,17 +426,8 @@ def apply_tome_dit(pipe_or_transformer, ratio: float = 0.5, mode: str = "merge",
 def remove_tome_dit(pipe_or_transformer):
     """Undo :func:`apply_tome_dit` exactly (original processors back, hooks gone); ``ValueError`` when
     the transformer is not patched."""
-    model = find_transformer(pipe_or_transformer)
-    state = getattr(model, _ATTR, None)
-    if state is None:
-        raise ValueError(f"{type(pipe_or_transformer).__name__} is not ToMe-patched (apply_tome was never applied "
-                         "or was already removed)")
-    for h in state.hooks:
-        h.remove()
-    for attn, wrapper in reversed(state.wrappers):
-        if attn.processor is wrapper:  # a processor set after patching is the user's: keep it
-            attn.set_processor(wrapper.inner)
-    delattr(model, _ATTR)
+    sd.unpatch(find_transformer(pipe_or_transformer), _ATTR, f"{type(pipe_or_transformer).__name__} is not "
+               "ToMe-patched (apply_tome was never applied or was already removed)")
     return pipe_or_transformer
 
 
