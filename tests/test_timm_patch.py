@@ -485,6 +485,11 @@ def test_unsupported_models_and_keywords_are_named_in_one_line():
         lsh = swap_attention_for_lsh(vit(), bucket_size=4, n_hashes=1)
     with pytest.raises(TypeError, match="attention LSHAttention is not timm"):
         visiontools.apply_tome(lsh, r=2)
+    from visiontools.models import create_model
+
+    registered = create_model("lsh_vit_cifar", embed_dim=32, depth=2, num_heads=2)  # attn_layer with bound options
+    with pytest.raises(TypeError, match="attention LSHAttention is not timm"):
+        visiontools.apply_tome(registered, r=2)
     with pytest.raises(TypeError, match="remove_tome: Conv2d .* supported: timm"):
         visiontools.remove_tome(torch.nn.Conv2d(1, 1, 1))
 

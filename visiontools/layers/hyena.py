@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from visiontools.layers import bound_class
 from visiontools.layers.grid import GridKey, GridLayout, GridTokens, set_call_grid  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -437,16 +438,9 @@ class HyenaAttention(GridTokens, nn.Module):
 
     @classmethod
     def bound(cls, **fixed):
-        """``cls``, or a subclass that always passes ``fixed`` (e.g. ``order``) to the constructor: timm's
-        ``Block`` calls ``attn_layer`` with a fixed argument set, so Hyena's own options are bound here."""
-        if not fixed:
-            return cls
-
-        class Bound(cls):
-            def __init__(self, dim, **kw):
-                super().__init__(dim, **{**kw, **fixed})
-
-        return Bound
+        """``cls``, or a subclass of the same name that always passes ``fixed`` (e.g. ``order``) to the
+        constructor (:func:`visiontools.layers.bound_class`)."""
+        return bound_class(cls, **fixed)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:

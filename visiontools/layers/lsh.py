@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from visiontools.layers import bound_class
+
 __all__ = ["SELF_LOGIT", "default_n_buckets", "random_rotations", "hash_buckets", "lsh_attention",
            "full_shared_qk_attention", "LSHAttention"]
 
@@ -314,16 +316,9 @@ class LSHAttention(nn.Module):
 
     @classmethod
     def bound(cls, **fixed):
-        """``cls``, or a subclass that always passes ``fixed`` (e.g. ``n_hashes``) to the constructor
-        (timm's ``Block`` calls ``attn_layer`` with a fixed argument set)."""
-        if not fixed:
-            return cls
-
-        class Bound(cls):
-            def __init__(self, dim, **kw):
-                super().__init__(dim, **{**kw, **fixed})
-
-        return Bound
+        """``cls``, or a subclass of the same name that always passes ``fixed`` (e.g. ``n_hashes``) to the
+        constructor (:func:`visiontools.layers.bound_class`)."""
+        return bound_class(cls, **fixed)
 
     def rotations(self, n: int, device, dtype) -> torch.Tensor:
         """The rotations for an ``n``-token call: seeded in eval, from the global RNG in training."""
