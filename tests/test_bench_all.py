@@ -105,3 +105,11 @@ def test_each_section_gets_an_equal_share_of_the_time_left():
     assert first == pytest.approx(2.0, abs=0.05)
     time.sleep(0.2)  # the first section finished early: the rest share what is left
     assert budget.section_deadline() - budget.start == pytest.approx(0.2 + 7.8 / 3, abs=0.05)
+
+
+def test_a_bad_budget_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "visiontools.cli", "bench", "all", "--smoke", "--budget-s", "0",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "visiontools: error: --budget-s is the time for the whole run in seconds and must be > 0, got 0.0"]
+    assert not (tmp_path / "bench_all.json").exists()

@@ -117,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
 
     from visiontools.timing import machine_description, resolve_device
 
+    if not args.budget_s > 0:
+        raise ValueError(f"--budget-s is the time for the whole run in seconds and must be > 0, got {args.budget_s}")
     device = torch.device("cpu") if args.smoke else resolve_device(args.device)
     plan = SMOKE if args.smoke else FULL
     ctx = Context(device=device, smoke=args.smoke, repeats=args.repeats or (1 if args.smoke else 5))
