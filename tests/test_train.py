@@ -56,6 +56,38 @@ def test_shipped_configs_load():
         assert cfg["model"].startswith("vit_cifar_")
 
 
+def test_cpu_bf16_detection_reads_the_cpu_flags():
+    from visiontools.timing import cpu_has_bf16
+
+    assert cpu_has_bf16("processor : 0\nflags : fpu sse avx2 avx512f avx512bw\n") is False
+    assert cpu_has_bf16("flags : fpu avx512f avx512_bf16 amx_tile\n") is True
+    assert cpu_has_bf16("flags : fpu amx_bf16 amx_tile\n") is True
+    assert cpu_has_bf16("Features : fp asimd sve bf16 i8mm\n") is True  # Arm
+    assert cpu_has_bf16("") is False
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_amp_uses_bf16_on_a_cpu_only_with_bf16_hardware(monkeypatch, capsys, has_bf16):
+    """``amp: auto`` is bf16 on a CPU with AVX512-BF16/AMX and fp32 without it; an explicit ``bf16``
+    without the hardware is kept but warns (emulated bf16 runs about 10x slower); every shipped CPU
+    recipe trains in fp32 on a CPU without bf16 hardware."""
+    import visiontools.timing as timing
+    from visiontools.train import training_dtype
+
+    monkeypatch.setattr(timing, "cpu_has_bf16", lambda cpuinfo=None: has_bf16)
+    cpu = torch.device("cpu")
+    assert training_dtype("auto", cpu) == (torch.bfloat16 if has_bf16 else torch.float32)
+    assert training_dtype("off", cpu) == torch.float32
+    assert capsys.readouterr().err == ""
+    assert training_dtype("bf16", cpu) == torch.bfloat16
+    err = capsys.readouterr().err
+    assert ("without bf16 hardware" in err and "--amp auto" in err) != has_bf16
+    if not has_bf16:
+        for f in sorted((ROOT / "configs").glob("*_cpu.yaml")):
+            assert training_dtype(load_config(f, [])["amp"], cpu) == torch.float32, f.name
+        assert capsys.readouterr().err == ""
+
+
 def test_warmup_then_cosine():
     lrs = [lr_at(s, 100, 10, 1.0, 0.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

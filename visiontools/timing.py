@@ -130,6 +130,27 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "
     return DTYPES[key]
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX, Arm's BF16 extension
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16, AMX or Arm BF16, read from the
+    flags in ``/proc/cpuinfo``; False where that file does not exist). Without it, bf16 autocast is
+    emulated and runs several times slower than float32. ``cpuinfo``: the file's text, for tests."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
 def dtype_label(dtype: torch.dtype | None) -> str:
     """``fp32``, ``bf16`` or ``fp16`` (short names for tables)."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")

@@ -28,7 +28,8 @@ overrides any key on the command line, values parsed as YAML, dotted keys reach 
     mixup_alpha: 0.0              # > 0 enables mixup with Beta(alpha, alpha)
     ema_decay: null               # e.g. 0.999: keep an exponential moving average of the weights (decay
                                   # warmed up as min(d, (1+step)/(10+step))); it is evaluated, saved and exported
-    amp: auto                     # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
+    amp: auto                     # auto (bf16/fp16 on CUDA; on a CPU bf16 only with bf16 hardware, AVX512-BF16/
+                                  # AMX, else off) | bf16 (warns on a CPU without it: ~10x slower) | fp16 | off
     seed: 0
     threads: null                 # torch.set_num_threads per process; null = torch's default
     eval_every: 1                 # evaluate on the test set every N epochs (and after the last)
@@ -168,6 +169,24 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def training_dtype(amp: str, dev: torch.device) -> torch.dtype:
+    """The autocast dtype of the ``amp`` setting on ``dev``: ``auto`` is bf16 on a CPU only where it has
+    bf16 hardware (:func:`visiontools.timing.cpu_has_bf16`) and float32 elsewhere on CPUs; an explicit
+    ``bf16`` on a CPU without it is kept, with a warning that it runs several times slower."""
+    from visiontools.timing import cpu_has_bf16, resolve_dtype
+
+    if dev.type == "cpu" and amp in ("auto", "bf16"):
+        if cpu_has_bf16():
+            return torch.bfloat16
+        if amp == "bf16":
+            print("warning: amp=bf16 on a CPU without bf16 hardware (no AVX512-BF16/AMX): autocast is emulated "
+                  "and runs about 10x slower than fp32 here; pass --amp auto or --amp off",
+                  file=sys.stderr, flush=True)
+            return torch.bfloat16
+        return torch.float32
+    return resolve_dtype(amp, dev)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
     """AdamW; no weight decay on 1-d parameters (biases, norms) nor on position embeddings/tokens."""
     decay, no_decay = [], []
@@ -273,7 +292,6 @@ def build_run(cfg: dict, rank: int, world: int, dev: torch.device, paths: tuple[
     optimizer, EMA, autocast dtype and gradient scaler, and count the steps per epoch."""
     from visiontools.data import CIFAR_NUM_CLASSES, CIFAR_STATS, load_cifar
     from visiontools.models import create_model, model_description
-    from visiontools.timing import resolve_dtype
 
     num_classes = CIFAR_NUM_CLASSES[cfg["dataset"]]
     mean, std = CIFAR_STATS[cfg["dataset"]]
@@ -287,7 +305,7 @@ def build_run(cfg: dict, rank: int, world: int, dev: torch.device, paths: tuple[
                              mean, std, dataset=cfg["dataset"])
     optimizer = build_optimizer(model, cfg)
     ema = WeightEMA(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
-    adt = resolve_dtype(cfg["amp"], dev)
+    adt = training_dtype(cfg["amp"], dev)
     scaler = torch.amp.GradScaler(dev.type, enabled=(adt == torch.float16))
 
     steps_per_epoch = math.ceil(len(train_ds) / world) // (cfg["batch_size"] // world)
