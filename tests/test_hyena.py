@@ -140,6 +140,60 @@ def test_hyena_equals_its_definition_with_a_filter_per_order_and_grid_mean_prefi
         torch.testing.assert_close(m(x), ry, rtol=0, atol=1e-12)  # the grid never reads the prefix
 
 
+FFT_SETTINGS = ["cached", "regenerated", "one_chunk", "autograd", "autograd_no_recompute"]
+
+
+@pytest.mark.parametrize("setting", FFT_SETTINGS)
+def test_fft_recursion_equals_the_definition_with_gradients(setting):
+    """The FFT recursion on larger grids (channel chunks of uneven size, the skip folded into the
+    spectrum, grid means from the transforms' DC term) equals the written-out definition: in inference
+    with filters cached or regenerated per chunk, and with autograd, chunks checkpointed or not (the
+    gradients too)."""
+    torch.manual_seed(0)
+    m = Hyena2d(10, order=2, filter_hidden=16, long_conv="fft", fft_chunks=1 if setting == "one_chunk" else 3,
+                cache_filters=setting != "regenerated", recompute=setting != "autograd_no_recompute").double()
+    x = torch.randn(2, 7, 9, 10, dtype=torch.float64, requires_grad=True)
+    prefix = torch.randn(2, 1, 10, dtype=torch.float64, requires_grad=True)
+    wy, wp = torch.randn(2, 7, 9, 10, dtype=torch.float64), torch.randn(2, 1, 10, dtype=torch.float64)
+    ry, ryp = _hyena_reference(m, x, prefix)
+    if not setting.startswith("autograd"):
+        with torch.no_grad():
+            for _ in range(2):  # the second call reads the cache (when there is one)
+                y, yp = m(x, prefix=prefix)
+                torch.testing.assert_close(y, ry, rtol=0, atol=1e-10)
+                torch.testing.assert_close(yp, ryp, rtol=0, atol=1e-10)
+        return
+    y, yp = m(x, prefix=prefix)
+    torch.testing.assert_close(y, ry, rtol=0, atol=1e-10)
+    torch.testing.assert_close(yp, ryp, rtol=0, atol=1e-10)
+    inputs = [x, prefix, *m.parameters()]
+    got = torch.autograd.grad((y * wy).sum() + (yp * wp).sum(), inputs)
+    want = torch.autograd.grad((ry * wy).sum() + (ryp * wp).sum(), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+def test_fft_chunks_and_recompute_bound_the_memory():
+    """A quarter of the channels at a time: a forward with filters regenerated needs well under the
+    scratch of all channels at once, and a checkpointed training step well under one that keeps the
+    spectra and transforms for backward."""
+    from visiontools.bench.memory import peak_bytes
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 32, 64)
+
+    def forward_peak(**kw):
+        m = Hyena2d(64, filter_hidden=16, long_conv="fft", cache_filters=False, **kw)
+        return peak_bytes(lambda: m(x))
+
+    def train_peak(**kw):
+        m = Hyena2d(64, filter_hidden=16, long_conv="fft", **kw)
+        return peak_bytes(lambda: m(x).square().mean().backward(), autograd=True)
+
+    assert forward_peak(fft_chunks=4) < 0.5 * forward_peak(fft_chunks=1)
+    assert train_peak(recompute=True) < 0.5 * train_peak(recompute=False)
+
+
 def test_every_filter_row_gets_a_gradient():
     """Each of the order*dim generated filters is used: the loss has a gradient for every row."""
     torch.manual_seed(0)
@@ -494,11 +548,31 @@ def test_bench_tiny_run(tmp_path):
     assert [r["tokens"] for r in res["rows"]] == [16, 15] and [r["batch"] for r in res["rows"]] == [4, 4]
     for r in res["rows"]:
         assert r["attn_ms"] > 0 and r["hyena_ms"] > 0 and r["attn_peak_bytes"] > 0 and r["hyena_peak_bytes"] > 0
+        # a training step holds activations for backward: more than the forward's peak
+        assert r["attn_train_peak_bytes"] > r["attn_peak_bytes"] and r["hyena_train_peak_bytes"] > r["hyena_peak_bytes"]
     json.dumps(res)
     table = markdown_table(res)
-    assert "| 3x5 | 15 | 4 |" in table
+    assert "| 3x5 | 15 | 4 |" in table and "training-step peak MB" in table
     plot(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_bench_times_the_hyena_vit_against_its_twin_end_to_end(tmp_path, capsys):
+    """``bench hyena --vit-sizes`` times the registered ViT-S pair at each image size; sizes that are
+    not multiples of the patch size are one error line before anything runs."""
+    from visiontools.cli import main
+
+    out = tmp_path / "h.md"
+    assert main(["bench", "hyena", "--grids", "4", "--vit-sizes", "32", "48", "--repeats", "1", "--warmup", "0",
+                 "--threads", "1", "--no-progress", "--out-md", str(out),
+                 "--out-json", str(out.with_suffix(".json"))]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["vit"]
+    assert [(r["image_size"], r["tokens"]) for r in rows] == [(32, 4), (48, 9)]
+    assert all(r["attn_s"] > 0 and r["hyena_s"] > 0 for r in rows) and "| 48 px | 9 |" in out.read_text()
+    capsys.readouterr()
+    assert main(["bench", "hyena", "--vit-sizes", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "--vit-sizes must be positive multiples of 16" in err and "Traceback" not in err
 
 
 def test_long_conv_script_measures_every_mode_on_a_tiny_run(tmp_path):

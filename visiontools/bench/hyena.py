@@ -15,6 +15,11 @@ where the filters are regenerated every step), timed in the same interleaved rou
 and peak memory are measured with the filters generated inside the forward (conservative: the cache
 would otherwise hold the filter spectra, O(tokens x channels), outside the measured call).
 
+Peak memory is measured for one forward pass and for one training step (forward, loss, backward,
+both blocks in train mode, Hyena's filters regenerated as in training). With ``--vit-sizes`` the
+registered ViT-S/16 pair (``hyena_vit_small_224`` against ``attn_vit_small_224``) is also timed end to
+end at batch 1 for each image size.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the level before the forward. On CPU,
 :func:`visiontools.bench.memory.peak_bytes`: the storages every operator returns are counted until they are
 freed, and the running total's maximum is the peak (the same quantity as ``torch.profiler``'s
@@ -86,6 +91,22 @@ def peak_forward_memory(fn, device: torch.device) -> int:
     return peak_memory(fn, device)
 
 
+def peak_train_step_memory(block, x: torch.Tensor, device: torch.device) -> int:
+    """Peak bytes of one training step of ``block`` on ``x`` (forward, a loss, backward; gradients
+    then dropped), above the level before it. Hyena regenerates its filters inside the step."""
+    from visiontools.bench.memory import peak_memory
+
+    def step():
+        block.train()
+        try:
+            block(x).square().mean().backward()
+        finally:
+            block.zero_grad(set_to_none=True)
+            block.eval()
+
+    return peak_memory(step, device, autograd=True)
+
+
 def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
     """Least-squares slope of log(y) against log(x) (None with fewer than two usable points)."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y and y > 0]
@@ -147,14 +168,17 @@ def benchmark(grids, dim: int = 192, num_heads: int = 3, order: int = 2, mlp_rat
         # spectra would otherwise be held outside it, like weights): the conservative numbers
         flops = {"attn": count_flops(fns["attn"]), "hyena": count_flops(fns["hyena_regen"])}
         mem = {"attn": peak_forward_memory(fns["attn"], device),
-               "hyena": peak_forward_memory(fns["hyena_regen"], device)}
+               "hyena": peak_forward_memory(fns["hyena_regen"], device),
+               "attn_train": peak_train_step_memory(attn, x, device),
+               "hyena_train": peak_train_step_memory(hyena, x, device)}
         row = {"grid": [H, W], "tokens": n, "batch": b,
                "attn_ms": 1e3 * median(times["attn"]), "hyena_ms": 1e3 * median(times["hyena"]),
                "hyena_regen_ms": 1e3 * median(times["hyena_regen"]),
                "attn_times_s": times["attn"], "hyena_times_s": times["hyena"],
                "hyena_regen_times_s": times["hyena_regen"],
                "attn_flops": flops["attn"], "hyena_flops": flops["hyena"],
-               "attn_peak_bytes": mem["attn"], "hyena_peak_bytes": mem["hyena"]}
+               "attn_peak_bytes": mem["attn"], "hyena_peak_bytes": mem["hyena"],
+               "attn_train_peak_bytes": mem["attn_train"], "hyena_train_peak_bytes": mem["hyena_train"]}
         row["attn_over_hyena_time"] = row["attn_ms"] / row["hyena_ms"]
         row["attn_over_hyena_flops"] = flops["attn"] / max(1, flops["hyena"])
         rows.append(row)
@@ -183,19 +207,51 @@ def benchmark(grids, dim: int = 192, num_heads: int = 3, order: int = 2, mlp_rat
     }
 
 
+def benchmark_vits(sizes, device="cpu", repeats: int = 5, warmup: int = 1) -> list[dict]:
+    """End to end: ``hyena_vit_small_224`` against its attention twin ``attn_vit_small_224`` (same
+    ViT-S/16 otherwise, random weights), forward at batch 1 for each image size, timed interleaved."""
+    import visiontools.models  # noqa: F401  (registers the models with timm)
+    from timm import create_model
+
+    torch.manual_seed(0)
+    models = {"attn": create_model("attn_vit_small_224").to(device).eval(),
+              "hyena": create_model("hyena_vit_small_224").to(device).eval()}
+    rows = []
+    for size in sizes:
+        x = torch.randn(1, 3, size, size, device=device)
+        fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+        times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device)
+        attn_s, hyena_s = median(times["attn"]), median(times["hyena"])
+        rows.append({"image_size": size, "tokens": (size // 16) ** 2, "attn_s": attn_s, "hyena_s": hyena_s,
+                     "attn_over_hyena_time": attn_s / hyena_s,
+                     "attn_times_s": times["attn"], "hyena_times_s": times["hyena"]})
+    return rows
+
+
+def vit_table(rows: list[dict]) -> str:
+    """:func:`benchmark_vits` rows as a markdown table."""
+    lines = ["ViT-S/16 end to end, batch 1: `hyena_vit_small_224` against `attn_vit_small_224` (fused SDPA)", "",
+             "| image | tokens | attention s | Hyena s | attention/Hyena time |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['image_size']} px | {r['tokens']} | {r['attn_s']:.3f} | {r['hyena_s']:.3f} | "
+              f"{r['attn_over_hyena_time']:.2f}x |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(result: dict) -> str:
     """The result as a markdown table plus a summary line."""
     lines = [f"One ViT block, width {result['dim']} ({result['num_heads']}-head fused-SDPA attention vs "
              f"order-{result['order']} Hyena), {result['dtype']}, {result['machine']}", "",
              "| grid | tokens | batch | attention ms | Hyena ms | Hyena ms, filters regenerated "
-             "| attn/Hyena time | attn/Hyena FLOPs* | attention peak MB | Hyena peak MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| attn/Hyena time | attn/Hyena FLOPs* | attention peak MB | Hyena peak MB "
+             "| attention training-step peak MB | Hyena training-step peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['grid'][0]}x{r['grid'][1]} | {r['tokens']} | {r['batch']} | {r['attn_ms']:.2f} | "
             f"{r['hyena_ms']:.2f} | {r['hyena_regen_ms']:.2f} | {r['attn_over_hyena_time']:.2f} | "
             f"{r['attn_over_hyena_flops']:.2f} | "
-            f"{r['attn_peak_bytes'] / 2**20:.1f} | {r['hyena_peak_bytes'] / 2**20:.1f} |")
+            f"{r['attn_peak_bytes'] / 2**20:.1f} | {r['hyena_peak_bytes'] / 2**20:.1f} | "
+            f"{r['attn_train_peak_bytes'] / 2**20:.1f} | {r['hyena_train_peak_bytes'] / 2**20:.1f} |")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     st, sm = result["slope_time"], result["slope_memory"]
     co, co2 = result["crossover_tokens"], result["crossover_tokens_regen"]
@@ -211,7 +267,7 @@ def markdown_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Log-log plot of time per image against tokens, attention and Hyena."""
+    """Log-log plot of time and peak memory (forward; training step) per image against tokens."""
     rows = result["rows"]
     n = [r["tokens"] for r in rows]
     fig, (ax, ax2) = subplots(1, 2, figsize=(10, 4))
@@ -225,6 +281,11 @@ def plot(result: dict, path: Path) -> None:
     ax.legend()
     ax2.loglog(n, [max(r["attn_peak_bytes"], 1) / r["batch"] / 2**20 for r in rows], "o-", label="attention")
     ax2.loglog(n, [max(r["hyena_peak_bytes"], 1) / r["batch"] / 2**20 for r in rows], "s-", label="Hyena")
+    if all("attn_train_peak_bytes" in r for r in rows):
+        ax2.loglog(n, [max(r["attn_train_peak_bytes"], 1) / r["batch"] / 2**20 for r in rows], "o--",
+                   label="attention, training step")
+        ax2.loglog(n, [max(r["hyena_train_peak_bytes"], 1) / r["batch"] / 2**20 for r in rows], "s--",
+                   label="Hyena, training step")
     ax2.set_xlabel("tokens")
     ax2.set_ylabel("peak MB per image")
     ax2.grid(True, which="both", alpha=0.3)
@@ -249,6 +310,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU); Hyena's FFTs stay float32")
     add_run_arguments(p, repeats=5, warmup=1)
+    p.add_argument("--vit-sizes", type=int, nargs="*", default=[], metavar="PX",
+                   help="also time the Hyena ViT-S/16 against its attention twin end to end at these image sizes "
+                        "(batch 1; e.g. 768 1024)")
     p.add_argument("--plot", type=Path, default=None, help="write a log-log PNG of time and memory vs tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -259,14 +323,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from visiontools.errors import UserError
+
     if (args.batch_size is not None and args.batch_size < 1) or args.repeats < 1 or args.warmup < 0:
-        from visiontools.errors import UserError
         raise UserError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
+    if any(v < 16 or v % 16 for v in args.vit_sizes):
+        raise UserError(f"--vit-sizes must be positive multiples of 16 pixels (the patch size), got {args.vit_sizes}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     result = benchmark(args.grids, dim=args.dim, num_heads=args.num_heads, order=args.order,
                        mlp_ratio=args.mlp_ratio, batch_size=args.batch_size, max_tokens=args.max_tokens,
                        device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
                        progress=not args.no_progress)
-    write_results(args, markdown_table(result), result, plot=plot)
+    table = markdown_table(result)
+    if args.vit_sizes:
+        result["vit"] = benchmark_vits(args.vit_sizes, device=device, repeats=args.repeats, warmup=args.warmup)
+        table += "\n\n" + vit_table(result["vit"])
+    write_results(args, table, result, plot=plot)
     return 0
