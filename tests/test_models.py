@@ -37,8 +37,35 @@ def test_a_models_cfg_follows_the_arguments_it_was_built_with():
     assert over["crop_pct"] == 0.5 and over["input_size"] == (3, 32, 32)  # the caller's overlay wins
 
 
+def test_cct_vit_is_a_conv_tokenizer_feeding_plain_timm_blocks_that_tome_merges():
+    """``cct_vit_cifar``: the CCT-style tokenizer (conv/BN/ReLU/max-pool, 32x32 -> 8x8) and plain timm
+    ``Block`` s, so ToMe's merges skip whole blocks' work: exact at r=0, 2.67 M parameters, and r=6
+    removes about a third of the FLOPs (the tokenizer's share is not reduced)."""
+    import visiontools
+    from timm.models.vision_transformer import Block
+
+    from visiontools.patches.timm_conformer import ConvTokenizer
+    from visiontools.timing import count_flops
+
+    torch.manual_seed(0)
+    m = timm.create_model("cct_vit_cifar").eval()
+    assert isinstance(m.patch_embed, ConvTokenizer) and all(type(b) is Block for b in m.blocks) and len(m.blocks) == 7
+    assert m.patch_embed.grid_size == (8, 8) and m.num_prefix_tokens == 0 and m.global_pool == "avg"
+    assert sum(p.numel() for p in m.parameters()) == pytest.approx(2.67e6, rel=0.005)
+    assert m.pretrained_cfg["first_conv"] == "patch_embed.proj.0"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        visiontools.apply_tome(m, r=0)
+        torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+        full = count_flops(lambda: m(x))
+        visiontools.apply_tome(m, r=6)
+        merged = count_flops(lambda: m(x))
+    assert 1.4 < full / merged < 1.7
+
+
 @pytest.mark.parametrize("name", ["vit_cifar_mini_p4", "eva_cifar_mini_p4", "hyena_vit_cifar", "lsh_vit_cifar",
-                                  "rev_vit_cifar", "conformer_vit_cifar_cct"])
+                                  "rev_vit_cifar", "conformer_vit_cifar_cct", "cct_vit_cifar"])
 def test_pretrained_is_refused_in_one_line(name):
     with pytest.raises(ValueError, match=f"{name} has no downloadable weights; load a visiontools checkpoint"):
         timm.create_model(name, pretrained=True)

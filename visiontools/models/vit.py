@@ -15,6 +15,8 @@ default configs from ``generate_default_cfgs``, so every model has a real timm `
   SwiGLU MLP, class token, average pooling); used to choose ToMe's rule for rotary embeddings.
 - ``lsh_vit_*``: the attention twins with shared-QK LSH attention (:mod:`visiontools.layers.lsh`);
   ``rev_vit_*``: the same ViTs with reversible two-stream blocks (:mod:`visiontools.layers.reversible`).
+- ``cct_vit_cifar``: a CCT-style ViT (Hassani et al., 2021): the convolutional tokenizer (32x32 -> 8x8)
+  feeding 7 plain timm blocks (dim 192), so ToMe saves the blocks' full cost.
 - ``conformer_vit_cifar`` / ``conformer_vit_cifar_cct`` / ``conformer_vit_small_224``: conv-augmented
   ViTs (:class:`visiontools.layers.conformer.ConformerBlock` as ``block_fn``; the ``_cct`` one with the
   convolutional tokenizer and ConvFFNs), built by ``visiontools.patches.timm_conformer.conformer_vit``.
@@ -36,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from visiontools.data import CIFAR_STATS
 from visiontools.layers.hyena import HyenaAttention
-from visiontools.patches.timm_conformer import conformer_vit
+from visiontools.patches.timm_conformer import ConvTokenizer, conformer_vit
 from visiontools.patches.timm_hyena import configure_hyena
 
 
@@ -72,6 +74,7 @@ default_cfgs = generate_default_cfgs({
     **{name: _cfg() for name in _CIFAR},
     **{name: _cfg(1000, 224) for name in _SMALL_224},
     "conformer_vit_cifar_cct": _cfg(first_conv="patch_embed.proj.0"),
+    "cct_vit_cifar": _cfg(first_conv="patch_embed.proj.0"),
 })
 
 
@@ -275,6 +278,20 @@ def conformer_vit_cifar_cct(pretrained: bool = False, **kwargs) -> VisionTransfo
     stages: 32x32 -> 8x8) and ConvFFNs (depthwise 3x3 in both half-step FFNs): the CPU CIFAR-10 recipe's model."""
     return _build_conformer("conformer_vit_cifar_cct", pretrained, CONFORMER_CIFAR_DIMS,
                             {**_CONV_DEFAULTS, "conv_ffn": True, "conv_tokenizer": True, "stem_hidden": 64}, **kwargs)
+
+
+@register_model
+def cct_vit_cifar(pretrained: bool = False, stem_hidden: int = 32, **kwargs) -> VisionTransformer:
+    """CCT-style ViT for 32x32 images: the convolutional tokenizer of ``conformer_vit_cifar_cct`` (2
+    conv/BN/ReLU/max-pool stages, 3 -> ``stem_hidden`` -> 192 channels, 32x32 -> 8x8 tokens) feeding plain
+    timm ``Block`` s (dim 192, depth 7, 3 heads, MLP ratio 3, no class token, average pooling): no grid
+    operation inside the blocks, so token merging saves their full cost. ``configs/cct_cifar10_cpu.yaml``
+    trains it on CIFAR-10."""
+    dims = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=7, num_heads=3, mlp_ratio=3.0,
+                class_token=False, global_pool="avg", dynamic_img_size=True,
+                embed_layer=ConvTokenizer.bound(stem_hidden=stem_hidden))
+    return build_registered(VisionTransformer, "cct_vit_cifar", pretrained, dims, kwargs,
+                            first_conv="patch_embed.proj.0")
 
 
 @register_model
