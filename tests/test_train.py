@@ -124,6 +124,26 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset
     assert strip(read_log(tmp_path / "full/log.jsonl")) == strip(read_log(tmp_path / "part/log.jsonl"))
 
 
+def test_more_epochs_after_the_warm_up_continue_as_an_uninterrupted_run(tmp_path, datasets_dir, capsys):
+    """A run stopped at the end of its warm-up and resumed with more epochs ends as a run given that
+    many epochs from the start (the schedules agree through the warm-up), and says so instead of
+    warning; resumed later than the warm-up, it warns that the result differs."""
+    full = tiny_cfg(datasets_dir, tmp_path / "full", epochs=3, warmup_epochs=1.0)
+    train(full, progress=False)
+    part = {**full, "out_dir": str(tmp_path / "part"), "epochs": 2}
+    train(part, progress=False, stop_after=1)
+    capsys.readouterr()
+    train({**part, "epochs": 3}, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "continues as an uninterrupted 3-epoch run would" in err and "differs" not in err
+    a, _, _ = ckpt.load_training_state(tmp_path / "full/last.safetensors")
+    b, _, _ = ckpt.load_training_state(tmp_path / "part/last.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    train({**part, "epochs": 4}, resume=True, progress=False, stop_after=3)  # after the warm-up: a warning
+    assert "so the result differs from an uninterrupted 4-epoch run" in capsys.readouterr().err
+
+
 def test_overwrite_keeps_a_backup(tmp_path, datasets_dir):
     cfg = tiny_cfg(datasets_dir, tmp_path, epochs=1)
     train(cfg, progress=False)

@@ -333,12 +333,18 @@ def resume_run(run: TrainRun) -> None:
     if "grad_scaler" in state:
         run.scaler.load_state_dict(state["grad_scaler"])
     run.start_epoch, run.step, run.history = state["epoch"], state["step"], state["history"]
-    old_epochs = (state.get("config") or {}).get("epochs")
-    if run.rank == 0 and old_epochs is not None and old_epochs != cfg["epochs"]:
-        print(f"warning: {last} was trained with a schedule for {old_epochs} epochs; resuming with "
-              f"epochs={cfg['epochs']} switches to a learning-rate schedule over {cfg['epochs']} epochs from "
-              f"step {run.step} on, so the result differs from an uninterrupted {cfg['epochs']}-epoch run",
-              file=sys.stderr, flush=True)
+    old = state.get("config") or {}
+    if run.rank == 0 and old.get("epochs") not in (None, cfg["epochs"]):
+        same_warmup = all(old.get(k) == cfg[k] for k in ("warmup_epochs", "lr"))
+        if same_warmup and run.step <= round(cfg["warmup_epochs"] * run.steps_per_epoch):
+            print(f"note: {last} was trained with a schedule for {old['epochs']} epochs, stopped within the warm-up "
+                  f"that both schedules share: it continues as an uninterrupted {cfg['epochs']}-epoch run would",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"warning: {last} was trained with a schedule for {old['epochs']} epochs; resuming with "
+                  f"epochs={cfg['epochs']} switches to a learning-rate schedule over {cfg['epochs']} epochs from "
+                  f"step {run.step} on, so the result differs from an uninterrupted {cfg['epochs']}-epoch run",
+                  file=sys.stderr, flush=True)
     if run.start_epoch >= cfg["epochs"] and run.rank == 0:
         print(f"warning: {last} already completed {run.start_epoch} epochs (epochs={cfg['epochs']}): nothing to "
               "train; pass --set epochs=N with a larger N to continue", file=sys.stderr, flush=True)
