@@ -12,7 +12,9 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[${extras}]"
+# patches/ and demos/ install as visiontools.patches and visiontools.demos (package-dir mapping), for
+# which setuptools' editable install prints a generic notice about same-named folders: silenced here
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e ".[${extras}]"
 
 if [[ "$extras" == "dev" && ! -x /usr/bin/chromium ]]; then
   # the end-to-end demo test drives Debian's Chromium with Playwright (no browser download)
