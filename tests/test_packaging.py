@@ -73,7 +73,9 @@ def test_editable_install_as_the_setup_script_runs_it_prints_no_setuptools_warni
     src = tmp_path / "src"
     skip = shutil.ignore_patterns(".git", ".venv", "runs", "artifacts", "build", "*.egg-info", "__pycache__")
     shutil.copytree(ROOT, src, ignore=skip)
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", str(src),
+    # --ignore-installed: install beside, never uninstall, the visiontools this test runs from
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--ignore-installed",
+                          "-e", str(src),
                           "--prefix", str(tmp_path / "prefix")],
                          capture_output=True, text=True, env={**os.environ, **env_vars}, timeout=300)
     assert res.returncode == 0, res.stderr
