@@ -144,6 +144,33 @@ def test_more_epochs_after_the_warm_up_continue_as_an_uninterrupted_run(tmp_path
     assert "so the result differs from an uninterrupted 4-epoch run" in capsys.readouterr().err
 
 
+def test_training_curve_is_drawn_after_every_epoch(tmp_path, datasets_dir, monkeypatch):
+    """``out_dir/curve.png`` is redrawn after each epoch from the whole log: train and test top-1,
+    train loss and learning rate, one point per epoch so far."""
+    from PIL import Image
+
+    import visiontools.train as train_module
+
+    drawn = []
+    real = train_module.plot_curve
+    monkeypatch.setattr(train_module, "plot_curve",
+                        lambda history, path, title: drawn.append((len(history), path)) or real(history, path, title))
+    cfg = tiny_cfg(datasets_dir, tmp_path, epochs=2, ema_decay=0.9)
+    train(cfg, progress=False)
+    assert drawn == [(1, tmp_path / "curve.png"), (2, tmp_path / "curve.png")]
+    with Image.open(tmp_path / "curve.png") as im:
+        assert im.size == (1000, 380)
+    history = read_log(tmp_path / "log.jsonl")
+    fig_lines = {}
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig",
+                        lambda fig, *a, **k: fig_lines.update({ax.get_ylabel(): [list(l.get_ydata()) for l in ax.lines]
+                                                               for ax in fig.axes}))
+    real(history, tmp_path / "again.png", "t")
+    assert fig_lines["top-1 %"] == [[r["train_top1"] for r in history], [r["test_top1"] for r in history]]
+    assert fig_lines["loss"] == [[r["train_loss"] for r in history]]
+    assert fig_lines["learning rate"] == [[r["lr"] for r in history]]
+
+
 def test_overwrite_keeps_a_backup(tmp_path, datasets_dir):
     cfg = tiny_cfg(datasets_dir, tmp_path, epochs=1)
     train(cfg, progress=False)

@@ -38,7 +38,8 @@ overrides any key on the command line, values parsed as YAML, dotted keys reach 
 
 Outputs in ``out_dir``: ``last.safetensors`` (written atomically after every epoch: weights, AdamW
 state, epoch/step and log history), ``log.jsonl`` (one JSON object per epoch: loss, train/test
-accuracy, lr, seconds), and ``config.yaml`` (the resolved config).
+accuracy, lr, seconds), ``curve.png`` (accuracy, loss and learning rate against epochs, redrawn after
+every epoch) and ``config.yaml`` (the resolved config).
 
 Resuming (``--resume``) restarts after the last completed epoch and gives the same result as an
 uninterrupted run: the learning rate is a function of the step, the optimizer state is restored,
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -452,7 +454,38 @@ def finish_epoch(run: TrainRun, epoch: int, record: dict) -> None:
             tensors.update({f"ema.{k}": v for k, v in run.ema.model.state_dict().items()})
         ckpt.save_safetensors_atomic(run.last, tensors, meta)
         ckpt.atomic_write_text(run.log_path, _jsonl(run.history))  # whole file: never a partial line
+        plot_curve(run.history, run.log_path.with_name("curve.png"), f"{cfg['model']} on {cfg['dataset']}")
         print(json.dumps(record), flush=True)
+
+
+def plot_curve(history: list[dict], path: Path, title: str) -> None:
+    """The training curve, rewritten after every epoch: train and test top-1 (%) against epochs on the
+    left, train loss and learning rate on the right (``out_dir/curve.png``)."""
+    from visiontools.models.checkpoint import atomic_write_bytes
+    from visiontools.timing import subplots
+
+    epochs = [r["epoch"] for r in history]
+    fig, (acc, loss) = subplots(1, 2, figsize=(10, 3.8))
+    acc.plot(epochs, [r["train_top1"] for r in history], "o-", label="train (augmented)")
+    tested = [r for r in history if "test_top1" in r]
+    weights = " (EMA weights)" if any(r.get("test_weights") == "ema" for r in tested) else ""
+    acc.plot([r["epoch"] for r in tested], [r["test_top1"] for r in tested], "s-", label=f"test{weights}")
+    acc.set(xlabel="epoch", ylabel="top-1 %", title=title)
+    acc.grid(alpha=0.3)
+    acc.legend()
+    loss.plot(epochs, [r["train_loss"] for r in history], "o-", color="C2", label="train loss")
+    loss.set(xlabel="epoch", ylabel="loss")
+    lr = loss.twinx()
+    lr.plot(epochs, [r["lr"] for r in history], "--", color="C3", label="learning rate (end of epoch)")
+    lr.set_ylabel("learning rate")
+    loss.legend(handles=loss.lines + lr.lines, loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    import matplotlib.pyplot as plt  # after subplots() chose the Agg backend
+
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # a reader never sees half a PNG
 
 
 def train(cfg: dict, resume: bool = False, overwrite: bool = False, progress: bool = True,
