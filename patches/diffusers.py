@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from visiontools.timing import cpu_has_bf16
 from visiontools.tome import merge2d
 
 __all__ = ["ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks", "transformer_blocks"]
@@ -62,12 +63,7 @@ SIMILARITY_DTYPES = {"auto": None, "input": None, "float32": torch.float32, "bfl
 
 def _cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16; Linux flags)."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return cpu_has_bf16(cpuinfo, flags=("amx_bf16", "avx512_bf16"))
 
 
 _CPU_FAST_BF16 = _cpu_has_fast_bf16()

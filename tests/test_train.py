@@ -56,14 +56,19 @@ def test_shipped_configs_load():
         assert cfg["model"].startswith("vit_cifar_")
 
 
-def test_cpu_bf16_detection_reads_the_cpu_flags():
+def test_cpu_bf16_detection_reads_the_cpu_flags(tmp_path):
     from visiontools.timing import cpu_has_bf16
 
-    assert cpu_has_bf16("processor : 0\nflags : fpu sse avx2 avx512f avx512bw\n") is False
-    assert cpu_has_bf16("flags : fpu avx512f avx512_bf16 amx_tile\n") is True
-    assert cpu_has_bf16("flags : fpu amx_bf16 amx_tile\n") is True
-    assert cpu_has_bf16("Features : fp asimd sve bf16 i8mm\n") is True  # Arm
-    assert cpu_has_bf16("") is False
+    def has(text):
+        (tmp_path / "cpuinfo").write_text(text)
+        return cpu_has_bf16(str(tmp_path / "cpuinfo"))
+
+    assert has("processor : 0\nflags : fpu sse avx2 avx512f avx512bw\n") is False
+    assert has("flags : fpu avx512f avx512_bf16 amx_tile\n") is True
+    assert has("flags : fpu amx_bf16 amx_tile\n") is True
+    assert has("Features : fp asimd sve bf16 i8mm\n") is True  # Arm
+    assert has("") is False
+    assert cpu_has_bf16(str(tmp_path / "missing")) is False
 
 
 @pytest.mark.parametrize("has_bf16", [False, True])
@@ -74,7 +79,7 @@ def test_amp_uses_bf16_on_a_cpu_only_with_bf16_hardware(monkeypatch, capsys, has
     import visiontools.timing as timing
     from visiontools.train import training_dtype
 
-    monkeypatch.setattr(timing, "cpu_has_bf16", lambda cpuinfo=None: has_bf16)
+    monkeypatch.setattr(timing, "cpu_has_bf16", lambda *a, **k: has_bf16)
     cpu = torch.device("cpu")
     assert training_dtype("auto", cpu) == (torch.bfloat16 if has_bf16 else torch.float32)
     assert training_dtype("off", cpu) == torch.float32

@@ -133,22 +133,27 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX, Arm's BF16 extension
 
 
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16, AMX or Arm BF16, read from the
-    flags in ``/proc/cpuinfo``; False where that file does not exist). Without it, bf16 autocast is
-    emulated and runs several times slower than float32. ``cpuinfo``: the file's text, for tests."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU feature flags listed in the file ``cpuinfo`` (x86 ``flags``, Arm ``Features`` lines);
+    empty where the file does not exist (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in lines:
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
+    return flags
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo", flags: tuple[str, ...] = BF16_CPU_FLAGS) -> bool:
+    """Whether this CPU computes bfloat16 in hardware: one of ``flags`` (default AVX512-BF16, AMX or Arm
+    BF16) among :func:`cpu_flags`. Without it, bf16 autocast is emulated and runs several times
+    slower than float32."""
+    return not cpu_flags(cpuinfo).isdisjoint(flags)
 
 
 def dtype_label(dtype: torch.dtype | None) -> str:
