@@ -33,19 +33,19 @@ import torch
 from visiontools.timing import cpu_has_bf16
 from visiontools.tome import merge2d
 
-__all__ = ["ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks", "transformer_blocks"]
+__all__ = ["ToMe2dConfig", "ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks", "transformer_blocks"]
 
 _ATTR = "_visiontools_tome_sd"
 MODES = ("merge", "downsample")
 
 
-@dataclass(frozen=True)
-class ToMeSDConfig:
-    """Settings of one patch (see :func:`apply_tome_sd`)."""
+@dataclass(frozen=True, kw_only=True)
+class ToMe2dConfig:
+    """Settings both diffusion adapters share (UNets here, diffusion transformers in
+    ``diffusers_dit``): how the tokens of a latent grid are merged or downsampled, and where."""
 
     ratio: float = 0.5
     mode: str = "merge"
-    max_downsample: int | None = None
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
@@ -55,6 +55,13 @@ class ToMeSDConfig:
     merge_mlp: bool = False
     downsample_method: str = "nearest-exact"
     similarity_dtype: str = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToMeSDConfig(ToMe2dConfig):
+    """Settings of one UNet patch (see :func:`apply_tome_sd`)."""
+
+    max_downsample: int | None = None
 
 
 SIMILARITY_DTYPES = {"auto": None, "input": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -267,18 +274,14 @@ def _check_int(v, what: str, lo: int = 1) -> int:
     return v
 
 
-def _check_config(cfg: ToMeSDConfig) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the first bad setting of ``cfg``."""
+def check_common(cfg: ToMe2dConfig) -> None:
+    """Raise ``ValueError`` naming the first bad setting among those both diffusion adapters share."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
     _check_int(cfg.sx, "sx")
     _check_int(cfg.sy, "sy")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
-    if cfg.max_downsample is not None:
-        md = _check_int(cfg.max_downsample, "max_downsample")
-        if md & (md - 1):
-            raise ValueError(f"max_downsample must be a power of two (1, 2, 4, 8), got {md}")
     if cfg.similarity_dtype not in SIMILARITY_DTYPES:
         raise ValueError(f"similarity_dtype must be one of {tuple(SIMILARITY_DTYPES)}, got {cfg.similarity_dtype!r}")
     if cfg.mode == "merge":
@@ -294,6 +297,15 @@ def _check_config(cfg: ToMeSDConfig) -> None:
         if cfg.downsample_method not in merge2d.DOWNSAMPLE_METHODS:
             raise ValueError(f"downsample_method must be one of {merge2d.DOWNSAMPLE_METHODS}, "
                              f"got {cfg.downsample_method!r}")
+
+
+def _check_config(cfg: ToMeSDConfig) -> None:
+    """Raise ``ValueError`` naming the first bad setting of ``cfg``."""
+    check_common(cfg)
+    if cfg.max_downsample is not None:
+        md = _check_int(cfg.max_downsample, "max_downsample")
+        if md & (md - 1):
+            raise ValueError(f"max_downsample must be a power of two (1, 2, 4, 8), got {md}")
 
 
 def _timestep_seed(seed: int, timestep) -> torch.Tensor:
@@ -420,8 +432,9 @@ def apply_tome_sd(
       ``"float16"``.
     """
     unet = _find_unet(pipe_or_unet)
-    cfg = ToMeSDConfig(ratio, mode, max_downsample, sx, sy, use_rand, seed, merge_attn, merge_crossattn,
-                       merge_mlp, downsample_method, similarity_dtype)
+    cfg = ToMeSDConfig(ratio=ratio, mode=mode, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
+                       seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
+                       downsample_method=downsample_method, similarity_dtype=similarity_dtype)
     _check_config(cfg)
     blocks, cfg, chosen = _chosen_blocks(unet, cfg)
     if is_patched(unet):  # re-applying replaces the patch

@@ -42,24 +42,13 @@ ROPE_RULES = ("mean", "angle", "dst", "rotate")
 DIT_CLASSES = ("SD3Transformer2DModel", "PixArtTransformer2DModel", "FluxTransformer2DModel")
 
 
-@dataclass(frozen=True)
-class ToMeDiTConfig:
-    """Settings of one DiT patch (see :func:`apply_tome_dit`); field names shared with ``ToMeSDConfig``
-    so the UNet adapter's block hooks and self-attention processor read them unchanged."""
+@dataclass(frozen=True, kw_only=True)
+class ToMeDiTConfig(sd.ToMe2dConfig):
+    """Settings of one DiT patch (see :func:`apply_tome_dit`): the UNet adapter's shared settings, which
+    its block hooks and self-attention processor read unchanged, plus the blocks and the RoPE rule."""
 
-    ratio: float = 0.5
-    mode: str = "merge"
     blocks: tuple | None = None
-    sx: int = 2
-    sy: int = 2
-    use_rand: bool = True
-    seed: int = 0
-    merge_mlp: bool = False
     rope: str = "angle"
-    downsample_method: str = "nearest-exact"
-    similarity_dtype: str = "auto"
-    merge_attn: bool = True
-    merge_crossattn: bool = False
 
 
 def _dit_classes():
@@ -278,17 +267,12 @@ def _choose(all_blocks, blocks) -> list:
 
 
 def _check_config(cfg: ToMeDiTConfig) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the first bad setting of ``cfg``."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    """Raise ``ValueError`` naming the first bad setting of ``cfg``."""
     if cfg.rope not in ROPE_RULES:
         raise ValueError(f"rope must be one of {ROPE_RULES}, got {cfg.rope!r}")
-    sd._check_config(sd.ToMeSDConfig(cfg.ratio, cfg.mode, None, cfg.sx, cfg.sy, cfg.use_rand, cfg.seed,
-                                     merge_mlp=cfg.merge_mlp and cfg.mode == "merge",
-                                     downsample_method=cfg.downsample_method,
-                                     similarity_dtype=cfg.similarity_dtype))
-    if cfg.merge_mlp and cfg.mode != "merge":
+    if cfg.merge_mlp and cfg.mode == "downsample":
         raise ValueError("merge_mlp applies to mode='merge' only; downsample mode acts on attention keys/values")
+    sd.check_common(cfg)
 
 
 def _check_processors(chosen) -> None:
@@ -409,8 +393,9 @@ def apply_tome_dit(pipe_or_transformer, ratio: float = 0.5, mode: str = "merge",
     - ``downsample_method``: ``F.interpolate`` mode or ``"avg"`` for the key/value grid.
     """
     model = find_transformer(pipe_or_transformer)
-    cfg = ToMeDiTConfig(ratio, mode, None if blocks is None else tuple(blocks), sx, sy, use_rand, seed, merge_mlp,
-                        rope, downsample_method, similarity_dtype)
+    cfg = ToMeDiTConfig(ratio=ratio, mode=mode, blocks=None if blocks is None else tuple(blocks), sx=sx, sy=sy,
+                        use_rand=use_rand, seed=seed, merge_mlp=merge_mlp, rope=rope,
+                        downsample_method=downsample_method, similarity_dtype=similarity_dtype)
     _check_config(cfg)
     chosen = _choose(dit_blocks(model), cfg.blocks)
     if is_patched(model):  # re-applying replaces the patch

@@ -331,3 +331,25 @@ def test_pipeline_is_patched_through_its_transformer(kind, mode):
     assert out.shape == ref.shape and 0 < rel(out, ref) < 0.1 and torch.equal(generate(), out)
     visiontools.remove_tome(pipe)
     assert torch.equal(generate(), ref)
+
+
+def test_dit_and_unet_settings_share_one_definition_and_one_check():
+    """Both adapters' settings derive from one keyword-only dataclass and pass the same check."""
+    import dataclasses
+
+    from visiontools.patches import diffusers as sd
+
+    shared = [f.name for f in dataclasses.fields(sd.ToMe2dConfig)]
+    for cls in (dit.ToMeDiTConfig, sd.ToMeSDConfig):
+        assert [f.name for f in dataclasses.fields(cls)][:len(shared)] == shared
+        with pytest.raises(TypeError):
+            cls(0.5)  # keyword-only: a positional value cannot land in the wrong field
+    for check, cls in ((dit._check_config, dit.ToMeDiTConfig), (sd._check_config, sd.ToMeSDConfig)):
+        with pytest.raises(ValueError, match=r"sx must be an integer >= 1, got 0"):
+            check(cls(sx=0))
+        with pytest.raises(ValueError, match=r"similarity_dtype must be one of"):
+            check(cls(similarity_dtype="fp8"))
+    with pytest.raises(ValueError, match=r"merge_mlp applies to mode='merge' only"):
+        dit._check_config(dit.ToMeDiTConfig(mode="downsample", merge_mlp=True))
+    with pytest.raises(ValueError, match=r"rope must be one of"):
+        dit._check_config(dit.ToMeDiTConfig(rope="none"))
