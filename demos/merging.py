@@ -19,9 +19,9 @@ TOKEN_TABLE_HEADERS = ["block", "tokens in", "merged", "tokens out"]
 
 def r_setting(r: int, schedule: str = "constant"):
     """The ``tome_r`` value for a slider r and a schedule name, read by the command line's grammar
-    (:func:`visiontools.tome.merge.parse_r_text` of ``SCHEDULES[schedule]``): ``r`` for ``constant``,
+    (:func:`visiontools.tome.r_text.parse_r_text` of ``SCHEDULES[schedule]``): ``r`` for ``constant``,
     ``(r, -0.5)`` for ``decreasing`` (merge more early), ``(r, 0.5)`` for ``increasing``."""
-    from visiontools.tome.merge import parse_r_text
+    from visiontools.tome.r_text import parse_r_text
 
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
@@ -83,7 +83,7 @@ class MergeResult:
         """A short markdown summary of the token counts, written as ``bench`` and ``eval`` write them
         (``65 -> 25``: entering the first -> the last block), worded for the model (class token or not);
         when nothing merges (r=0, or r too small to merge anything) it says so."""
-        from visiontools.bench.vit import token_span
+        from visiontools.tome.r_text import token_span
 
         t = self.tokens_per_layer
         where = "before the first block" if self.layer == 0 else f"after block {self.layer} of {dm.depth}"

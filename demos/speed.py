@@ -25,7 +25,7 @@ class SpeedRow:
     seconds: float          # median seconds per batch
     batch_size: int
     flops: int              # per batch
-    tokens: str             # "65 -> 25" as bench and eval write it (visiontools.bench.vit.token_span)
+    tokens: str             # "65 -> 25" as bench and eval write it (visiontools.tome.r_text.token_span)
 
     @property
     def images_per_s(self) -> float:
@@ -63,7 +63,7 @@ def measure_speed(dm: DemoModel, x: torch.Tensor, r: int, schedule: str = "const
     ``None`` keeps the current setting). On small CPUs shared with other work the thread count can
     decide whether ToMe's many small merge operations pay off, so it is a choice, not a constant."""
     from visiontools.patches.timm import tome_forward
-    from visiontools.bench.vit import token_span
+    from visiontools.tome.r_text import token_span
     from visiontools.timing import count_flops, interleaved_times, machine_description, median
 
     if batch_size < 1 or repeats < 1 or warmup < 0:

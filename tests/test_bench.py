@@ -4,7 +4,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from visiontools.bench.vit import benchmark_vit, markdown_table, r_argument
+from visiontools.bench.vit import benchmark_vit, markdown_table
+from visiontools.tome.r_text import r_argument
 from visiontools.cli import main
 from visiontools.timing import count_flops, interleaved_times
 
@@ -157,7 +158,7 @@ def test_count_flops_counts_ffts_which_torch_misses():
 def test_bench_and_eval_write_token_counts_the_same_way():
     """The same tokens per layer read "65 -> 25" (entering the first -> the last block, class token
     included) in bench vit's table, eval's table and the demo's speed table; unpatched rows read "all"."""
-    from visiontools.bench.vit import TOKENS_HEADER, token_span
+    from visiontools.tome.r_text import TOKENS_HEADER, token_span
     from visiontools.evaluate import markdown_table as eval_table
 
     tokens = [65, 57, 49, 41, 33, 25, 17]  # cifar10_vit at r=8: 6 blocks

@@ -156,7 +156,7 @@ def test_r_setting_reads_the_schedules_with_the_command_lines_grammar(monkeypatc
     """The demo's schedule names are `--r` texts read by parse_r_text (the one grammar)."""
     import visiontools.demos.merging as merging
 
-    from visiontools.tome.merge import parse_r_text
+    from visiontools.tome.r_text import parse_r_text
 
     assert all(r_setting(8, name) == parse_r_text(text.format(r=8)) for name, text in merging.SCHEDULES.items())
     monkeypatch.setitem(merging.SCHEDULES, "per-layer", "{r},{r},0")

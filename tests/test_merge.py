@@ -162,7 +162,8 @@ def test_merge_rope_rules():
 def test_parse_r_text_reads_every_documented_form():
     import re
 
-    from visiontools.tome.merge import check_r, parse_r_text
+    from visiontools.tome.merge import check_r
+    from visiontools.tome.r_text import parse_r_text
 
     cases = {"16": 16, " 0 ": 0, "16,-0.5": (16, -0.5), "8,0.5": (8, 0.5), "8,+1": (8, 1.0), "8,1e-1": (8, 0.1),
              "8,8,4,4": [8, 8, 4, 4], "8,4": [8, 4], " 4, 4 ,2 ": [4, 4, 2], "[8]": [8], "(8,1)": (8, 1.0),
@@ -179,3 +180,14 @@ def test_parse_r_text_reads_every_documented_form():
             parse_r_text(bad)
     with pytest.raises(ValueError, match="inflection must be a finite number"):
         parse_r_text("16,nan")
+
+
+def test_the_r_grammar_imports_no_torch():
+    """Command-line parsers build their --r option from visiontools.tome.r_text without loading torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, visiontools.tome.r_text as t; assert t.r_argument('8,-0.5') == (8, -0.5); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -274,7 +274,7 @@ def markdown_table(result: dict) -> str:
     """The result rows as a markdown table."""
     lines = [f"**Note: {result['notice']}.**", ""] if result.get("notice") else []
     mem = bool(result["rows"]) and "train_peak_bytes" in result["rows"][0]
-    from visiontools.bench.vit import TOKENS_HEADER, token_span
+    from visiontools.tome.r_text import TOKENS_HEADER, token_span
 
     lines += [f"| variant | params (M) | {TOKENS_HEADER} | top-1 % | top-5 % | images/s | speedup "
               "| GFLOPs/img | FLOP ratio |" + (f" training peak MB (batch {result['rows'][0]['train_memory_batch']}) |"
@@ -523,7 +523,7 @@ def refuse_existing_out(out: str | None, overwrite: bool) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools eval``."""
-    from visiontools.bench.vit import r_argument
+    from visiontools.tome.r_text import r_argument
 
     src = parser.add_argument_group("model")
     src.add_argument("--checkpoint", default=None,

@@ -122,7 +122,7 @@ def max_abs_diff(model: torch.nn.Module, session, x: torch.Tensor) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools export``."""
-    from visiontools.bench.vit import r_argument
+    from visiontools.tome.r_text import r_argument
 
     p.add_argument("--model", required=True,
                    help="timm ViT or EVA name (random weights unless --pretrained), a shipped checkpoint name "

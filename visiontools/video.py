@@ -478,7 +478,7 @@ def load_model(name: str, pretrained: bool = False) -> tuple[torch.nn.Module, tu
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools video``."""
-    from visiontools.bench.vit import r_argument
+    from visiontools.tome.r_text import r_argument
 
     p.add_argument("--in", dest="src", required=True, metavar="VIDEO",
                    help="input video (MP4, WebM, MKV, AVI, MOV; any codec this OpenCV build decodes)")

@@ -24,7 +24,7 @@ def benchmark_onnx(model: torch.nn.Module, rs, batch_size: int = 8, img_size=Non
                    repeats: int = 10, warmup: int = 3, progress: bool = True) -> dict:
     """Export ``model`` unpatched and with ToMe at each r setting in ``rs``, time the ONNX models in
     onnxruntime interleaved (medians), count FLOPs per image and check each against PyTorch."""
-    from visiontools.bench.vit import schedule_label
+    from visiontools.tome.r_text import schedule_label
     from visiontools.export import example_input, export_onnx, max_abs_diff, onnx_session, token_counts
     from visiontools.patches.timm import apply_tome
 

@@ -9,44 +9,9 @@ from __future__ import annotations
 import argparse
 import copy
 
-# torch and visiontools.timing (which imports torch) are imported inside the functions that need them:
-# `eval`, `export` and `video` import r_argument from here to build their parsers.
+from visiontools.tome.r_text import TOKENS_HEADER, r_argument, schedule_label, token_span
 
 DEFAULT_MODEL = "vit_base_patch16_224"
-
-
-def r_argument(text: str):
-    """argparse type of every ``--r`` option (bench, eval, video, export):
-    :func:`visiontools.tome.merge.parse_r_text`, its ``ValueError`` shown as argparse's one-line error."""
-    from visiontools.tome.merge import parse_r_text
-
-    try:
-        return parse_r_text(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-TOKENS_HEADER = "tokens (first -> last block)"
-
-
-def token_span(tokens_per_layer) -> str:
-    """Token counts as every table writes them (bench, eval, the demo): ``"65 -> 25"``, the tokens
-    entering the first block -> the tokens entering the last block, prefix tokens such as the class
-    token included, from ``ToMeInfo.tokens_per_layer`` (tokens entering each block, then after the
-    last); ``"all"`` for an unpatched model (``None``), which keeps every token."""
-    if not tokens_per_layer:
-        return "all"
-    t = list(tokens_per_layer)
-    return f"{t[0]} -> {t[-2] if len(t) > 1 else t[0]}"
-
-
-def schedule_label(r) -> str:
-    """A short label for an r setting, for tables and plots."""
-    if isinstance(r, tuple):
-        return f"r={r[0]} (inflect {r[1]:+g})"
-    if isinstance(r, list):
-        return "r=[" + ",".join(map(str, r)) + "]"
-    return f"r={r}"
 
 
 def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tuple[int, int] | None = None,
