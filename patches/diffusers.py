@@ -33,7 +33,8 @@ import torch
 from visiontools.timing import cpu_has_bf16
 from visiontools.tome import merge2d
 
-__all__ = ["ToMe2dConfig", "ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks", "transformer_blocks"]
+__all__ = ["ToMe2dConfig", "ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks",
+           "transformer_blocks"]
 
 _ATTR = "_visiontools_tome_sd"
 MODES = ("merge", "downsample")
