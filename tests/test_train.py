@@ -141,12 +141,16 @@ def test_more_epochs_after_the_warm_up_continue_as_an_uninterrupted_run(tmp_path
     train({**part, "epochs": 3}, resume=True, progress=False)
     err = capsys.readouterr().err
     assert "continues as an uninterrupted 3-epoch run would" in err and "differs" not in err
+    assert "changed settings" not in err  # epochs alone: the schedule note above says it all
     a, _, _ = ckpt.load_training_state(tmp_path / "full/last.safetensors")
     b, _, _ = ckpt.load_training_state(tmp_path / "part/last.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    train({**part, "epochs": 4}, resume=True, progress=False, stop_after=3)  # after the warm-up: a warning
-    assert "so the result differs from an uninterrupted 4-epoch run" in capsys.readouterr().err
+    # after the warm-up: a warning; a changed training setting is named with its old and new value
+    train({**part, "epochs": 4, "label_smoothing": 0.0}, resume=True, progress=False, stop_after=3)
+    err = capsys.readouterr().err
+    assert "so the result differs from an uninterrupted 4-epoch run" in err
+    assert "with changed settings (label_smoothing 0.1 -> 0.0)" in err
 
 
 def test_training_curve_is_drawn_after_every_epoch(tmp_path, datasets_dir, monkeypatch):

@@ -319,6 +319,17 @@ def build_run(cfg: dict, rank: int, world: int, dev: torch.device, paths: tuple[
                     optimizer, ema, adt, scaler, steps_per_epoch)
 
 
+# Settings that do not change what a run learns, or that ``resume_run`` reports on its own (epochs).
+_RESUME_SILENT = {"epochs", "out_dir", "export", "data_dir", "download", "threads", "eval_every"}
+
+
+def _changed_settings(old: dict, cfg: dict) -> str:
+    """The training settings that differ between a checkpoint's config and this one, as ``key old -> new``
+    (empty when the checkpoint records no config)."""
+    keys = [k for k in cfg if k in old and k not in _RESUME_SILENT and old[k] != cfg[k]]
+    return ", ".join(f"{k} {old[k]!r} -> {cfg[k]!r}" for k in keys)
+
+
 def resume_run(run: TrainRun) -> None:
     """Restore the model, optimizer, EMA, scaler, step and history from ``run.last``, warning when the
     schedule changed and refusing a checkpoint of another step count; rewrite the log to match it."""
@@ -350,6 +361,10 @@ def resume_run(run: TrainRun) -> None:
     if run.start_epoch >= cfg["epochs"] and run.rank == 0:
         print(f"warning: {last} already completed {run.start_epoch} epochs (epochs={cfg['epochs']}): nothing to "
               "train; pass --set epochs=N with a larger N to continue", file=sys.stderr, flush=True)
+    changed = _changed_settings(old, cfg)
+    if run.rank == 0 and changed:
+        print(f"note: resuming {last} with changed settings ({changed}): the run differs from one trained "
+              "with either setting throughout", file=sys.stderr, flush=True)
     if state.get("steps_per_epoch") not in (None, run.steps_per_epoch):
         raise ValueError(f"cannot resume {last}: it was trained with {state['steps_per_epoch']} steps per "
                          f"epoch, this config gives {run.steps_per_epoch} (batch size or data changed)")
