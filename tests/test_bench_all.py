@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from visiontools.bench import all as bench_all
 
@@ -97,6 +98,38 @@ def test_the_budget_drops_the_largest_sizes_first(tmp_path, monkeypatch):
     assert [r["size"] for r in out["sections"]["vit"]["rows"]] == [1, 2]
     assert [s["size"] for s in out["sections"]["vit"]["skipped"]] == [4]
     assert out["elapsed_s"] < 0.35
+
+
+def test_a_size_whose_compile_time_does_not_fit_is_skipped(tmp_path, monkeypatch):
+    """An item's fixed seconds (compilation, ``fixed_s``) count in the prediction: given 0.5 s, a 0.1 s size
+    runs and the next one, predicted at 0.2 s plus 10 s of compilation, is skipped. (On the first H200 run,
+    compiling the ViT-B variants took 390 s of a 420 s budget and left the other sections none.)"""
+    def measure(ctx, item):
+        time.sleep(0.1 * item["cost"])
+        return [{"size": item["size"], "median_s": 0.1}]
+
+    monkeypatch.setattr(bench_all, "SMOKE", {"vit": [dict(size=1, cost=1), dict(size=2, cost=2, fixed_s=10.0)]})
+    monkeypatch.setattr(bench_all, "MEASURE", {"vit": measure})
+    bench_all.run(argparse.Namespace(**{**vars(args(tmp_path, budget_s=0.5)), "sections": ["vit"]}))
+    out = json.loads((tmp_path / "bench_all.json").read_text())["sections"]["vit"]
+    assert [r["size"] for r in out["rows"]] == [1] and out["skipped"] == [{"size": 2}]
+
+
+def test_a_first_size_whose_compile_time_alone_overruns_is_skipped():
+    deadline = time.perf_counter() + 5.0
+    assert bench_all.Budget.fits(deadline, None, cost=1)
+    assert not bench_all.Budget.fits(deadline, None, cost=1, fixed_s=10.0)
+    assert bench_all.FULL["vit"][1]["compile"] and bench_all.FULL["vit"][1]["fixed_s"] >= 300
+
+
+def test_the_unets_run_in_half_precision():
+    """On a GPU the UNets run in fp16, and the FLOP count on their meta-device twin gets fp16 inputs too
+    (the first H200 run failed there: 'Input type (c10::Half) and bias type (float)'). Checked on the CPU."""
+    ctx = bench_all.Context(torch.device("cpu"), smoke=True, repeats=1)
+    ctx.half = torch.float16
+    rows = bench_all.measure_sd(ctx, dict(unet="sd15_tiny", resolution=64, cost=1))
+    assert {r["dtype"] for r in rows} == {"float16"}
+    assert [r["candidate"] for r in rows][:2] == ["sdpa", "tomesd@0.5"] and all(r["flop_ratio"] >= 1 for r in rows)
 
 
 def test_each_section_gets_an_equal_share_of_the_time_left():
