@@ -29,8 +29,9 @@ def test_the_gpu_script_runs_every_section_in_smoke_mode(tmp_path):
         assert sec["errors"] == [] and sec["skipped"] == [], (name, sec["errors"])
         assert sec["rows"] and all(r["median_s"] > 0 and r["times_s"] for r in sec["rows"])
     vit = out["sections"]["vit"]["rows"]
-    assert [r["candidate"] for r in vit] == ["sdpa", "r=8", "r=16", "r=16,-0.5"]
+    assert [r["candidate"] for r in vit] == ["sdpa", "r=8", "r=16", "r=16,-0.5", "r=16 no prop-attn"]
     assert vit[0]["flop_ratio"] == 1 and 1 < vit[1]["flop_ratio"] < vit[2]["flop_ratio"]
+    assert vit[4]["flop_ratio"] == pytest.approx(vit[2]["flop_ratio"], rel=0.02)  # the same merges, no mask
     sd = {(r["unet"], r["candidate"]) for r in out["sections"]["sd"]["rows"]}
     assert {("sd15_tiny", "tomesd@0.5"), ("sdxl_tiny", "merge@0.75"), ("sdxl_tiny", "downsample@0.5")} <= sd
     sdxl = [r for r in out["sections"]["sd"]["rows"] if r["unet"] == "sdxl_tiny" and r["candidate"] != "sdpa"]
