@@ -21,6 +21,9 @@ downsampling factor, as the stride-2 convolutions produce it.
 - ``mode="downsample"`` (ToDo, 2024): queries untouched; keys/values of self-attention come from
   the token grid resized so that ``ratio`` of the tokens go (0.75 = half the side). Nothing to
   unmerge, and the fused SDPA kernel stays in use.
+- ``method`` (merge mode): ``"tome"``, or ``"tofu"`` / ``"pitome"`` on the same grid and token counts
+  (:data:`METHODS`, :mod:`visiontools.tome.merge2d`), with each patched block's place among them as
+  the methods' layer (ToFu prunes in the first half, PiToMe's margin falls from 0.75).
 """
 from __future__ import annotations
 
@@ -31,13 +34,15 @@ from dataclasses import dataclass
 import torch
 
 from visiontools.timing import cpu_has_bf16
-from visiontools.tome import merge2d
+from visiontools.tome import merge2d, methods
 
 __all__ = ["ToMe2dConfig", "ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks",
            "transformer_blocks"]
 
 _ATTR = "_visiontools_tome_sd"
 MODES = ("merge", "downsample")
+#: Token reduction methods on a latent grid (merge mode); ``prune`` is not one: see :func:`check_common`.
+METHODS = ("tome", "tofu", "pitome")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +52,7 @@ class ToMe2dConfig:
 
     ratio: float = 0.5
     mode: str = "merge"
+    method: str = "tome"
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
@@ -129,9 +135,22 @@ def _grid(ctx: _CallContext, downsample: int, num_tokens: int, name: str) -> tup
     return h, w
 
 
-def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsample: int, index: int, name: str):
+def _method_rules(method: str, index: int, num_blocks: int) -> tuple[float | None, str]:
+    """``(energy_margin, reduce)`` of ``method`` in patched block ``index`` of ``num_blocks``: PiToMe's
+    margin (0.75 falling linearly), ToFu's pruning in the first half and MLERP after it."""
+    margin = methods.pitome_margin(index, num_blocks) if method == "pitome" else None
+    if method == "tofu":
+        return margin, "keep" if methods.tofu_prunes(index, num_blocks) else "mlerp"
+    return margin, "mean"
+
+
+def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsample: int, index: int, name: str,
+                 num_blocks: int):
     """Hooks on one transformer block (merge mode): before it runs, plan its merge from the block's
-    input tokens (before ``norm1``, as tomesd does); after it (also on errors), forget the plan."""
+    input tokens (before ``norm1``, as tomesd does); after it (also on errors), forget the plan.
+    ``index`` of ``num_blocks`` is the block's place among the patched ones (the methods' layer)."""
+    margin, reduce = _method_rules(state.config.method, index, num_blocks)
+
     def pre(module, args, kwargs):
         slot.plan = None
         x = args[0] if args else kwargs.get("hidden_states")
@@ -144,7 +163,7 @@ def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsa
             return None
         seed = state.ctx.seed + 7919 * index if cfg.use_rand else None
         slot.plan = merge2d.plan_merge_2d(x, h, w, r, cfg.sx, cfg.sy, seed,
-                                          _similarity_dtype(cfg.similarity_dtype, x))
+                                          _similarity_dtype(cfg.similarity_dtype, x), energy_margin=margin, reduce=reduce)
         return None
 
     def post(module, args, kwargs, output):
@@ -279,6 +298,15 @@ def check_common(cfg: ToMe2dConfig) -> None:
     """Raise ``ValueError`` naming the first bad setting among those both diffusion adapters share."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.method == "prune":
+        raise ValueError("method='prune' is not offered for diffusion models: every token must come back to the "
+                         "latent grid after attention, so a pruned token would take its destination's output, which "
+                         f"is ToFu's rule in its early blocks (method='tofu'); choose one of {METHODS}")
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} for diffusion models, got {cfg.method!r}")
+    if cfg.method != "tome" and cfg.mode != "merge":
+        raise ValueError(f"method={cfg.method!r} applies to mode='merge' only; downsample mode resizes keys/values "
+                         "and has no merge to choose a method for")
     _check_int(cfg.sx, "sx")
     _check_int(cfg.sy, "sy")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
@@ -350,7 +378,7 @@ def _patch_blocks(state: _State, chosen) -> None:
         state.slots.append(slot)
         wrap(block.attn1, ToMeSDSelfAttnProcessor(block.attn1.processor, state, slot, ds, name))
         if cfg.mode == "merge":
-            state.hooks += _block_hooks(block, state, slot, ds, index, name)
+            state.hooks += _block_hooks(block, state, slot, ds, index, name, len(chosen))
         if cfg.mode == "merge" and cfg.merge_crossattn and block.attn2 is not None:
             wrap(block.attn2, ToMeSDCrossAttnProcessor(block.attn2.processor, slot))
         if cfg.mode == "merge" and cfg.merge_mlp:
@@ -416,12 +444,15 @@ def apply_tome_sd(
     merge_mlp: bool = False,
     downsample_method: str = "nearest-exact",
     similarity_dtype: str = "auto",
+    method: str = "tome",
 ):
     """Patch a Stable Diffusion pipeline or UNet in place with ToMe-SD (``mode="merge"``) or token
     downsampling (``mode="downsample"``); returns ``pipe_or_unet``. An existing patch is replaced.
 
     - ``ratio``: fraction of tokens removed (merge: from self-attention, at most ``1 - 1/(sx*sy)``;
       downsample: from its keys/values, < 1; 0.75 halves the grid side).
+    - ``method``: merge mode's token reduction, ``"tome"``, ``"tofu"`` or ``"pitome"`` (:data:`METHODS`);
+      ``"prune"`` is refused (a pruned token must still come back to the grid: that is ``"tofu"``).
     - ``max_downsample``: patch only levels downsampled at most this much (1, 2, 4, 8); ``None``
       = the highest-resolution level that has attention (x1 on SD 1.x/2.x, x2 on SDXL).
     - ``sx, sy``: destination window; ``use_rand``: pseudo-random destination per window, seeded per
@@ -433,9 +464,9 @@ def apply_tome_sd(
       ``"float16"``.
     """
     unet = _find_unet(pipe_or_unet)
-    cfg = ToMeSDConfig(ratio=ratio, mode=mode, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
-                       seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp,
-                       downsample_method=downsample_method, similarity_dtype=similarity_dtype)
+    cfg = ToMeSDConfig(ratio=ratio, mode=mode, method=method, max_downsample=max_downsample, sx=sx, sy=sy,
+                       use_rand=use_rand, seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn,
+                       merge_mlp=merge_mlp, downsample_method=downsample_method, similarity_dtype=similarity_dtype)
     _check_config(cfg)
     blocks, cfg, chosen = _chosen_blocks(unet, cfg)
     if is_patched(unet):  # re-applying replaces the patch

@@ -17,6 +17,8 @@ PixArt's cross-attention context) are never touched.
 - ``mode="downsample"``: queries stay full; image keys/values come from the patch grid resized so
   that ``ratio`` of the tokens go. With RoPE (Flux), keys are rotated at full resolution first and
   the rotated keys are pooled; values are pooled before their (linear) projection.
+- ``method`` (merge mode): ``"tome"``, ``"tofu"`` or ``"pitome"``, as for UNets. A token ToFu prunes
+  (its destination keeps its own value) keeps its destination's rotary position.
 """
 from __future__ import annotations
 
@@ -110,11 +112,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def _merged_rope(plan: merge2d.Merge2d, cos: torch.Tensor, sin: torch.Tensor, rule: str):
     """Rotary tables ``(B, N - r, D)`` of the merged image tokens under ``rule`` (see ``ROPE_RULES``)."""
     B = plan.index.shape[0]
-    if rule == "dst":
+    if rule == "dst" or plan.reduce == "keep":  # pruned sources: the destination is its own token
         pos = torch.cat([plan.unm_pos, plan.dst_pos.expand(B, -1)], dim=1)
         return cos[pos], sin[pos]
-    c = merge2d.merge_2d(plan, cos.float().expand(B, -1, -1))
-    s = merge2d.merge_2d(plan, sin.float().expand(B, -1, -1))
+    c = merge2d.merge_2d(plan, cos.float().expand(B, -1, -1), "mean")
+    s = merge2d.merge_2d(plan, sin.float().expand(B, -1, -1), "mean")
     if rule == "angle":
         norm = torch.sqrt(c * c + s * s).clamp_min(1e-12)
         c, s = c / norm, s / norm
@@ -373,7 +375,7 @@ def _patch_blocks(state: _State, chosen) -> None:
             state.wrappers.append((attn, proc))
             attn.set_processor(proc)
         if cfg.mode == "merge":
-            state.hooks += sd._block_hooks(block, state, slot, 1, index, name)
+            state.hooks += sd._block_hooks(block, state, slot, 1, index, name, len(chosen))
             if cfg.merge_mlp and getattr(block, "ff", None) is not None:
                 state.hooks += sd._ff_hooks(block.ff, slot)
         state.blocks.append(name)
@@ -381,20 +383,21 @@ def _patch_blocks(state: _State, chosen) -> None:
 
 def apply_tome_dit(pipe_or_transformer, ratio: float = 0.5, mode: str = "merge", blocks=None, sx: int = 2,
                    sy: int = 2, use_rand: bool = True, seed: int = 0, merge_mlp: bool = False, rope: str = "angle",
-                   downsample_method: str = "nearest-exact", similarity_dtype: str = "auto"):
+                   downsample_method: str = "nearest-exact", similarity_dtype: str = "auto", method: str = "tome"):
     """Patch an SD3 / PixArt / Flux transformer (or its pipeline) in place with token merging
     (``mode="merge"``) or key/value downsampling (``mode="downsample"``); returns the argument.
 
     - ``ratio``: fraction of image tokens removed (merge: at most ``1 - 1/(sx*sy)``; downsample: < 1 from
       keys/values, 0.75 halves the grid side). ``blocks``: indices/names from :func:`dit_blocks` (None = all).
+    - ``method``: merge mode's token reduction, ``"tome"``, ``"tofu"`` or ``"pitome"`` (as for UNets).
     - ``sx, sy, use_rand, seed, similarity_dtype``: as for UNets (``apply_tome_sd``); ``merge_mlp`` also
       runs the image feed-forward on merged tokens (SD3, Flux double-stream, PixArt).
     - ``rope``: Flux merge mode, rotary position of merged tokens (:data:`ROPE_RULES`).
     - ``downsample_method``: ``F.interpolate`` mode or ``"avg"`` for the key/value grid.
     """
     model = find_transformer(pipe_or_transformer)
-    cfg = ToMeDiTConfig(ratio=ratio, mode=mode, blocks=None if blocks is None else tuple(blocks), sx=sx, sy=sy,
-                        use_rand=use_rand, seed=seed, merge_mlp=merge_mlp, rope=rope,
+    cfg = ToMeDiTConfig(ratio=ratio, mode=mode, method=method, blocks=None if blocks is None else tuple(blocks),
+                        sx=sx, sy=sy, use_rand=use_rand, seed=seed, merge_mlp=merge_mlp, rope=rope,
                         downsample_method=downsample_method, similarity_dtype=similarity_dtype)
     _check_config(cfg)
     chosen = _choose(dit_blocks(model), cfg.blocks)

@@ -33,7 +33,8 @@ def test_the_gpu_script_runs_every_section_in_smoke_mode(tmp_path):
     assert vit[0]["flop_ratio"] == 1 and 1 < vit[1]["flop_ratio"] < vit[2]["flop_ratio"]
     assert vit[4]["flop_ratio"] == pytest.approx(vit[2]["flop_ratio"], rel=0.02)  # the same merges, no mask
     sd = {(r["unet"], r["candidate"]) for r in out["sections"]["sd"]["rows"]}
-    assert {("sd15_tiny", "tomesd@0.5"), ("sdxl_tiny", "merge@0.75"), ("sdxl_tiny", "downsample@0.5")} <= sd
+    assert {("sd15_tiny", "tomesd@0.5"), ("sdxl_tiny", "merge@0.75"), ("sdxl_tiny", "downsample@0.5"),
+            ("sd15_tiny", "tofu@0.5"), ("sdxl_tiny", "pitome@0.5")} <= sd
     sdxl = [r for r in out["sections"]["sd"]["rows"] if r["unet"] == "sdxl_tiny" and r["candidate"] != "sdpa"]
     assert all(r["rel_l2"] > 0 for r in sdxl)  # the SDXL UNet is really patched
     dit = {(r["model"], r["candidate"]) for r in out["sections"]["dit"]["rows"]}

@@ -353,3 +353,30 @@ def test_dit_and_unet_settings_share_one_definition_and_one_check():
         dit._check_config(dit.ToMeDiTConfig(mode="downsample", merge_mlp=True))
     with pytest.raises(ValueError, match=r"rope must be one of"):
         dit._check_config(dit.ToMeDiTConfig(rope="none"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["tofu", "pitome"])
+def test_methods_reduce_the_same_tokens_and_stay_close(kind, method, monkeypatch):
+    model = tiny(kind)
+    kw = inputs(kind)
+    ref = run(model, kw)
+    tome = run(apply_tome_dit(model, ratio=0.5), kw)
+    visiontools.apply_tome(model, ratio=0.5, method=method)
+    counter = KeyCounter(monkeypatch)
+    out = run(model, kw)
+    assert counter.calls == expected_calls(kind, "merge", 0.5)  # the same token counts as ToMe
+    assert out.shape == ref.shape and not torch.equal(out, tome) and 0 < rel(out, ref) < 0.1
+    remove_tome_dit(model)
+    assert torch.equal(run(model, kw), ref)
+
+
+def test_a_pruned_token_keeps_its_destination_rotary_position():
+    x = torch.randn(2, 36, 8)
+    keep = dit.merge2d.plan_merge_2d(x, 6, 6, 12, seed=2, reduce="keep")
+    cos, sin = torch.randn(36, 4), torch.randn(36, 4)
+    at_dst = dit._merged_rope(keep, cos, sin, "dst")
+    for rule in ("mean", "angle"):
+        assert all(torch.equal(a, b) for a, b in zip(dit._merged_rope(keep, cos, sin, rule), at_dst))
+        averaged = dit._merged_rope(keep._replace(reduce="mlerp"), cos, sin, rule)  # positions still averaged
+        assert not torch.equal(averaged[0], at_dst[0])

@@ -158,9 +158,9 @@ def record_plans(monkeypatch):
     """Record (h, w, sx, sy, seed, sim_dtype, plan) of every merge plan the SD patch makes."""
     plans, plan = [], merge2d.plan_merge_2d
 
-    def recording(metric, h, w, r, sx=2, sy=2, seed=None, sim_dtype=None):
-        out = plan(metric, h, w, r, sx, sy, seed, sim_dtype)
-        plans.append(dict(h=h, w=w, sx=sx, sy=sy, seed=seed, sim_dtype=sim_dtype, plan=out))
+    def recording(metric, h, w, r, sx=2, sy=2, seed=None, sim_dtype=None, **method):
+        out = plan(metric, h, w, r, sx, sy, seed, sim_dtype, **method)
+        plans.append(dict(metric=metric, h=h, w=w, sx=sx, sy=sy, seed=seed, sim_dtype=sim_dtype, plan=out, **method))
         return out
 
     monkeypatch.setattr(merge2d, "plan_merge_2d", recording)
@@ -473,6 +473,12 @@ def test_errors():
         apply_tome_sd(unet, similarity_dtype="int8")
     with pytest.raises(ValueError, match="downsample_method"):
         apply_tome_sd(unet, mode="downsample", downsample_method="lanczos")
+    with pytest.raises(ValueError, match=r"method='prune' is not offered for diffusion models.*method='tofu'"):
+        apply_tome_sd(unet, method="prune")
+    with pytest.raises(ValueError, match=r"method must be one of \('tome', 'tofu', 'pitome'\)"):
+        apply_tome_sd(unet, method="evit")
+    with pytest.raises(ValueError, match="method='pitome' applies to mode='merge' only"):
+        apply_tome_sd(unet, mode="downsample", method="pitome")
     assert not is_patched(unet)
     with pytest.raises(TypeError, match="UNet2DConditionModel"):
         apply_tome_sd(torch.nn.Linear(2, 2))
@@ -615,7 +621,7 @@ def test_bench_sd_tiny_smoke(tmp_path):
     bench_sd.add_arguments(parser)
     out = tmp_path / "sd.json"
     args = parser.parse_args(["--tiny", "--resolutions", "72", "--candidates", "tomesd@0.5", "merge@0.5",
-                              "downsample@0.75", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+                              "downsample@0.75", "tofu@0.5", "pitome@0.5", "--repeats", "1", "--warmup", "0", "--device", "cpu",
                               "--similarity-dtype", "float32", "--out-json", str(out), "--out-md", str(tmp_path / "sd.md")])
     assert bench_sd.run(args) == 0
     md = (tmp_path / "sd.md").read_text()
@@ -624,14 +630,15 @@ def test_bench_sd_tiny_smoke(tmp_path):
     rows = result["rows"]
     assert result["similarity_dtype"] == "float32"
     assert [(r["method"], r["ratio"]) for r in rows] == [("sdpa", 0), ("tomesd", 0.5), ("merge", 0.5),
-                                                         ("downsample", 0.75)]
+                                                         ("downsample", 0.75), ("tofu", 0.5), ("pitome", 0.5)]
     assert rows[0]["rel_l2"] == 0 and rows[0]["flop_ratio"] == 1
     for r in rows[1:]:
         assert r["flop_ratio"] > 1 and 0 < r["rel_l2"] < 1 and r["median_s"] > 0
     for r in rows:  # time inside the patched-level blocks: part of each call, one value per timed round
         assert len(r["blocks_times_s"]) == 1 and 0 < r["blocks_s"] < r["median_s"]
-    # tomesd and our merge mode do the same work
-    assert rows[1]["flops"] == rows[2]["flops"]
+    # tomesd, our merge mode and its ToFu and PiToMe variants do the same work, with different outputs
+    assert rows[1]["flops"] == rows[2]["flops"] == rows[4]["flops"] == rows[5]["flops"]
+    assert len({rows[i]["rel_l2"] for i in (2, 4, 5)}) == 3
     with pytest.raises(ValueError, match="METHOD@RATIO"):
         bench_sd.run(parser.parse_args(["--tiny", "--candidates", "merge"]))
     with pytest.raises(ValueError, match="merge ratios must be in"):  # downsample allows up to < 1
@@ -704,3 +711,86 @@ def test_a_blocks_plan_is_cleared_when_that_block_returns():
     for kind, i, held in events:
         expected = [kind == "start" and j == i for j in range(3)]
         assert held == expected, (kind, i, held)
+
+
+# ------------------------------------------------------------------ methods on the grid: tofu, pitome
+
+
+def test_merge2d_reduce_rules_keep_and_mlerp():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8 * 8, 16)
+    keep = merge2d.plan_merge_2d(x, 8, 8, 24, seed=3, reduce="keep")
+    mean, mlerp = keep._replace(reduce="mean"), keep._replace(reduce="mlerp")
+    n_unm = x.shape[1] - keep.dst_pos.numel() - keep.r
+    yk, ym, yl = (merge2d.merge_2d(p, x) for p in (keep, mean, mlerp))
+    assert yk.shape == ym.shape == yl.shape == (2, 64 - 24, 16)
+    # keep: the merged sources are pruned, every destination keeps its own value
+    assert torch.equal(yk[:, n_unm:], x[:, keep.dst_pos]) and torch.equal(yk[:, :n_unm], ym[:, :n_unm])
+    # mlerp: the mean's direction at the largest norm of the group (averaging alone shrinks it)
+    group_max = torch.zeros(2, 40).scatter_reduce(1, keep.index, x.norm(dim=-1), "amax", include_self=False)
+    torch.testing.assert_close(yl.norm(dim=-1), group_max)
+    torch.testing.assert_close(torch.nn.functional.normalize(yl, dim=-1), torch.nn.functional.normalize(ym, dim=-1))
+    assert (ym.norm(dim=-1) < group_max - 1e-3).sum() >= 20
+    assert torch.equal(merge2d.merge_2d(keep, x, "mean"), ym)  # an explicit mode overrides the plan's
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        merge2d.plan_merge_2d(x, 8, 8, 24, reduce="max")
+
+
+def test_energy_match_merges_redundant_sources_not_the_best_matched():
+    # source 0 matches destination 0 exactly and nothing else (isolated); source 1 is fairly similar
+    # to every destination (a dense region); source 2 to none
+    scores = torch.tensor([[[1.0, -0.9, -0.9, -0.9], [0.8, 0.8, 0.8, 0.8], [-0.5, -0.5, -0.5, -0.5]]])
+    from visiontools.tome.merge import match_scores
+
+    assert match_scores(scores, 1)[1].tolist() == [[0]]  # ToMe: the best match
+    unm, src, dst = merge2d.energy_match(scores, 1, margin=0.5)
+    assert src.tolist() == [[1]] and dst.tolist() == [[0]] and unm.tolist() == [[0, 2]]
+    # in general: the r sources of highest mean ELU(cos - margin), each to its most similar destination
+    torch.manual_seed(1)
+    scores = torch.rand(2, 30, 10) * 2 - 1
+    unm, src, dst = merge2d.energy_match(scores, 12, margin=0.3)
+    energy = torch.nn.functional.elu(scores - 0.3).mean(-1)
+    assert torch.equal(src.sort(1)[0], energy.topk(12, dim=1)[1].sort(1)[0])
+    assert torch.equal(dst, scores.argmax(-1).gather(1, src))
+    assert torch.equal(torch.cat([unm, src], 1).sort(1)[0], torch.arange(30).expand(2, -1))
+
+
+@pytest.mark.parametrize("method", ["tofu", "pitome"])
+def test_methods_on_a_unet_same_tokens_per_attention_rules_by_block(method, monkeypatch):
+    unet = tiny_unet()
+    x, t, e = inputs()
+    ref = run(unet, x, t, e)
+    log = install_recorders(unet)
+    original_plan = merge2d.plan_merge_2d
+    plans = record_plans(monkeypatch)
+    apply_tome_sd(unet, ratio=0.5, max_downsample=2)
+    tome = run(unet, x, t, e)
+    tome_plans, tome_log = list(plans), list(log)
+    plans.clear(), log.clear()
+    apply_tome_sd(unet, ratio=0.5, max_downsample=2, method=method)
+    out = run(unet, x, t, e)
+    n = len(plans)
+    assert n == len(tome_plans) == 6 and log == tome_log  # same blocks, same tokens in every attention: same FLOPs
+    assert [p["plan"].r for p in plans] == [p["plan"].r for p in tome_plans]
+    # ToMe-SD's matching on each block's own input (the same input only in the first block)
+    same_src = [torch.equal(p["plan"].src_pos, original_plan(p["metric"], p["h"], p["w"], p["plan"].r, p["sx"],
+                                                             p["sy"], p["seed"], p["sim_dtype"]).src_pos) for p in plans]
+    if method == "tofu":  # ToMe's matching; pruned in blocks 0..n//2, MLERP after
+        assert [p["reduce"] for p in plans] == ["keep"] * (n // 2 + 1) + ["mlerp"] * (n - n // 2 - 1)
+        assert all(same_src) and [p["energy_margin"] for p in plans] == [None] * n
+        assert torch.equal(plans[0]["plan"].src_pos, tome_plans[0]["plan"].src_pos)
+    else:  # other sources (by energy), averaged; margin 0.75 falling linearly over the patched blocks
+        assert [p["reduce"] for p in plans] == ["mean"] * n and not any(same_src)
+        assert [p["energy_margin"] for p in plans] == pytest.approx([0.75 - 0.75 * i / n for i in range(n)])
+    assert torch.isfinite(out).all() and not torch.equal(out, tome)
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.5
+    assert visiontools_apply(unet, method) is unet
+    remove_tome_sd(unet)
+    assert torch.equal(run(unet, x, t, e), ref)
+
+
+def visiontools_apply(unet, method):
+    """The one-line entry point takes ``method=`` for UNets too."""
+    import visiontools
+
+    return visiontools.apply_tome(unet, ratio=0.5, method=method)

@@ -62,7 +62,7 @@ VIT_SCHEDULES = [8, 16, (16, -0.5)]
 # this row measures (on an H200, ViT-B at r=16: 1.12x with it, 1.22x without, for a FLOP ratio of 2.00x).
 VIT_NO_PROP = 16
 SD_CANDIDATES = [("tomesd", 0.5), ("tomesd", 0.75), ("merge", 0.5), ("merge", 0.75),
-                 ("downsample", 0.5), ("downsample", 0.75)]
+                 ("downsample", 0.5), ("downsample", 0.75), ("tofu", 0.5), ("pitome", 0.5)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

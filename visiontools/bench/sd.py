@@ -1,4 +1,5 @@
-"""Stable Diffusion UNet forward: diffusers' SDPA vs tomesd vs ToMe-SD (merge) vs token downsampling.
+"""Stable Diffusion UNet forward: diffusers' SDPA vs tomesd vs ToMe-SD (merge, and its ToFu and PiToMe
+variants) vs token downsampling.
 
 The real SD 1.5 UNet architecture (~860M parameters) is built from its config with random weights
 (nothing is downloaded). All candidates are copies of one UNet that share its weights, timed
@@ -15,6 +16,9 @@ import copy
 import time
 
 from visiontools.timing import add_run_arguments
+
+#: Candidates besides SDPA: the peer, our merge (``tofu``/``pitome``: merge mode with that method), ToDo.
+METHODS = ("tomesd", "merge", "tofu", "pitome", "downsample")
 
 # diffusers' config of runwayml/stable-diffusion-v1-5 unet/config.json (architecture only).
 SD15_UNET_CONFIG = {
@@ -52,11 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[768, 512],
                         help="image sizes in pixels (square); the latent is size/8")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5],
-                        help="token ratios for tomesd, merge and downsample (fraction of tokens removed)")
-    parser.add_argument("--methods", nargs="+", default=["tomesd", "merge", "downsample"],
-                        choices=["tomesd", "merge", "downsample"], help="candidates besides the SDPA baseline")
+                        help="token ratios of every method (fraction of tokens removed)")
+    parser.add_argument("--methods", nargs="+", default=["tomesd", "merge", "downsample"], choices=METHODS,
+                        help="candidates besides the SDPA baseline (tofu, pitome: merge mode with that method)")
     parser.add_argument("--candidates", nargs="+", default=None, metavar="METHOD@RATIO",
-                        help="explicit candidates such as merge@0.5 downsample@0.75 (overrides --methods/--ratios)")
+                        help="explicit candidates such as merge@0.5 pitome@0.5 downsample@0.75 (overrides "
+                             "--methods/--ratios)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the UNet call")
     add_run_arguments(parser, repeats=2, warmup=1)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
@@ -85,6 +90,9 @@ def _patch(unet, method: str, ratio: float, max_downsample: int, similarity_dtyp
         tomesd.apply_patch(unet, ratio=ratio, max_downsample=max_downsample)
     elif method in ("merge", "downsample"):  # similarity_dtype is used by merge mode only
         apply_tome_sd(unet, ratio=ratio, mode=method, max_downsample=max_downsample, similarity_dtype=similarity_dtype)
+    elif method in ("tofu", "pitome"):
+        apply_tome_sd(unet, ratio=ratio, mode="merge", method=method, max_downsample=max_downsample,
+                      similarity_dtype=similarity_dtype)
     return unet
 
 
@@ -144,8 +152,8 @@ def candidate_pairs(args: argparse.Namespace) -> list[tuple[str, float]]:
         pairs = []
         for c in args.candidates:
             method, _, ratio = c.partition("@")
-            if method not in ("tomesd", "merge", "downsample") or not ratio:
-                raise UserError(f"--candidates: expected METHOD@RATIO with METHOD tomesd|merge|downsample, got {c!r}")
+            if method not in METHODS or not ratio:
+                raise UserError(f"--candidates: expected METHOD@RATIO with METHOD {'|'.join(METHODS)}, got {c!r}")
             try:
                 pairs.append((method, float(ratio)))
             except ValueError:

@@ -9,6 +9,13 @@ token is a source that is averaged into its most similar destination or kept; :f
 :mod:`visiontools.tome.merge`) copies each merged token back to every grid position it came from.
 Everything is gather/scatter on index tensors, with no Python loop over tokens and no
 ``torch.Generator``, so it traces under ``torch.compile(fullgraph=True)``.
+
+The token reduction methods of :mod:`visiontools.tome.methods` on this grid (:func:`plan_merge_2d`'s
+``energy_margin`` and ``reduce``): ``tofu`` keeps ToMe-SD's matching and either prunes the merged
+sources (``reduce="keep"``: a destination keeps its own value) or merges with MLERP
+(``reduce="mlerp"``); ``pitome`` picks the sources to merge by PiToMe's energy instead of by their best
+similarity (:func:`energy_match`). Unmerging is the same for all: every grid position gets the output
+of the token it went to.
 """
 from __future__ import annotations
 
@@ -18,20 +25,26 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from visiontools.tome.merge import match, unmerge
+from visiontools.tome.merge import match_scores, unmerge
+from visiontools.tome.methods import mlerp
 
 __all__ = [
     "Merge2d", "grid_at", "max_merge_ratio", "check_ratio", "num_merged", "window_offsets",
-    "destinations", "plan_merge_2d", "merge_2d", "unmerge", "kv_grid_size", "downsample_tokens",
+    "destinations", "energy_match", "plan_merge_2d", "merge_2d", "unmerge", "kv_grid_size", "downsample_tokens",
 ]
 
 DOWNSAMPLE_METHODS = ("nearest-exact", "nearest", "area", "bilinear", "bicubic", "avg")
+#: How :func:`merge_2d` forms a destination from its group: ``"mean"`` (ToMe-SD, PiToMe), ``"keep"`` (the
+#: destination's own value: the merged sources are pruned, ToFu's early blocks), ``"mlerp"`` (the mean
+#: rescaled to the group's largest norm, ToFu's later blocks).
+REDUCE_RULES = ("mean", "keep", "mlerp")
 
 
 class Merge2d(NamedTuple):
     """One 2D merge step. ``unm_pos``/``src_pos`` ``(B, n)``: grid positions of the kept and the
     merged source tokens; ``dst_pos`` ``(Nd,)``: positions of the destinations; ``dst_idx`` ``(B, r)``:
-    which destination each merged source goes to; ``index`` ``(B, N)``: merged token of each position.
+    which destination each merged source goes to; ``index`` ``(B, N)``: merged token of each position;
+    ``reduce``: how :func:`merge_2d` forms a destination from its group (:data:`REDUCE_RULES`).
     Merged order: kept sources, then destinations."""
 
     unm_pos: torch.Tensor
@@ -39,6 +52,7 @@ class Merge2d(NamedTuple):
     dst_pos: torch.Tensor
     dst_idx: torch.Tensor
     index: torch.Tensor
+    reduce: str = "mean"
 
     @property
     def r(self) -> int:
@@ -117,11 +131,29 @@ def destinations(h: int, w: int, sx: int, sy: int, seed: torch.Tensor | int | No
     return dst_pos, order[: h * w - num_dst]
 
 
+def energy_match(scores: torch.Tensor, r: int, margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiToMe's choice of sources on the grid, from the ``(B, Na, Nd)`` cosine similarities of the
+    sources to the destinations: the ``r`` sources of highest energy ``mean_j ELU(cos - margin)``
+    (those in dense, redundant regions) merge into their most similar destination; isolated sources
+    stay. The energy is taken against the destinations (one per window, a regular sample of the
+    grid) rather than all tokens, which keeps it at the cost of ToMe-SD's own matching.
+    Returns ``(unm_idx, src_idx, dst_idx)`` as :func:`visiontools.tome.merge.match_scores` does."""
+    energy = F.elu(scores.float() - margin).mean(dim=-1)
+    order = energy.argsort(dim=-1, descending=True, stable=True)
+    src_idx = order[:, :r]
+    return order[:, r:], src_idx, scores.argmax(dim=-1).gather(1, src_idx)
+
+
 def plan_merge_2d(metric: torch.Tensor, h: int, w: int, r: int, sx: int = 2, sy: int = 2,
-                  seed: torch.Tensor | int | None = None, sim_dtype: torch.dtype | None = None) -> Merge2d:
+                  seed: torch.Tensor | int | None = None, sim_dtype: torch.dtype | None = None,
+                  energy_margin: float | None = None, reduce: str = "mean") -> Merge2d:
     """Plan a ToMe-SD merge of ``r`` tokens on an ``h x w`` grid from ``metric`` ``(B, N, C)``:
-    each source finds its most cosine-similar destination; the ``r`` best-matched sources merge.
-    ``sim_dtype``: dtype of the similarity matmul (e.g. bf16 on CPUs with AMX; default: metric's)."""
+    each source finds its most cosine-similar destination; the ``r`` best-matched sources merge
+    (with ``energy_margin``: the ``r`` sources of highest PiToMe energy, :func:`energy_match`).
+    ``sim_dtype``: dtype of the similarity matmul (e.g. bf16 on CPUs with AMX; default: metric's);
+    ``reduce``: how the plan's merge forms each destination (:data:`REDUCE_RULES`)."""
+    if reduce not in REDUCE_RULES:
+        raise ValueError(f"reduce must be one of {REDUCE_RULES}, got {reduce!r}")
     B, N, _ = metric.shape
     if N != h * w:
         raise ValueError(f"metric has {N} tokens, but the grid is {h}x{w} = {h * w}")
@@ -135,26 +167,36 @@ def plan_merge_2d(metric: torch.Tensor, h: int, w: int, r: int, sx: int = 2, sy:
         m = metric / metric.norm(dim=-1, keepdim=True)
         if sim_dtype is not None:
             m = m.to(sim_dtype)
-        unm_idx, src_idx, dst_idx = match(m.index_select(1, a_pos), m.index_select(1, dst_pos), r)
+        scores = m.index_select(1, a_pos) @ m.index_select(1, dst_pos).transpose(-1, -2)
+        if energy_margin is None:
+            unm_idx, src_idx, dst_idx = match_scores(scores, r)
+        else:
+            unm_idx, src_idx, dst_idx = energy_match(scores, r, energy_margin)
         unm_pos, src_pos = a_pos[unm_idx], a_pos[src_idx]
         n_unm = n_a - r
         index = torch.empty(B, N, dtype=torch.int64, device=device)
         index.scatter_(1, unm_pos, torch.arange(n_unm, device=device).expand(B, -1))
         index.scatter_(1, src_pos, n_unm + dst_idx)
         index.index_copy_(1, dst_pos, (n_unm + torch.arange(n_dst, device=device)).expand(B, -1))
-    return Merge2d(unm_pos, src_pos, dst_pos, dst_idx, index)
+    return Merge2d(unm_pos, src_pos, dst_pos, dst_idx, index, reduce)
 
 
-def merge_2d(m: Merge2d, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-    """Apply 2D merge step ``m`` to ``x`` ``(B, N, C)``: kept sources, then destinations with their
-    merged sources reduced by ``mode`` (``"mean"``, ``"sum"``, ...). Returns ``(B, N - r, C)``."""
+def merge_2d(m: Merge2d, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+    """Apply 2D merge step ``m`` to ``x`` ``(B, N, C)``: kept sources, then destinations formed from
+    their groups by ``mode`` (default: the plan's ``reduce``; :data:`REDUCE_RULES`, or a
+    ``scatter_reduce`` mode such as ``"sum"``). Returns ``(B, N - r, C)``."""
+    mode = m.reduce if mode is None else mode
     C = x.shape[-1]
     unm = x.gather(1, m.unm_pos[..., None].expand(-1, -1, C))
     dst = x.index_select(1, m.dst_pos)
-    if m.r:
+    if m.r and mode != "keep":
         src = x.gather(1, m.src_pos[..., None].expand(-1, -1, C))
-        dst = dst.scatter_reduce(1, m.dst_idx[..., None].expand(-1, -1, C), src, reduce=mode)
-    return torch.cat([unm, dst], dim=1)
+        dst = dst.scatter_reduce(1, m.dst_idx[..., None].expand(-1, -1, C), src,
+                                 reduce="mean" if mode == "mlerp" else mode)
+    out = torch.cat([unm, dst], dim=1)
+    if m.r and mode == "mlerp":
+        out = mlerp(out, x, m.index[..., None], out.shape[1])
+    return out
 
 
 def kv_grid_size(h: int, w: int, ratio: float) -> tuple[int, int]:
