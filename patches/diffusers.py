@@ -162,8 +162,9 @@ def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsa
         if r == 0:  # grid smaller than one window, or too few tokens for this ratio
             return None
         seed = state.ctx.seed + 7919 * index if cfg.use_rand else None
-        slot.plan = merge2d.plan_merge_2d(x, h, w, r, cfg.sx, cfg.sy, seed,
-                                          _similarity_dtype(cfg.similarity_dtype, x), energy_margin=margin, reduce=reduce)
+        sim_dtype = _similarity_dtype(cfg.similarity_dtype, x)
+        slot.plan = merge2d.plan_merge_2d(x, h, w, r, cfg.sx, cfg.sy, seed, sim_dtype,
+                                          energy_margin=margin, reduce=reduce)
         return None
 
     def post(module, args, kwargs, output):
