@@ -24,6 +24,9 @@ downsampling factor, as the stride-2 convolutions produce it.
 - ``method`` (merge mode): ``"tome"``, or ``"tofu"`` / ``"pitome"`` on the same grid and token counts
   (:data:`METHODS`, :mod:`visiontools.tome.merge2d`), with each patched block's place among them as
   the methods' layer (ToFu prunes in the first half, PiToMe's margin falls from 0.75).
+- ``flops=`` / ``speedup=`` instead of ``ratio``: the smallest ratio whose UNet call, at an image of
+  ``size`` pixels (default: the UNet's native ``sample_size``), keeps at most that FLOP fraction
+  (``speedup``: 1 / speedup), counted on a meta-device twin (:func:`solve_budget`).
 """
 from __future__ import annotations
 
@@ -35,9 +38,10 @@ import torch
 
 from visiontools.timing import cpu_has_bf16
 from visiontools.tome import merge2d, methods
+from visiontools.tome.budget import RatioBudget, check_fraction, solve_ratio
 
 __all__ = ["ToMe2dConfig", "ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks",
-           "transformer_blocks"]
+           "transformer_blocks", "solve_budget", "unet_example_inputs"]
 
 _ATTR = "_visiontools_tome_sd"
 MODES = ("merge", "downsample")
@@ -431,9 +435,83 @@ def _unet_hooks(unet, state: _State) -> list:
             unet.register_forward_hook(post, with_kwargs=True, always_call=True)]
 
 
+TEXT_TOKENS = 77  # CLIP's context length: the text tokens SD 1.x/2.x and SDXL UNets attend to
+VAE_SCALE = 8  # pixels per latent position in Stable Diffusion's VAEs
+DOWNSAMPLE_MAX_RATIO = 63 / 64  # the largest ratio a downsample-mode budget tries (1/8 of each grid side left)
+
+
+def unet_example_inputs(config, height: int, width: int, device=None, dtype=None) -> tuple:
+    """``(sample, timestep, encoder_hidden_states, added_cond_kwargs)`` of one call on a ``height x width``
+    latent, from a UNet's config (77 text tokens; SDXL's ``text_time`` conditioning), seeded."""
+    g = torch.Generator().manual_seed(0)
+    cross = config["cross_attention_dim"]
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    x = torch.randn(1, config.get("in_channels", 4), height, width, generator=g).to(device, dtype)
+    e = torch.randn(1, TEXT_TOKENS, cross, generator=g).to(device, dtype)
+    added = None
+    if config.get("addition_embed_type") == "text_time":
+        n_text = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        px = [VAE_SCALE * height, VAE_SCALE * width, 0, 0, VAE_SCALE * height, VAE_SCALE * width]
+        added = {"text_embeds": torch.randn(1, n_text, generator=g).to(device, dtype),
+                 "time_ids": torch.tensor([px], dtype=dtype or torch.float32, device=device)}
+    return x, torch.tensor(500, device=device), e, added
+
+
+def _image_size(size, pipe_or_unet, unet) -> tuple[tuple[int, int], int]:
+    """``((height, width) in pixels, pixels per latent position)`` a budget is counted at: ``size`` (an
+    int or a pair), else the UNet's native ``sample_size`` times the VAE scale."""
+    scale = int(getattr(pipe_or_unet, "vae_scale_factor", VAE_SCALE))
+    if size is None:
+        native = unet.config.sample_size
+        native = (native, native) if isinstance(native, int) else tuple(native)
+        return (native[0] * scale, native[1] * scale), scale
+    hw = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size) \
+        if isinstance(size, (list, tuple)) else ()
+    if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= scale for v in hw):
+        raise ValueError(f"size is the image size in pixels a budget is counted at, an int or (height, width) of "
+                         f"at least {scale}; got {size!r}")
+    return hw, scale
+
+
+def solve_budget(pipe_or_unet, cfg: ToMeSDConfig, flops: float | None, speedup: float | None,
+                 size=None) -> RatioBudget:
+    """The smallest ratio (mode and method from ``cfg``) whose UNet call at an image of ``size`` pixels
+    keeps at most ``flops`` of the unpatched FLOPs (``speedup``: 1 / speedup), counted on a meta-device
+    twin of the UNet (no memory, no compute); ``ValueError`` when no ratio reaches it."""
+    from visiontools.timing import count_flops
+
+    if (flops is None) == (speedup is None):
+        raise ValueError("give exactly one of flops= (a FLOP fraction such as 0.8) or speedup= (such as 1.25)")
+    target = check_fraction(flops, "flops") if flops is not None else 1.0 / check_fraction(speedup, "speedup")
+    unet = _find_unet(pipe_or_unet)
+    (height, width), scale = _image_size(size, pipe_or_unet, unet)
+    with torch.device("meta"):
+        twin = type(unet).from_config(unet.config).eval()
+    x, t, e, added = unet_example_inputs(unet.config, -(-height // scale), -(-width // scale), "meta")
+
+    def counted(ratio: float) -> int:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real patch warns, not each trial
+            apply_tome_sd(twin, **{**dataclasses.asdict(cfg), "ratio": ratio})
+        try:
+            return count_flops(lambda: twin(x, t, e, added_cond_kwargs=added), warmup=False)
+        except Exception as err:  # an unusual conditioning: say so instead of a deep traceback
+            raise ValueError(f"cannot count the FLOPs of this {type(unet).__name__} for a budget "
+                             f"({type(err).__name__}: {err}); pass ratio= instead") from err
+
+    base = counted(0.0)
+    upper = merge2d.max_merge_ratio(cfg.sx, cfg.sy) if cfg.mode == "merge" else DOWNSAMPLE_MAX_RATIO
+    try:
+        ratio, frac = solve_ratio(lambda r: counted(r) / base, target, upper)
+    except ValueError as err:
+        raise ValueError(f"{err} of this UNet at {height}x{width} pixels with max_downsample={cfg.max_downsample}; "
+                         "patch more levels (max_downsample=2 or 4) or ask for less") from None
+    return RatioBudget(ratio, frac, target, speedup, (height, width))
+
+
 def apply_tome_sd(
     pipe_or_unet,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     mode: str = "merge",
     max_downsample: int | None = None,
     sx: int = 2,
@@ -446,12 +524,18 @@ def apply_tome_sd(
     downsample_method: str = "nearest-exact",
     similarity_dtype: str = "auto",
     method: str = "tome",
+    flops: float | None = None,
+    speedup: float | None = None,
+    size=None,
 ):
     """Patch a Stable Diffusion pipeline or UNet in place with ToMe-SD (``mode="merge"``) or token
     downsampling (``mode="downsample"``); returns ``pipe_or_unet``. An existing patch is replaced.
 
     - ``ratio``: fraction of tokens removed (merge: from self-attention, at most ``1 - 1/(sx*sy)``;
-      downsample: from its keys/values, < 1; 0.75 halves the grid side).
+      downsample: from its keys/values, < 1; 0.75 halves the grid side); default 0.5.
+    - ``flops`` / ``speedup`` instead of ``ratio``: a budget, solved by :func:`solve_budget` at an image of
+      ``size`` pixels (int or ``(height, width)``; default the UNet's native size); the result is
+      ``unet.tome_budget`` (ratio, FLOP fraction, size).
     - ``method``: merge mode's token reduction, ``"tome"``, ``"tofu"`` or ``"pitome"`` (:data:`METHODS`);
       ``"prune"`` is refused (a pruned token must still come back to the grid: that is ``"tofu"``).
     - ``max_downsample``: patch only levels downsampled at most this much (1, 2, 4, 8); ``None``
@@ -465,10 +549,19 @@ def apply_tome_sd(
       ``"float16"``.
     """
     unet = _find_unet(pipe_or_unet)
-    cfg = ToMeSDConfig(ratio=ratio, mode=mode, method=method, max_downsample=max_downsample, sx=sx, sy=sy,
-                       use_rand=use_rand, seed=seed, merge_attn=merge_attn, merge_crossattn=merge_crossattn,
-                       merge_mlp=merge_mlp, downsample_method=downsample_method, similarity_dtype=similarity_dtype)
+    budgeted = flops is not None or speedup is not None
+    if budgeted and ratio is not None:
+        raise ValueError("give ratio or a budget (flops= / speedup=), not both")
+    if size is not None and not budgeted:
+        raise ValueError("size= is the image size a budget is counted at: use it with flops= or speedup=")
+    cfg = ToMeSDConfig(ratio=0.5 if ratio is None else ratio, mode=mode, method=method, max_downsample=max_downsample,
+                       sx=sx, sy=sy, use_rand=use_rand, seed=seed, merge_attn=merge_attn,
+                       merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, downsample_method=downsample_method,
+                       similarity_dtype=similarity_dtype)
     _check_config(cfg)
+    budget = solve_budget(pipe_or_unet, cfg, flops, speedup, size) if budgeted else None
+    if budget is not None:
+        cfg = dataclasses.replace(cfg, ratio=budget.ratio)
     blocks, cfg, chosen = _chosen_blocks(unet, cfg)
     if is_patched(unet):  # re-applying replaces the patch
         remove_tome_sd(unet)
@@ -478,6 +571,8 @@ def apply_tome_sd(
     _patch_blocks(state, chosen)
     state.hooks += _unet_hooks(unet, state)
     setattr(unet, _ATTR, state)
+    if budget is not None:
+        unet.tome_budget = budget
 
     if not chosen:
         levels = sorted({ds for _, _, ds in blocks})
@@ -491,8 +586,11 @@ def remove_tome_sd(pipe_or_unet):
     """Undo :func:`apply_tome_sd` exactly (original processors back, hooks gone) and return
     ``pipe_or_unet``. Like ``remove_tome`` for timm ViTs, raises ``ValueError`` when the model is not
     patched (check with :func:`is_patched`)."""
-    unpatch(_find_unet(pipe_or_unet), _ATTR, f"{type(pipe_or_unet).__name__} is not ToMe-patched (apply_tome_sd "
-                                            "was never applied or was already removed)")
+    unet = _find_unet(pipe_or_unet)
+    unpatch(unet, _ATTR, f"{type(pipe_or_unet).__name__} is not ToMe-patched (apply_tome_sd "
+                         "was never applied or was already removed)")
+    if "tome_budget" in vars(unet):
+        del unet.tome_budget
     return pipe_or_unet
 
 

@@ -794,3 +794,55 @@ def visiontools_apply(unet, method):
     import visiontools
 
     return visiontools.apply_tome(unet, ratio=0.5, method=method)
+
+
+# ------------------------------------------------------------------------------------ budgets
+
+
+def test_flops_budget_picks_the_smallest_ratio_that_meets_it_at_the_given_size():
+    from visiontools.timing import count_flops
+
+    unet = tiny_unet()
+    x, t, e, _ = sd_patch.unet_example_inputs(unet.config, 12, 20)  # what the solve counts: 96x160 px, 77 text tokens
+
+    def fraction(ratio):  # counted on the real UNet, patched by ratio
+        apply_tome_sd(unet, ratio=ratio, max_downsample=2)
+        return count_flops(lambda: unet(x, t, e)) / base
+
+    base = count_flops(lambda: unet(x, t, e))
+    apply_tome_sd(unet, flops=0.9, size=(96, 160), max_downsample=2)
+    b = unet.tome_budget
+    assert b.size == (96, 160) and b.target_flops == 0.9 and b.target_speedup is None
+    assert getattr(unet, sd_patch._ATTR).config.ratio == b.ratio and 0 < b.ratio < 0.75
+    budgeted = run(unet, x, t, e)
+    assert fraction(b.ratio - 0.75 / 256) > 0.9  # one bisection step less does not meet it
+    assert fraction(b.ratio) == pytest.approx(b.flop_fraction, rel=1e-9) and b.flop_fraction <= 0.9
+    assert torch.equal(run(unet, x, t, e), budgeted)  # the budget's patch is the patch by its ratio
+    assert b.predicted_speedup == pytest.approx(1 / b.flop_fraction)
+
+
+def test_speedup_budget_default_size_downsample_mode_and_errors():
+    import visiontools
+
+    unet = tiny_unet()  # sample_size 16: the default size is 128 px
+    apply_tome_sd(unet, speedup=1.05, mode="downsample", max_downsample=2)
+    b = unet.tome_budget
+    assert b.size == (128, 128) and b.target_speedup == 1.05 and b.flop_fraction <= 1 / 1.05 and 0 < b.ratio < 1
+    apply_tome_sd(unet, ratio=0.5)  # re-applying with a ratio drops the budget
+    assert not hasattr(unet, "tome_budget")
+    visiontools.apply_tome(unet, flops=0.95, size=(96, 160))
+    assert unet.tome_budget.size == (96, 160) and unet.tome_budget.flop_fraction <= 0.95
+    remove_tome_sd(unet)
+    assert not hasattr(unet, "tome_budget") and not is_patched(unet)
+    for kw, message in [(dict(ratio=0.5, flops=0.9), "ratio or a budget"),
+                        (dict(flops=0.9, speedup=1.2), "exactly one of flops="),
+                        (dict(flops=1.5), "flops is the fraction"),
+                        (dict(speedup=0.5), "speedup must be >= 1"),
+                        (dict(flops=0.2), r"out of reach: the largest ratio \(0.75\) keeps .* at 128x128 pixels with "
+                                          r"max_downsample=None; patch more levels"),
+                        (dict(size=256), "size= is the image size a budget is counted at"),
+                        (dict(flops=0.9, size=(0, 64)), "size is the image size in pixels"),
+                        (dict(flops=0.9, size="512"), "size is the image size in pixels")]:
+        with pytest.raises(ValueError, match=message):
+            apply_tome_sd(unet, **kw)
+    assert not is_patched(unet)

@@ -233,20 +233,10 @@ def unet_config(name: str) -> dict:
 
 
 def unet_inputs(config: dict, resolution: int, device, dtype) -> tuple:
-    """``(sample, timestep, encoder_hidden_states, added_cond_kwargs)`` for one image."""
-    import torch
+    """``(sample, timestep, encoder_hidden_states, added_cond_kwargs)`` for one square image."""
+    from visiontools.patches.diffusers import unet_example_inputs
 
-    g = torch.Generator().manual_seed(0)
-    lat = resolution // 8
-    x = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
-    e = torch.randn(1, 77, config["cross_attention_dim"], generator=g).to(device, dtype)
-    added = None
-    if config.get("addition_embed_type") == "text_time":
-        n_text = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        added = {"text_embeds": torch.randn(1, n_text, generator=g).to(device, dtype),
-                 "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
-                                          dtype=dtype or torch.float32, device=device)}
-    return x, torch.tensor(500, device=device), e, added
+    return unet_example_inputs(config, resolution // 8, resolution // 8, device, dtype)
 
 
 def measure_sd(ctx: Context, item: dict) -> list[dict]:

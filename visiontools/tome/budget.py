@@ -1,8 +1,10 @@
-"""Token reduction to a budget: the r schedule that meets a FLOP fraction (or a speedup) instead of a guessed r.
+"""Token reduction to a budget: the r schedule (ViTs) or the ratio (diffusion models) that meets a FLOP
+fraction (or a speedup) instead of a guessed one.
 
 Library-agnostic: the caller supplies a function that gives the FLOP fraction (reduced / unreduced,
-counted with ``visiontools.timing.count_flops``) of a per-layer r schedule, and optionally one that
-measures the speedup of a schedule. The search only assumes that merging more tokens never costs more.
+counted with ``visiontools.timing.count_flops``) of a per-layer r schedule or of a ratio, and
+optionally one that measures the speedup of a schedule. The search only assumes that merging more
+tokens never costs more.
 """
 from __future__ import annotations
 
@@ -128,3 +130,40 @@ def _calibrate(result: BudgetResult, fraction_of, num_layers: int, r_max: int, m
                       f"with schedule {result.schedule} ({result.flop_fraction:.2f} of the FLOPs) after "
                       f"{len(result.trials)} measurements; timings on a busy machine vary, so re-run or pass r= "
                       "directly", UserWarning, stacklevel=4)
+
+
+@dataclass
+class RatioBudget:
+    """What a diffusion-model budget solve chose: the ``ratio`` and its ``flop_fraction`` (reduced /
+    unreduced FLOPs of one denoiser call, counted at an image of ``size`` pixels), and the request."""
+
+    ratio: float
+    flop_fraction: float
+    target_flops: float
+    target_speedup: float | None
+    size: tuple[int, int]
+
+    @property
+    def predicted_speedup(self) -> float:
+        """1 / FLOP fraction: the speedup if time were proportional to FLOPs."""
+        return 1.0 / self.flop_fraction
+
+
+def solve_ratio(fraction_of: Callable[[float], float], target: float, upper: float, steps: int = 8
+                ) -> tuple[float, float]:
+    """The smallest ratio in ``[0, upper]`` (to ``upper / 2**steps``) whose FLOP fraction
+    ``fraction_of(ratio)`` is at most ``target``, by bisection; returns ``(ratio, fraction)``.
+    ``ValueError`` if even ``upper`` does not reach the target. ``steps + 1`` calls of ``fraction_of``."""
+    if target >= 1.0:
+        return 0.0, 1.0
+    top = fraction_of(upper)
+    if top > target:
+        raise ValueError(f"a FLOP fraction of {target:.3g} is out of reach: the largest ratio ({upper:.3g}) keeps "
+                         f"{top:.3g} of the FLOPs")
+    lo, hi, frac = 0.0, upper, top  # fraction_of(lo) > target >= fraction_of(hi) = frac
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        f = fraction_of(mid)
+        lo, hi, frac = (lo, mid, f) if f <= target else (mid, hi, frac)
+    return hi, frac
+
