@@ -41,7 +41,7 @@ from visiontools.tome import merge2d, methods
 from visiontools.tome.budget import RatioBudget, check_fraction, solve_ratio
 
 __all__ = ["ToMe2dConfig", "ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks",
-           "transformer_blocks", "solve_budget", "unet_example_inputs"]
+           "transformer_blocks", "solve_budget", "budget_for", "unet_example_inputs"]
 
 _ATTR = "_visiontools_tome_sd"
 MODES = ("merge", "downsample")
@@ -457,12 +457,11 @@ def unet_example_inputs(config, height: int, width: int, device=None, dtype=None
     return x, torch.tensor(500, device=device), e, added
 
 
-def _image_size(size, pipe_or_unet, unet) -> tuple[tuple[int, int], int]:
+def image_size(size, pipe_or_model, native) -> tuple[tuple[int, int], int]:
     """``((height, width) in pixels, pixels per latent position)`` a budget is counted at: ``size`` (an
-    int or a pair), else the UNet's native ``sample_size`` times the VAE scale."""
-    scale = int(getattr(pipe_or_unet, "vae_scale_factor", VAE_SCALE))
+    int or a pair), else the model's ``native`` latent ``sample_size`` (int or pair) times the VAE scale."""
+    scale = int(getattr(pipe_or_model, "vae_scale_factor", VAE_SCALE))
     if size is None:
-        native = unet.config.sample_size
         native = (native, native) if isinstance(native, int) else tuple(native)
         return (native[0] * scale, native[1] * scale), scale
     hw = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size) \
@@ -473,30 +472,42 @@ def _image_size(size, pipe_or_unet, unet) -> tuple[tuple[int, int], int]:
     return hw, scale
 
 
-def solve_budget(pipe_or_unet, cfg: ToMeSDConfig, flops: float | None, speedup: float | None,
-                 size=None) -> RatioBudget:
-    """The smallest ratio (mode and method from ``cfg``) whose UNet call at an image of ``size`` pixels
-    keeps at most ``flops`` of the unpatched FLOPs (``speedup``: 1 / speedup), counted on a meta-device
-    twin of the UNet (no memory, no compute); ``ValueError`` when no ratio reaches it."""
+def check_budget_request(ratio, flops, speedup, size, **counted_with) -> bool:
+    """Whether an ``apply_tome_*`` call asks for a budget; ``ValueError`` for ``ratio`` with a budget, or
+    ``size`` (or another of ``counted_with``, such as ``text_tokens``) without one."""
+    budgeted = flops is not None or speedup is not None
+    if budgeted and ratio is not None:
+        raise ValueError("give ratio or a budget (flops= / speedup=), not both")
+    extra = [k for k, v in {"size": size, **counted_with}.items() if v is not None]
+    if extra and not budgeted:
+        raise ValueError(f"{extra[0]}= is what a budget is counted at: use it with flops= or speedup=")
+    return budgeted
+
+
+def budget_for(apply, twin: torch.nn.Module, call, cfg: ToMe2dConfig, flops: float | None, speedup: float | None,
+               size: tuple[int, int], where: str) -> RatioBudget:
+    """The budget solve both diffusion adapters share: the smallest ratio (mode, method and the other
+    settings from ``cfg``) at which ``call()``, one forward of ``twin`` (a meta-device copy of the model,
+    patched by ``apply``), keeps at most ``flops`` of the unpatched FLOPs (``speedup``: 1 / speedup).
+    ``where`` completes the message when no ratio reaches it (the size, and how to patch more)."""
+    import inspect
+
     from visiontools.timing import count_flops
 
     if (flops is None) == (speedup is None):
         raise ValueError("give exactly one of flops= (a FLOP fraction such as 0.8) or speedup= (such as 1.25)")
     target = check_fraction(flops, "flops") if flops is not None else 1.0 / check_fraction(speedup, "speedup")
-    unet = _find_unet(pipe_or_unet)
-    (height, width), scale = _image_size(size, pipe_or_unet, unet)
-    with torch.device("meta"):
-        twin = type(unet).from_config(unet.config).eval()
-    x, t, e, added = unet_example_inputs(unet.config, -(-height // scale), -(-width // scale), "meta")
+    params = inspect.signature(apply).parameters
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k in params}
 
     def counted(ratio: float) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real patch warns, not each trial
-            apply_tome_sd(twin, **{**dataclasses.asdict(cfg), "ratio": ratio})
+            apply(twin, **{**settings, "ratio": ratio})
         try:
-            return count_flops(lambda: twin(x, t, e, added_cond_kwargs=added), warmup=False)
+            return count_flops(call, warmup=False)
         except Exception as err:  # an unusual conditioning: say so instead of a deep traceback
-            raise ValueError(f"cannot count the FLOPs of this {type(unet).__name__} for a budget "
+            raise ValueError(f"cannot count the FLOPs of this {type(twin).__name__} for a budget "
                              f"({type(err).__name__}: {err}); pass ratio= instead") from err
 
     base = counted(0.0)
@@ -504,9 +515,28 @@ def solve_budget(pipe_or_unet, cfg: ToMeSDConfig, flops: float | None, speedup: 
     try:
         ratio, frac = solve_ratio(lambda r: counted(r) / base, target, upper)
     except ValueError as err:
-        raise ValueError(f"{err} of this UNet at {height}x{width} pixels with max_downsample={cfg.max_downsample}; "
-                         "patch more levels (max_downsample=2 or 4) or ask for less") from None
-    return RatioBudget(ratio, frac, target, speedup, (height, width))
+        raise ValueError(f"{err} {where} or ask for less") from None
+    return RatioBudget(ratio, frac, target, speedup, size)
+
+
+def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a diffusers model built from its config on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        return type(model).from_config(model.config).eval()
+
+
+def solve_budget(pipe_or_unet, cfg: ToMeSDConfig, flops: float | None, speedup: float | None,
+                 size=None) -> RatioBudget:
+    """The smallest ratio (mode and method from ``cfg``) whose UNet call at an image of ``size`` pixels
+    keeps at most ``flops`` of the unpatched FLOPs (``speedup``: 1 / speedup), counted on a meta-device
+    twin of the UNet; ``ValueError`` when no ratio reaches it."""
+    unet = _find_unet(pipe_or_unet)
+    (height, width), scale = image_size(size, pipe_or_unet, unet.config.sample_size)
+    twin = meta_twin(unet)
+    x, t, e, added = unet_example_inputs(unet.config, -(-height // scale), -(-width // scale), "meta")
+    return budget_for(apply_tome_sd, twin, lambda: twin(x, t, e, added_cond_kwargs=added), cfg, flops, speedup,
+                      (height, width), f"of this UNet at {height}x{width} pixels with max_downsample="
+                      f"{cfg.max_downsample}; patch more levels (max_downsample=2 or 4)")
 
 
 def apply_tome_sd(
@@ -549,11 +579,7 @@ def apply_tome_sd(
       ``"float16"``.
     """
     unet = _find_unet(pipe_or_unet)
-    budgeted = flops is not None or speedup is not None
-    if budgeted and ratio is not None:
-        raise ValueError("give ratio or a budget (flops= / speedup=), not both")
-    if size is not None and not budgeted:
-        raise ValueError("size= is the image size a budget is counted at: use it with flops= or speedup=")
+    budgeted = check_budget_request(ratio, flops, speedup, size)
     cfg = ToMeSDConfig(ratio=0.5 if ratio is None else ratio, mode=mode, method=method, max_downsample=max_downsample,
                        sx=sx, sy=sy, use_rand=use_rand, seed=seed, merge_attn=merge_attn,
                        merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, downsample_method=downsample_method,
@@ -586,17 +612,15 @@ def remove_tome_sd(pipe_or_unet):
     """Undo :func:`apply_tome_sd` exactly (original processors back, hooks gone) and return
     ``pipe_or_unet``. Like ``remove_tome`` for timm ViTs, raises ``ValueError`` when the model is not
     patched (check with :func:`is_patched`)."""
-    unet = _find_unet(pipe_or_unet)
-    unpatch(unet, _ATTR, f"{type(pipe_or_unet).__name__} is not ToMe-patched (apply_tome_sd "
-                         "was never applied or was already removed)")
-    if "tome_budget" in vars(unet):
-        del unet.tome_budget
+    unpatch(_find_unet(pipe_or_unet), _ATTR, f"{type(pipe_or_unet).__name__} is not ToMe-patched (apply_tome_sd "
+                                            "was never applied or was already removed)")
     return pipe_or_unet
 
 
 def unpatch(model, attr: str, not_patched: str) -> None:
     """Undo the patch whose state ``model`` holds as ``attr`` (the UNet and DiT adapters): hooks removed,
-    each wrapped attention's original processor back; ``ValueError(not_patched)`` when there is none."""
+    each wrapped attention's original processor back, a budget's ``tome_budget`` gone;
+    ``ValueError(not_patched)`` when there is none."""
     state = getattr(model, attr, None)
     if state is None:
         raise ValueError(not_patched)
@@ -606,6 +630,8 @@ def unpatch(model, attr: str, not_patched: str) -> None:
         if attn.processor is wrapper:  # a processor set after patching is the user's: keep it
             attn.set_processor(wrapper.inner)
     delattr(model, attr)
+    if "tome_budget" in vars(model):
+        del model.tome_budget
 
 
 def is_patched(pipe_or_unet) -> bool:

@@ -19,9 +19,12 @@ PixArt's cross-attention context) are never touched.
   the rotated keys are pooled; values are pooled before their (linear) projection.
 - ``method`` (merge mode): ``"tome"``, ``"tofu"`` or ``"pitome"``, as for UNets. A token ToFu prunes
   (its destination keeps its own value) keeps its destination's rotary position.
+- ``flops=`` / ``speedup=`` instead of ``ratio``: as for UNets (:func:`solve_budget`), counted at an image
+  of ``size`` pixels with ``text_tokens`` text tokens (the pipelines' defaults: :data:`TEXT_TOKENS`).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from visiontools.patches import diffusers as sd
 from visiontools.tome import merge2d
 
 __all__ = ["ToMeDiTConfig", "apply_tome_dit", "remove_tome_dit", "is_patched", "patched_blocks", "dit_blocks",
-           "find_transformer", "is_dit", "ROPE_RULES"]
+           "find_transformer", "is_dit", "ROPE_RULES", "TEXT_TOKENS", "dit_example_inputs", "solve_budget"]
 
 _ATTR = "_visiontools_tome_dit"
 MODES = ("merge", "downsample")
@@ -42,6 +45,10 @@ MODES = ("merge", "downsample")
 #: token's position, ``"rotate"`` = project and rotate q/k at full resolution, then merge rotated q/k/v.
 ROPE_RULES = ("mean", "angle", "dst", "rotate")
 DIT_CLASSES = ("SD3Transformer2DModel", "PixArtTransformer2DModel", "FluxTransformer2DModel")
+#: Text tokens a budget counts with by default: the pipelines' defaults (SD3: 77 CLIP + 256 T5 tokens;
+#: PixArt-Sigma: 300; Flux: 512).
+TEXT_TOKENS = {"SD3Transformer2DModel": 333, "PixArtTransformer2DModel": 300, "FluxTransformer2DModel": 512}
+FLUX_NATIVE_LATENT = 128  # Flux has no sample_size: budgets count at 1024 px unless given a size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -381,14 +388,64 @@ def _patch_blocks(state: _State, chosen) -> None:
         state.blocks.append(name)
 
 
-def apply_tome_dit(pipe_or_transformer, ratio: float = 0.5, mode: str = "merge", blocks=None, sx: int = 2,
+def dit_example_inputs(model, height: int, width: int, text_tokens: int, device="meta") -> dict:
+    """Keyword inputs of one call of ``model`` (SD3, PixArt or Flux) on an image of ``height x width``
+    pixels (latent: /8; Flux packs 2x2 latent positions into one token) with ``text_tokens`` text
+    tokens, zeros on ``device``; Flux's position ids stay on the CPU, where the patch reads the grid."""
+    cfg, name = model.config, type(model).__name__
+    lat_h, lat_w = -(-height // sd.VAE_SCALE), -(-width // sd.VAE_SCALE)
+    zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+    if name == "FluxTransformer2DModel":
+        h, w = -(-lat_h // 2), -(-lat_w // 2)
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+        kw = dict(hidden_states=zeros(1, h * w, cfg.in_channels), img_ids=ids.reshape(-1, 3),
+                  encoder_hidden_states=zeros(1, text_tokens, cfg.joint_attention_dim),
+                  txt_ids=torch.zeros(text_tokens, 3), pooled_projections=zeros(1, cfg.pooled_projection_dim),
+                  timestep=torch.full((1,), 0.5, device=device))
+        if cfg.guidance_embeds:
+            kw["guidance"] = torch.full((1,), 3.5, device=device)
+        return kw
+    kw = dict(hidden_states=zeros(1, cfg.in_channels, lat_h, lat_w), timestep=torch.full((1,), 500, device=device))
+    if name == "PixArtTransformer2DModel":
+        size = torch.tensor([[float(height), float(width)]], device=device)
+        return dict(kw, encoder_hidden_states=zeros(1, text_tokens, cfg.caption_channels),
+                    added_cond_kwargs={"resolution": size, "aspect_ratio": size[:, :1] / size[:, 1:]})
+    return dict(kw, encoder_hidden_states=zeros(1, text_tokens, cfg.joint_attention_dim),
+                pooled_projections=zeros(1, cfg.pooled_projection_dim))
+
+
+def solve_budget(pipe_or_transformer, cfg: ToMeDiTConfig, flops: float | None, speedup: float | None, size=None,
+                 text_tokens: int | None = None) -> sd.RatioBudget:
+    """The smallest ratio (settings from ``cfg``) whose transformer call at an image of ``size`` pixels
+    with ``text_tokens`` text tokens keeps at most ``flops`` of the unpatched FLOPs (``speedup``:
+    1 / speedup), counted on a meta-device twin; ``ValueError`` when no ratio reaches it."""
+    model = find_transformer(pipe_or_transformer)
+    native = getattr(model.config, "sample_size", None) or FLUX_NATIVE_LATENT
+    (height, width), _ = sd.image_size(size, pipe_or_transformer, native)
+    n_text = TEXT_TOKENS[type(model).__name__] if text_tokens is None else text_tokens
+    if isinstance(n_text, bool) or not isinstance(n_text, int) or n_text < 1:
+        raise ValueError(f"text_tokens must be a positive integer, got {text_tokens!r}")
+    twin = sd.meta_twin(model)
+    kw = dit_example_inputs(model, height, width, n_text)
+    return sd.budget_for(apply_tome_dit, twin, lambda: twin(**kw), cfg, flops, speedup, (height, width),
+                         f"of this transformer at {height}x{width} pixels; patch more blocks (blocks=None)")
+
+
+def apply_tome_dit(pipe_or_transformer, ratio: float | None = None, mode: str = "merge", blocks=None, sx: int = 2,
                    sy: int = 2, use_rand: bool = True, seed: int = 0, merge_mlp: bool = False, rope: str = "angle",
-                   downsample_method: str = "nearest-exact", similarity_dtype: str = "auto", method: str = "tome"):
+                   downsample_method: str = "nearest-exact", similarity_dtype: str = "auto", method: str = "tome",
+                   flops: float | None = None, speedup: float | None = None, size=None,
+                   text_tokens: int | None = None):
     """Patch an SD3 / PixArt / Flux transformer (or its pipeline) in place with token merging
     (``mode="merge"``) or key/value downsampling (``mode="downsample"``); returns the argument.
 
     - ``ratio``: fraction of image tokens removed (merge: at most ``1 - 1/(sx*sy)``; downsample: < 1 from
-      keys/values, 0.75 halves the grid side). ``blocks``: indices/names from :func:`dit_blocks` (None = all).
+      keys/values, 0.75 halves the grid side; default 0.5). ``blocks``: indices/names from :func:`dit_blocks`
+      (None = all).
+    - ``flops`` / ``speedup`` instead of ``ratio``: a budget (:func:`solve_budget`) at an image of ``size``
+      pixels (default: the model's native size, 1024 px for Flux) with ``text_tokens`` text tokens
+      (default :data:`TEXT_TOKENS`); the result is ``transformer.tome_budget``.
     - ``method``: merge mode's token reduction, ``"tome"``, ``"tofu"`` or ``"pitome"`` (as for UNets).
     - ``sx, sy, use_rand, seed, similarity_dtype``: as for UNets (``apply_tome_sd``); ``merge_mlp`` also
       runs the image feed-forward on merged tokens (SD3, Flux double-stream, PixArt).
@@ -396,11 +453,16 @@ def apply_tome_dit(pipe_or_transformer, ratio: float = 0.5, mode: str = "merge",
     - ``downsample_method``: ``F.interpolate`` mode or ``"avg"`` for the key/value grid.
     """
     model = find_transformer(pipe_or_transformer)
-    cfg = ToMeDiTConfig(ratio=ratio, mode=mode, method=method, blocks=None if blocks is None else tuple(blocks),
-                        sx=sx, sy=sy, use_rand=use_rand, seed=seed, merge_mlp=merge_mlp, rope=rope,
-                        downsample_method=downsample_method, similarity_dtype=similarity_dtype)
+    budgeted = sd.check_budget_request(ratio, flops, speedup, size, text_tokens=text_tokens)
+    cfg = ToMeDiTConfig(ratio=0.5 if ratio is None else ratio, mode=mode, method=method,
+                        blocks=None if blocks is None else tuple(blocks), sx=sx, sy=sy, use_rand=use_rand, seed=seed,
+                        merge_mlp=merge_mlp, rope=rope, downsample_method=downsample_method,
+                        similarity_dtype=similarity_dtype)
     _check_config(cfg)
     chosen = _choose(dit_blocks(model), cfg.blocks)
+    budget = solve_budget(pipe_or_transformer, cfg, flops, speedup, size, text_tokens) if budgeted else None
+    if budget is not None:
+        cfg = dataclasses.replace(cfg, ratio=budget.ratio)
     if is_patched(model):  # re-applying replaces the patch
         remove_tome_dit(model)
     _check_processors(chosen)
@@ -408,6 +470,8 @@ def apply_tome_dit(pipe_or_transformer, ratio: float = 0.5, mode: str = "merge",
     _patch_blocks(state, chosen)
     state.hooks += _model_hooks(model, state)
     setattr(model, _ATTR, state)
+    if budget is not None:
+        model.tome_budget = budget
     return pipe_or_transformer
 
 

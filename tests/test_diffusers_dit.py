@@ -380,3 +380,50 @@ def test_a_pruned_token_keeps_its_destination_rotary_position():
         assert all(torch.equal(a, b) for a, b in zip(dit._merged_rope(keep, cos, sin, rule), at_dst))
         averaged = dit._merged_rope(keep._replace(reduce="mlerp"), cos, sin, rule)  # positions still averaged
         assert not torch.equal(averaged[0], at_dst[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_budget_is_the_smallest_ratio_meeting_it_at_the_size_and_text_length(kind, mode):
+    from visiontools.timing import count_flops
+
+    model = tiny(kind)
+    kw = dit.dit_example_inputs(model, 96, 128, 5, device="cpu")  # what the solve counts, on the real model
+    image = kw["hidden_states"]  # 96x128 px: a 12x16 latent; Flux packs 2x2 of it into a token
+    assert tuple(image.shape[1:]) == ((6 * 8, 16) if kind == "flux" else (4, 12, 16))
+    assert kw["encoder_hidden_states"].shape[1] == 5
+
+    def fraction(ratio):
+        apply_tome_dit(model, ratio=ratio, mode=mode)
+        return count_flops(lambda: model(**kw), warmup=False) / base
+
+    base = count_flops(lambda: model(**kw), warmup=False)
+    visiontools.apply_tome(model, speedup=1.1, mode=mode, size=(96, 128), text_tokens=5)
+    b = model.tome_budget
+    assert b.size == (96, 128) and b.target_speedup == 1.1 and b.flop_fraction <= 1 / 1.1
+    upper = 0.75 if mode == "merge" else 63 / 64
+    assert fraction(b.ratio - upper / 256) > 1 / 1.1  # one bisection step less does not meet it
+    assert fraction(b.ratio) == pytest.approx(b.flop_fraction, rel=1e-9)
+
+
+def test_budget_defaults_and_errors():
+    model = tiny("sd3")  # sample_size 8: 64 px by default, with SD3's 333 text tokens
+    apply_tome_dit(model, flops=0.95)
+    b = model.tome_budget
+    assert b.size == (64, 64) and dit.TEXT_TOKENS["SD3Transformer2DModel"] == 333
+    from visiontools.timing import count_flops
+
+    kw = dit.dit_example_inputs(model, 64, 64, 333, device="cpu")
+    with_budget = count_flops(lambda: model(**kw), warmup=False)
+    remove_tome_dit(model)
+    assert not hasattr(model, "tome_budget")
+    assert with_budget / count_flops(lambda: model(**kw), warmup=False) == pytest.approx(b.flop_fraction, rel=1e-9)
+    for kwargs, message in [(dict(ratio=0.5, speedup=1.2), "ratio or a budget"),
+                            (dict(text_tokens=77), "text_tokens= is what a budget is counted at"),
+                            (dict(flops=0.9, text_tokens=0), "text_tokens must be a positive integer"),
+                            (dict(flops=0.9, size=4), "size is the image size in pixels"),
+                            (dict(flops=0.3), r"out of reach: the largest ratio \(0.75\) keeps .* of this transformer "
+                                              r"at 64x64 pixels; patch more blocks")]:
+        with pytest.raises(ValueError, match=message):
+            apply_tome_dit(model, **kwargs)
+    assert not is_patched(model)

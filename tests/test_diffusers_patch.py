@@ -840,7 +840,7 @@ def test_speedup_budget_default_size_downsample_mode_and_errors():
                         (dict(speedup=0.5), "speedup must be >= 1"),
                         (dict(flops=0.2), r"out of reach: the largest ratio \(0.75\) keeps .* at 128x128 pixels with "
                                           r"max_downsample=None; patch more levels"),
-                        (dict(size=256), "size= is the image size a budget is counted at"),
+                        (dict(size=256), "size= is what a budget is counted at"),
                         (dict(flops=0.9, size=(0, 64)), "size is the image size in pixels"),
                         (dict(flops=0.9, size="512"), "size is the image size in pixels")]:
         with pytest.raises(ValueError, match=message):
