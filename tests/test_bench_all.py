@@ -38,7 +38,8 @@ def test_the_gpu_script_runs_every_section_in_smoke_mode(tmp_path):
     sdxl = [r for r in out["sections"]["sd"]["rows"] if r["unet"] == "sdxl_tiny" and r["candidate"] != "sdpa"]
     assert all(r["rel_l2"] > 0 for r in sdxl)  # the SDXL UNet is really patched
     dit = {(r["model"], r["candidate"]) for r in out["sections"]["dit"]["rows"]}
-    assert {("sd3", "merge@0.5"), ("pixart", "downsample@0.5"), ("flux", "downsample@0.75")} <= dit
+    assert {("sd3", "merge@0.5"), ("pixart", "downsample@0.5"), ("flux", "downsample@0.75"),
+            ("sd3", "tofu@0.5"), ("flux", "pitome@0.5")} <= dit
     assert all(r["rel_l2"] > 0 for r in out["sections"]["dit"]["rows"] if r["candidate"] != "unpatched")
     assert {r["candidate"] for r in out["sections"]["hyena"]["rows"]} == {"sdpa", "hyena"}
     assert {r["candidate"] for r in out["sections"]["lsh"]["rows"]} == {"sdpa", "lsh"}

@@ -427,3 +427,29 @@ def test_budget_defaults_and_errors():
         with pytest.raises(ValueError, match=message):
             apply_tome_dit(model, **kwargs)
     assert not is_patched(model)
+
+
+def test_bench_dit_times_every_method(tmp_path):
+    """``visiontools bench dit`` (tiny): tofu and pitome are merge mode with another rule, so they do
+    the same work as merge with different outputs; a method outside the four is named in the error."""
+    import argparse
+    import json
+
+    from visiontools.bench import dit as bench_dit
+
+    parser = argparse.ArgumentParser()
+    bench_dit.add_arguments(parser)
+    out = tmp_path / "dit.json"
+    args = parser.parse_args(["--tiny", "--models", "sd3", "flux", "--resolution", "256", "--candidates", "merge@0.5",
+                              "tofu@0.5", "pitome@0.5", "downsample@0.5", "--repeats", "1", "--device", "cpu",
+                              "--out-json", str(out), "--out-md", str(tmp_path / "dit.md")])
+    assert bench_dit.run(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    for model in ("sd3", "flux"):
+        r = {x["candidate"]: x for x in rows if x["model"] == model}
+        assert list(r) == ["unpatched", "merge@0.5", "tofu@0.5", "pitome@0.5", "downsample@0.5"]
+        assert r["merge@0.5"]["flops"] == r["tofu@0.5"]["flops"] == r["pitome@0.5"]["flops"] < r["unpatched"]["flops"]
+        assert len({r[k]["rel_l2"] for k in ("merge@0.5", "tofu@0.5", "pitome@0.5")}) == 3
+        assert all(0 < r[k]["rel_l2"] < 1 for k in r if k != "unpatched")
+    with pytest.raises(ValueError, match="method must be one of merge, downsample, tofu, pitome"):
+        bench_dit.parse_candidates(["prune@0.5"])

@@ -63,6 +63,7 @@ VIT_SCHEDULES = [8, 16, (16, -0.5)]
 VIT_NO_PROP = 16
 SD_CANDIDATES = [("tomesd", 0.5), ("tomesd", 0.75), ("merge", 0.5), ("merge", 0.75),
                  ("downsample", 0.5), ("downsample", 0.75), ("tofu", 0.5), ("pitome", 0.5)]
+DIT_CANDIDATES = [("merge", 0.5), ("downsample", 0.5), ("downsample", 0.75), ("tofu", 0.5), ("pitome", 0.5)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -341,8 +342,7 @@ def measure_dit(ctx: Context, item: dict) -> list[dict]:
 
     import torch
 
-    from visiontools.bench.dit import build
-    from visiontools.patches.diffusers_dit import apply_tome_dit
+    from visiontools.bench.dit import build, patch
     from visiontools.timing import count_flops, median
 
     dtype = ctx.half
@@ -351,11 +351,11 @@ def measure_dit(ctx: Context, item: dict) -> list[dict]:
     kw = {k: (v.to(ctx.device, dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
               if torch.is_tensor(v) else v) for k, v in kw.items()}
     fns, outs, flops = {}, {}, {}
-    for method, ratio in [("unpatched", 0.0), ("merge", 0.5), ("downsample", 0.5), ("downsample", 0.75)]:
+    for method, ratio in [("unpatched", 0.0)] + DIT_CANDIDATES:
         name = "unpatched" if method == "unpatched" else f"{method}@{ratio:g}"
         model = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})  # shares weights
         if method != "unpatched":
-            apply_tome_dit(model, ratio=ratio, mode=method)
+            patch(model, method, ratio)
 
         def call(model=model, name=name):
             with torch.inference_mode():

@@ -15,6 +15,8 @@ import copy
 
 from visiontools.timing import add_run_arguments
 
+#: Candidate methods: ToMe merge, ToDo downsample, and merge mode with ToFu's or PiToMe's rule.
+METHODS = ("merge", "downsample", "tofu", "pitome")
 # (diffusers class, config with real block shapes, text tokens); layers cut to a few blocks.
 MODELS = {
     "sd3": ("SD3Transformer2DModel", dict(
@@ -41,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench dit``."""
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
     parser.add_argument("--candidates", nargs="+", default=["merge@0.5", "downsample@0.5"], metavar="METHOD@RATIO",
-                        help="patched candidates besides the unpatched baseline, e.g. merge@0.5 downsample@0.75")
+                        help="patched candidates besides the unpatched baseline, e.g. merge@0.5 downsample@0.75 "
+                             "tofu@0.5 pitome@0.5 (tofu, pitome: merge mode with that method)")
     parser.add_argument("--resolution", type=int, default=1024, help="image size in pixels (square); latent = /8")
     add_run_arguments(parser, repeats=2, warmup=0)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
@@ -59,9 +62,18 @@ def parse_candidates(specs: list[str]) -> list[tuple[str, float]]:
             out.append((method, float(ratio)))
         except ValueError:
             raise ValueError(f"candidate {spec!r} is not METHOD@RATIO (e.g. merge@0.5, downsample@0.75)") from None
-        if method not in ("merge", "downsample"):
-            raise ValueError(f"candidate {spec!r}: method must be merge or downsample")
+        if method not in METHODS:
+            raise ValueError(f"candidate {spec!r}: method must be one of {', '.join(METHODS)}")
     return out
+
+
+def patch(model, method: str, ratio: float):
+    """``model`` patched in place with one candidate (``tofu``/``pitome``: merge mode with that method)."""
+    from visiontools.patches.diffusers_dit import apply_tome_dit
+
+    if method in ("merge", "downsample"):
+        return apply_tome_dit(model, ratio=ratio, mode=method)
+    return apply_tome_dit(model, ratio=ratio, mode="merge", method=method)
 
 
 def build(name: str, resolution: int, seed: int, tiny: bool):
@@ -99,7 +111,6 @@ def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, 
     a row each: median seconds, speed-ups (medians, per round), FLOP ratio, its share reached, rel. L2."""
     import torch
 
-    from visiontools.patches.diffusers_dit import apply_tome_dit
     from visiontools.timing import count_flops, interleaved_times, median
 
     base, kw = build(name, args.resolution, args.seed, args.tiny)
@@ -108,7 +119,7 @@ def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, 
         key = "unpatched" if method == "unpatched" else f"{method}@{ratio:g}"
         model = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})  # shares weights
         if method != "unpatched":
-            apply_tome_dit(model, ratio=ratio, mode=method)
+            patch(model, method, ratio)
 
         def call(model=model, key=key):
             outputs[key] = model(**kw).sample.float()
