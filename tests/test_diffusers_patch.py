@@ -753,6 +753,13 @@ def test_energy_match_merges_redundant_sources_not_the_best_matched():
     assert torch.equal(src.sort(1)[0], energy.topk(12, dim=1)[1].sort(1)[0])
     assert torch.equal(dst, scores.argmax(-1).gather(1, src))
     assert torch.equal(torch.cat([unm, src], 1).sort(1)[0], torch.arange(30).expand(2, -1))
+    # half-precision scores (the ELU runs in fp16, the mean in float32): nearly the same sources
+    scores = torch.rand(2, 3000, 500) * 2 - 1
+    src32 = merge2d.energy_match(scores, 1000, margin=0.3)[1]
+    unm16, src16, dst16 = merge2d.energy_match(scores.half(), 1000, margin=0.3)
+    overlap = [len(set(a.tolist()) & set(b.tolist())) / 1000 for a, b in zip(src32, src16)]
+    assert min(overlap) > 0.97 and src16.dtype == torch.int64
+    assert torch.equal(dst16, scores.half().argmax(-1).gather(1, src16))
 
 
 @pytest.mark.parametrize("method", ["tofu", "pitome"])

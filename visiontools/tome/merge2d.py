@@ -137,8 +137,11 @@ def energy_match(scores: torch.Tensor, r: int, margin: float) -> tuple[torch.Ten
     (those in dense, redundant regions) merge into their most similar destination; isolated sources
     stay. The energy is taken against the destinations (one per window, a regular sample of the
     grid) rather than all tokens, which keeps it at the cost of ToMe-SD's own matching.
-    Returns ``(unm_idx, src_idx, dst_idx)`` as :func:`visiontools.tome.merge.match_scores` does."""
-    energy = F.elu(scores.float() - margin).mean(dim=-1)
+    Returns ``(unm_idx, src_idx, dst_idx)`` as :func:`visiontools.tome.merge.match_scores` does.
+    The ELU runs in the scores' dtype (in place on one temporary) and only the mean accumulates in
+    float32: at 2048² on SD 1.5 the matrix is 49,152 x 16,384, and float32 copies of it cost an
+    H200 about a quarter of PiToMe's speed-up."""
+    energy = F.elu(scores - margin, inplace=True).mean(dim=-1, dtype=torch.float32)
     order = energy.argsort(dim=-1, descending=True, stable=True)
     src_idx = order[:, :r]
     return order[:, r:], src_idx, scores.argmax(dim=-1).gather(1, src_idx)
