@@ -388,12 +388,14 @@ def _patch_blocks(state: _State, chosen) -> None:
         state.blocks.append(name)
 
 
-def dit_example_inputs(model, height: int, width: int, text_tokens: int, device="meta") -> dict:
+def dit_example_inputs(model, height: int, width: int, text_tokens: int, device="meta",
+                       scale: int = sd.VAE_SCALE) -> dict:
     """Keyword inputs of one call of ``model`` (SD3, PixArt or Flux) on an image of ``height x width``
-    pixels (latent: /8; Flux packs 2x2 latent positions into one token) with ``text_tokens`` text
-    tokens, zeros on ``device``; Flux's position ids stay on the CPU, where the patch reads the grid."""
+    pixels (latent: /``scale``, the VAE's; Flux packs 2x2 latent positions into one token) with
+    ``text_tokens`` text tokens, zeros on ``device``; Flux's position ids stay on the CPU, where the
+    patch reads the grid."""
     cfg, name = model.config, type(model).__name__
-    lat_h, lat_w = -(-height // sd.VAE_SCALE), -(-width // sd.VAE_SCALE)
+    lat_h, lat_w = -(-height // scale), -(-width // scale)
     zeros = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
     if name == "FluxTransformer2DModel":
         h, w = -(-lat_h // 2), -(-lat_w // 2)
@@ -422,12 +424,12 @@ def solve_budget(pipe_or_transformer, cfg: ToMeDiTConfig, flops: float | None, s
     1 / speedup), counted on a meta-device twin; ``ValueError`` when no ratio reaches it."""
     model = find_transformer(pipe_or_transformer)
     native = getattr(model.config, "sample_size", None) or FLUX_NATIVE_LATENT
-    (height, width), _ = sd.image_size(size, pipe_or_transformer, native)
+    (height, width), scale = sd.image_size(size, pipe_or_transformer, native)
     n_text = TEXT_TOKENS[type(model).__name__] if text_tokens is None else text_tokens
     if isinstance(n_text, bool) or not isinstance(n_text, int) or n_text < 1:
         raise ValueError(f"text_tokens must be a positive integer, got {text_tokens!r}")
     twin = sd.meta_twin(model)
-    kw = dit_example_inputs(model, height, width, n_text)
+    kw = dit_example_inputs(model, height, width, n_text, scale=scale)
     return sd.budget_for(apply_tome_dit, twin, lambda: twin(**kw), cfg, flops, speedup, (height, width),
                          f"of this transformer at {height}x{width} pixels; patch more blocks (blocks=None)")
 

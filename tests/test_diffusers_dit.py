@@ -429,6 +429,27 @@ def test_budget_defaults_and_errors():
     assert not is_patched(model)
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_budget_on_a_pipeline_counts_at_its_vae_scale(kind):
+    """The test pipelines' one-block VAE has ``vae_scale_factor`` 1, not 8: a 32x48 px image is a
+    32x48 latent, and the solve must count that (the default size too: ``sample_size`` x 1)."""
+    from visiontools.timing import count_flops
+
+    pipe, _ = tiny_pipeline(kind)
+    assert pipe.vae_scale_factor == 1
+    model = pipe.transformer
+    n_text = dit.TEXT_TOKENS[type(model).__name__]
+    kw = dit.dit_example_inputs(model, 32, 48, n_text, device="cpu", scale=1)
+    base = count_flops(lambda: model(**kw), warmup=False)
+    visiontools.apply_tome(pipe, flops=0.9, size=(32, 48))
+    b = model.tome_budget
+    assert b.size == (32, 48)
+    assert count_flops(lambda: model(**kw), warmup=False) / base == pytest.approx(b.flop_fraction, rel=1e-9)
+    if kind == "sd3":
+        visiontools.apply_tome(pipe, flops=0.95)
+        assert model.tome_budget.size == (model.config.sample_size,) * 2
+
+
 def test_bench_dit_times_every_method(tmp_path):
     """``visiontools bench dit`` (tiny): tofu and pitome are merge mode with another rule, so they do
     the same work as merge with different outputs; a method outside the four is named in the error."""

@@ -77,33 +77,36 @@ def patch(model, method: str, ratio: float):
 
 
 def build(name: str, resolution: int, seed: int, tiny: bool):
-    """The model (real block shapes, or ``tiny`` widths) and the keyword inputs of one call at ``resolution``."""
+    """The model (real block shapes, or ``tiny`` widths) and the keyword inputs of one call at ``resolution``:
+    the adapter's example inputs (:func:`~visiontools.patches.diffusers_dit.dit_example_inputs`), with
+    seeded random text, pooled embeddings and spatially smooth latents in place of its zeros."""
     import torch
     import diffusers
 
+    from visiontools.patches.diffusers_dit import dit_example_inputs
+
     cls, config, n_text = MODELS[name]
-    config = {**config, **(TINY[name] if tiny else {})}
     torch.manual_seed(seed)
-    model = getattr(diffusers, cls)(**config).eval()
-    lat = resolution // 8
+    model = getattr(diffusers, cls)(**{**config, **(TINY[name] if tiny else {})}).eval()
+    kw = dit_example_inputs(model, resolution, resolution, n_text, device="cpu")
     g = torch.Generator().manual_seed(seed)
-    smooth = lambda c, h, w: torch.nn.functional.interpolate(  # noqa: E731  (latents are spatially smooth)
-        torch.randn(1, c, h // 8, w // 8, generator=g), size=(h, w), mode="bicubic")
-    text = torch.randn(1, n_text, config.get("joint_attention_dim", config.get("caption_channels")), generator=g)
-    if name == "flux":
-        h = w = lat // 2
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
-        x = smooth(config["in_channels"], h, w).flatten(2).transpose(1, 2)
-        return model, dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([0.5]),
-                           pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g),
-                           img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(n_text, 3))
-    x = smooth(config["in_channels"], lat, lat)
-    if name == "pixart":
-        return model, dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
-                           added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    return model, dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
-                       pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g))
+    kw["encoder_hidden_states"] = torch.randn(kw["encoder_hidden_states"].shape, generator=g)
+    kw["hidden_states"] = _smooth_like(kw["hidden_states"], g)
+    if "pooled_projections" in kw:
+        kw["pooled_projections"] = torch.randn(kw["pooled_projections"].shape, generator=g)
+    return model, kw
+
+
+def _smooth_like(x, g):
+    """Random latents shaped like ``x`` (``(1, C, H, W)``, or Flux's packed ``(1, H*W, C)`` on a square
+    grid) that are spatially smooth, as real latents are: noise on a grid 8x coarser, resized bicubically."""
+    import torch
+    import torch.nn.functional as F
+
+    packed = x.ndim == 3
+    c, h, w = (x.shape[2], round(x.shape[1] ** 0.5), round(x.shape[1] ** 0.5)) if packed else x.shape[1:]
+    out = F.interpolate(torch.randn(1, c, h // 8, w // 8, generator=g), size=(h, w), mode="bicubic")
+    return out.flatten(2).transpose(1, 2) if packed else out
 
 
 def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, float]]) -> list[dict]:
