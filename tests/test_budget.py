@@ -3,7 +3,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from visiontools.tome.budget import solve_budget, solve_schedule
+from visiontools.tome.budget import solve_budget, solve_ratio, solve_schedule
 from visiontools.patches.timm import apply_tome, remove_tome
 from visiontools.timing import count_flops
 
@@ -38,6 +38,33 @@ def test_solve_schedule_is_the_lightest_schedule_meeting_the_target():
     assert solve_schedule(frac, 6, 1.0, 32) == ([0] * 6, 1.0)
     with pytest.raises(ValueError, match="out of reach"):
         solve_schedule(frac, 6, 0.01, 32)
+
+
+def test_solve_ratio_finds_the_smallest_grid_ratio_in_few_counts():
+    """Diffusion budgets: the smallest ratio on the 1/256 grid meeting the target, as a full scan finds
+    it, for linear, curved, stepped and kinked FLOP fractions; at most five counts where the fraction is
+    a parabola (bisection takes nine), and a bounded number where it is not."""
+    import math
+
+    curves = {"linear": lambda r: 1 - 0.6 * r, "quadratic": lambda r: 1 - 0.3 * r - 0.5 * r * r,
+              "stepped": lambda r: 1 - 0.5 * math.floor(r * 37) / 37, "kinked": lambda r: 1 - (0.05 * r if r < 0.6
+                                                                                              else 0.03 + 0.8 * (r - 0.6))}
+    for name, curve in curves.items():
+        for target in [t for t in (0.99, 0.97, 0.9, 0.8, 0.72) if t > curve(0.75)] + [curve(0.75)]:
+            calls = []
+
+            def fraction(r):
+                calls.append(r)
+                return curve(r)
+            ratio, frac = solve_ratio(fraction, target, 0.75)
+            best = min(k for k in range(257) if curve(0.75 * k / 256) <= target)
+            assert ratio == 0.75 * best / 256 and frac == curve(ratio) <= target, (name, target)
+            assert len(calls) <= 15, (name, target, len(calls))
+            if name in ("linear", "quadratic"):  # bisection: 9
+                assert len(calls) <= 5, (name, target, calls)
+    with pytest.raises(ValueError, match="out of reach"):
+        solve_ratio(curves["linear"], 0.5, 0.75)
+    assert solve_ratio(curves["linear"], 1.0, 0.75) == (0.0, 1.0)
 
 
 def test_calibration_merges_more_while_the_measured_speedup_falls_short():
