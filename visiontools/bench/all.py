@@ -336,13 +336,11 @@ def measure_lsh(ctx: Context, item: dict) -> list[dict]:
 
 
 def measure_dit(ctx: Context, item: dict) -> list[dict]:
-    """Diffusion-transformer blocks at one resolution: unpatched vs merge and downsample; FLOP ratio
-    (counted on the device, one call) and relative L2 of the output to the unpatched model's."""
-    import copy
-
+    """Diffusion-transformer blocks at one resolution: unpatched vs merge, downsample, ToFu and PiToMe;
+    FLOP ratio (counted on the device, one call) and relative L2 of the output to the unpatched model's."""
     import torch
 
-    from visiontools.bench.dit import build, patch
+    from visiontools.bench.dit import build, candidate_calls
     from visiontools.timing import count_flops, median
 
     dtype = ctx.half
@@ -350,18 +348,9 @@ def measure_dit(ctx: Context, item: dict) -> list[dict]:
     base = base.to(ctx.device, dtype)
     kw = {k: (v.to(ctx.device, dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
               if torch.is_tensor(v) else v) for k, v in kw.items()}
-    fns, outs, flops = {}, {}, {}
-    for method, ratio in [("unpatched", 0.0)] + DIT_CANDIDATES:
-        name = "unpatched" if method == "unpatched" else f"{method}@{ratio:g}"
-        model = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})  # shares weights
-        if method != "unpatched":
-            patch(model, method, ratio)
-
-        def call(model=model, name=name):
-            with torch.inference_mode():
-                outs[name] = model(**kw).sample.float()
-        fns[name] = call
-        flops[name] = count_flops(call)
+    outs = {}
+    fns = candidate_calls(base, kw, DIT_CANDIDATES, outs)
+    flops = {k: count_flops(f) for k, f in fns.items()}
     times = ctx.times(fns)
     ref = median(times["unpatched"])
     return [{"model": item["model"], "resolution": item["resolution"], "candidate": k, "dtype": str(dtype)[6:],

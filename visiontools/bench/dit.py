@@ -109,26 +109,34 @@ def _smooth_like(x, g):
     return out.flatten(2).transpose(1, 2) if packed else out
 
 
-def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, float]]) -> list[dict]:
-    """Time the unpatched model and every candidate (patched copies sharing its weights) interleaved;
-    a row each: median seconds, speed-ups (medians, per round), FLOP ratio, its share reached, rel. L2."""
+def candidate_calls(base, kw: dict, candidates: list[tuple[str, float]], outputs: dict) -> dict:
+    """``{"unpatched": call, "merge@0.5": call, ...}``: one forward (inference mode) of ``base`` and of a
+    patched copy sharing its weights per candidate, each storing its output (float32) in ``outputs``."""
     import torch
 
-    from visiontools.timing import count_flops, interleaved_times, median
-
-    base, kw = build(name, args.resolution, args.seed, args.tiny)
-    fns, outputs, flops = {}, {}, {}
-    for method, ratio in [("unpatched", 0.0)] + candidates:
+    fns = {}
+    for method, ratio in [("unpatched", 0.0)] + list(candidates):
         key = "unpatched" if method == "unpatched" else f"{method}@{ratio:g}"
         model = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})  # shares weights
         if method != "unpatched":
             patch(model, method, ratio)
 
         def call(model=model, key=key):
-            outputs[key] = model(**kw).sample.float()
-
+            with torch.inference_mode():
+                outputs[key] = model(**kw).sample.float()
         fns[key] = call
-        flops[key] = count_flops(call, warmup=False)  # also this candidate's warm-up call
+    return fns
+
+
+def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, float]]) -> list[dict]:
+    """Time the unpatched model and every candidate (patched copies sharing its weights) interleaved;
+    a row each: median seconds, speed-ups (medians, per round), FLOP ratio, its share reached, rel. L2."""
+    from visiontools.timing import count_flops, interleaved_times, median
+
+    base, kw = build(name, args.resolution, args.seed, args.tiny)
+    outputs = {}
+    fns = candidate_calls(base, kw, candidates, outputs)
+    flops = {k: count_flops(f, warmup=False) for k, f in fns.items()}  # also each candidate's warm-up call
     n_img = (args.resolution // 16) ** 2  # latent /8, then 2x2 patches (SD3, PixArt) or 2x2 packing (Flux)
     print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters, timing {len(fns)} "
           f"candidates, {args.warmup} warm-up + {args.repeats} rounds")
