@@ -135,7 +135,7 @@ def _load_torchvision_cifar(name, split, data_dir, download, max_per_class) -> T
     root = Path(data_dir) if data_dir is not None else Path.home() / ".cache" / "visiontools" / "data"
     try:
         ds = cls(str(root), train=(split == "train"), download=download)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted."
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted."
         where = "does not exist" if not root.exists() else "holds no data"
         raise FileNotFoundError(
             f"no {name} {split} data: {root} {where}; expected either an ImageFolder tree "

@@ -323,7 +323,7 @@ def budget_table(result: dict) -> str:
     base = result["rows"][0]
     lines = ["| FLOP budget | " + " | ".join(f"{m}: top-1 % (FLOP frac., speedup)" for m in methods) + " |",
              "|---:|" + "---:|" * len(methods),
-             f"| 1.00 (unpatched) | " + " | ".join(f"{base['top1']:.2f}" for _ in methods) + " |"]
+             "| 1.00 (unpatched) | " + " | ".join(f"{base['top1']:.2f}" for _ in methods) + " |"]
     for b in budgets:
         cells = []
         for m in methods:

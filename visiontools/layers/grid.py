@@ -17,8 +17,6 @@ import math
 from contextvars import ContextVar
 from typing import Optional, Sequence
 
-import torch
-
 from visiontools.tome.merge_grid import GridLayout  # noqa: F401 (re-exported: layers take it)
 
 __all__ = ["GridKey", "set_call_grid", "square_grid", "GridTokens", "GridLayout"]

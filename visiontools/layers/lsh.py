@@ -36,7 +36,6 @@ This module imports no timm; :class:`LSHAttention` matches the constructor and c
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
