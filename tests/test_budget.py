@@ -47,8 +47,8 @@ def test_solve_ratio_finds_the_smallest_grid_ratio_in_few_counts():
     import math
 
     curves = {"linear": lambda r: 1 - 0.6 * r, "quadratic": lambda r: 1 - 0.3 * r - 0.5 * r * r,
-              "stepped": lambda r: 1 - 0.5 * math.floor(r * 37) / 37, "kinked": lambda r: 1 - (0.05 * r if r < 0.6
-                                                                                              else 0.03 + 0.8 * (r - 0.6))}
+              "stepped": lambda r: 1 - 0.5 * math.floor(r * 37) / 37,
+              "kinked": lambda r: 1 - (0.05 * r if r < 0.6 else 0.03 + 0.8 * (r - 0.6))}
     for name, curve in curves.items():
         for target in [t for t in (0.99, 0.97, 0.9, 0.8, 0.72) if t > curve(0.75)] + [curve(0.75)]:
             calls = []
