@@ -93,15 +93,16 @@ class BlockMerge:
 
 
 def sd_merge_maps(image: Image.Image, ratio: float, max_downsample: int, latent_side: int = 64,
-                  display_side: int = 512) -> list[BlockMerge]:
+                  display_side: int = 512, method: str = "tome") -> list[BlockMerge]:
     """Run the (tiny) UNet patched with ToMe-SD at ``ratio`` on levels downsampled at most
-    ``max_downsample`` times, and draw, for every patched block, which latent tokens merged."""
-    from visiontools.patches.diffusers import apply_tome_sd, patched_blocks
+    ``max_downsample`` times, and draw, for every patched block, which latent tokens merged
+    (``method``: ``tome``, ``tofu`` or ``pitome``, whose energy picks other sources)."""
+    from visiontools.patches.diffusers import apply_tome_sd, method_rules, patched_blocks
     from visiontools.tome import merge2d
     from visiontools.tome.vis import render_merges
 
     unet = apply_tome_sd(shared_copy(tiny_unet()), ratio=ratio, mode="merge", max_downsample=max_downsample,
-                         **exact_plan_options())
+                         method=method, **exact_plan_options())
     blocks = patched_blocks(unet)
     inputs: dict[str, torch.Tensor] = {}
     hooks = []
@@ -120,18 +121,19 @@ def sd_merge_maps(image: Image.Image, ratio: float, max_downsample: int, latent_
     view = square_resized(image, display_side, display_side)
     cfg_sx = cfg_sy = 2
     out = []
-    for name, ds in blocks:
+    for i, (name, ds) in enumerate(blocks):
         h, w = merge2d.grid_at(latent_side, latent_side, ds)
         r = merge2d.num_merged(h * w, ratio, cfg_sx, cfg_sy, h, w)
-        plan = merge2d.plan_merge_2d(inputs[name], h, w, r, cfg_sx, cfg_sy, None)
+        margin, reduce = method_rules(method, i, len(blocks))  # the plan the block made, rebuilt
+        plan = merge2d.plan_merge_2d(inputs[name], h, w, r, cfg_sx, cfg_sy, None, energy_margin=margin, reduce=reduce)
         out.append(BlockMerge(name, ds, (h, w), plan.r, render_merges(view, plan.index[0], grid_size=(h, w))))
     return out
 
 
 def sd_speed(ratio: float, max_downsample: int, latent_side: int = 64, repeats: int = 3, warmup: int = 1,
-             progress=None) -> tuple[list[list], str]:
-    """Median UNet call time of SDPA (unpatched), ToMe-SD merge and token downsampling at ``ratio``,
-    interleaved; rows ``[method, ms, speedup, FLOP ratio]`` and the machine description."""
+             progress=None, method: str = "tome") -> tuple[list[list], str]:
+    """Median UNet call time of SDPA (unpatched), ToMe-SD merge (with ``method``'s rules) and token
+    downsampling at ``ratio``, interleaved; rows ``[method, ms, speedup, FLOP ratio]`` and the machine."""
     from diffusers import UNet2DConditionModel
 
     from visiontools.patches.diffusers import apply_tome_sd
@@ -146,18 +148,21 @@ def sd_speed(ratio: float, max_downsample: int, latent_side: int = 64, repeats: 
     with torch.device("meta"):
         meta = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
     fns, flops = {}, {}
-    for method in ("unpatched", "merge", "downsample"):
+    for mode in ("unpatched", "merge", "downsample"):
         unet, m = shared_copy(base), shared_copy(meta)
-        if method != "unpatched":
-            apply_tome_sd(unet, ratio=ratio, mode=method, max_downsample=max_downsample)
-            apply_tome_sd(m, ratio=ratio, mode=method, max_downsample=max_downsample)
-        fns[method] = (lambda u: (lambda: u(x, t, e)))(unet)
-        flops[method] = count_flops(lambda m=m: m(x.to("meta"), t.to("meta"), e.to("meta")))
+        if mode != "unpatched":
+            kw = dict(ratio=ratio, mode=mode, max_downsample=max_downsample)
+            apply_tome_sd(unet, **kw, method=method if mode == "merge" else "tome")
+            apply_tome_sd(m, **kw, method=method if mode == "merge" else "tome")
+        fns[mode] = (lambda u: (lambda: u(x, t, e)))(unet)
+        flops[mode] = count_flops(lambda m=m: m(x.to("meta"), t.to("meta"), e.to("meta")))
     with _LOCK:
         times = interleaved_times(fns, repeats=repeats, warmup=warmup, progress=progress or False)
     names = list(fns)
     base_t = median(times["unpatched"])
-    rows = [[n if n == "unpatched" else f"ToMe-SD {n} @ {ratio:g}", round(median(times[n]) * 1e3, 1),
+    label = {"unpatched": "unpatched", "downsample": f"ToMe-SD downsample @ {ratio:g}",
+             "merge": f"ToMe-SD merge @ {ratio:g}" + ("" if method == "tome" else f" ({method})")}
+    rows = [[label[n], round(median(times[n]) * 1e3, 1),
              round(base_t / median(times[n]), 2), round(flops["unpatched"] / flops[n], 2)] for n in names]
     return rows, machine_description("cpu")
 
@@ -165,7 +170,7 @@ def sd_speed(ratio: float, max_downsample: int, latent_side: int = 64, repeats: 
 SD_SPEED_HEADERS = ["UNet", "ms / call", "speedup", "FLOP ratio"]
 
 
-def merge_maps_ui(img, ratio, max_ds, side_label):
+def merge_maps_ui(img, ratio, max_ds, side_label, method="tome"):
     """The tab's "show" callback: (gallery of (picture, caption), markdown note); a bad upload gives
     a warning and a note instead of an exception."""
     import gradio as gr
@@ -179,20 +184,21 @@ def merge_maps_ui(img, ratio, max_ds, side_label):
         gr.Warning(str(err))
         return [], f"⚠️ {err}"
     side = LATENT_SIDES[side_label]
-    maps = sd_merge_maps(im, float(ratio), int(max_ds), side)
+    maps = sd_merge_maps(im, float(ratio), int(max_ds), side, method=method)
     merged = sum(b.merged for b in maps)
     total = sum(b.grid[0] * b.grid[1] for b in maps)
     text = (f"{len(maps)} patched self-attention blocks; {merged} of {total} tokens merged before their "
-            f"attention (then copied back). Tiny random-weight UNet, {side}x{side} latent made from the image.")
+            f"attention (then copied back), method `{method}`. Tiny random-weight UNet, {side}x{side} latent made "
+            "from the image.")
     return [(b.picture, b.caption) for b in maps], text
 
 
 def build_tab(gr, shared) -> None:
     """The tab's components and events (``shared.image``: the input image of the merge tab)."""
 
-    def run_speed(ratio, max_ds, side_label, repeats, progress=gr.Progress()):
+    def run_speed(ratio, max_ds, side_label, repeats, method, progress=gr.Progress()):
         rows, machine = sd_speed(float(ratio), int(max_ds), LATENT_SIDES[side_label], int(repeats),
-                                 progress=lambda f, text: progress(f, desc=text))
+                                 progress=lambda f, text: progress(f, desc=text), method=method)
         return rows, (f"Measured on **{machine}**: tiny random-weight UNet (SD 1.5 layout), batch 1, median of "
                       f"{int(repeats)} interleaved rounds. The gain depends on the latent size and the UNet "
                       "width (merge plans cost time too); full-size SD 1.5 numbers come from `visiontools bench sd`.")
@@ -207,6 +213,8 @@ def build_tab(gr, shared) -> None:
             max_ds = gr.Radio([1, 2, 4, 8], value=1, label="patch levels downsampled at most",
                               info="1 = only the highest-resolution blocks (tomesd's default)")
             side = gr.Radio(list(LATENT_SIDES), value=list(LATENT_SIDES)[1], label="latent size")
+            method = gr.Radio(["tome", "tofu", "pitome"], value="tome", label="merge method",
+                              info="tofu: the same matches (pruned early, MLERP late); pitome: merges by energy")
         show = gr.Button("Show merged latent tokens", variant="primary", elem_id="sd-show")
         gallery = gr.Gallery(label="Merged tokens per patched block", columns=4, height=360, object_fit="contain",
                              elem_id="sd-gallery")
@@ -216,7 +224,7 @@ def build_tab(gr, shared) -> None:
             measure = gr.Button("Measure UNet speed", elem_id="sd-measure")
         table = gr.Dataframe(headers=SD_SPEED_HEADERS, interactive=False, label="UNet call", elem_id="sd-speed")
         speed_note = gr.Markdown()
-        show.click(merge_maps_ui, [shared.image, ratio, max_ds, side], [gallery, note], preprocess=False,
+        show.click(merge_maps_ui, [shared.image, ratio, max_ds, side, method], [gallery, note], preprocess=False,
                    concurrency_limit=1, concurrency_id="sd")
-        measure.click(run_speed, [ratio, max_ds, side, repeats], [table, speed_note], concurrency_limit=1,
+        measure.click(run_speed, [ratio, max_ds, side, repeats, method], [table, speed_note], concurrency_limit=1,
                       concurrency_id="sd")

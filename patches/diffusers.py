@@ -41,7 +41,7 @@ from visiontools.tome import merge2d, methods
 from visiontools.tome.budget import RatioBudget, check_fraction, solve_ratio
 
 __all__ = ["ToMe2dConfig", "ToMeSDConfig", "apply_tome_sd", "remove_tome_sd", "is_patched", "patched_blocks",
-           "transformer_blocks", "solve_budget", "budget_for", "unet_example_inputs"]
+           "transformer_blocks", "solve_budget", "budget_for", "unet_example_inputs", "method_rules"]
 
 _ATTR = "_visiontools_tome_sd"
 MODES = ("merge", "downsample")
@@ -139,7 +139,7 @@ def _grid(ctx: _CallContext, downsample: int, num_tokens: int, name: str) -> tup
     return h, w
 
 
-def _method_rules(method: str, index: int, num_blocks: int) -> tuple[float | None, str]:
+def method_rules(method: str, index: int, num_blocks: int) -> tuple[float | None, str]:
     """``(energy_margin, reduce)`` of ``method`` in patched block ``index`` of ``num_blocks``: PiToMe's
     margin (0.75 falling linearly), ToFu's pruning in the first half and MLERP after it."""
     margin = methods.pitome_margin(index, num_blocks) if method == "pitome" else None
@@ -153,7 +153,7 @@ def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsa
     """Hooks on one transformer block (merge mode): before it runs, plan its merge from the block's
     input tokens (before ``norm1``, as tomesd does); after it (also on errors), forget the plan.
     ``index`` of ``num_blocks`` is the block's place among the patched ones (the methods' layer)."""
-    margin, reduce = _method_rules(state.config.method, index, num_blocks)
+    margin, reduce = method_rules(state.config.method, index, num_blocks)
 
     def pre(module, args, kwargs):
         slot.plan = None

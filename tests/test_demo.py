@@ -635,6 +635,45 @@ def test_sd_merge_maps_show_the_plan_the_patched_block_used(cat):
         assert not torch.allclose(wrong, seen["out"], atol=1e-3)
 
 
+def test_sd_merge_maps_draw_each_methods_own_plan(cat):
+    """With ``method="pitome"`` the maps show PiToMe's plan (its energy picks other sources than
+    ToMe's best matches): the plan drawn for the first block, rebuilt with that block's margin,
+    reproduces the patched attention bit for bit. ToFu keeps ToMe's matching: its first block's map is ToMe's."""
+    from visiontools.demos.images import square_resized
+    from visiontools.demos.sd_tab import (
+        TIMESTEP, _text_embedding, exact_plan_options, image_latent, sd_merge_maps, shared_copy, tiny_unet,
+    )
+    from visiontools.patches.diffusers import apply_tome_sd, method_rules, patched_blocks
+    from visiontools.tome import merge2d
+    from visiontools.tome.vis import render_merges
+
+    maps = {m: sd_merge_maps(cat, 0.5, 1, latent_side=32, display_side=128, method=m)
+            for m in ("tome", "tofu", "pitome")}
+    pixels = {m: [np.asarray(b.picture) for b in v] for m, v in maps.items()}
+    assert np.array_equal(pixels["tome"][0], pixels["tofu"][0])  # later blocks see ToFu's pruned outputs
+    assert not np.array_equal(pixels["tome"][0], pixels["pitome"][0])
+    assert [b.merged for b in maps["pitome"]] == [b.merged for b in maps["tome"]]
+
+    unet = apply_tome_sd(shared_copy(tiny_unet()), ratio=0.5, max_downsample=1, method="pitome", **exact_plan_options())
+    block, n_blocks = unet.get_submodule(maps["pitome"][0].name), len(patched_blocks(unet))
+    seen = {}
+    hooks = [block.register_forward_pre_hook(lambda m, a, k: seen.update(block=a[0] if a else k["hidden_states"]),
+                                             with_kwargs=True),
+             block.attn1.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0] if a else k["hidden_states"]),
+                                                   with_kwargs=True),
+             block.attn1.register_forward_hook(lambda m, a, out: seen.update(out=out))]
+    with torch.inference_mode():
+        unet(image_latent(cat, 32), torch.tensor(TIMESTEP), _text_embedding(unet))
+        for h in hooks:
+            h.remove()
+        margin, reduce = method_rules("pitome", 0, n_blocks)
+        plan = merge2d.plan_merge_2d(seen["block"], 32, 32, 512, 2, 2, None, energy_margin=margin, reduce=reduce)
+        again = merge2d.unmerge(block.attn1.processor.inner(block.attn1, merge2d.merge_2d(plan, seen["x"])), plan.index)
+    torch.testing.assert_close(again, seen["out"], rtol=0, atol=0)
+    view = square_resized(cat, 128, 128)
+    assert np.array_equal(pixels["pitome"][0], np.asarray(render_merges(view, plan.index[0], (32, 32))))
+
+
 def test_sd_speed_rows():
     from visiontools.demos.sd_tab import sd_speed
 
@@ -643,6 +682,8 @@ def test_sd_speed_rows():
     assert rows[0][2] == 1.0 and rows[0][3] == 1.0
     assert rows[1][3] > 1.2 and rows[2][3] > 1.2  # fewer FLOPs in self-attention
     assert all(r[1] > 0 for r in rows) and ("CPU" in machine or "cuda" in machine.lower())
+    rows, _ = sd_speed(0.5, 1, latent_side=32, repeats=1, warmup=0, method="pitome")
+    assert [r[0] for r in rows][1] == "ToMe-SD merge @ 0.5 (pitome)" and rows[1][3] > 1.2
 
 
 # --- Hyena tab --------------------------------------------------------------------------------------
@@ -704,6 +745,7 @@ def test_sd_tab_callback_and_bad_upload(tmp_path):
     gallery, note = merge_maps_ui({"path": CAT}, 0.5, 1, side)
     assert len(gallery) == 3 and all(isinstance(p, Image.Image) for p, _ in gallery)
     assert "3 patched self-attention blocks" in note and "1536 of 3072 tokens merged" in note
+    assert "method `pitome`" in merge_maps_ui({"path": CAT}, 0.5, 1, side, "pitome")[1]
     bad = tmp_path / "latent.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.warns(UserWarning):
