@@ -125,7 +125,8 @@ def sd_merge_maps(image: Image.Image, ratio: float, max_downsample: int, latent_
         h, w = merge2d.grid_at(latent_side, latent_side, ds)
         r = merge2d.num_merged(h * w, ratio, cfg_sx, cfg_sy, h, w)
         margin, reduce = method_rules(method, i, len(blocks))  # the plan the block made, rebuilt
-        plan = merge2d.plan_merge_2d(inputs[name], h, w, r, cfg_sx, cfg_sy, None, energy_margin=margin, reduce=reduce)
+        plan = merge2d.plan_merge_2d(inputs[name], h, w, r, cfg_sx, cfg_sy, None, energy_margin=margin,
+                                     reduce=reduce)
         out.append(BlockMerge(name, ds, (h, w), plan.r, render_merges(view, plan.index[0], grid_size=(h, w))))
     return out
 
@@ -151,9 +152,10 @@ def sd_speed(ratio: float, max_downsample: int, latent_side: int = 64, repeats: 
     for mode in ("unpatched", "merge", "downsample"):
         unet, m = shared_copy(base), shared_copy(meta)
         if mode != "unpatched":
-            kw = dict(ratio=ratio, mode=mode, max_downsample=max_downsample)
-            apply_tome_sd(unet, **kw, method=method if mode == "merge" else "tome")
-            apply_tome_sd(m, **kw, method=method if mode == "merge" else "tome")
+            kw = dict(ratio=ratio, mode=mode, max_downsample=max_downsample,
+                      method=method if mode == "merge" else "tome")  # downsample mode has no merge method
+            apply_tome_sd(unet, **kw)
+            apply_tome_sd(m, **kw)
         fns[mode] = (lambda u: (lambda: u(x, t, e)))(unet)
         flops[mode] = count_flops(lambda m=m: m(x.to("meta"), t.to("meta"), e.to("meta")))
     with _LOCK:

@@ -9,7 +9,6 @@ tokens never costs more.
 from __future__ import annotations
 
 import math
-
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
