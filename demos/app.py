@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port to listen on (default: $GRADIO_SERVER_PORT if set, else 7860)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model shown first: 'default' (the library's default checkpoint, the shipped CIFAR-10 "
-                             "ViT cifar10_vit), another shipped checkpoint (conformer_cifar10: more accurate, slower "
-                             "with ToMe on CPUs), a timm ViT name (e.g. vit_small_patch16_224) or a visiontools "
-                             ".safetensors checkpoint")
+                             "CCT-style ViT cifar10_cct), another shipped checkpoint (conformer_cifar10: slower "
+                             "with ToMe on CPUs; cifar10_vit: a plain ViT with a class token), a timm ViT name "
+                             "(e.g. vit_small_patch16_224) or a visiontools .safetensors checkpoint")
     parser.add_argument("--share", action=argparse.BooleanOptionalAction, default=False,
                         help="create a public gradio.live link (needs internet)")
     parser.add_argument("--no-download", action="store_true",
@@ -74,8 +74,9 @@ def _header(gr, shared, default_model: str) -> None:
     with gr.Row():
         shared.model_name = gr.Dropdown(
             choices, value=default_model, allow_custom_value=True, scale=2, min_width=280, label="Model",
-            info="'default' = the shipped CIFAR-10 ViT (cifar10_vit); conformer_cifar10 = the shipped "
-                 "conv-augmented ViT (more accurate, slower with ToMe on CPUs); or type any timm ViT name")
+            info="'default' = the shipped CIFAR-10 CCT-style ViT (cifar10_cct); conformer_cifar10 = the shipped "
+                 "conv-augmented ViT (slower with ToMe on CPUs); cifar10_vit = a plain ViT with a class token; "
+                 "or type any timm ViT name")
         with gr.Column(scale=3, min_width=300):
             shared.model_info = gr.Markdown(model_info_markdown(shared.dm), elem_id="model-info")
     shared.status = gr.Markdown("", elem_id="status")

@@ -1,8 +1,9 @@
 """Models for the demo: the library's default checkpoint (``visiontools.models.DEFAULT_CHECKPOINT``,
-``cifar10_vit``: a plain ViT, where ToMe pays on a CPU) by default, another shipped checkpoint (e.g.
-the more accurate ``conformer_cifar10``) or any timm ViT by name, loaded once by
-``visiontools.models.load`` and cached (thread-safe). Every request patches a shallow copy of the cached
-model, so users with different ToMe settings never change each other's model."""
+``cifar10_cct``: convolutional tokens into plain transformer blocks, where ToMe pays on a CPU) by
+default, another shipped checkpoint (e.g. ``conformer_cifar10`` or the plain ViT ``cifar10_vit``) or
+any timm ViT by name, loaded once by ``visiontools.models.load`` and cached (thread-safe). Every
+request patches a shallow copy of the cached model, so users with different ToMe settings never change
+each other's model."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,7 @@ from visiontools.models import DEFAULT_ARCHITECTURE, DEFAULT_CHECKPOINT, SHIPPED
 
 DEFAULT_MODEL = "default"
 DEFAULT_ALIASES = ("default", DEFAULT_CHECKPOINT)
-SUGGESTED_MODELS = ["default", "conformer_cifar10", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
+SUGGESTED_MODELS = ["default", "conformer_cifar10", "cifar10_vit", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
                     "vit_small_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224"]
 MAX_CACHED = 3  # models kept in memory besides the default one
 

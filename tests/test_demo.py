@@ -4,6 +4,7 @@ Gradio callbacks. Real bundled photos, the default (shipped) model, tiny setting
 from __future__ import annotations
 
 import argparse
+import json
 import threading
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from visiontools.demos.images import ImageInputError, example_images, read_image, square_crop
 from visiontools.demos.merging import analyse, model_input, r_setting, token_table, top_k
 from visiontools.demos.model_cache import ModelCache, load_model
+from visiontools.models import DEFAULT_CHECKPOINT
 
 CAT = next(p for p in example_images() if p.endswith("cat.jpg"))
 
@@ -24,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def dm():
-    return ModelCache(allow_download=False).get("default")
+    """The shipped plain ViT (a class token, 65 tokens): the merge view's tests count its tokens. The
+    default checkpoint has its own tests below."""
+    return ModelCache(allow_download=False).get("cifar10_vit")
 
 
 @pytest.fixture(scope="module")
@@ -284,11 +288,11 @@ def test_cache_loads_each_model_once_across_threads():
     for t in threads:
         t.join()
     assert cache.loads == 1 and len(got) == 4 and all(g is got[0] for g in got)
-    assert cache.get("cifar10_vit") is got[0] and cache.get("") is got[0]
+    assert cache.get(DEFAULT_CHECKPOINT) is got[0] and cache.get("") is got[0]  # the default's aliases
 
 
 def test_start_up_model_named_by_alias_is_never_evicted_and_failed_loads_leave_no_lock():
-    cache = ModelCache(allow_download=False, max_cached=0, default="cifar10_vit")
+    cache = ModelCache(allow_download=False, max_cached=0, default=DEFAULT_CHECKPOINT)
     start = cache.get(None)
     cache.get("vit_tiny_patch16_224")  # over max_cached: evicted again, but not the start-up model
     assert cache.get("default") is start and cache.loads == 2
@@ -297,20 +301,23 @@ def test_start_up_model_named_by_alias_is_never_evicted_and_failed_loads_leave_n
     assert not cache._loading  # the failed name's load lock is gone
 
 
-def test_default_model_is_the_librarys_default_checkpoint(dm):
-    """The demo opens on the library's one default checkpoint (visiontools.models.DEFAULT_CHECKPOINT, the
-    plain cifar10_vit, where ToMe pays on a CPU) with exactly its shipped trained weights (no random fallback)."""
+def test_default_model_is_the_librarys_default_checkpoint():
+    """The demo opens on the library's one default checkpoint (visiontools.models.DEFAULT_CHECKPOINT,
+    cifar10_cct: convolutional tokens into plain transformer blocks, where ToMe pays on a CPU) with exactly
+    its shipped trained weights (no random fallback), and says the accuracy its card records."""
     from safetensors.torch import load_file
 
     from visiontools import models
     from visiontools.demos import model_cache
 
-    assert models.DEFAULT_CHECKPOINT == "cifar10_vit" and model_cache.DEFAULT_ALIASES == ("default", "cifar10_vit")
+    dm = ModelCache(allow_download=False).get("default")
+    assert models.DEFAULT_CHECKPOINT == "cifar10_cct" and model_cache.DEFAULT_ALIASES == ("default", "cifar10_cct")
     assert not hasattr(model_cache, "DEFAULT_CHECKPOINT") or model_cache.DEFAULT_CHECKPOINT is models.DEFAULT_CHECKPOINT
     assert dm.classes[:3] == ["airplane", "automobile", "bird"] and dm.input_size == (32, 32)
-    assert dm.trained and not dm.notice and "shipped CIFAR-10 checkpoint cifar10_vit" in dm.description
-    assert "vit_cifar_mini_p4" in dm.description and "top-1 55.4%" in dm.description
-    assert dm.model.num_prefix_tokens == 1 and dm.num_patches == 64  # 65 tokens: 64 patches + the class token
+    assert dm.trained and not dm.notice and "shipped CIFAR-10 checkpoint cifar10_cct" in dm.description
+    card = json.loads(models.SHIPPED["cifar10_cct"].with_suffix(".json").read_text())
+    assert "cct_vit_cifar" in dm.description and f"top-1 {card['eval']['rows'][0]['top1']:.1f}%" in dm.description
+    assert dm.model.num_prefix_tokens == 0 and dm.num_patches == 64  # 64 convolutional tokens, no class token
     shipped = load_file(str(models.SHIPPED[models.DEFAULT_CHECKPOINT]))
     state = dm.model.state_dict()
     assert {f"model.{k}" for k in state} == set(shipped)
@@ -334,9 +341,9 @@ def test_default_checkpoint_is_one_for_library_cli_and_demo():
 def test_broken_default_checkpoint_falls_back_to_its_architecture_with_a_notice(monkeypatch, tmp_path):
     from visiontools.demos import model_cache
 
-    monkeypatch.setitem(model_cache.SHIPPED, "cifar10_vit", tmp_path / "gone.safetensors")
+    monkeypatch.setitem(model_cache.SHIPPED, "cifar10_cct", tmp_path / "gone.safetensors")
     dm = model_cache.load_model("default", allow_download=False)
-    assert not dm.trained and "could not be loaded" in dm.notice and "vit_cifar_mini_p4" in dm.notice
+    assert not dm.trained and "could not be loaded" in dm.notice and "cct_vit_cifar" in dm.notice
     assert dm.classes[0] == "airplane" and dm.grid_size == (8, 8)
 
 
@@ -395,7 +402,7 @@ def test_measure_speed_reports_all_candidates_and_flop_ratio(dm, cat):
     table = res.table()
     assert table[0][3] == 1.0 and table[0][5] == 1.0
     flop_ratios = [row[5] for row in table]
-    # more merging, fewer FLOPs (the default plain ViT: 65 -> 25 tokens at r=8 over 6 blocks)
+    # more merging, fewer FLOPs (the plain ViT: 65 -> 25 tokens at r=8 over 6 blocks)
     assert flop_ratios == sorted(flop_ratios) and flop_ratios[-1] > 1.5
     n0 = dm.num_patches + dm.model.num_prefix_tokens  # tokens written as bench and eval write them
     assert table[0][6] == "all" and table[-1][6] == f"{n0} -> {n0 - 8 * (dm.depth - 1)}" == "65 -> 25"

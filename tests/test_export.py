@@ -93,6 +93,25 @@ def test_cli_exports_and_checks_a_patched_vit(tmp_path, capsys):
     assert program.module()(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
 
 
+
+def test_cli_exports_the_default_checkpoint_without_model_or_r(tmp_path, capsys):
+    """With no --model and no --r, export writes the library's one default checkpoint (cifar10_cct, its
+    trained weights) at r=8, as eval, video and the demo default to it."""
+    from visiontools import models, video
+
+    assert export.DEFAULT_MODEL == video.DEFAULT_MODEL == models.DEFAULT_CHECKPOINT
+    out = tmp_path / "default.onnx"
+    assert main(["export", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"exporting {models.DEFAULT_CHECKPOINT} (r=8)" in text
+    assert "tokens per block: 64 -> 56 -> 48 -> 40 -> 32 -> 24 -> 16 -> 8" in text
+    model, _ = models.load_default_model()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = apply_tome(model, r=8)(x)
+    got = export.onnx_logits(export.onnx_session(str(out)), x)
+    assert torch.allclose(got, expected, atol=1e-4)  # the shipped weights, merged
+
 def one_line_error(argv, capsys) -> str:
     """Run ``visiontools export argv`` in-process; assert exit status 2 and one stderr line; return it."""
     try:

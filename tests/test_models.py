@@ -91,7 +91,7 @@ def test_load_takes_a_shipped_name_a_file_or_a_timm_name(tmp_path):
 
 
 def test_load_errors_are_one_line():
-    with pytest.raises(UserError, match=r"unknown model 'vit_cifar_mini_p5': not a shipped checkpoint \(cifar10_vit.*"
+    with pytest.raises(UserError, match=r"unknown model 'vit_cifar_mini_p5': not a shipped checkpoint \(cifar10_cct, cifar10_vit.*"
                                         r"did you mean 'vit_cifar_mini_p4'"):
         models.load("vit_cifar_mini_p5")
     with pytest.raises(FileNotFoundError, match="does not exist.*shipped names"):
@@ -107,8 +107,8 @@ def test_load_errors_are_one_line():
     assert "\n" not in str(e.value)
 
 
-def test_default_checkpoint_is_the_plain_vit_and_its_architecture():
-    assert models.DEFAULT_CHECKPOINT == "cifar10_vit" and models.DEFAULT_CHECKPOINT in models.SHIPPED
+def test_default_checkpoint_is_the_cct_and_its_architecture():
+    assert models.DEFAULT_CHECKPOINT == "cifar10_cct" and models.DEFAULT_CHECKPOINT in models.SHIPPED
     model, desc = models.load_default_model()
-    assert desc["model"] == models.DEFAULT_ARCHITECTURE and type(model).__name__ == "VisionTransformer"
-    assert model.num_prefix_tokens == 1  # a plain ViT with a class token: ToMe pays on CPUs
+    assert desc["model"] == models.DEFAULT_ARCHITECTURE == "cct_vit_cifar" and type(model).__name__ == "VisionTransformer"
+    assert model.num_prefix_tokens == 0 and len(model.blocks) == 7  # plain timm Blocks: ToMe saves their full cost

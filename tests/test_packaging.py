@@ -32,7 +32,7 @@ def test_wheel_has_one_top_level_package(wheel):
     for module in ("visiontools/patches/timm.py", "visiontools/patches/diffusers.py",
                    "visiontools/demos/app.py", "visiontools/demos/state.py", "visiontools/demos/merge_tab.py",
                    "visiontools/models/vit.py", "visiontools/models/shipped.py",
-                   "visiontools/checkpoints/cifar10_vit.safetensors"):
+                   "visiontools/checkpoints/cifar10_vit.safetensors", "visiontools/checkpoints/cifar10_cct.safetensors"):
         assert module in names
 
 

@@ -185,16 +185,17 @@ def test_long_commands_run_as_written_with_tiny_settings(text, tmp_path, dataset
 
 
 def test_shared_numbers_agree_with_the_stored_results():
-    """The demo, the README and the training page quote the shipped ViT's accuracy from one source
-    (its card), and the Hyena crossover in the README and on the Hyena page is the one
-    docs/results/bench_hyena_cpu.* report."""
+    """The demo, the README and the training page quote the shipped default's and the plain ViT's
+    accuracy from one source (their cards), and the Hyena crossover in the README and on the Hyena page
+    is the one docs/results/bench_hyena_cpu.* report."""
     from visiontools.demos.model_cache import accuracy_note
 
-    card = json.loads((ROOT / "visiontools/checkpoints/cifar10_vit.json").read_text())
-    top1 = f"{card['eval']['rows'][0]['top1']:.1f}"
-    assert f"top-1 {top1}%" in accuracy_note(card)
-    for name in ("README.md", "docs/training-evaluation.md"):
-        assert f"**{top1} % top-1**" in DOCS[name], name
+    for shipped in ("cifar10_cct", "cifar10_vit"):
+        card = json.loads((ROOT / f"visiontools/checkpoints/{shipped}.json").read_text())
+        top1 = f"{card['eval']['rows'][0]['top1']:.1f}"
+        assert f"top-1 {top1}%" in accuracy_note(card)
+        for name in ("README.md", "docs/training-evaluation.md"):
+            assert f"**{top1} % top-1**" in DOCS[name], (shipped, name)
     hyena = json.loads((ROOT / "docs/results/bench_hyena_cpu.json").read_text())
     co = hyena["crossover_tokens"]
     assert f"from {co} tokens on" in (ROOT / "docs/results/bench_hyena_cpu.md").read_text()

@@ -143,7 +143,7 @@ def test_cli_writes_the_clip_and_reports(clip, tmp_path, capsys):
     frames, _ = read_all(out)
     assert len(frames) == 7
     printed = capsys.readouterr().out
-    assert f"wrote {out}: 7 frames" in printed and "17 of 65 tokens after block 6" in printed
+    assert f"wrote {out}: 7 frames" in printed and "8 of 64 tokens after block 7" in printed  # the default, cifar10_cct
 
 
 def test_cli_help_explains_every_option(capsys):
@@ -276,7 +276,7 @@ def test_demo_tab_annotates_caps_long_clips_and_explains_bad_ones(clip, tmp_path
     frames, fourcc = read_all(out)
     assert len(frames) == 8 and fourcc == "VP80"
     assert f"The clip has {FRAMES} frames (2.0 s); the demo processes the first 8 (0.8 s)" in note
-    assert "57 of 65 tokens** after block 2" in note  # the demo's default cifar10_vit: 64 patches + class token
+    assert "56 of 64 tokens** after block 2" in note  # the demo's default cifar10_cct: 64 tokens, no class token
     assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2   # tokens per block; FPS with / without ToMe
 
     bad = tmp_path / "notes.webm"

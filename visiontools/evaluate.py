@@ -528,7 +528,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("model")
     src.add_argument("--checkpoint", default=None,
                      help="visiontools checkpoint (.safetensors) or shipped name; if neither this nor --model is given, "
-                          "the shipped cifar10_vit")
+                          "the shipped default, cifar10_cct")
     src.add_argument("--model", default=None, help="a timm model name instead of a checkpoint")
     src.add_argument("--compare", nargs="+", default=[], metavar="CHECKPOINT",
                      help="more checkpoints trained on the same data, evaluated unpatched on the same images and "

@@ -120,15 +120,18 @@ def max_abs_diff(model: torch.nn.Module, session, x: torch.Tensor) -> float:
 
 # --- command line: visiontools export ----------------------------------------------------------
 
+DEFAULT_MODEL = "cifar10_cct"  # visiontools.models.DEFAULT_CHECKPOINT (not imported here: it imports timm)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools export``."""
     from visiontools.tome.r_text import r_argument
 
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="timm ViT or EVA name (random weights unless --pretrained), a shipped checkpoint name "
-                        "(cifar10_vit) or a visiontools .safetensors checkpoint")
+                        "(e.g. cifar10_vit) or a visiontools .safetensors checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
-    p.add_argument("--r", type=r_argument, default=16, metavar="R",
+    p.add_argument("--r", type=r_argument, default=8, metavar="R",
                    help="ToMe tokens merged per block: an int (0 exports the unpatched model), 'r,inflection' "
                         "(e.g. 16,-0.5) or a comma list of per-block r")
     p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention (log-size mask)")
@@ -186,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     model = _load(args)
     if not hasattr(model, "patch_embed"):
         raise UserError(f"{args.model} is a {type(model).__name__}; export supports timm ViTs and EVAs: "
-                        "choose one with --model (e.g. vit_small_patch16_224 or cifar10_vit)")
+                        "choose one with --model (e.g. vit_small_patch16_224 or cifar10_cct)")
     if args.r != 0:
         try:
             apply_tome(model, r=args.r, prop_attn=not args.no_prop_attn)

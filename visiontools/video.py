@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 MAX_FRAME_PIXELS = 4096 * 4096   # larger frames are refused before any is decoded
-DEFAULT_MODEL = "cifar10_vit"
+DEFAULT_MODEL = "cifar10_cct"  # visiontools.models.DEFAULT_CHECKPOINT (not imported here: it imports timm)
 DEFAULT_HEIGHT = 360             # output frame height (each panel), pixels
 # output container -> OpenCV fourcc. mp4v (MPEG-4 Part 2) needs no external ffmpeg but browsers do not
 # play it; VP8 in WebM plays in Chromium and Firefox. This OpenCV build cannot write H.264 (avc1).
@@ -467,7 +467,7 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
 
 def load_model(name: str, pretrained: bool = False) -> tuple[torch.nn.Module, tuple, tuple, str]:
     """``(unpatched model in eval mode, mean, std, description)`` from ``visiontools.models.load``: a
-    shipped checkpoint name (``cifar10_vit``), a visiontools ``.safetensors`` file, or a timm ViT name."""
+    shipped checkpoint name (``cifar10_cct``), a visiontools ``.safetensors`` file, or a timm ViT name."""
     from visiontools import models
 
     model, desc = models.load(name, pretrained=pretrained)
@@ -486,7 +486,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="annotated video to write: .mp4 (MPEG-4 Part 2, plays in VLC/ffplay, not in browsers) "
                         "or .webm (VP8, plays in browsers); written whole or not at all")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a shipped checkpoint (cifar10_vit), a visiontools .safetensors file or a timm ViT name "
+                   help="a shipped checkpoint (e.g. cifar10_vit), a visiontools .safetensors file or a timm ViT name "
                         "(random weights unless --pretrained)")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
     p.add_argument("--r", type=r_argument, default=4, metavar="R",

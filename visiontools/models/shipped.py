@@ -1,8 +1,9 @@
 """The checkpoints shipped inside the package, loading any model by name or path (:func:`load`, the one
 loader the CLI commands, the demo and the library use), and shipping a new checkpoint.
 
-``DEFAULT_CHECKPOINT`` (``cifar10_vit``, a plain ViT, where ToMe pays on a CPU) is the one default of
-the library (:func:`load_default_model`), ``visiontools eval``/``video``/``export`` and the demo.
+``DEFAULT_CHECKPOINT`` (``cifar10_cct``, a CCT-style ViT: convolutional tokens into plain transformer
+blocks, where ToMe pays on a CPU) is the one default of the library (:func:`load_default_model`),
+``visiontools eval``/``video``/``export`` and the demo.
 """
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ from visiontools.models.registry import create_model, is_registered_here
 
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED = {
-    "cifar10_vit": CHECKPOINT_DIR / "cifar10_vit.safetensors",  # vit_cifar_mini_p4: the default
+    "cifar10_cct": CHECKPOINT_DIR / "cifar10_cct.safetensors",  # cct_vit_cifar: the default
+    "cifar10_vit": CHECKPOINT_DIR / "cifar10_vit.safetensors",  # vit_cifar_mini_p4: the first default (a plain ViT)
     "conformer_cifar10": CHECKPOINT_DIR / "conformer_cifar10.safetensors",  # the most accurate (ToMe slower on CPUs)
     "hyena_cifar10": CHECKPOINT_DIR / "hyena_cifar10.safetensors",
     "attn_cifar10": CHECKPOINT_DIR / "attn_cifar10.safetensors",  # attention twin of hyena_cifar10
     "lsh_cifar10": CHECKPOINT_DIR / "lsh_cifar10.safetensors",  # LSH twin of attn_cifar10, same recipe
     "rev_cifar10": CHECKPOINT_DIR / "rev_cifar10.safetensors",  # reversible twin of attn_cifar10, same recipe
 }
-DEFAULT_CHECKPOINT = "cifar10_vit"
-DEFAULT_ARCHITECTURE = "vit_cifar_mini_p4"  # the model of DEFAULT_CHECKPOINT (random weights if the file is broken)
+DEFAULT_CHECKPOINT = "cifar10_cct"
+DEFAULT_ARCHITECTURE = "cct_vit_cifar"  # the model of DEFAULT_CHECKPOINT (random weights if the file is broken)
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
@@ -69,9 +71,9 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
 
 
 def load_default_model(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The CIFAR-10 ViT shipped with visiontools (trained by the project itself). Returns
-    ``(model, description)``: the model in eval mode, and a dict with its class names, mean/std,
-    training summary and ``visiontools eval`` table (the card ``checkpoints/cifar10_vit.json``)."""
+    """The default CIFAR-10 model shipped with visiontools (``cifar10_cct``, trained by the project
+    itself). Returns ``(model, description)``: the model in eval mode, and a dict with its class names,
+    mean/std, training summary and ``visiontools eval`` table (the card ``checkpoints/cifar10_cct.json``)."""
     return load_checkpoint_model(DEFAULT_CHECKPOINT, device=device)
 
 
