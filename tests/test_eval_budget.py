@@ -21,7 +21,7 @@ def test_eval_budget_sweep_writes_one_table_and_plot(tmp_path, datasets_dir):
     assert list(rows) == ["unpatched", "tome @0.60", "tome @0.80", "prune @0.60", "prune @0.80"]  # no r rows
     for name, r in list(rows.items())[1:]:
         assert 1 / r["flop_ratio"] <= r["budget"] + 1e-9 and r["method"] == name.split()[0]
-        assert isinstance(r["r"], list) and len(r["r"]) == 6
+        assert isinstance(r["r"], list) and len(r["r"]) == 7  # one r per block of the default cifar10_cct
     md = Path(str(out) + ".md").read_text()
     assert "| FLOP budget | tome: top-1" in md and "| 0.60 |" in md
     with Image.open(str(out) + ".png") as im:
