@@ -93,7 +93,6 @@ def test_cli_exports_and_checks_a_patched_vit(tmp_path, capsys):
     assert program.module()(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
 
 
-
 def test_cli_exports_the_default_checkpoint_without_model_or_r(tmp_path, capsys):
     """With no --model and no --r, export writes the library's one default checkpoint (cifar10_cct, its
     trained weights) at r=8, as eval, video and the demo default to it."""
@@ -111,6 +110,7 @@ def test_cli_exports_the_default_checkpoint_without_model_or_r(tmp_path, capsys)
         expected = apply_tome(model, r=8)(x)
     got = export.onnx_logits(export.onnx_session(str(out)), x)
     assert torch.allclose(got, expected, atol=1e-4)  # the shipped weights, merged
+
 
 def one_line_error(argv, capsys) -> str:
     """Run ``visiontools export argv`` in-process; assert exit status 2 and one stderr line; return it."""
