@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from visiontools.defaults import DEFAULT_CHECKPOINT
 from visiontools.errors import UserError
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -120,14 +121,13 @@ def max_abs_diff(model: torch.nn.Module, session, x: torch.Tensor) -> float:
 
 # --- command line: visiontools export ----------------------------------------------------------
 
-DEFAULT_MODEL = "cifar10_cct"  # visiontools.models.DEFAULT_CHECKPOINT (not imported here: it imports timm)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools export``."""
     from visiontools.tome.r_text import r_argument
 
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=DEFAULT_CHECKPOINT,
                    help="timm ViT or EVA name (random weights unless --pretrained), a shipped checkpoint name "
                         "(e.g. cifar10_vit) or a visiontools .safetensors checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")

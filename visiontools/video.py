@@ -28,8 +28,9 @@ os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from visiontools.defaults import DEFAULT_CHECKPOINT  # noqa: E402
+
 MAX_FRAME_PIXELS = 4096 * 4096   # larger frames are refused before any is decoded
-DEFAULT_MODEL = "cifar10_cct"  # visiontools.models.DEFAULT_CHECKPOINT (not imported here: it imports timm)
 DEFAULT_HEIGHT = 360             # output frame height (each panel), pixels
 # output container -> OpenCV fourcc. mp4v (MPEG-4 Part 2) needs no external ffmpeg but browsers do not
 # play it; VP8 in WebM plays in Chromium and Firefox. This OpenCV build cannot write H.264 (avc1).
@@ -485,7 +486,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="FILE",
                    help="annotated video to write: .mp4 (MPEG-4 Part 2, plays in VLC/ffplay, not in browsers) "
                         "or .webm (VP8, plays in browsers); written whole or not at all")
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=DEFAULT_CHECKPOINT,
                    help="a shipped checkpoint (e.g. cifar10_vit), a visiontools .safetensors file or a timm ViT name "
                         "(random weights unless --pretrained)")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")

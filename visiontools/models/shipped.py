@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from visiontools.defaults import DEFAULT_ARCHITECTURE, DEFAULT_CHECKPOINT  # noqa: F401 (re-exported)
 from visiontools.errors import UserError, did_you_mean
 from visiontools.models.checkpoint import META_KEY, read_checkpoint  # META_KEY: metadata entry holding the model description
 from visiontools.models.registry import create_model, is_registered_here
@@ -28,8 +29,6 @@ SHIPPED = {
     "lsh_cifar10": CHECKPOINT_DIR / "lsh_cifar10.safetensors",  # LSH twin of attn_cifar10, same recipe
     "rev_cifar10": CHECKPOINT_DIR / "rev_cifar10.safetensors",  # reversible twin of attn_cifar10, same recipe
 }
-DEFAULT_CHECKPOINT = "cifar10_cct"
-DEFAULT_ARCHITECTURE = "cct_vit_cifar"  # the model of DEFAULT_CHECKPOINT (random weights if the file is broken)
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
