@@ -99,7 +99,8 @@ def test_cli_exports_the_default_checkpoint_without_model_or_r(tmp_path, capsys)
     from visiontools import models
     from visiontools.cli import build_parser
 
-    for command in (["export", "--out", "x.onnx"], ["video", "--in", "x.mp4", "--out", "y.webm"]):  # the --model that --help shows
+    # the --model default that --help shows
+    for command in (["export", "--out", "x.onnx"], ["video", "--in", "x.mp4", "--out", "y.webm"]):
         assert build_parser().parse_args(command).model == models.DEFAULT_CHECKPOINT, command
     out = tmp_path / "default.onnx"
     assert main(["export", "--out", str(out)]) == 0

@@ -19,7 +19,8 @@ HOSTS = ("timm", "diffusers", "transformers")
 
 # layer of each module, by its longest matching prefix
 LAYERS = {
-    "visiontools.errors": 0, "visiontools.defaults": 0, "visiontools.timing": 0, "visiontools.data": 0, "visiontools.distributed": 0,
+    "visiontools.errors": 0, "visiontools.defaults": 0, "visiontools.timing": 0, "visiontools.data": 0,
+    "visiontools.distributed": 0,
     "visiontools.tome": 1, "visiontools.layers": 1,
     "visiontools.patches": 2,
     "visiontools.models": 3,
@@ -29,7 +30,8 @@ LAYERS = {
     "visiontools.demos": 7,
 }
 # Algorithms never import a model library.
-NO_HOSTS = ("visiontools.tome", "visiontools.layers", "visiontools.errors", "visiontools.defaults", "visiontools.timing")
+NO_HOSTS = ("visiontools.tome", "visiontools.layers", "visiontools.errors", "visiontools.defaults",
+            "visiontools.timing")
 
 
 def all_modules() -> dict[str, Path]:

@@ -122,7 +122,6 @@ def max_abs_diff(model: torch.nn.Module, session, x: torch.Tensor) -> float:
 # --- command line: visiontools export ----------------------------------------------------------
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools export``."""
     from visiontools.tome.r_text import r_argument
