@@ -60,6 +60,7 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
     state = {k[len(use):]: v for k, v in tensors.items() if k.startswith(use)}
     if not state:
         state = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng.", "ema."))}
+    _check_fits(model, state, path, desc["model"])
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.to(device=device, dtype=dtype).eval()
     side = path.with_suffix(".json")
@@ -67,6 +68,21 @@ def load_checkpoint_model(path_or_name: str | os.PathLike = DEFAULT_CHECKPOINT, 
         desc = {**json.loads(side.read_text()), **desc}
     desc["path"] = str(path)
     return model, desc
+
+
+def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """One-line ``UserError`` when the checkpoint's tensors do not fit the model its metadata names:
+    missing or unexpected keys, or a tensor of another shape (a few named, and how many in all)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    problems = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
+                for what, keys in (("missing", missing), ("unexpected", extra), ("mis-shaped", shapes)) if keys]
+    if problems:
+        raise UserError(f"checkpoint {path} does not fit the model its metadata names ({name}): "
+                        f"{'; '.join(problems)}; was it written by another version of that model, or edited?")
 
 
 def load_default_model(device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
