@@ -1,0 +1,257 @@
+"""What users stack on a ToMe-patched diffusers model (docs/stacking.md): ControlNet, img2img and inpaint
+pipelines, LoRA, offloading, diffusers' step caches, IP-Adapter. One test per row of the matrix, on tiny
+random-weight models built from configs (offline). Every row checks the same four things
+(:func:`check_row`): the stack runs, ratio 0 equals the stack without ToMe bit for bit, a ratio changes the
+output, and removing ToMe gives the stack back bit for bit."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+import visiontools
+from visiontools.patches.diffusers import apply_tome_sd, is_patched, remove_tome_sd
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+H, W = 16, 24  # pixels of the pipelines' images; their tiny VAE downsamples x2 -> 8 x 12 latents
+
+
+def check_row(run, patch, unpatch, ratio=0.5):
+    """The four checks of a matrix row. ``run()`` runs the stack and returns a tensor; ``patch(ratio)``
+    applies ToMe to it (re-applying replaces the patch), ``unpatch()`` removes it."""
+    ref = run()
+    assert torch.isfinite(ref).all()
+    patch(0.0)
+    assert torch.equal(run(), ref), "ratio 0 must equal the stack without ToMe bit for bit"
+    patch(ratio)
+    out = run()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.5, f"ToMe at ratio {ratio} must change the output, a little (rel. L2 {rel:.3g})"
+    unpatch()
+    assert torch.equal(run(), ref), "remove_tome must restore the stack bit for bit"
+    return out
+
+
+def randomize_zeros(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give every all-zero weight (ControlNet's zero convolutions, LoRA's B) small random values, so the
+    add-on changes the output as a trained one would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def unet_config(sdxl: bool = False, **overrides) -> dict:
+    """SD 1.x-like tiny UNet (attention at x1 and x2) or SDXL-like (none at x1, text_time conditioning)."""
+    config = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64),
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    if sdxl:
+        config.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      attention_head_dim=(2, 4, 8), use_linear_projection=True, addition_embed_type="text_time",
+                      addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    config.update(overrides)
+    return config
+
+
+def tiny_unet(seed: int = 0, sdxl: bool = False, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**unet_config(sdxl, **overrides)).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=32).eval()
+
+
+def pipeline(cls, unet=None, sdxl: bool = False, **extra):
+    """A pipeline of class ``cls`` on tiny components (no text encoders: prompts come as embeddings)."""
+    from diffusers import DDIMScheduler
+
+    parts = dict(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet or tiny_unet(sdxl=sdxl),
+                 scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), **extra)
+    if sdxl:
+        parts.update(text_encoder_2=None, tokenizer_2=None)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt(sdxl: bool = False) -> dict:
+    """Prompt and negative-prompt embeddings (SDXL: with pooled embeddings), seeded."""
+    g = torch.Generator().manual_seed(1)
+    kw = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g), negative_prompt_embeds=torch.randn(1, 7, 32, generator=g))
+    if sdxl:
+        kw.update(pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+                  negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g))
+    return kw
+
+
+def image(channels: int = 3, seed: int = 2) -> torch.Tensor:
+    """A smooth random image in [0, 1], ``(1, channels, H, W)``."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, channels, H // 4, W // 4, generator=g)
+    return torch.nn.functional.interpolate(small, size=(H, W), mode="bilinear")
+
+
+def generate(pipe, steps: int = 2, **kw) -> torch.Tensor:
+    """Final latents of a seeded, guided pipeline call."""
+    with torch.no_grad():
+        return pipe(height=H, width=W, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kw).images
+
+
+def check_pipeline(pipe, ratio=0.5, **kw):
+    """:func:`check_row` on ``pipe(...)`` with ToMe applied to the pipeline (merge mode)."""
+    return check_row(lambda: generate(pipe, **kw), lambda r: apply_tome_sd(pipe, ratio=r),
+                     lambda: remove_tome_sd(pipe), ratio)
+
+
+# ------------------------------------------------------------------------------------ UNet pipelines
+
+
+def tiny_controlnet(unet):
+    """A ControlNet from the UNet's layout (ControlNetModel.from_unet) with its zero convolutions
+    randomised; its conditioning embedding downsamples x2, as the tiny VAE does."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(3)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    randomize_zeros(net)
+    return net
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_controlnet_pipeline(sdxl):
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    unet = tiny_unet(sdxl=sdxl)
+    cls = StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline
+    pipe = pipeline(cls, unet, sdxl, controlnet=tiny_controlnet(unet))
+    kw = dict(prompt(sdxl), image=image())
+    uncontrolled = generate(pipe, **kw, controlnet_conditioning_scale=0.0)
+    assert not torch.equal(generate(pipe, **kw), uncontrolled)  # the ControlNet acts
+    merged = check_pipeline(pipe, **kw)
+    # ToMe keeps acting on later calls with the ControlNet (tomesd's "ControlNet disables ToMe until reload")
+    apply_tome_sd(pipe, ratio=0.5)
+    assert torch.equal(generate(pipe, **kw), merged) and torch.equal(generate(pipe, **kw), merged)
+
+
+def test_img2img_pipeline():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = pipeline(StableDiffusionImg2ImgPipeline)
+    check_pipeline(pipe, steps=3, strength=0.7, image=image(), **prompt())
+
+
+def test_inpaint_pipeline():
+    """A 9-channel inpainting UNet (latents, mask, masked-image latents)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = pipeline(StableDiffusionInpaintPipeline, tiny_unet(in_channels=9))
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., H // 4:, W // 3:] = 1
+    check_pipeline(pipe, image=image(), mask_image=mask, **prompt())
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_weights(rank: int = 4) -> dict:
+    """A LoRA for :func:`tiny_unet` in the format ``load_lora_weights`` reads (``unet.``-prefixed peft
+    keys), with random A and B (a trained LoRA's B is not zero)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    twin = tiny_unet()
+    torch.manual_seed(4)
+    twin.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return {f"unet.{k}": v.clone() for k, v in get_peft_model_state_dict(twin).items()}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("order", ["lora_first", "tome_first"])
+def test_lora(order, fused):
+    """LoRA loaded (and fused) before or after apply_tome_sd: the same images either way."""
+    from diffusers import StableDiffusionPipeline
+
+    lora, kw = lora_weights(), prompt()
+
+    def add_lora(pipe):
+        pipe.load_lora_weights(lora, adapter_name="style")
+        if fused:
+            pipe.fuse_lora()
+
+    plain = pipeline(StableDiffusionPipeline)
+    base = generate(plain, **kw)
+    add_lora(plain)
+    assert not torch.equal(generate(plain, **kw), base)  # the LoRA acts
+    if order == "lora_first":
+        merged = check_pipeline(plain, **kw)
+    else:  # each run: a fresh pipeline, ToMe (setting: ratio, or None = never / "removed" = removed after LoRA)
+        setting = {"ratio": None}
+
+        def run():
+            pipe = pipeline(StableDiffusionPipeline)
+            if setting["ratio"] is not None:
+                apply_tome_sd(pipe, ratio=setting["ratio"])
+            add_lora(pipe)
+            if setting.get("removed"):
+                remove_tome_sd(pipe)
+            return generate(pipe, **kw)
+
+        merged = check_row(run, lambda r: setting.update(ratio=r), lambda: setting.update(removed=True))
+    apply_tome_sd(plain, ratio=0.5)  # the other order gives the same images
+    assert torch.equal(generate(plain, **kw), merged)
+
+
+# ----------------------------------------------------------------------------------------- offloading
+
+
+@pytest.mark.parametrize("order", ["offload_first", "tome_first"])
+def test_model_cpu_offload(order):
+    """enable_model_cpu_offload (accelerate's hooks move each model to the device for its call). No
+    accelerator here: the onload device is the CPU, so this checks the hooks compose, not the transfers."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = pipeline(StableDiffusionPipeline)
+    kw = prompt()
+    if order == "tome_first":
+        apply_tome_sd(pipe, ratio=0.5)
+    pipe.enable_model_cpu_offload(device="cpu")
+    if order == "tome_first":
+        remove_tome_sd(pipe)
+    assert pipe.unet._hf_hook is not None  # the offload hook is in place
+    check_pipeline(pipe, **kw)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading(offload_type):
+    """enable_group_offload on the UNet (onload and offload device: the CPU, as no accelerator is here;
+    streams need CUDA)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = pipeline(StableDiffusionPipeline)
+    extra = dict(num_blocks_per_group=1) if offload_type == "block_level" else {}
+    pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                   offload_type=offload_type, **extra)
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    assert _is_group_offload_enabled(pipe.unet)
+    check_pipeline(pipe, **prompt())
