@@ -11,6 +11,8 @@ import logging
 
 TITLE = "Which patches merge"
 DEFAULT_R = 8  # the default cifar10_cct: 1.51x for 0.40 points of top-1 (docs/results/cifar10_cct_tome.md)
+# DEFAULT_R is also the one r of the first merge picture (each block's r times k*k on the picture's k
+# times larger input, visiontools.pictures); its block: visiontools.demos.merging.first_view_block.
 
 
 def available() -> bool:
@@ -26,6 +28,11 @@ def model_info_markdown(dm) -> str:
     tokens = dm.num_patches + dm.model.num_prefix_tokens
     text = (f"**Model:** {dm.description}. {dm.depth} blocks, {rows}x{cols} = {dm.num_patches} patches, "
             f"{tokens} tokens ({prefix_words(dm.model)}), {len(dm.classes)} classes.")
+    pic, k = dm.picture
+    if k > 1:
+        (ph, pw), (gh, gw) = pic.patch_embed.img_size, dm.picture_grid
+        text += (f" Merge pictures: the same model on a {ph}x{pw} copy of the image ({gh}x{gw} patches, "
+                 f"each block's r times {k * k}), fine enough to show groups that follow objects.")
     if dm.notice:
         text += f"\n\n⚠️ **Note:** {dm.notice}"
     return text
@@ -37,7 +44,8 @@ def max_r_for(dm) -> int:
 
 
 def load_model_ui(name: str):
-    """Select a model: returns (model panel markdown, r slider update, layer slider update, status)."""
+    """Select a model: returns (model panel markdown, r slider update, layer slider update (the first
+    view's block, :func:`visiontools.demos.merging.first_view_block`), classes note, status)."""
     import gradio as gr
 
     from visiontools.demos.state import cache
@@ -47,14 +55,17 @@ def load_model_ui(name: str):
     except Exception as e:  # unknown names, unsupported architectures, broken checkpoints
         msg = f"Could not load model {name!r}: {e}"
         gr.Warning(msg)
-        return gr.update(), gr.update(), gr.update(), f"⚠️ {msg}"
+        return gr.update(), gr.update(), gr.update(), gr.update(), f"⚠️ {msg}"
     if dm.notice:
         gr.Warning(dm.notice)
+    from visiontools.demos.merging import classes_note, first_view_block
+
     r_max = max_r_for(dm)
+    r = min(DEFAULT_R, r_max)
     return (model_info_markdown(dm),
-            gr.update(maximum=r_max, value=min(DEFAULT_R, r_max)),
-            gr.update(maximum=dm.depth, value=dm.depth),
-            f"Loaded {dm.description}.")
+            gr.update(maximum=r_max, value=r),
+            gr.update(maximum=dm.depth, value=first_view_block(dm, r)),
+            classes_note(dm), f"Loaded {dm.description}.")
 
 
 def run_merge(image, model_name: str, r, schedule: str, layer, opacity=1.0):
@@ -95,9 +106,10 @@ def run_merge(image, model_name: str, r, schedule: str, layer, opacity=1.0):
 def build_tab(gr, shared) -> None:
     """The tab's components and events; fills in ``shared.image``, ``shared.r`` and ``shared.schedule``."""
     from visiontools.demos.images import example_images
-    from visiontools.demos.merging import SCHEDULES, TOKEN_TABLE_HEADERS
+    from visiontools.demos.merging import SCHEDULES, TOKEN_TABLE_HEADERS, classes_note, first_view_block
 
     dm, r_max = shared.dm, max_r_for(shared.dm)
+    r0 = min(DEFAULT_R, r_max)
     with gr.Tab(TITLE):
         with gr.Row():
             with gr.Column(scale=1):
@@ -107,13 +119,14 @@ def build_tab(gr, shared) -> None:
                                  height=300, elem_id="input-image", sources=["upload", "clipboard"])
                 gallery = gr.Examples(examples=[[p] for p in examples], inputs=[image],
                                       label="Bundled example photos", elem_id="examples")
-                r = gr.Slider(0, r_max, value=min(DEFAULT_R, r_max), step=1, label="r: tokens merged per block",
+                r = gr.Slider(0, r_max, value=r0, step=1, label="r: tokens merged per block",
                               elem_id="r-slider")
                 schedule = gr.Radio(list(SCHEDULES), value="constant", label="Schedule",
                                     info="decreasing merges more in early blocks (--r r,-0.5 on the command "
                                          "line), increasing in late ones (--r r,+0.5)")
-                layer = gr.Slider(0, dm.depth, value=dm.depth, step=1, label="Show merges after block",
-                                  info="0 = before the first block", elem_id="layer-slider")
+                layer = gr.Slider(0, dm.depth, value=first_view_block(dm, r0), step=1,
+                                  label="Show merges after block", info="0 = before the first block",
+                                  elem_id="layer-slider")
                 opacity = gr.Slider(0.2, 1.0, value=1.0, step=0.05, label="Drawing opacity",
                                     info="below 1 the photo shows through the merged groups")
             with gr.Column(scale=1):
@@ -125,12 +138,13 @@ def build_tab(gr, shared) -> None:
         with gr.Row():
             before = gr.Label(num_top_classes=5, label="Top-5 without ToMe", elem_id="top5-before")
             after = gr.Label(num_top_classes=5, label="Top-5 with ToMe", elem_id="top5-after")
+        classes = gr.Markdown(classes_note(dm), elem_id="classes-note")
     shared.image, shared.r, shared.schedule = image, r, schedule
     _merge_events(shared, gallery, [image, shared.model_name, r, schedule, layer, opacity],
-                  [vis, tokens, summary, before, after, shared.status], layer, opacity)
+                  [vis, tokens, summary, before, after, shared.status], layer, opacity, classes)
 
 
-def _merge_events(shared, gallery, inputs: list, outputs: list, layer, opacity) -> None:
+def _merge_events(shared, gallery, inputs: list, outputs: list, layer, opacity, classes) -> None:
     """Redraw on every change of the image, r, schedule, block or opacity, on page load, and after a
     model switch (which first updates the panel and the sliders)."""
     image, r, schedule = shared.image, shared.r, shared.schedule
@@ -144,6 +158,7 @@ def _merge_events(shared, gallery, inputs: list, outputs: list, layer, opacity) 
         trigger(run_merge, inputs, outputs, trigger_mode="always_last", preprocess=False,
                 show_progress="minimal", concurrency_id="merge")
     shared.demo.load(run_merge, inputs, outputs, preprocess=False, concurrency_id="merge")
-    shared.model_name.change(load_model_ui, [shared.model_name], [shared.model_info, r, layer, shared.status],
+    shared.model_name.change(load_model_ui, [shared.model_name],
+                             [shared.model_info, r, layer, classes, shared.status],
                              concurrency_id="load", concurrency_limit=1).then(
         run_merge, inputs, outputs, preprocess=False, concurrency_id="merge")

@@ -57,6 +57,21 @@ class DemoModel:
         """Patch tokens (prefix tokens such as the class token not included)."""
         return self.grid_size[0] * self.grid_size[1]
 
+    @property
+    def picture(self) -> tuple[torch.nn.Module, int]:
+        """``(model, k)`` for the merge pictures: :func:`visiontools.pictures.picture_model` of the model,
+        its input ``k`` times larger so that the patch grid has at least 14x14 patches (built once)."""
+        if "_picture" not in self.__dict__:
+            from visiontools.pictures import picture_model
+
+            self.__dict__["_picture"] = picture_model(self.model)
+        return self.__dict__["_picture"]
+
+    @property
+    def picture_grid(self) -> tuple[int, int]:
+        """Patch grid ``(rows, cols)`` of the merge pictures (at least 14x14)."""
+        return tuple(self.picture[0].patch_embed.grid_size)
+
     def patched(self, r) -> torch.nn.Module:
         """A ToMe-patched view of the model sharing its weights (a shallow copy: the cached model
         itself stays unpatched, and concurrent requests get their own ``tome_r``)."""

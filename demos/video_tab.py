@@ -137,7 +137,8 @@ def run_video(clip, r, block, batch_size, progress=None):
         logging.getLogger(__name__).exception("video annotation failed")
         gr.Warning(f"Something went wrong: {type(e).__name__}: {e}")
         return None, None, f"⚠️ Something went wrong: {type(e).__name__}: {e}"
-    note = (f"**{res.frames} frames** through {dm.description}, ToMe r={int(r)}: **{res.tokens_after_block} of "
+    note = (f"**{res.frames} frames** through {dm.description}, ToMe r={int(r)}{res.picture_text}: "
+            f"**{res.tokens_after_block} of "
             f"{res.tokens_per_layer[0]} tokens** after block {res.block}. Model speed (forward pass only, "
             f"batches of {int(batch_size)}, both models on the same frames, interleaved): **ToMe {res.fps_tome:.1f} "
             f"FPS, without ToMe {res.fps_base:.1f} FPS ({res.fps_tome / res.fps_base:.2f}x)** on this machine, "
@@ -155,9 +156,12 @@ def webcam_frame(frame, r, block):
     """One webcam frame (RGB array) -> the frame beside its merge map, with tokens and the model time."""
     import torch
 
+    import copy
+
     from visiontools.demos.merging import r_setting
     from visiontools.demos.state import cache
-    from visiontools.patches.timm import tome_forward
+    from visiontools.patches.timm import apply_tome, tome_forward
+    from visiontools.pictures import picture_r
     from visiontools.video import annotate_frame, display_size, model_input
 
     if frame is None:
@@ -166,17 +170,21 @@ def webcam_frame(frame, r, block):
 
     dm = cache().get(None)
     block = min(int(block), dm.depth)
-    tome = dm.patched(r_setting(int(r)))
-    x = model_input([frame], dm.input_size, dm.mean, dm.std)
+    pic, k = dm.picture  # the merge map at least 14x14 patches: the model on a k times larger input
+    tome = apply_tome(copy.copy(pic), r=picture_r(r_setting(int(r)), dm.depth, k))
+    x = model_input([frame], tuple(pic.patch_embed.img_size), dm.mean, dm.std)
     with torch.inference_mode():
         t0 = time.perf_counter()
         _, info = tome_forward(tome, x, trace_source=True)
         ms = (time.perf_counter() - t0) * 1e3
-    source = torch.arange(dm.num_patches) if block == 0 else info.layer_sources[block - 1][0]
+    rows, cols = dm.picture_grid
+    source = torch.arange(rows * cols) if block == 0 else info.layer_sources[block - 1][0]
     w, h = display_size(frame.shape[1], frame.shape[0], OUT_HEIGHT)
     view = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
-    return annotate_frame(view, source, dm.grid_size, [
-        f"ToMe r={int(r)}: {info.tokens_per_layer[block]} of {info.tokens_per_layer[0]} tokens after block {block}",
+    scaled = f" (x{k * k} at {x.shape[-2]}x{x.shape[-1]})" if k > 1 else ""
+    return annotate_frame(view, source, (rows, cols), [
+        f"ToMe r={int(r)}{scaled}: {info.tokens_per_layer[block]} of {info.tokens_per_layer[0]} tokens "
+        f"after block {block}",
         f"ToMe forward {ms:.1f} ms (one frame)"])
 
 
@@ -190,9 +198,14 @@ def build_tab(gr, shared) -> None:  # noqa: ARG001  (the tab interface: visionto
         return run_video(clip, r, block, batch_size, progress=progress)
 
     with gr.Tab(TITLE):
+        pic, k = dm.picture
+        enlarged = (f" The model runs on {pic.patch_embed.img_size[0]}x{pic.patch_embed.img_size[1]} frames "
+                    f"({dm.picture_grid[0]}x{dm.picture_grid[1]} patches, every block's r x{k * k}) so that the "
+                    "merge map is as fine as the ToMe paper's figures; the speeds are measured at that size."
+                    if k > 1 else "")
         gr.Markdown(f"Token merging on every frame of a clip, with {dm.description}: each frame beside the "
                     "patch groups merged after the chosen block, the tokens left, and the model's frames per "
-                    f"second with and without ToMe. Clips are cut at {MAX_FRAMES} frames here "
+                    f"second with and without ToMe.{enlarged} Clips are cut at {MAX_FRAMES} frames here "
                     "(`visiontools video` has no limit).")
         with gr.Row():
             with gr.Column(scale=1):

@@ -192,12 +192,14 @@ def test_analyse_counts_tokens_and_groups(dm, cat):
     res = analyse(dm, cat, r)
     n0 = dm.num_patches + dm.model.num_prefix_tokens
     assert res.tokens_per_layer == [n0 - r * i for i in range(dm.depth + 1)]
-    assert res.layer == dm.depth and res.groups == res.tokens_per_layer[-1] - dm.model.num_prefix_tokens
+    # the picture: the same model on a 2x larger copy (16x16 patches), every block's r times 4
+    assert dm.picture_grid == (16, 16) and res.scale == 2 and res.picture_r == [4 * r] * dm.depth
+    assert res.layer == dm.depth and res.groups == 16 * 16 - 4 * r * dm.depth
     assert res.visualisation.size == (384, 384) and res.visualisation.mode == "RGB"
     assert len(res.before) == 5 and len(res.after) == 5
     assert set(res.before) <= set(dm.classes)
     mid = analyse(dm, cat, r, layer=2)
-    assert mid.groups == dm.num_patches - 2 * r
+    assert mid.groups == 16 * 16 - 2 * 4 * r
     assert "patch groups after block" in res.summary(dm, r, "constant")
 
 
@@ -205,9 +207,9 @@ def test_analyse_layer_zero_and_r_zero(dm, cat):
     from visiontools.tome.vis import render_merges
 
     res = analyse(dm, cat, 0, layer=0)
-    assert res.groups == dm.num_patches
+    assert res.groups == 16 * 16
     view = square_crop(cat).resize((384, 384), Image.Resampling.BICUBIC)
-    want = render_merges(view, torch.arange(dm.num_patches), grid_size=dm.grid_size)
+    want = render_merges(view, torch.arange(16 * 16), grid_size=(16, 16))
     assert np.array_equal(np.asarray(res.visualisation), np.asarray(want))
     # r=0: the patched model computes what the unpatched one does
     for k, v in res.before.items():
@@ -323,6 +325,56 @@ def test_default_model_is_the_librarys_default_checkpoint():
     assert {f"model.{k}" for k in state} == set(shipped)
     assert all(torch.equal(v, shipped[f"model.{k}"]) for k, v in state.items())
     assert models.load(models.DEFAULT_CHECKPOINT)[1]["model"] == models.DEFAULT_ARCHITECTURE  # the fallback's shape
+
+
+def test_first_view_draws_many_groups_on_a_fine_grid_with_the_classes_named(cat):
+    """Issue 47: the merge tab's first view (the default model, DEFAULT_R, the block it opens on) draws at
+    least a 14x14 patch grid, as the ToMe paper's figures do, with many groups (not "2 of 64"), in a middle
+    block; the summary says what the picture is, and the line under the predictions names the 10
+    CIFAR-10 classes the default classifier knows."""
+    from visiontools.demos.merge_tab import DEFAULT_R
+    from visiontools.demos.merging import CIFAR10_CLASSES, classes_note, first_view_block
+
+    dm = ModelCache(allow_download=False).get("default")
+    rows, cols = dm.picture_grid
+    assert rows >= 14 and cols >= 14
+    block = first_view_block(dm, DEFAULT_R)
+    assert 1 <= block < dm.depth
+    res = analyse(dm, cat, DEFAULT_R, layer=block)
+    assert res.groups >= rows * cols // 3 and res.groups >= 60, res.groups
+    assert len(np.unique(np.asarray(res.visualisation).reshape(-1, 3), axis=0)) > res.groups // 2  # drawn
+    h, w = dm.picture[0].patch_embed.img_size
+    text = res.summary(dm, DEFAULT_R, "constant")
+    assert f"**{res.groups} of {rows * cols} patch groups after block {block} of {dm.depth}**" in text, text
+    assert f"merged on a {h}x{w} copy of the image ({rows}x{cols} patches; its own input is 32x32" in text, text
+    note = classes_note(dm)
+    assert note.startswith("This classifier knows only the 10 CIFAR-10 classes: ")
+    assert all(c in note for c in CIFAR10_CLASSES) and tuple(dm.classes) == CIFAR10_CLASSES
+
+
+def test_picture_model_is_the_same_model_on_a_larger_input(dm):
+    """visiontools.pictures: the picture copy of the default (dynamic-size) model computes exactly what the
+    model computes on that larger input; for a fixed-size ViT with a class token (cifar10_vit) the copy
+    has its position embeddings resampled and the original is left unchanged; r scales by k*k."""
+    from visiontools.pictures import picture_model, picture_r, picture_scale
+
+    default = ModelCache(allow_download=False).get("default").model
+    pic, k = picture_model(default)
+    assert k == 2 and tuple(pic.patch_embed.grid_size) == (16, 16) and tuple(default.patch_embed.grid_size) == (8, 8)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(pic(x), default(x))
+    vit = dm.model
+    pos = vit.pos_embed.detach().clone()
+    pic, k = picture_model(vit)
+    assert k == 2 and pic.pos_embed.shape == (1, 1 + 256, 192) and vit.pos_embed.shape == (1, 65, 192)
+    assert torch.equal(vit.pos_embed, pos) and tuple(vit.patch_embed.img_size) == (32, 32)
+    assert torch.equal(pic.pos_embed[:, :1], pos[:, :1])  # the class token's embedding is kept
+    with torch.inference_mode():
+        assert pic(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+    assert picture_model(vit, min_grid=8) == (vit, 1) and picture_scale(vit, 24) == 3
+    assert picture_r(8, 3, 2) == [32, 32, 32] and picture_r((4, -0.5), 3, 1) == (4, -0.5)
+    assert picture_r((4, -0.5), 3, 2) == [24, 16, 8]
 
 
 def test_default_checkpoint_is_one_for_library_cli_and_demo():
@@ -504,8 +556,9 @@ def test_switching_model_updates_sliders_and_warns_about_random_weights(monkeypa
 
     monkeypatch.setattr(state, "_CACHE", ModelCache(allow_download=False))
     with pytest.warns(UserWarning, match="random weights"):
-        info, r, layer, status = app.load_model_ui("deit_tiny_patch16_224")
-    assert "14x14 = 196 patches" in info and "meaningless" in info
+        info, r, layer, classes, status = app.load_model_ui("deit_tiny_patch16_224")
+    assert "14x14 = 196 patches" in info and "meaningless" in info and "Merge pictures" not in info
+    assert classes == "This classifier knows 1000 classes (those it was trained on)."
     assert r["maximum"] == 98 and r["value"] == app.DEFAULT_R and layer["maximum"] == 12 and layer["value"] == 12
     vis, table, summary, before, after, _ = app.run_merge(CAT, "deit_tiny_patch16_224", 16, "decreasing", 12)
     assert vis.size == (384, 384) and len(table) == 12 and table[0][1] == 197

@@ -72,7 +72,7 @@ def annotated(clip, vit, tmp_path_factory):
     model, mean, std = vit
     out = tmp_path_factory.mktemp("out") / "merged.mp4"
     res = video.annotate_video(model, clip, out, r=6, mean=mean, std=std, block=3, batch_size=6,
-                               out_height=120, keep_sources=True)
+                               out_height=120, keep_sources=True, min_grid=0)  # the model's own 8x8 grid
     return res, out
 
 
@@ -130,10 +130,18 @@ def test_merge_map_of_a_frame_equals_the_still_image_functions(annotated, clip, 
 def test_webm_output_for_browsers(clip, vit, tmp_path):
     model, mean, std = vit
     out = tmp_path / "merged.webm"
-    res = video.annotate_video(model, clip, out, r=4, mean=mean, std=std, max_frames=5, batch_size=4, out_height=64)
+    res = video.annotate_video(model, clip, out, r=4, mean=mean, std=std, max_frames=5, batch_size=4, out_height=64,
+                               keep_sources=True)
     frames, fourcc = read_all(out)
     assert res.frames == 5 and len(frames) == 5 and fourcc == "VP80" and res.block == 6
     assert frames[0].shape[:2] == (res.size[1], res.size[0])
+    # by default the merge map has at least 14x14 patches (issue 47): the 8x8-patch model runs on 64x64
+    # frames (16x16 patches + class token) with every block's r x4, and says so
+    assert res.grid == (16, 16) and res.scale == 2 and res.input_size == (64, 64)
+    assert res.tokens_per_layer == [257 - 16 * i for i in range(7)] and res.sources[0].shape == (256,)
+    assert res.texts[0][0].startswith("frame 1/") and "ToMe r=4 (x4 at 64x64): 161 tokens after block 6/6" in \
+        res.texts[0][0], res.texts[0][0]
+    assert res.picture_text == " at a 64x64 input (16x16 patches, every block's r x4)"
 
 
 def test_cli_writes_the_clip_and_reports(clip, tmp_path, capsys):
@@ -143,15 +151,21 @@ def test_cli_writes_the_clip_and_reports(clip, tmp_path, capsys):
     frames, _ = read_all(out)
     assert len(frames) == 7
     printed = capsys.readouterr().out
-    assert f"wrote {out}: 7 frames" in printed and "8 of 64 tokens after block 7" in printed  # the default, cifar10_cct
+    # the default, cifar10_cct (8x8 patches), draws a 16x16 map: 64x64 frames, every block's r x4
+    assert f"wrote {out}: 7 frames" in printed and "r=8 at a 64x64 input (16x16 patches, every block's r x4): " \
+        "32 of 256 tokens after block 7" in printed, printed
+    out = tmp_path / "own.mp4"
+    assert main(["video", "--in", str(clip), "--out", str(out), "--r", "8", "--max-frames", "3", "--min-grid", "0",
+                 "--batch-size", "3", "--height", "64", "--threads", "1", "--no-progress"]) == 0
+    assert "r=8: 8 of 64 tokens after block 7" in capsys.readouterr().out  # --min-grid 0: its own 32x32 input
 
 
 def test_cli_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["video", "--help"])
     text = capsys.readouterr().out
-    for opt in ("--in", "--out", "--model", "--pretrained", "--r", "--block", "--batch-size", "--max-frames",
-                "--height", "--threads", "--no-progress"):
+    for opt in ("--in", "--out", "--model", "--pretrained", "--r", "--block", "--min-grid", "--batch-size",
+                "--max-frames", "--height", "--threads", "--no-progress"):
         assert opt in text, opt
 
 
@@ -276,7 +290,9 @@ def test_demo_tab_annotates_caps_long_clips_and_explains_bad_ones(clip, tmp_path
     frames, fourcc = read_all(out)
     assert len(frames) == 8 and fourcc == "VP80"
     assert f"The clip has {FRAMES} frames (2.0 s); the demo processes the first 8 (0.8 s)" in note
-    assert "56 of 64 tokens** after block 2" in note  # the demo's default cifar10_cct: 64 tokens, no class token
+    # the demo's default cifar10_cct (64 tokens, no class token) on 64x64 frames: 256 tokens, r x4
+    assert "ToMe r=4 at a 64x64 input (16x16 patches, every block's r x4): **224 of 256 tokens** after block 2" \
+        in note, note
     assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2   # tokens per block; FPS with / without ToMe
 
     bad = tmp_path / "notes.webm"
@@ -294,11 +310,13 @@ def test_demo_webcam_frame_is_the_still_image_map(vit):
     shown = video_tab.webcam_frame(frame, 6, 3)
     dm = _cache().get(None)
     pw, ph = video.display_size(W, H, video_tab.OUT_HEIGHT)
-    x = video.model_input([frame], dm.input_size, dm.mean, dm.std)
+    pic, k = dm.picture  # the default model on 64x64 frames (16x16 patches), r x4
+    assert k == 2 and dm.picture_grid == (16, 16)
+    x = video.model_input([frame], (64, 64), dm.mean, dm.std)
     with torch.inference_mode():
-        _, info = tome_forward(dm.patched(6), x, trace_source=True)
+        _, info = tome_forward(apply_tome(copy.copy(pic), r=24), x, trace_source=True)
     view = cv2.resize(frame, (pw, ph), interpolation=cv2.INTER_AREA)
-    expected = np.asarray(render_merges(Image.fromarray(view), info.layer_sources[2][0], dm.grid_size))
+    expected = np.asarray(render_merges(Image.fromarray(view), info.layer_sources[2][0], (16, 16)))
     assert np.array_equal(shown[:ph, pw:], expected) and np.array_equal(shown[:ph, :pw], view)
 
 

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from visiontools.defaults import DEFAULT_CHECKPOINT  # noqa: E402
+from visiontools.pictures import MIN_PICTURE_GRID  # noqa: E402
 
 MAX_FRAME_PIXELS = 4096 * 4096   # larger frames are refused before any is decoded
 DEFAULT_HEIGHT = 360             # output frame height (each panel), pixels
@@ -307,6 +308,17 @@ class VideoResult:
     base_seconds: list[float] = field(default_factory=list)  # model time per batch, unpatched
     sources: list[torch.Tensor] | None = None                # per frame, when keep_sources
     texts: list[list[str]] | None = None                     # per frame's text lines, when keep_sources
+    grid: tuple[int, int] = (0, 0)   # patch grid of the merge map (rows, cols)
+    scale: int = 1                   # the model ran on a ``scale`` times larger input (visiontools.pictures)
+    input_size: tuple[int, int] = (0, 0)  # the model's input (height, width) in this run
+
+    @property
+    def picture_text(self) -> str:
+        """``" at a 64x64 input (16x16 patches, every block's r x4)"`` when the run was enlarged, else ``""``."""
+        if self.scale == 1:
+            return ""
+        return (f" at a {self.input_size[0]}x{self.input_size[1]} input ({self.grid[0]}x{self.grid[1]} patches, "
+                f"every block's r x{self.scale ** 2})")
 
     @property
     def fps_tome(self) -> float:
@@ -387,27 +399,46 @@ def _timed_forwards(base, tome, x: torch.Tensor, batch_index: int):
 def _frame_text(result: VideoResult, i: int, total: int | None, r, depth: int, prefix: int, batch_size: int,
                 fps_t: float, fps_b: float) -> list[str]:
     """The two text lines under output frame ``i`` (1-based): frame number and tokens left, then model FPS."""
-    return [f"frame {i}{f'/{total}' if total else ''}   ToMe r={r}: "
+    scaled = f" (x{result.scale ** 2} at {result.input_size[0]}x{result.input_size[1]})" if result.scale > 1 else ""
+    return [f"frame {i}{f'/{total}' if total else ''}   ToMe r={r}{scaled}: "
             f"{result.tokens_after_block} tokens after block {result.block}/{depth} "
             f"(of {result.tokens_per_layer[0]}, {prefix} class)",
             f"model FPS (batch {batch_size}): ToMe {fps_t:.1f}   without ToMe {fps_b:.1f}"
             f"   ({fps_t / fps_b:.2f}x)"]
 
 
+def _picture_models(base, tome, r, depth: int, min_grid: int):
+    """``(base, ToMe model, k)`` for merge maps of at least ``min_grid`` patches a side: the models on a
+    ``k`` times larger input, every block's r times ``k * k`` (:mod:`visiontools.pictures`); k=1: as given."""
+    from visiontools.pictures import picture_model, picture_r
+
+    pic, k = picture_model(base, min_grid)
+    if k == 1:
+        return base, tome, 1
+    from visiontools.patches.timm import apply_tome
+
+    return pic, apply_tome(copy.copy(pic), r=picture_r(r, depth, k)), k
+
+
 def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                    block: int | None = None, batch_size: int = 8, max_frames: int | None = None,
                    out_height: int = DEFAULT_HEIGHT, max_pixels: int = MAX_FRAME_PIXELS,
-                   keep_sources: bool = False,
+                   keep_sources: bool = False, min_grid: int = MIN_PICTURE_GRID,
                    progress: bool | Callable[[int, int | None], object] = False) -> VideoResult:
     """Write ``dst`` (.mp4 or .webm): every frame of ``src`` beside its ToMe merge map after ``block``
     (default: the last block; 0 = before the first) of an unpatched timm ViT ``model`` patched with
     ``r`` (any ``tome_r`` setting), with the frame number, tokens left and measured FPS with and
-    without ToMe. ``keep_sources``: also return every frame's source map and text (for tests). ``mean``/``std``: the model's input normalisation. ``progress``: a tqdm bar, or a
-    callable ``(frames done, total or None)``. ``dst`` appears only when the whole clip was written."""
+    without ToMe. ``min_grid``: a model whose patch grid is smaller runs on a ``k`` times larger input
+    with every block's r times ``k * k`` (:func:`visiontools.pictures.picture_model`; 0: its own input),
+    so that the map has at least ``min_grid`` patches a side; the FPS are measured on that input.
+    ``keep_sources``: also return every frame's source map and text (for tests). ``mean``/``std``: the
+    model's input normalisation. ``progress``: a tqdm bar, or a callable ``(frames done, total or None)``.
+    ``dst`` appears only when the whole clip was written."""
     base, tome, depth, block, dst = _checked_setup(model, src, dst, r, block, batch_size, max_frames)
     info = probe_video(src, max_pixels)
     if getattr(model.patch_embed, "dynamic_img_size", False):
         raise VideoInputError("models with a dynamic image size are not supported: the merge map needs a fixed patch grid")
+    base, tome, k = _picture_models(base, tome, r, depth, min_grid)
     input_size = tuple(base.patch_embed.img_size)
     grid = tuple(base.patch_embed.grid_size)
     P = base.num_prefix_tokens
@@ -416,8 +447,9 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
     if total is not None and max_frames is not None:
         total = min(total, max_frames)
     display = display_size(info.width, info.height, out_height)
-    result = VideoResult(str(dst), 0, info, (0, 0), CODECS[dst.suffix.lower()], block, [],
-                         sources=[] if keep_sources else None, texts=[] if keep_sources else None)
+    result = VideoResult(str(dst), 0, info, (0, 0), CODECS[dst.suffix.lower()], block, [], grid=grid, scale=k,
+                         input_size=input_size, sources=[] if keep_sources else None,
+                         texts=[] if keep_sources else None)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
@@ -494,6 +526,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ToMe: tokens merged per block (16), r,inflection (16,-0.5) or a per-layer list")
     p.add_argument("--block", type=int, default=None,
                    help="draw the merge map after this block (0 = before the first); default: the last block")
+    p.add_argument("--min-grid", type=int, default=MIN_PICTURE_GRID, metavar="N",
+                   help="a model with a smaller patch grid runs on a k times larger input (every block's r x k*k) "
+                        "so that the merge map has at least NxN patches, as in the ToMe paper's figures; "
+                        "0: the model's own input")
     p.add_argument("--batch-size", type=int, default=8, help="frames per forward pass")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (None: the whole clip)")
     p.add_argument("--height", type=int, default=DEFAULT_HEIGHT,
@@ -507,6 +543,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     video is opened; :func:`annotate_video` checks --batch-size, --max-frames and --block."""
     if args.height < 16:
         raise VideoInputError(f"--height must be at least 16, got {args.height}")
+    if args.min_grid < 0:
+        raise VideoInputError(f"--min-grid must be at least 0, got {args.min_grid}")
     if args.threads is not None and args.threads < 1:
         raise VideoInputError(f"--threads must be at least 1, got {args.threads} (or leave it out)")
 
@@ -523,8 +561,9 @@ def run(args: argparse.Namespace) -> int:
     model, mean, std, desc = load_model(args.model, args.pretrained)
     res = annotate_video(model, args.src, args.out, args.r, mean=mean, std=std, block=args.block,
                          batch_size=args.batch_size, max_frames=args.max_frames, out_height=args.height,
-                         progress=not args.no_progress)
-    print(f"wrote {res.path}: {res.frames} frames, {res.size[0]}x{res.size[1]}, {res.codec}; {desc}, r={args.r}: "
+                         progress=not args.no_progress, min_grid=args.min_grid)
+    print(f"wrote {res.path}: {res.frames} frames, {res.size[0]}x{res.size[1]}, {res.codec}; {desc}, r={args.r}"
+          f"{res.picture_text}: "
           f"{res.tokens_after_block} of {res.tokens_per_layer[0]} tokens after block {res.block}; model FPS "
           f"ToMe {res.fps_tome:.1f}, without {res.fps_base:.1f} ({res.fps_tome / res.fps_base:.2f}x), "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads")
