@@ -4,6 +4,7 @@ counts update. A screenshot is saved to artifacts/demo_browser.png."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from demo_server import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, EXPECT_TIMEOUT_MS, HOLDING_LAUNCHER, DemoServer
@@ -56,6 +57,18 @@ def test_pick_example_and_move_r_slider(server, tmp_path):
             expect(vis).to_have_count(1)
             expect(page.locator("#token-summary")).to_contain_text("patch groups")
             first_src = vis.get_attribute("src")
+            # the first view (issue 47): a 16x16 picture of the default model (8x8 patches at 32x32, run on
+            # a 64x64 copy) after a middle block, with many groups; the classes it knows, named
+            summary = page.locator("#token-summary")
+            expect(summary).to_contain_text(re.compile(r"\d+ of 256 patch groups after block [1-6] of 7"))
+            expect(summary).to_contain_text("merged on a 64x64 copy of the image (16x16 patches")
+            groups, block = re.search(r"(\d+) of 256 patch groups after block (\d) ", summary.inner_text()).groups()
+            assert int(groups) >= 256 // 3, groups  # many groups, not "2 of 64"
+            expect(page.locator("#layer-slider input[type=number]")).to_have_value(block)
+            expect(page.locator("#classes-note")).to_contain_text(
+                "knows only the 10 CIFAR-10 classes: airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "demo_browser_first_view.png"), full_page=True)
 
             # pick another bundled example: the picture and the summary follow
             summary_before = page.locator("#token-summary").inner_text()
