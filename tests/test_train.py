@@ -162,13 +162,13 @@ def test_training_curve_is_drawn_after_every_epoch(tmp_path, datasets_dir, monke
 
     drawn = []
     real = train_module.plot_curve
-    monkeypatch.setattr(train_module, "plot_curve",
-                        lambda history, path, title: drawn.append((len(history), path)) or real(history, path, title))
+    monkeypatch.setattr(train_module, "plot_curve", lambda history, path, title, tome=None:
+                        drawn.append((len(history), path)) or real(history, path, title, tome))
     cfg = tiny_cfg(datasets_dir, tmp_path, epochs=2, ema_decay=0.9)
     train(cfg, progress=False)
     assert drawn == [(1, tmp_path / "curve.png"), (2, tmp_path / "curve.png")]
     with Image.open(tmp_path / "curve.png") as im:
-        assert im.size == (1000, 380)
+        assert im.size == (1400, 380)
     history = read_log(tmp_path / "log.jsonl")
     fig_lines = {}
     monkeypatch.setattr("matplotlib.figure.Figure.savefig",
@@ -178,6 +178,7 @@ def test_training_curve_is_drawn_after_every_epoch(tmp_path, datasets_dir, monke
     assert fig_lines["top-1 %"] == [[r["train_top1"] for r in history], [r["test_top1"] for r in history]]
     assert fig_lines["loss"] == [[r["train_loss"] for r in history]]
     assert fig_lines["learning rate"] == [[r["lr"] for r in history]]
+    assert fig_lines["ms per training step"] == [[r["step_ms"] for r in history]]
 
 
 def test_overwrite_keeps_a_backup(tmp_path, datasets_dir):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from visiontools.defaults import DEFAULT_CHECKPOINT
+from visiontools.defaults import DEFAULT_CHECKPOINT, default_r_text
 from visiontools.errors import UserError
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -130,9 +130,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timm ViT or EVA name (random weights unless --pretrained), a shipped checkpoint name "
                         "(e.g. cifar10_vit) or a visiontools .safetensors checkpoint")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
-    p.add_argument("--r", type=r_argument, default=8, metavar="R",
+    p.add_argument("--r", type=r_argument, default=None, metavar="R",
                    help="ToMe tokens merged per block: an int (0 exports the unpatched model), 'r,inflection' "
-                        "(e.g. 16,-0.5) or a comma list of per-block r")
+                        "(e.g. 16,-0.5) or a comma list of per-block r; default: the checkpoint's recommended r "
+                        f"(the r it was trained with, or its card's choice: {default_r_text()} for {DEFAULT_CHECKPOINT})")
     p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention (log-size mask)")
     p.add_argument("--out", type=Path, required=True, help="the ONNX file to write (.onnx)")
     p.add_argument("--program", type=Path, default=None, metavar="PT2",
@@ -154,7 +155,8 @@ def _load(args) -> torch.nn.Module:
 
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
     try:
-        model, _ = models.load(args.model, pretrained=args.pretrained, **({} if img is None else {"img_size": img}))
+        model, _ = models.load(args.model, pretrained=args.pretrained, tome=False,
+                               **({} if img is None else {"img_size": img}))
     except (FileNotFoundError, ValueError) as e:  # unknown names (UserError), broken checkpoints
         raise UserError(f"cannot load --model {args.model}: {e}") from e
     return model.eval()
@@ -183,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
     from visiontools.patches.timm import apply_tome
 
     check_arguments(args)
+    if args.r is None:
+        from visiontools.models import recommended_r
+        args.r = recommended_r(args.model)
     check_r(args.r)
     require_onnx()
     model = _load(args)

@@ -26,6 +26,8 @@ overrides any key on the command line, values parsed as YAML, dotted keys reach 
     hflip: true                   # random horizontal flip
     randaugment: null             # e.g. [2, 9] = RandAugment(num_ops=2, magnitude=9); null = off
     mixup_alpha: 0.0              # > 0 enables mixup with Beta(alpha, alpha)
+    grad_checkpointing: false     # activation checkpointing of the blocks (timm's set_grad_checkpointing):
+                                  # less memory, one more forward per block in backward
     ema_decay: null               # e.g. 0.999: keep an exponential moving average of the weights (decay
                                   # warmed up as min(d, (1+step)/(10+step))); it is evaluated, saved and exported
     amp: auto                     # auto (bf16/fp16 on CUDA; on a CPU bf16 only with bf16 hardware, AVX512-BF16/
@@ -35,11 +37,26 @@ overrides any key on the command line, values parsed as YAML, dotted keys reach 
     eval_every: 1                 # evaluate on the test set every N epochs (and after the last)
     out_dir: runs/vit_cifar10     # last.safetensors (resumable checkpoint) and log.jsonl go here
     export: null                  # after training, also write the weights alone (fp16) to this path
+    init_from: null               # start from these weights: a shipped checkpoint name (e.g. cifar10_cct) or a
+                                  # .safetensors file of the same architecture (fine-tuning); ignored by --resume
+    tome: null                    # train with token merging, e.g. {r: 12} or {r: "10,-0.5", method: tome,
+                                  # prop_attn: true} (any r of the r grammar: 12, "12,-0.5", [8,8,4]) or a budget
+                                  # {flops: 0.5} / {speedup: 2.0}, solved once at the training resolution;
+                                  # `--set tome.r=12` or `--set tome=12`. null = no merging
 
 Outputs in ``out_dir``: ``last.safetensors`` (written atomically after every epoch: weights, AdamW
 state, epoch/step and log history), ``log.jsonl`` (one JSON object per epoch: loss, train/test
-accuracy, lr, seconds), ``curve.png`` (accuracy, loss and learning rate against epochs, redrawn after
-every epoch) and ``config.yaml`` (the resolved config).
+accuracy, lr, seconds, milliseconds per step), ``curve.png`` (accuracy, loss and learning rate against
+epochs, redrawn after every epoch), ``results.md`` (the same per epoch as a table) and ``config.yaml``
+(the resolved config).
+
+Training with token merging (``tome:``): the model is patched with :func:`visiontools.apply_tome`
+after it is built (and loaded from ``init_from``), before the optimizer, the EMA copy and DDP wrap
+it, so every forward and backward pass of training merges tokens. Each evaluation measures the
+(EMA) weights twice on the same batches: unpatched (``test_top1``; r=0, which is exact) and at the
+training setting (``test_top1_tome``). The checkpoint's description records the setting as
+``tome`` (``{"r": "12", "method": "tome", "prop_attn": true}``, r in the r grammar), so the export
+and its card carry it and :func:`visiontools.models.load` applies it when it loads the model.
 
 Resuming (``--resume``) restarts after the last completed epoch and gives the same result as an
 uninterrupted run: the learning rate is a function of the step, the optimizer state is restored,
@@ -88,12 +105,15 @@ DEFAULTS: dict[str, Any] = {
     "randaugment": None,
     "mixup_alpha": 0.0,
     "ema_decay": None,
+    "grad_checkpointing": False,
     "amp": "auto",
     "seed": 0,
     "threads": None,
     "eval_every": 1,
     "out_dir": "runs/vit_cifar10",
     "export": None,
+    "init_from": None,
+    "tome": None,
 }
 
 # Flags that are shortcuts for --set key=value.
@@ -121,7 +141,9 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
                             f"known keys: {', '.join(DEFAULTS)}")
         d = cfg
         for p in parts[:-1]:
-            d = d.setdefault(p, {})
+            if d.get(p) is None:  # a section that is off (tome: null) is switched on by its first key
+                d[p] = {}
+            d = d[p]
             if not isinstance(d, dict):
                 raise ValueError(f"--set {item!r}: {p!r} is not a mapping")
         d[parts[-1]] = _parse_value(value)
@@ -158,7 +180,57 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> di
         raise UserError(f"batch_size must be an integer >= 1, got {cfg['batch_size']!r}")
     if not isinstance(cfg["model_kwargs"], dict):
         raise ValueError(f"model_kwargs must be a mapping, got {cfg['model_kwargs']!r}")
+    cfg["tome"] = check_tome_config(cfg["tome"])
+    if cfg["init_from"] is not None:
+        from visiontools.models.shipped import SHIPPED
+        if str(cfg["init_from"]) not in SHIPPED and not Path(str(cfg["init_from"])).is_file():
+            raise UserError(f"init_from: {cfg['init_from']!r} is neither a shipped checkpoint ({', '.join(SHIPPED)}) "
+                            "nor an existing .safetensors file")
     return cfg
+
+
+TOME_KEYS = ("r", "method", "prop_attn", "flops", "speedup")
+
+
+def check_tome_config(tome) -> dict | None:
+    """The ``tome:`` section normalised to ``{"r": text, "method": ..., "prop_attn": ...}`` (r written
+    in the r grammar, :func:`visiontools.tome.r_text.r_to_text`) or ``{"flops"|"speedup": x, ...}``;
+    ``None`` when off (null, an empty mapping, or r 0). A bare value (``tome: 12``) is its r. One-line
+    ``UserError`` for anything else, before any data is read."""
+    from visiontools.tome.methods import METHODS
+    from visiontools.tome.r_text import parse_r_text, r_to_text
+
+    if tome is None or tome == {}:
+        return None
+    if not isinstance(tome, dict):
+        tome = {"r": tome}
+    unknown = sorted(set(tome) - set(TOME_KEYS))
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in the tome: section{did_you_mean(unknown[0], TOME_KEYS)}; "
+                        f"known keys: {', '.join(TOME_KEYS)}")
+    budgets = [k for k in ("flops", "speedup") if tome.get(k) is not None]
+    if len(budgets) + ("r" in tome) != 1:
+        raise UserError("the tome: section needs exactly one of r (e.g. tome.r=12), flops (e.g. tome.flops=0.5) "
+                        f"or speedup (e.g. tome.speedup=2.0), got {tome}")
+    out = {"method": tome.get("method", "tome"), "prop_attn": tome.get("prop_attn", True)}
+    if out["method"] not in METHODS:
+        raise UserError(f"tome.method {out['method']!r} is not a method{did_you_mean(str(out['method']), METHODS)}; "
+                        f"choose one of {', '.join(METHODS)}")
+    if not isinstance(out["prop_attn"], bool):
+        raise UserError(f"tome.prop_attn must be true or false, got {out['prop_attn']!r}")
+    if budgets:
+        value = tome[budgets[0]]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise UserError(f"tome.{budgets[0]} must be a positive number, got {value!r}")
+        return {budgets[0]: float(value), **out}
+    r = tome["r"]
+    try:
+        r = parse_r_text("[" + ",".join(map(str, r)) + "]" if isinstance(r, list) else str(r))
+    except ValueError as e:
+        raise UserError(f"tome.r: {e}") from None
+    if not any([r] if isinstance(r, int) else r[:1] if isinstance(r, tuple) else r):
+        return None  # r 0 merges nothing: the same as no tome: section
+    return {"r": r_to_text(r), **out}
 
 
 # ----------------------------------------------------------------------------- schedule / optimizer
@@ -298,13 +370,21 @@ def build_run(cfg: dict, rank: int, world: int, dev: torch.device, paths: tuple[
     num_classes = CIFAR_NUM_CLASSES[cfg["dataset"]]
     mean, std = CIFAR_STATS[cfg["dataset"]]
     show = progress and rank == 0
-    train_ds = load_cifar(cfg["dataset"], "train", cfg["data_dir"], cfg["download"], cfg["train_per_class"], show)
-    test_ds = load_cifar(cfg["dataset"], "test", cfg["data_dir"], False, cfg["test_per_class"], show)
-
     torch.manual_seed(cfg["seed"])
     model = create_model(cfg["model"], num_classes=num_classes, **cfg["model_kwargs"]).to(dev)
+    if cfg["init_from"] is not None:
+        init_weights(model, cfg["init_from"])
+    if cfg["grad_checkpointing"]:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise UserError(f"grad_checkpointing: {cfg['model']} has no set_grad_checkpointing; set it to false")
+        model.set_grad_checkpointing(True)
+    patch_for_training(model, cfg["tome"])  # before the optimizer, the EMA copy and DDP; before the data is read
+    train_ds = load_cifar(cfg["dataset"], "train", cfg["data_dir"], cfg["download"], cfg["train_per_class"], show)
+    test_ds = load_cifar(cfg["dataset"], "test", cfg["data_dir"], False, cfg["test_per_class"], show)
     desc = model_description(cfg["model"], {**cfg["model_kwargs"], "num_classes": num_classes}, train_ds.classes,
                              mean, std, dataset=cfg["dataset"])
+    if cfg["tome"] is not None:
+        desc["tome"] = trained_tome(model, cfg["tome"])
     optimizer = build_optimizer(model, cfg)
     ema = WeightEMA(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
     adt = training_dtype(cfg["amp"], dev)
@@ -319,8 +399,48 @@ def build_run(cfg: dict, rank: int, world: int, dev: torch.device, paths: tuple[
                     optimizer, ema, adt, scaler, steps_per_epoch)
 
 
+def init_weights(model: torch.nn.Module, init_from: str) -> None:
+    """Load the weights of ``init_from`` (a shipped checkpoint name or a visiontools ``.safetensors``
+    file; its EMA weights when it has them) into ``model``, which must have the same architecture."""
+    from visiontools.models.shipped import load_checkpoint_model
+
+    src, desc = load_checkpoint_model(init_from)
+    try:
+        model.load_state_dict(src.state_dict(), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"init_from {init_from!r} holds a {desc['model']} {desc.get('model_kwargs', {})} that does not "
+                        f"fit this config's model: {first[1].strip() if len(first) > 1 else first[0]}") from None
+
+
+def patch_for_training(model: torch.nn.Module, tome: dict | None) -> None:
+    """Patch ``model`` with the ``tome:`` setting (:func:`check_tome_config`) for training; a budget is
+    solved once, at the model's input size. A model that cannot merge is a one-line ``UserError``."""
+    if tome is None:
+        return
+    import visiontools
+    from visiontools.tome.r_text import parse_r_text
+
+    kwargs = {k: v for k, v in tome.items() if k != "r"}
+    if "r" in tome:
+        kwargs["r"] = parse_r_text(tome["r"])
+    try:
+        visiontools.apply_tome(model, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the tome: section cannot be used with this model: {e}; remove the tome: setting") from None
+
+
+def trained_tome(model: torch.nn.Module, tome: dict) -> dict:
+    """What a checkpoint records of the setting it was trained with: r in the r grammar (a budget's
+    solved per-layer schedule, with the budget beside it), method and proportional attention."""
+    from visiontools.tome.r_text import r_to_text
+
+    out = {"r": r_to_text(model.tome_r), "method": tome["method"], "prop_attn": tome["prop_attn"]}
+    return {**out, **{k: tome[k] for k in ("flops", "speedup") if k in tome}}
+
+
 # Settings that do not change what a run learns, or that ``resume_run`` reports on its own (epochs).
-_RESUME_SILENT = {"epochs", "out_dir", "export", "data_dir", "download", "threads", "eval_every"}
+_RESUME_SILENT = {"epochs", "out_dir", "export", "data_dir", "download", "threads", "eval_every", "init_from"}
 
 
 def _changed_settings(old: dict, cfg: dict) -> str:
@@ -427,8 +547,10 @@ def train_epoch(run: TrainRun, epoch: int) -> dict:
         if run.show:
             batches.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", refresh=False)
     loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], run.world)
+    seconds = time.time() - t0
     return {"epoch": epoch + 1, "step": run.step, "lr": lr, "train_images": int(seen),
-            "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen, "seconds": round(time.time() - t0, 2)}
+            "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen, "seconds": round(seconds, 2),
+            "step_ms": round(1000.0 * seconds / max(1, run.steps_per_epoch), 1)}
 
 
 def _optimizer_step(run: TrainRun, loss: torch.Tensor) -> None:
@@ -445,6 +567,23 @@ def _optimizer_step(run: TrainRun, loss: torch.Tensor) -> None:
     run.step += 1
 
 
+class AtR(torch.nn.Module):
+    """A ToMe-patched model called at a fixed ``tome_r`` (the same weights evaluated at two settings
+    in one pass over the data)."""
+
+    def __init__(self, model: torch.nn.Module, r):
+        super().__init__()
+        self.inner, self.r = model, r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self.inner.tome_r
+        self.inner.tome_r = self.r
+        try:
+            return self.inner(x)
+        finally:
+            self.inner.tome_r = kept
+
+
 def finish_epoch(run: TrainRun, epoch: int, record: dict) -> None:
     """Evaluate on the test set when due (the EMA weights when kept), then (rank 0) save the checkpoint
     and the whole log atomically and print the record."""
@@ -455,9 +594,16 @@ def finish_epoch(run: TrainRun, epoch: int, record: dict) -> None:
     if (epoch + 1) % max(1, int(cfg["eval_every"])) == 0 or epoch + 1 == cfg["epochs"]:
         run.model.eval()
         data = EvalData("tensor", tensor_ds=run.test_ds, mean=run.mean, std=run.std)
-        ev = accuracy({"model": run.model if run.ema is None else run.ema.model}, data, 500, run.dev, run.adt,
-                      run.rank, run.world, run.show)["model"]
-        record.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"], test_images=ev["n"])
+        weights = run.model if run.ema is None else run.ema.model
+        models = {"model": weights}
+        if cfg["tome"] is not None:  # the same weights unpatched (r=0, exact) and at the training setting
+            models = {"model": AtR(weights, 0), "tome": AtR(weights, weights.tome_r)}
+        ev = accuracy(models, data, 500, run.dev, run.adt, run.rank, run.world, run.show)
+        record.update(test_loss=ev["model"]["loss"], test_top1=ev["model"]["top1"], test_top5=ev["model"]["top5"],
+                      test_images=ev["model"]["n"])
+        if "tome" in ev:
+            record.update(test_loss_tome=ev["tome"]["loss"], test_top1_tome=ev["tome"]["top1"],
+                          test_top5_tome=ev["tome"]["top5"])
         if run.ema is not None:
             record["test_weights"] = "ema"
     run.history.append(record)
@@ -469,22 +615,56 @@ def finish_epoch(run: TrainRun, epoch: int, record: dict) -> None:
             tensors.update({f"ema.{k}": v for k, v in run.ema.model.state_dict().items()})
         ckpt.save_safetensors_atomic(run.last, tensors, meta)
         ckpt.atomic_write_text(run.log_path, _jsonl(run.history))  # whole file: never a partial line
-        plot_curve(run.history, run.log_path.with_name("curve.png"), f"{cfg['model']} on {cfg['dataset']}")
+        title = f"{cfg['model']} on {cfg['dataset']}" + (f", trained at {tome_label(cfg['tome'])}" if cfg["tome"] else "")
+        plot_curve(run.history, run.log_path.with_name("curve.png"), title, tome_label(cfg["tome"]))
+        ckpt.atomic_write_text(run.out_dir / "results.md", results_table(run.history, title, tome_label(cfg["tome"])))
         print(json.dumps(record), flush=True)
 
 
-def plot_curve(history: list[dict], path: Path, title: str) -> None:
+def tome_label(tome: dict | None) -> str | None:
+    """How tables and plots name a ``tome:`` setting (``"ToMe r=12"``, ``"PiToMe flops=0.5"``), or None."""
+    if tome is None:
+        return None
+    name = {"tome": "ToMe", "tofu": "ToFu", "pitome": "PiToMe", "prune": "pruning"}.get(tome["method"], tome["method"])
+    what = next(f"{k}={tome[k]}" for k in ("r", "flops", "speedup") if k in tome)
+    return f"{name} {what}" + ("" if tome["prop_attn"] else " (no prop. attn.)")
+
+
+def results_table(history: list[dict], title: str, tome: str | None) -> str:
+    """``out_dir/results.md``: one row per epoch (train loss and top-1, test top-1 unpatched and, when
+    training with token merging, at the training setting; milliseconds per training step)."""
+    cols = ["epoch", "train loss", "train top-1 %", "test top-1 %"] + ([f"test top-1 % at {tome}"] if tome else [])
+    lines = [f"# {title}", "", "| " + " | ".join(cols + ["ms / step", "epoch s"]) + " |",
+             "|" + "---:|" * (len(cols) + 2)]
+    for r in history:
+        row = [str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_top1']:.2f}",
+               f"{r['test_top1']:.2f}" if "test_top1" in r else ""]
+        if tome:
+            row.append(f"{r['test_top1_tome']:.2f}" if "test_top1_tome" in r else "")
+        row += [f"{r['step_ms']:.1f}" if "step_ms" in r else "", f"{r['seconds']:.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    weights = "EMA weights" if any(r.get("test_weights") == "ema" for r in history) else "the trained weights"
+    lines += ["", f"Test accuracy of {weights}; ms / step: wall-clock training time per optimizer step, data "
+              "augmentation included."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(history: list[dict], path: Path, title: str, tome: str | None = None) -> None:
     """The training curve, rewritten after every epoch: train and test top-1 (%) against epochs on the
-    left, train loss and learning rate on the right (``out_dir/curve.png``)."""
+    left (test also at the training setting ``tome`` when training with token merging), train loss and
+    learning rate in the middle, milliseconds per training step on the right (``out_dir/curve.png``)."""
     from visiontools.models.checkpoint import atomic_write_bytes
     from visiontools.timing import subplots
 
     epochs = [r["epoch"] for r in history]
-    fig, (acc, loss) = subplots(1, 2, figsize=(10, 3.8))
+    fig, (acc, loss, speed) = subplots(1, 3, figsize=(14, 3.8))
     acc.plot(epochs, [r["train_top1"] for r in history], "o-", label="train (augmented)")
     tested = [r for r in history if "test_top1" in r]
     weights = " (EMA weights)" if any(r.get("test_weights") == "ema" for r in tested) else ""
-    acc.plot([r["epoch"] for r in tested], [r["test_top1"] for r in tested], "s-", label=f"test{weights}")
+    acc.plot([r["epoch"] for r in tested], [r["test_top1"] for r in tested], "s-",
+             label=f"test{weights}" + (", unpatched" if tome else ""))
+    if tome:
+        acc.plot([r["epoch"] for r in tested], [r["test_top1_tome"] for r in tested], "^-", label=f"test at {tome}")
     acc.set(xlabel="epoch", ylabel="top-1 %", title=title)
     acc.grid(alpha=0.3)
     acc.legend()
@@ -494,6 +674,11 @@ def plot_curve(history: list[dict], path: Path, title: str) -> None:
     lr.plot(epochs, [r["lr"] for r in history], "--", color="C3", label="learning rate (end of epoch)")
     lr.set_ylabel("learning rate")
     loss.legend(handles=loss.lines + lr.lines, loc="upper right")
+    timed = [r for r in history if "step_ms" in r]
+    speed.plot([r["epoch"] for r in timed], [r["step_ms"] for r in timed], "o-", color="C4")
+    speed.set(xlabel="epoch", ylabel="ms per training step", title="measured step time")
+    speed.set_ylim(bottom=0)
+    speed.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

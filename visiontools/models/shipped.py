@@ -135,8 +135,52 @@ def _check_loadable(text: str, pretrained: bool) -> None:
                         f"file or a timm model name{hint}; visiontools registers {', '.join(REGISTERED)}")
 
 
+def checkpoint_card(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's description (safetensors metadata) merged over its card (the sibling ``.json``),
+    read without loading the weights; ``{}`` for a timm model name."""
+    from safetensors import safe_open
+
+    if not is_checkpoint(name_or_path):
+        return {}
+    path = resolve_checkpoint(name_or_path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            desc = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from None
+    side = path.with_suffix(".json")
+    return {**(json.loads(side.read_text()) if side.is_file() else {}), **desc}
+
+
+def recommended_r(name_or_path: str | os.PathLike | None = None):
+    """The r setting (a ``tome_r`` value) to run a model at when the user names none: the one its
+    checkpoint was trained with (``visiontools train`` with a ``tome:`` section), else its card's
+    ``recommended_r``, else the default checkpoint's (:func:`visiontools.defaults.default_r_text`).
+    ``eval``, ``video``, ``export`` and the demo take their default r from here."""
+    from visiontools.defaults import card_r, default_r_text
+    from visiontools.tome.r_text import parse_r_text
+
+    text = card_r(checkpoint_card(name_or_path)) if name_or_path is not None else None
+    return parse_r_text(text or default_r_text())
+
+
+def _apply_trained_tome(model: torch.nn.Module, desc: dict, tome) -> None:
+    """``load``'s ``tome``: apply the setting the checkpoint was trained with (``"auto"``), or none (``False``)."""
+    if tome is False or not desc.get("tome"):
+        return
+    if tome != "auto":
+        raise ValueError(f"tome must be 'auto' (apply the setting the checkpoint was trained with) or False, got {tome!r}")
+    import visiontools
+    from visiontools.tome.r_text import parse_r_text
+
+    t = desc["tome"]
+    visiontools.apply_tome(model, r=parse_r_text(t["r"]), method=t.get("method", "tome"),
+                           prop_attn=t.get("prop_attn", True))
+
+
 def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-         *, pretrained: bool = False, seed: int | None = 0, **model_kwargs) -> tuple[torch.nn.Module, dict[str, Any]]:
+         *, pretrained: bool = False, seed: int | None = 0, tome="auto",
+         **model_kwargs) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The one way visiontools loads a model. ``name_or_path``: a shipped checkpoint name
     (:data:`SHIPPED`, e.g. ``cifar10_vit``) or a visiontools ``.safetensors`` file (its model with its
     trained weights), or a timm model name, this package's registered ones included: random weights
@@ -144,9 +188,15 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dt
     names too); ``model_kwargs`` (``img_size``, ``num_classes``...) go to ``timm.create_model``.
     ``dtype``: a ``torch.dtype`` or a name (``visiontools.timing.resolve_dtype``).
 
+    ``tome``: a checkpoint trained with token merging (its description records ``tome``, the setting of
+    ``visiontools train``'s ``tome:`` section) comes back patched at that setting (``"auto"``, the
+    default; ``model.tome_r`` changes it, ``visiontools.remove_tome`` undoes it); ``False`` returns the
+    unpatched model.
+
     Returns ``(model in eval mode on device, description)``; the description holds ``model`` (the
-    architecture), ``classes`` (or None), ``mean``, ``std``, ``trained`` and, for checkpoints, their
-    card. Anything else is a one-line ``UserError`` (a missing file: ``FileNotFoundError``)."""
+    architecture), ``classes`` (or None), ``mean``, ``std``, ``trained``, ``recommended_r`` (see
+    :func:`recommended_r`) and, for checkpoints, their card. Anything else is a one-line ``UserError``
+    (a missing file: ``FileNotFoundError``)."""
     from visiontools.timing import resolve_dtype
 
     dtype = resolve_dtype(dtype, device)
@@ -156,7 +206,8 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dt
             raise UserError(f"{', '.join(model_kwargs)} cannot be changed for checkpoint {text}: it holds a "
                             "trained model of fixed shape (leave the option out, or name a timm model)")
         model, desc = load_checkpoint_model(text, device=device, dtype=dtype)
-        return model, {**desc, "trained": True}
+        _apply_trained_tome(model, desc, tome)
+        return model, {**desc, "trained": True, "recommended_r": recommended_r(text)}
     _check_loadable(text, pretrained)
     with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random stream untouched
         if seed is not None:
@@ -167,7 +218,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dt
     return model, {"model": text, "model_kwargs": dict(model_kwargs), "classes": _class_names(model, text),
                    "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
                    "std": list(cfg.get("std", (0.229, 0.224, 0.225))), "pretrained": bool(pretrained),
-                   "trained": bool(pretrained)}
+                   "trained": bool(pretrained), "recommended_r": recommended_r()}
 
 
 # ----------------------------------------------------------------------------- shipping a checkpoint

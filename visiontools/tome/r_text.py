@@ -40,6 +40,17 @@ def parse_r_text(text: str) -> int | tuple[int, float] | list[int]:
     return r
 
 
+def r_to_text(r) -> str:
+    """The inverse of :func:`parse_r_text`: ``16`` -> ``"16"``, ``(16, -0.5)`` -> ``"16,-0.5"``, a list
+    -> ``"[8,8,4,4]"`` (brackets, so that a two-element list is never read back as a schedule). Used
+    where an r setting is stored as text (checkpoint descriptions, cards)."""
+    if isinstance(r, tuple):
+        return f"{int(r[0])},{float(r[1])!r}"
+    if isinstance(r, list):
+        return "[" + ",".join(str(int(v)) for v in r) + "]"
+    return str(int(r))
+
+
 def r_argument(text: str):
     """argparse type of every ``--r`` option (bench, eval, video, export): :func:`parse_r_text`, its
     ``ValueError`` shown as argparse's one-line error."""
