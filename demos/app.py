@@ -19,11 +19,38 @@ TITLE = "visiontools: Token Merging (ToMe) demo"
 DEFAULT_MODEL = "default"  # visiontools.demos.model_cache.DEFAULT_MODEL (not imported here: it imports torch)
 
 
+def port_argument(text) -> int:
+    """argparse type of ``--port``: a TCP port, 1 to 65535 (its default is checked the same way)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: pass --port N with N from 1 to 65535 "
+                                         "(or set GRADIO_SERVER_PORT=N)")
+    return port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """``UserError`` in one line when ``host:port`` cannot be listened on (in use, or not this machine's
+    address), checked before any model loads."""
+    import socket
+
+    from visiontools.errors import UserError
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass another --port N "
+                        "(or set GRADIO_SERVER_PORT=N) or --host") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools demo``."""
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0 to serve other machines on the network)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+    parser.add_argument("--port", type=port_argument, default=os.environ.get("GRADIO_SERVER_PORT") or 7860,
                         help="port to listen on (default: $GRADIO_SERVER_PORT if set, else 7860)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="model shown first: 'default' (the library's default checkpoint, the shipped CIFAR-10 "
@@ -100,6 +127,7 @@ def build_demo(default_model: str = DEFAULT_MODEL):
 def run(args: argparse.Namespace) -> int:
     """Start the demo server (blocks until interrupted)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    check_port_free(args.host, args.port)
     if args.threads:
         import torch
 
@@ -111,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         demo = build_demo(args.model)
     except (ValueError, FileNotFoundError) as e:
-        print(f"visiontools demo: cannot start with model {args.model!r}: {e}", file=sys.stderr)
-        return 2
+        from visiontools.errors import UserError
+        raise UserError(f"the demo cannot start with model {args.model!r}: {e}") from None
     demo.queue(max_size=args.max_size, default_concurrency_limit=args.concurrency)
     from visiontools.demos.images import ASSETS_DIR
 
@@ -136,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m visiontools.demos.app``: the same as ``visiontools demo``."""
-    parser = argparse.ArgumentParser(prog="visiontools demo", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="visiontools demo", description=__doc__.splitlines()[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

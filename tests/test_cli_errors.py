@@ -402,5 +402,5 @@ def test_every_help_shows_each_default_once():
             assert "(default: None)" not in flat, (name, flat)
     assert seen > 20  # the formatter still shows defaults that the help does not mention
     eval_help = " ".join(build_parser()._subparsers._group_actions[0].choices["eval"].format_help().split())
-    assert "untimed warm-up rounds (default: 2)" in eval_help
+    assert "untimed warm-up rounds (default: 1)" in eval_help  # visiontools.defaults.WARMUP
     assert "(default): not measured (default: 0)" not in eval_help and "(default): not measured" in eval_help

@@ -65,6 +65,7 @@ class _Parser(argparse.ArgumentParser):
     help shown), so ``visiontools --help`` imports no command module (no torch)."""
 
     def __init__(self, *args, module: str | None = None, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `train --r 8` is an error, never `--resume 8`
         super().__init__(*args, **kwargs)
         self._module = module
 
@@ -75,8 +76,19 @@ class _Parser(argparse.ArgumentParser):
             if mod.__doc__ and not self.description:
                 self.description = mod.__doc__.strip().splitlines()[0]
             mod.add_arguments(self)
-            self.set_defaults(_run=mod.run)
+            if "--no-progress" not in self._option_string_actions:  # every command takes it (scripts pass it)
+                self.add_argument("--no-progress", action="store_true",
+                                  help="no progress bars (this command draws none; accepted by every command)")
+            self.set_defaults(_run=mod.run, _prog=self.prog)
         return self
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's parse; unrecognized arguments point to the help of the command they were given to."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = getattr(ns, "_prog", self.prog)
+            self.exit(2, f"visiontools: error: unrecognized arguments: {' '.join(extras)} (see {prog} --help)\n")
+        return ns
 
     def parse_known_args(self, args=None, namespace=None):
         """argparse's parse, after loading the command's options."""
@@ -94,8 +106,9 @@ class _Parser(argparse.ArgumentParser):
         return super().format_usage()
 
     def error(self, message: str):
-        """Exit with status 2 and one line naming the problem and where the usage is."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        """Exit with status 2 and one line naming the problem and where the usage is; the prefix is
+        ``visiontools: error:`` for every command, as for the errors raised while running one."""
+        self.exit(2, f"visiontools: error: {message} (see {self.prog} --help)\n")
 
 
 def _print_bench_targets(parser: argparse.ArgumentParser):

@@ -437,20 +437,21 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
     from visiontools.distributed import barrier, init_distributed
 
     rank, world, dev = init_distributed(resolve_device(device))
+    adt = resolve_dtype(amp, dev)
+    # every setting is checked (methods, budgets, then against the model) before any data is read
+    settings = candidate_settings(rs if "tome" in methods else [], schedules if "tome" in methods else [])
+    settings += method_settings(rs, methods) + budget_settings(budgets, methods)
     if dataset is None:
         dataset = "cifar10" if model_name is None else "imagenet"
     model, desc = load_model_for_eval(checkpoint, model_name, pretrained, dataset, dev)
     if desc.get("dataset") and dataset != desc["dataset"] and dataset != "imagenet":
         raise ValueError(f"{desc.get('path', 'the checkpoint')} was trained on {desc['dataset']}, not {dataset}")
+    models = build_candidates(model, settings, prop_attn)
     data = load_eval_data(dataset, data_dir, model, desc["mean"], desc["std"], download, per_class, num_workers,
                           progress and rank == 0)
     if desc.get("classes") and dataset != "imagenet" and list(desc["classes"]) != list(data.classes):
         raise ValueError(f"the model's classes {desc['classes'][:4]}... do not match the dataset's "
                          f"{data.classes[:4]}... (wrong --dataset or --data-dir?)")
-    adt = resolve_dtype(amp, dev)
-    settings = candidate_settings(rs if "tome" in methods else [], schedules if "tome" in methods else [])
-    settings += method_settings(rs, methods) + budget_settings(budgets, methods)
-    models = build_candidates(model, settings, prop_attn)
     for name, other in load_comparisons(compare, desc, dev).items():
         if name in models:
             raise ValueError(f"--compare: two candidates are named {name!r}")
@@ -523,6 +524,7 @@ def refuse_existing_out(out: str | None, overwrite: bool) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools eval``."""
+    from visiontools.defaults import REPEATS, WARMUP
     from visiontools.tome.r_text import r_argument
 
     src = parser.add_argument_group("model")
@@ -564,8 +566,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("measurement")
     m.add_argument("--batch-size", type=int, default=250, help="batch size for the accuracy pass")
     m.add_argument("--timing-batch-size", type=int, default=256, help="batch size for throughput timing")
-    m.add_argument("--repeats", type=int, default=10, help="timed rounds (interleaved)")
-    m.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds")
+    m.add_argument("--repeats", type=int, default=REPEATS, help="timed rounds (interleaved)")
+    m.add_argument("--warmup", type=int, default=WARMUP, help="untimed warm-up rounds")
     m.add_argument("--device", default=None, help="cpu or cuda; if not given, cuda when available")
     m.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default="off", help="autocast dtype")
     m.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -584,6 +586,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``visiontools eval``."""
     from visiontools.models.checkpoint import atomic_write_text
+    from visiontools.timing import busy_machine_note
 
     from visiontools.errors import UserError
 
@@ -614,6 +617,10 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(str(prefix) + ".json", json.dumps(result, indent=1))
         (plot_budgets if result["budgets"] else plot)(result, str(prefix) + ".png")
         print(md)
+        note = busy_machine_note([row["speedup"] for row in result["rows"] if row["r"] not in (None, 0)],
+                                 result["device"])
+        if note:
+            print(note)
         print(f"wrote {prefix}.md, {prefix}.json, {prefix}.png")
     from visiontools.distributed import destroy_if_distributed
     destroy_if_distributed()

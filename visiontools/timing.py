@@ -55,13 +55,22 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa_flop
 
 
-def add_run_arguments(parser, repeats: int, warmup: int) -> None:
-    """The options every ``visiontools bench`` target shares: device, CPU threads, interleaved rounds,
-    and the files the results go to."""
+def add_rounds_arguments(parser) -> None:
+    """``--repeats`` and ``--warmup`` with the defaults every timing command shares
+    (``visiontools.defaults.REPEATS`` and ``WARMUP``)."""
+    from visiontools.defaults import REPEATS, WARMUP
+
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed rounds (each runs every candidate once)")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="untimed rounds first")
+
+
+def add_run_arguments(parser) -> None:
+    """The options every ``visiontools bench`` target shares: device, CPU threads, interleaved rounds
+    (:func:`add_rounds_arguments`), progress bars, and the files the results go to."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (each runs every candidate once)")
-    parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
+    add_rounds_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out-json", type=Path, default=None, help="write the full result (all timings) here")
     parser.add_argument("--out-md", type=Path, default=None, help="write the markdown table (with the machine) here")
 
@@ -233,6 +242,30 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def cpu_threads() -> int:
+    """CPU threads this process may run on (its affinity where the OS tells it, else the CPU count)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def busy_machine_note(speedups, device: torch.device | str = "cpu") -> str | None:
+    """One line for a CPU timing that found ToMe slower (a speedup below 1 in ``speedups``) while the
+    machine was busy (its 1-minute load average above its CPU threads, :func:`cpu_threads`): the
+    likely reason, and ``--threads 1`` as the fairer rerun. ``None`` otherwise (also on GPUs)."""
+    import os
+
+    slower = [s for s in speedups if s is not None and s < 1.0]
+    if not slower or torch.device(device).type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load, threads = os.getloadavg()[0], cpu_threads()
+    if load <= threads:
+        return None
+    return (f"note: ToMe measured slower ({min(slower):.2f}x) while this machine is busy (load average {load:.1f} "
+            f"> its {threads} CPU threads): its merge steps wait for cores the other work holds; rerun with "
+            "--threads 1, or on an idle machine, for a fair comparison")
 
 
 def machine_description(device: torch.device | str) -> str:

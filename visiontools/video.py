@@ -567,4 +567,9 @@ def run(args: argparse.Namespace) -> int:
           f"{res.tokens_after_block} of {res.tokens_per_layer[0]} tokens after block {res.block}; model FPS "
           f"ToMe {res.fps_tome:.1f}, without {res.fps_base:.1f} ({res.fps_tome / res.fps_base:.2f}x), "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads")
+    from visiontools.timing import busy_machine_note
+
+    note = busy_machine_note([res.fps_tome / res.fps_base], next(model.parameters()).device)
+    if note:
+        print(note)
     return 0

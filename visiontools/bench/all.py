@@ -68,12 +68,15 @@ DIT_CANDIDATES = [("merge", 0.5), ("downsample", 0.5), ("downsample", 0.75), ("t
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench all``."""
+    from visiontools.timing import add_rounds_arguments
+
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run, in order")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="seconds for the whole run; the largest sizes are dropped first to fit")
-    p.add_argument("--smoke", action="store_true", help="every section at tiny sizes (CPU, seconds): checks the script")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per size (default: 5, smoke: 1)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every section at tiny sizes, 1 timed round (CPU, seconds): checks the script")
+    add_rounds_arguments(p)  # the shared defaults; --smoke times 1 round after 1 warm-up whatever they say
     p.add_argument("--out", default="docs/results/gpu", help="folder for bench_all.json and bench_all.md")
 
 
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget-s is the time for the whole run in seconds and must be > 0, got {args.budget_s}")
     device = torch.device("cpu") if args.smoke else resolve_device(args.device)
     plan = SMOKE if args.smoke else FULL
-    ctx = Context(device=device, smoke=args.smoke, repeats=args.repeats or (1 if args.smoke else 5))
+    ctx = Context(device=device, smoke=args.smoke, repeats=1 if args.smoke else args.repeats,
+                  warmup=1 if args.smoke else args.warmup)
     results = {"machine": machine_description(device), "device": str(device), "smoke": args.smoke,
                "budget_s": args.budget_s, "sections": {}}
     out = Path(args.out)
@@ -153,11 +157,10 @@ def run(args: argparse.Namespace) -> int:
 class Context:
     """What every measurement needs: the device, the dtype, smoke mode, timed rounds."""
 
-    def __init__(self, device, smoke: bool, repeats: int):
+    def __init__(self, device, smoke: bool, repeats: int, warmup: int = 1):
         import torch
 
-        self.device, self.smoke, self.repeats = device, smoke, repeats
-        self.warmup = 1 if smoke else 2
+        self.device, self.smoke, self.repeats, self.warmup = device, smoke, repeats, warmup
         from visiontools.timing import resolve_dtype
 
         self.dtype = resolve_dtype("auto", device)  # bf16 on GPUs that have it, fp16 on older ones; fp32 on CPUs

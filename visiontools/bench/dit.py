@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="patched candidates besides the unpatched baseline, e.g. merge@0.5 downsample@0.75 "
                              "tofu@0.5 pitome@0.5 (tofu, pitome: merge mode with that method)")
     parser.add_argument("--resolution", type=int, default=1024, help="image size in pixels (square); latent = /8")
-    add_run_arguments(parser, repeats=2, warmup=0)
+    add_run_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--tiny", action="store_true", help="tiny widths, same layout (smoke test)")
     parser.add_argument("--rope-rules", action="store_true",
@@ -140,7 +140,7 @@ def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, 
     n_img = (args.resolution // 16) ** 2  # latent /8, then 2x2 patches (SD3, PixArt) or 2x2 packing (Flux)
     print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters, timing {len(fns)} "
           f"candidates, {args.warmup} warm-up + {args.repeats} rounds")
-    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, progress=True)
+    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress)
     ref_t, ref = median(times["unpatched"]), outputs["unpatched"]
     rows = []
     for key in fns:

@@ -309,12 +309,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with no --batch-size: batch = max(1, max_tokens // tokens)")
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU); Hyena's FFTs stay float32")
-    add_run_arguments(p, repeats=5, warmup=1)
+    add_run_arguments(p)
     p.add_argument("--vit-sizes", type=int, nargs="*", default=[], metavar="PX",
                    help="also time the Hyena ViT-S/16 against its attention twin end to end at these image sizes "
                         "(batch 1; e.g. 768 1024)")
     p.add_argument("--plot", type=Path, default=None, help="write a log-log PNG of time and memory vs tokens")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -302,9 +302,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reformer-pytorch hash rounds (each also runs visiontools LSH back-only); none: skip it")
     p.add_argument("--max-exact-tokens", type=int, default=1 << 30,
                    help="skip SDPA above this many tokens (its time grows as tokens^2)")
-    add_run_arguments(p, repeats=3, warmup=1)
+    add_run_arguments(p)
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of time, memory and error vs tokens")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -75,12 +75,13 @@ def markdown_table(result: dict, title: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench onnx``."""
     from visiontools.bench.vit import add_model_arguments
+    from visiontools.timing import add_rounds_arguments
 
     add_model_arguments(p, DEFAULT_MODEL, "unpatched export", 8, "images per onnxruntime call (fixed in the export)")
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime intra-op threads per session (default: onnxruntime's choice)")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every candidate once)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    add_rounds_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out-json", type=Path, default=None, help="write the full result (all timings) here")
     p.add_argument("--out-md", type=Path, default=None, help="write the markdown table (with the machine) here")
 
@@ -101,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
     model = load_model(args)
-    result = benchmark_onnx(model, args.r, args.batch_size, img, args.threads, args.repeats, args.warmup)
+    result = benchmark_onnx(model, args.r, args.batch_size, img, args.threads, args.repeats, args.warmup,
+                            progress=not args.no_progress)
     result["model"] = args.model
     write_results(args, markdown_table(result, args.model), result)
     return 0

@@ -134,8 +134,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cifar-models", nargs="*", default=["attn_vit_cifar", "lsh_vit_cifar", "rev_vit_cifar"],
                    help="registered CIFAR models whose training-step peak memory to list (none: skip)")
     p.add_argument("--cifar-batch", type=int, default=64, help="batch for --cifar-models")
-    add_run_arguments(p, repeats=3, warmup=1)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="explicit candidates such as merge@0.5 pitome@0.5 downsample@0.75 (overrides "
                              "--methods/--ratios)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the UNet call")
-    add_run_arguments(parser, repeats=2, warmup=1)
+    add_run_arguments(parser)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="weights/activations dtype; unset: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--max-downsample", type=int, default=1,
@@ -220,7 +220,7 @@ def time_resolution(args: argparse.Namespace, res: int, config: dict, base, meta
         flops[name] = count_flops(lambda m=m: m(xm, tm, em))
     print(f"\n{res}x{res} (latent {lat}x{lat}): timing {len(fns)} candidates, "
           f"{args.warmup} warm-up + {args.repeats} rounds")
-    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device, progress=True)
+    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device, progress=not args.no_progress)
     ref_t, ref_out = median(times["sdpa"]), outputs["sdpa"]
     rows = []
     for method, ratio in candidates:

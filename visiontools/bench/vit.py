@@ -111,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, DEFAULT_MODEL, "baseline", 32, "images per forward pass")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (visiontools.timing.resolve_dtype); auto = bf16 on CUDA, fp32 on CPU")
-    add_run_arguments(p, repeats=10, warmup=3)
+    add_run_arguments(p)
 
 
 def load_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the ViT benchmark from parsed command-line arguments and print a markdown table."""
     import torch
 
-    from visiontools.timing import resolve_device, resolve_dtype, write_results
+    from visiontools.timing import busy_machine_note, resolve_device, resolve_dtype, write_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
     model = load_model(args)
-    result = benchmark_vit(model, args.r, args.batch_size, img, device, dtype, args.repeats, args.warmup)
+    result = benchmark_vit(model, args.r, args.batch_size, img, device, dtype, args.repeats, args.warmup,
+                           progress=not args.no_progress)
     result["model"] = args.model
     write_results(args, markdown_table(result, args.model), result)
+    note = busy_machine_note([row["speedup"] for row in result["rows"][1:]], device)
+    if note:
+        print(note)
     return 0

@@ -1,0 +1,151 @@
+"""One command-line convention (issue 47): no abbreviated options, one error prefix, ``--no-progress``
+on every command, the same ``--repeats``/``--warmup`` defaults, options checked before data is read,
+a bad or busy ``demo --port`` in one line, and a one-line hint when a busy machine makes ToMe slower."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+import pytest
+
+from visiontools.cli import build_parser, main
+from visiontools.defaults import REPEATS, WARMUP
+
+
+def run_cli(capsys, argv):
+    """``visiontools argv`` in-process: (exit status, stdout, stderr lines)."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, [line for line in err.splitlines() if line.strip()]
+
+
+def one_line_error(capsys, argv, *needles) -> str:
+    """Exit status 2 and one stderr line, ``visiontools: error: ...``, holding every needle."""
+    rc, _, lines = run_cli(capsys, argv)
+    assert rc == 2 and len(lines) == 1, (rc, lines)
+    assert lines[0].startswith("visiontools: error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def command_parsers() -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every command's parser (``("eval",)``, ``("bench", "vit")``, ...), its options loaded."""
+    out = {}
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out[path + (name,)] = sub.load()
+                    walk(sub, path + (name,))
+
+    walk(build_parser(), ())
+    return out
+
+
+def test_every_parser_refuses_abbreviations_and_shares_the_options():
+    parsers = command_parsers()
+    assert {("train",), ("eval",), ("demo",), ("export",), ("video",), ("bench", "vit"), ("bench", "sd"),
+            ("bench", "dit"), ("bench", "hyena"), ("bench", "mixers"), ("bench", "onnx"),
+            ("bench", "all"), ("bench", "reversible")} <= set(parsers)
+    timed = 0
+    for path, p in parsers.items():
+        assert p.allow_abbrev is False, path
+        if path == ("bench",):  # only lists the targets
+            continue
+        assert "--no-progress" in p._option_string_actions, path
+        opts = p._option_string_actions
+        if "--repeats" in opts or "--warmup" in opts:
+            timed += 1
+            assert (opts["--repeats"].default, opts["--warmup"].default) == (REPEATS, WARMUP), path
+    assert timed == 9  # eval and every bench target
+
+
+@pytest.mark.parametrize("argv", [["train", "--r", "8"], ["train", "--r"], ["train", "--res"]])
+def test_train_r_is_not_read_as_resume(capsys, argv):
+    one_line_error(capsys, argv, f"unrecognized arguments: {' '.join(argv[1:])}", "see visiontools train --help")
+
+
+def test_an_abbreviated_bench_option_is_refused(capsys):
+    one_line_error(capsys, ["bench", "--repeat", "3"], "unrecognized arguments: --repeat 3",
+                   "see visiontools bench vit --help")
+
+
+def test_a_command_parser_error_has_the_one_prefix(capsys):
+    one_line_error(capsys, ["eval", "--r", "x"], "argument --r/--tome-r: not an r setting: 'x'",
+                   "see visiontools eval --help")
+    one_line_error(capsys, ["bench", "hyena", "--grids", "0x"], "see visiontools bench hyena --help")
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_demo_bad_port_is_one_line(capsys, port):
+    one_line_error(capsys, ["demo", "--port", port], f"'{port}' is not a TCP port", "from 1 to 65535")
+
+
+def test_demo_busy_port_is_one_line_before_any_model_loads(capsys, monkeypatch):
+    import visiontools.demos.app as app
+
+    def no_build(*a, **k):
+        raise AssertionError("the demo was built although its port is busy")
+
+    monkeypatch.setattr(app, "build_demo", no_build)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        one_line_error(capsys, ["demo", "--host", "127.0.0.1", "--port", str(port)],
+                       f"cannot serve on 127.0.0.1:{port}", "--port")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--method", "foo"], "unknown method 'foo'"),
+    (["--budget", "2"], "in (0, 1]; got 2"),
+    (["--checkpoint", "conformer_cifar10", "--r", "4", "--method", "pitome"], "grid operations"),
+])
+def test_eval_options_are_checked_before_data_is_read(capsys, monkeypatch, argv, needle):
+    import visiontools.evaluate as ev
+
+    def no_data(*a, **k):
+        raise AssertionError("data was read before the options were checked")
+
+    monkeypatch.setattr(ev, "load_eval_data", no_data)
+    one_line_error(capsys, ["eval", *argv, "--per-class", "1", "--no-progress"], needle)
+
+
+def _busy(monkeypatch, load: float):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+
+
+def test_busy_machine_note(monkeypatch):
+    from visiontools.timing import busy_machine_note, cpu_threads
+
+    _busy(monkeypatch, cpu_threads() + 3.0)
+    note = busy_machine_note([1.4, 0.62])
+    assert note.startswith("note: ToMe measured slower (0.62x)") and "--threads 1" in note, note
+    assert f"load average {cpu_threads() + 3.0:.1f} > its {cpu_threads()} CPU threads" in note
+    assert busy_machine_note([1.4, 1.1]) is None  # not slower
+    assert busy_machine_note([0.62], "meta") is None  # not a CPU timing
+    _busy(monkeypatch, cpu_threads() - 0.5)
+    assert busy_machine_note([0.62]) is None  # not busy
+
+
+def test_bench_says_when_a_busy_machine_makes_tome_slower(capsys, monkeypatch):
+    import visiontools.timing as timing
+
+    def slower_tome(fns, repeats, warmup, **kw):  # as measured on a crowded machine
+        return {n: [0.1 if n.startswith("timm") else 0.2] * repeats for n in fns}
+
+    monkeypatch.setattr(timing, "interleaved_times", slower_tome)
+    argv = ["bench", "--model", "cifar10_vit", "--batch-size", "2", "--r", "8", "--threads", "1", "--no-progress"]
+    _busy(monkeypatch, timing.cpu_threads() + 5.0)
+    rc, out, _ = run_cli(capsys, argv)
+    notes = [line for line in out.splitlines() if line.startswith("note: ToMe measured slower (0.50x)")]
+    assert rc == 0 and len(notes) == 1 and "--threads 1" in notes[0], out
+    _busy(monkeypatch, 0.0)
+    rc, out, _ = run_cli(capsys, argv)
+    assert rc == 0 and "note:" not in out, out
