@@ -12,10 +12,6 @@ DEFAULT_ARCHITECTURE = "cct_vit_cifar"  # its model (random weights if the shipp
 REPEATS = 5
 WARMUP = 1
 
-# The interleaved timing rounds of every command that times (each bench target, eval): one default for all.
-REPEATS = 5
-WARMUP = 1
-
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"  # the shipped checkpoints and their cards
 FALLBACK_R = "8"  # only if the default card cannot be read: the default's measured choice (1.51x for 0.40 points)
 
