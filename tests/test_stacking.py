@@ -255,3 +255,117 @@ def test_group_offloading(offload_type):
 
     assert _is_group_offload_enabled(pipe.unet)
     check_pipeline(pipe, **prompt())
+
+
+# ---------------------------------------------------------------------------------- diffusers' step caches
+
+CACHES = ("pyramid_attention_broadcast", "first_block_cache", "faster_cache", "taylorseer_cache", "mag_cache")
+TIMESTEPS = (900, 650, 400, 150)
+
+
+def cache_config(name: str, clock: list):
+    """A config of diffusers' cache ``name`` that skips work within :data:`TIMESTEPS` on these tiny models
+    (``clock[0]``: the current timestep, for the caches that ask for it)."""
+    import diffusers.hooks as dh
+
+    now = lambda: clock[0]  # noqa: E731
+    return {
+        "pyramid_attention_broadcast": lambda: dh.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+            current_timestep_callback=now),
+        "first_block_cache": lambda: dh.FirstBlockCacheConfig(threshold=1.0),
+        "faster_cache": lambda: dh.FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 800),
+            current_timestep_callback=now, attention_weight_callback=lambda module: 0.5, tensor_format="BCHW",
+            is_guidance_distilled=True),
+        "taylorseer_cache": lambda: dh.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1),
+        "mag_cache": lambda: dh.MagCacheConfig(threshold=0.5, num_inference_steps=len(TIMESTEPS), retention_ratio=0.0,
+                                               mag_ratios=[1.0] * len(TIMESTEPS)),
+    }[name]()
+
+
+def apply_cache(model, name: str, clock: list) -> None:
+    """``model.enable_cache`` where the model has it (CacheMixin), else diffusers' ``apply_<name>``."""
+    import diffusers.hooks as dh
+
+    config = cache_config(name, clock)
+    if hasattr(model, "enable_cache"):
+        model.enable_cache(config)
+    else:
+        getattr(dh, f"apply_{name}")(model, config)
+
+
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def denoise(model, clock: list) -> torch.Tensor:
+    """A short Euler-like loop over :data:`TIMESTEPS` with the model (a UNet or a Flux transformer), cache
+    state reset first and each call in a cache context, as a pipeline runs it; the final latents."""
+    from diffusers.hooks import HookRegistry
+
+    HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+    g = torch.Generator().manual_seed(5)
+    flux = not hasattr(model, "up_blocks")
+    h, w = 8, 12
+    x = torch.nn.functional.interpolate(torch.randn(1, 16 if flux else 4, 4, 6, generator=g), size=(h, w),
+                                        mode="bilinear")
+    text = torch.randn(1, 5, 16 if flux else 32, generator=g)
+    if flux:
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+        x = x.flatten(2).transpose(1, 2)
+        extra = dict(pooled_projections=torch.randn(1, 8, generator=g), img_ids=ids.reshape(-1, 3),
+                     txt_ids=torch.zeros(5, 3))
+    for t in TIMESTEPS:
+        clock[0] = t
+        context = model.cache_context("cond") if hasattr(model, "cache_context") else contextlib.nullcontext()
+        with torch.no_grad(), context:
+            if flux:
+                out = model(hidden_states=x, encoder_hidden_states=text, timestep=torch.full((1,), t / 1000),
+                            **extra).sample
+            else:
+                out = model(x, torch.tensor(t), text).sample
+        x = x - 0.15 * out
+    return x
+
+
+def check_cache_row(model, name: str):
+    clock = [0]
+    bare = denoise(model, clock)
+    apply_cache(model, name, clock)
+    assert not torch.equal(denoise(model, clock), bare), f"{name} must skip work (change the output) here"
+    check_row(lambda: denoise(model, clock), lambda r: visiontools.apply_tome(model, ratio=r),
+              lambda: visiontools.remove_tome(model))
+
+
+@pytest.mark.parametrize("name", CACHES)
+def test_step_cache_on_a_dit(name):
+    """Each of diffusers' caches on a Flux transformer (``enable_cache``), ToMe on top of it."""
+    check_cache_row(tiny_flux(), name)
+
+
+def test_step_cache_on_a_unet():
+    """Pyramid attention broadcast on a UNet (its attention modules match the cache's identifiers)."""
+    check_cache_row(tiny_unet(), "pyramid_attention_broadcast")
+
+
+def test_diffusers_applies_its_other_caches_to_no_unet_module():
+    """What the matrix says of UNets: diffusers' first-block cache finds no block list on a UNet (it fails
+    inside diffusers); the other caches match none of a UNet's modules, so they change nothing. When a
+    diffusers release changes this, this test fails and the matrix must be updated."""
+    clock = [0]
+    bare = denoise(tiny_unet(), clock)
+    with pytest.raises(IndexError):
+        apply_cache(tiny_unet(), "first_block_cache", clock)
+    for name in ("faster_cache", "taylorseer_cache", "mag_cache"):
+        unet = tiny_unet()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply_cache(unet, name, clock)
+        assert torch.equal(denoise(unet, clock), bare), name
