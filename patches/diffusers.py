@@ -179,11 +179,25 @@ def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsa
             block.register_forward_hook(post, with_kwargs=True, always_call=True)]
 
 
+#: Why a ToMe processor cannot be built with no arguments, and the way out: diffusers rebuilds every attention
+#: processor as ``type(processor)()`` when it loads an IP-Adapter (UNet, Flux) after the patch.
+REBUILT = ("ToMe's attention processors cannot be re-created by diffusers (load_ip_adapter after apply_tome does "
+           "this): call remove_tome(pipe), load the adapter, then apply_tome(pipe, ...) again")
+
+
+def refuse_rebuild(inner) -> None:
+    """``TypeError(REBUILT)`` when a ToMe processor is built without the processor it wraps."""
+    if inner is None:
+        raise TypeError(REBUILT)
+
+
 class ToMeSDSelfAttnProcessor:
     """Around ``attn1``: merge (with the block's plan) -> original processor -> unmerge, or
     downsampled keys/values."""
 
-    def __init__(self, inner, state: _State, slot: _BlockSlot, downsample: int, name: str):
+    def __init__(self, inner=None, state: _State = None, slot: _BlockSlot = None, downsample: int = 1,
+                 name: str = ""):
+        refuse_rebuild(inner)
         self.inner = inner
         self.state = state
         self.slot = slot
@@ -214,7 +228,8 @@ class ToMeSDSelfAttnProcessor:
 class ToMeSDCrossAttnProcessor:
     """Around ``attn2`` (``merge_crossattn``): the block's plan merges the queries, then unmerges."""
 
-    def __init__(self, inner, slot: _BlockSlot):
+    def __init__(self, inner=None, slot: _BlockSlot = None):
+        refuse_rebuild(inner)
         self.inner = inner
         self.slot = slot
 

@@ -174,7 +174,8 @@ class ToMeDiTAttnProcessor:
     double-stream, ``"single"`` Flux single-stream with the text prefix, ``"self"`` SD3.5's image-only
     ``attn2``): image tokens merged or their keys/values downsampled, text tokens as they were."""
 
-    def __init__(self, inner, state, slot, layout: str, name: str):
+    def __init__(self, inner=None, state=None, slot=None, layout: str = "", name: str = ""):
+        sd.refuse_rebuild(inner)
         self.inner = inner
         self.state = state
         self.slot = slot
@@ -293,6 +294,10 @@ def _check_processors(chosen) -> None:
                 raise ValueError(f"{name}.{attr} has fused q/k/v projections; call unfuse_qkv_projections() on the "
                                  "transformer or pipeline before apply_tome")
             kind = type(attn.processor).__name__
+            if "IPAdapter" in kind:
+                raise TypeError(f"{name}.{attr} runs {kind}: IP-Adapter on SD3/Flux does not combine with ToMe (its "
+                                "image-prompt attention is not wrapped); call pipe.unload_ip_adapter() before "
+                                "apply_tome, or run the IP-Adapter without ToMe")
             if layout != "pixart" and kind not in _KNOWN_PROCESSORS:
                 raise TypeError(f"{name}.{attr} runs a {kind}; ToMe for diffusion transformers drives the default "
                                 f"processors {_KNOWN_PROCESSORS}: call set_default_attn_processor() or remove the "

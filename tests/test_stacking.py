@@ -369,3 +369,88 @@ def test_diffusers_applies_its_other_caches_to_no_unet_module():
             warnings.simplefilter("ignore")
             apply_cache(unet, name, clock)
         assert torch.equal(denoise(unet, clock), bare), name
+
+
+# ------------------------------------------------------------------------------------------- IP-Adapter
+
+CLIP_DIM = 16  # width of the (never built) image encoder's embeddings
+
+
+def ip_adapter_weights(unet) -> dict:
+    """A random IP-Adapter for ``unet`` in the layout ``_load_ip_adapter_weights`` reads (what
+    ``load_ip_adapter`` hands it from a file): the image projection and each cross-attention's ip k/v."""
+    g = torch.Generator().manual_seed(6)
+    cross, widths = unet.config.cross_attention_dim, unet.config.block_out_channels
+    proj = {"proj.weight": torch.randn(4 * cross, CLIP_DIM, generator=g) * 0.3, "proj.bias": torch.zeros(4 * cross),
+            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    ip, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        where, level = name.split(".")[0], name.split(".")[1]
+        width = widths[-1] if where == "mid_block" else widths[int(level)] if where == "down_blocks" \
+            else widths[::-1][int(level)]
+        for kv in ("k", "v"):
+            ip[f"{key}.to_{kv}_ip.weight"] = torch.randn(width, cross, generator=g) * 0.3
+        key += 2
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+@pytest.mark.parametrize("merge_crossattn", [False, True])
+def test_ip_adapter_on_a_unet(merge_crossattn):
+    """IP-Adapter loaded, then ToMe (with merged queries in the IP-Adapter's cross-attention too, if asked)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    pipe = pipeline(StableDiffusionPipeline)
+    kw = prompt()
+    base = generate(pipe, **kw)
+    pipe.unet._load_ip_adapter_weights([ip_adapter_weights(pipe.unet)])
+    assert any(isinstance(p, IPAdapterAttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    g = torch.Generator().manual_seed(7)
+    kw["ip_adapter_image_embeds"] = [torch.randn(2, 1, CLIP_DIM, generator=g)]  # (negative, positive) image
+    assert not torch.equal(generate(pipe, **kw), base)  # the image prompt acts
+    check_row(lambda: generate(pipe, **kw), lambda r: apply_tome_sd(pipe, ratio=r, merge_crossattn=merge_crossattn),
+              lambda: remove_tome_sd(pipe))
+
+
+def test_ip_adapter_loaded_after_tome_is_refused_in_one_line():
+    """diffusers re-creates every processor as ``type(processor)()`` when it loads an IP-Adapter: a ToMe
+    processor refuses, naming the order that works; that order works."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    unet = tiny_unet()
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True)
+    with pytest.raises(TypeError, match=r"^ToMe's attention processors cannot be re-created .*call "
+                                        r"remove_tome\(pipe\), load the adapter, then apply_tome"):
+        unet._load_ip_adapter_weights([ip_adapter_weights(unet)])
+    remove_tome_sd(unet)
+    unet._load_ip_adapter_weights([ip_adapter_weights(unet)])
+    apply_tome_sd(unet, ratio=0.5, merge_crossattn=True)
+    assert is_patched(unet) and any(isinstance(p, IPAdapterAttnProcessor2_0) for p in unet.attn_processors.values())
+
+
+def test_ip_adapter_on_flux_and_sd3_is_refused_in_one_line():
+    """ToMe's SD3/Flux processor does not run IP-Adapter's image-prompt attention: refused, with the way out,
+    and nothing patched."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    flux = tiny_flux()
+    for block in flux.transformer_blocks:
+        block.attn.set_processor(FluxIPAdapterAttnProcessor(hidden_size=32, cross_attention_dim=8))
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4)
+    for block in sd3.transformer_blocks:
+        block.attn.set_processor(SD3IPAdapterJointAttnProcessor2_0(hidden_size=16, ip_hidden_states_dim=8,
+                                                                   head_dim=8, timesteps_emb_dim=16))
+    for model, kind in ((flux, "FluxIPAdapterAttnProcessor"), (sd3, "SD3IPAdapterJointAttnProcessor2_0")):
+        procs = dict(model.attn_processors)
+        with pytest.raises(TypeError, match=rf"^transformer_blocks\.0\.attn runs {kind}: IP-Adapter on SD3/Flux does "
+                                            r"not combine with ToMe .*; call pipe\.unload_ip_adapter\(\) before "
+                                            r"apply_tome, or run the IP-Adapter without ToMe$"):
+            visiontools.apply_tome(model, ratio=0.5)
+        assert dict(model.attn_processors) == procs and not any(m._forward_pre_hooks for m in model.modules())
