@@ -96,3 +96,89 @@ def test_the_readme_is_a_front_page():
     assert "mkdocs serve" in readme and "CHANGELOG.md" in readme
     unlinked = [p for p in NAV if f"](docs/{p})" not in readme and p != "changelog.md"]  # CHANGELOG.md itself is
     assert not unlinked, f"README does not link {unlinked}"
+
+
+# ----------------------------------------------------------------------------- the API reference reads (issue 47)
+
+ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const):(?:`|<code>)")  # as text, or as Markdown made it
+# not in the API reference: the command line and its bench targets, and the demo app (described on their pages)
+NOT_IN_REFERENCE = ("visiontools.cli", "visiontools.demos", "visiontools.bench")
+
+
+def public_modules() -> list[str]:
+    """Every module of the installed package (tests/test_imports.py's list) that the API reference covers."""
+    from test_imports import MODULES
+
+    return sorted(m for m in MODULES if not m.rpartition(".")[2].startswith("_")
+                  and not any(m == p or m.startswith(p + ".") for p in NOT_IN_REFERENCE))
+
+
+def test_no_page_shows_a_literal_sphinx_role_and_roles_are_links(site):
+    """docs/griffe_layout.py turns :func:`x`, :class:`~a.B`, ... into cross-references: none is left as
+    text on any built page, and those naming a documented object are links to it."""
+    pages = sorted(site.rglob("*.html"))
+    assert pages
+    literal = {str(p.relative_to(site)): ROLE.findall(html.unescape(p.read_text())) for p in pages}
+    assert not any(literal.values()), {k: len(v) for k, v in literal.items() if v}
+    api = (site / "api" / "index.html").read_text()
+    links = re.findall(r'<a class="autorefs autorefs-internal"[^>]*href="([^"]*)"', api)
+    assert len(links) >= 100, len(links)
+    for target in ("visiontools.patches.diffusers_dit.apply_tome_dit", "visiontools.patches.timm.apply_tome",
+                   "visiontools.tome.merge.bipartite_soft_matching", "visiontools.tome.merge.parse_r"):
+        assert f"#{target}" in links, f"no link to {target}"
+
+
+def test_docstring_lists_stay_lists(site):
+    """A bullet list straight after a paragraph line ("Supported:" then "- timm ...") renders as a list."""
+    api = (site / "api" / "index.html").read_text()
+    start = api.index('id="visiontools.patches.timm"')
+    section = api[start:api.index('id="visiontools.patches.timm.', start)]
+    assert re.search(r"<li>\s*timm <code>VisionTransformer</code>", section), words(section)[:800]
+
+
+def test_every_public_module_is_in_the_api_reference(site):
+    api = (site / "api" / "index.html").read_text()
+    modules = public_modules()
+    assert "visiontools.patches.diffusers_dit" in modules and "visiontools.pictures" in modules
+    missing = [m for m in modules if f'id="{m}"' not in api]
+    assert not missing, f"public modules missing from docs/api.md: {missing}"
+
+
+def test_apply_tome_documents_every_keyword_of_every_host_in_one_table():
+    """The front door's table has one row per keyword and one column per host; a cell is filled exactly
+    when that host's adapter takes the keyword (so the table stays true when an adapter changes)."""
+    import inspect
+
+    import visiontools
+    from visiontools.patches import diffusers, diffusers_dit, timm, transformers
+
+    hosts = {"timm": timm.apply_tome, "transformers": transformers.apply_tome,
+             "SD UNet": diffusers.apply_tome_sd, "DiT": diffusers_dit.apply_tome_dit}
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in inspect.getdoc(visiontools.apply_tome).splitlines() if line.strip().startswith("| ")]
+    header, body = rows[0], rows[1:]
+    assert header[:5] == ["keyword", *hosts]
+    taken = {host: set() for host in hosts}
+    for row in body:
+        names = [n.strip().strip("`") for n in row[0].split(",")]
+        for host, cell in zip(hosts, row[1:5]):
+            if cell:
+                taken[host].update(names)
+    for host, adapter in hosts.items():
+        params = set(list(inspect.signature(adapter).parameters)[1:])
+        assert taken[host] == params, (host, sorted(taken[host] ^ params))
+    assert inspect.getdoc(visiontools.remove_tome).count("remove_tome(") >= 4  # every host's call, in its table
+
+
+def test_the_index_lists_every_page_and_one_line_per_host():
+    """docs/index.md's page table links every page of the nav, and "One line per host" has a line for
+    every host apply_tome dispatches to, diffusion transformers included."""
+    index = (DOCS / "index.md").read_text()
+    table = [line for line in index.splitlines() if line.startswith("| [")]
+    linked = {m for line in table for m in re.findall(r"\]\(([^)#]+)\)", line.split("|")[1])}
+    assert linked == set(NAV) - {"index.md"}, sorted(set(NAV) - {"index.md"} ^ linked)
+    hosts = index.split("## One line per host", 1)[1].split("```", 2)[1]
+    for call in ("apply_tome(timm_vit, r=", "apply_tome(hf_vision_model, r=", "apply_tome(sd_pipeline, ratio=",
+                 "apply_tome(dit_pipeline, ratio=", "remove_tome(model)"):
+        assert call in hosts, call
+    assert "SD3, PixArt or Flux" in hosts

@@ -4,7 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 SUPPORTED = ("timm VisionTransformer/Eva, transformers ViT/CLIP/Dinov2/SigLIP vision models, "
-             "diffusers UNet2DConditionModel and SD pipelines")
+             "diffusers UNet2DConditionModel and SD pipelines, SD3/PixArt/Flux transformers and their pipelines")
 
 
 def _is_timm_vit(model) -> bool:
@@ -37,9 +37,44 @@ def _call(adapter, model, kwargs: dict, host: str):
 
 
 def apply_tome(model, **kwargs):
-    """Token reduction in one line: ``apply_tome(timm_vit, r=16)`` or ``apply_tome(hf_vision_model, r=16)``
-    (also ``method="pitome"``, ``flops=0.5``, ...: see ``visiontools.patches.timm.apply_tome``), or
-    ``apply_tome(sd_pipeline_or_unet, ratio=0.5)``; dispatches to the adapter in ``patches/``."""
+    """Token reduction in one line: ``apply_tome(timm_vit, r=16)``, ``apply_tome(hf_vision_model, r=16)``,
+    ``apply_tome(sd_pipeline_or_unet, ratio=0.5)`` or ``apply_tome(dit_pipeline_or_transformer, ratio=0.5)``.
+    Patches ``model`` in place and returns it; :func:`remove_tome` undoes it. It dispatches on the model
+    to the adapter of its host, which takes the keywords below (another keyword is a ``TypeError`` that
+    names the ones the host takes): timm ``VisionTransformer``/``Eva``
+    (:func:`visiontools.patches.timm.apply_tome`), transformers ViT/CLIP/DINOv2/SigLIP vision models
+    (:func:`visiontools.patches.transformers.apply_tome`), Stable Diffusion UNets and pipelines
+    (:func:`visiontools.patches.diffusers.apply_tome_sd`) and diffusion transformers: SD3, PixArt, Flux
+    (:func:`visiontools.patches.diffusers_dit.apply_tome_dit`).
+
+    | keyword | timm | transformers | SD UNet | DiT | meaning |
+    |---|---|---|---|---|---|
+    | ``r`` | 16 | 16 | | | tokens merged per block: an int, ``(r, inflection)`` (the paper's schedule) or a per-block list |
+    | ``ratio`` | | | 0.5 | 0.5 | fraction of the image tokens removed in each patched block |
+    | ``method`` | ``"tome"`` | ``"tome"`` | ``"tome"`` | ``"tome"`` | ``"tome"``, ``"tofu"``, ``"pitome"``, or ``"prune"`` (ViTs only) |
+    | ``flops`` | None | None | None | None | instead of ``r``/``ratio``: the lightest setting whose counted FLOPs are at most this fraction |
+    | ``speedup`` | None | None | None | None | instead of ``r``/``ratio``: a FLOP budget of 1/``speedup`` |
+    | ``calibrate`` | False | False | | | with ``speedup``: also time the model and merge more while the measured speedup falls short |
+    | ``input_size`` | model's | ``config.image_size`` | | | ``(height, width)`` at which a budget is counted and timed |
+    | ``calibrate_batch`` | 32 | 32 | | | batch of random images that ``calibrate`` times |
+    | ``size`` | | | UNet's | model's | image size in pixels (int or ``(height, width)``) at which a budget is counted |
+    | ``text_tokens`` | | | | ``TEXT_TOKENS`` | text tokens assumed when counting a budget |
+    | ``prop_attn`` | True | True | | | proportional attention: ``log(size)`` added to the attention logits |
+    | ``rope_rule`` | ``"circular"`` | | | | rotary models (EVA): the rotation of a merged token |
+    | ``mode`` | | | ``"merge"`` | ``"merge"`` | ``"merge"`` (ToMe-SD) or ``"downsample"`` (keys/values on a smaller grid) |
+    | ``max_downsample`` | | | None | | patch the levels downsampled at most this much (None: the finest level with attention) |
+    | ``blocks`` | | | | None | indices or names of the blocks to patch (None: all) |
+    | ``sx``, ``sy`` | | | 2, 2 | 2, 2 | destination window: one destination per ``sx`` x ``sy`` tokens |
+    | ``use_rand`` | | | True | True | a seeded pseudo-random destination per window (else its top-left token) |
+    | ``seed`` | | | 0 | 0 | seed of those destinations (with the timestep: deterministic) |
+    | ``merge_attn`` | | | True | | self-attention runs on merged tokens |
+    | ``merge_crossattn`` | | | False | | cross-attention runs on merged tokens |
+    | ``merge_mlp`` | | | False | False | the feed-forward runs on merged tokens |
+    | ``rope`` | | | | ``"angle"`` | Flux: the rotary position of a merged token |
+    | ``downsample_method`` | | | ``"nearest-exact"`` | ``"nearest-exact"`` | ``F.interpolate`` mode, or ``"avg"``, for the downsampled grid |
+    | ``similarity_dtype`` | | | ``"auto"`` | ``"auto"`` | dtype of the matching matmul (``"auto"``: bf16 where the CPU has it) |
+
+    An empty cell: the host does not take the keyword. The adapters' own entries say more."""
     if _is_timm_vit(model):
         from visiontools.patches.timm import apply_tome as apply
         return _call(apply, model, kwargs, "timm ViT")
@@ -62,7 +97,18 @@ def apply_tome(model, **kwargs):
 
 
 def remove_tome(model):
-    """Undo :func:`apply_tome`, restoring the model exactly; ``ValueError`` if it is not patched."""
+    """Undo :func:`apply_tome`, restoring the model exactly; ``ValueError`` if it is not patched.
+
+    It takes no keyword on any host: ``remove_tome(model)`` dispatches like :func:`apply_tome` to
+    :func:`visiontools.patches.timm.remove_tome` (timm), :func:`visiontools.patches.transformers.remove_tome`
+    (transformers), :func:`visiontools.patches.diffusers.remove_tome_sd` (Stable Diffusion UNets and
+    pipelines) or :func:`visiontools.patches.diffusers_dit.remove_tome_dit` (SD3, PixArt, Flux), which
+    restore the original classes, processors and attributes.
+
+    | keyword | timm | transformers | SD UNet | DiT |
+    |---|---|---|---|---|
+    | (none) | ``remove_tome(model)`` | ``remove_tome(model)`` | ``remove_tome(pipe_or_unet)`` | ``remove_tome(pipe_or_transformer)`` |
+    """
     if _is_timm_vit(model):
         from visiontools.patches.timm import remove_tome as remove
         return remove(model)
