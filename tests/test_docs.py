@@ -182,3 +182,32 @@ def test_the_index_lists_every_page_and_one_line_per_host():
                  "apply_tome(dit_pipeline, ratio=", "remove_tome(model)"):
         assert call in hosts, call
     assert "SD3, PixArt or Flux" in hosts
+
+
+# ----------------------------------------------------------------------------- no build-machine paths
+
+# A path of the machines this project was built on (/work/..., /root/..., a lock file under /tmp, the `flock`
+# that serialised heavy jobs there) means nothing to a user; a path after a word character or a dot is part
+# of a URL or a relative path, not an absolute one.
+BUILD_MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|root|mnt|scratch|home/\w+|opt/pypi\S*)(?:/|\b)"
+                                r"|(?<![\w.~-])/tmp/\S*\.lock\b|\bflock\b")
+USER_FACING = ["README.md", "CHANGELOG.md", "mkdocs.yml", "docs/**/*.md", "docs/**/*.json", "docs/**/*.yaml",
+               "configs/*", "visiontools/checkpoints/*.json", "visiontools/checkpoints/*.yaml",
+               "visiontools/checkpoints/*.md", "visiontools/checkpoints/*.jsonl", "visiontools/assets/*.md"]
+
+
+def build_machine_paths(text: str) -> list[str]:
+    """The lines of ``text`` that name a build machine's absolute path or its lock files."""
+    return [line.strip() for line in text.splitlines() if BUILD_MACHINE_PATH.search(line)]
+
+
+def test_no_user_facing_file_names_a_build_machine_path():
+    files = sorted({p for pattern in USER_FACING for p in ROOT.glob(pattern) if p.is_file()})
+    assert len(files) > 50 and ROOT / "configs" / "README.md" in files
+    found = {str(p.relative_to(ROOT)): hits for p in files if (hits := build_machine_paths(p.read_text()))}
+    assert not found, found
+    # what the pattern catches, and what it leaves alone
+    assert build_machine_paths("run it under `flock /work/heavy.lock visiontools train`")
+    assert build_machine_paths("data_dir: /root/data") and build_machine_paths("see /tmp/vt-heavy.lock")
+    assert not build_machine_paths("data_dir: ../shared/datasets/cifar10, ~/.cache/visiontools, /tmp/vt-site, "
+                                   "https://github.com/org/work/root/x")
