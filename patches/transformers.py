@@ -20,7 +20,9 @@ How it hooks in, without copying any model's forward:
 
 The ``ContextVar`` (rather than a keyword argument) carries the call's state because the pooling
 head is called without ``**kwargs``. Settings live on the tower as ``tower.tome_r``,
-``tower.tome_prop_attn`` and ``tower.tome_method``; nothing per call is stored on the model. Each
+``tower.tome_prop_attn`` and ``tower.tome_method``; on a model that holds the tower
+(``ViTForImageClassification``, ``CLIPModel``, ...) the same attributes read and write the tower's, so
+``model.tome_r = 0`` takes effect there too. Nothing per call is stored on the model. Each
 call's state is a :class:`visiontools.tome.engine.TokenState`, and every layer reduces tokens with its
 one reduction step (shared with the timm adapter): every method of :mod:`visiontools.tome.methods`,
 FLOP and speedup budgets, the class and register tokens protected.
@@ -131,6 +133,8 @@ WRAPPERS = {
     "SiglipModel": "vision_model",
 }
 SUPPORTED = tuple(TOWERS) + tuple(WRAPPERS)
+# the ToMe settings the docs name; on a wrapper they are its vision tower's (see _ToMeWrapper)
+SETTINGS = ("tome_r", "tome_prop_attn", "tome_method", "tome_budget")
 
 
 class _ToMeLayer:
@@ -176,6 +180,27 @@ class _ToMeTower:
         if record is not None:
             record.append(state)
         return out
+
+
+def _tower_setting(name: str) -> property:
+    """A wrapper's ``name`` setting, read from and written to its vision tower."""
+    def get(self):
+        return getattr(getattr(self, WRAPPERS[_base(type(self)).__name__]), name)
+
+    def put(self, value):
+        setattr(getattr(self, WRAPPERS[_base(type(self)).__name__]), name, value)
+
+    return property(get, put, doc=f"``{name}`` of the vision tower (the same attribute there)")
+
+
+class _ToMeWrapper:
+    """Mixin for a patched model that holds a vision tower (``ViTForImageClassification``, ``CLIPModel``,
+    ...): its ToMe settings are the tower's, so ``model.tome_r = 0`` takes effect as on the tower."""
+
+    tome_r = _tower_setting("tome_r")
+    tome_prop_attn = _tower_setting("tome_prop_attn")
+    tome_method = _tower_setting("tome_method")
+    tome_budget = _tower_setting("tome_budget")
 
 
 def _checkpointing(model) -> bool:
@@ -269,12 +294,12 @@ def apply_tome(model: nn.Module, r=None, prop_attn: bool = True, method: str | N
     for tower in towers:
         _patch_tower(tower)
         tower.tome_r, tower.tome_prop_attn, tower.tome_method = r, prop_attn, method
+    if model is not towers[0] and not isinstance(model, _ToMeWrapper):
+        _swap(model, _ToMeWrapper)  # its tome_* attributes are the tower's
     if flops is not None or speedup is not None:
         for tower in towers:
             tower.tome_budget = _solve_budget(tower, flops, speedup, calibrate, input_size, calibrate_batch)
             tower.tome_r = tower.tome_budget.schedule
-        if model is not towers[0]:
-            model.tome_budget = towers[0].tome_budget
     return model
 
 
