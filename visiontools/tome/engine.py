@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from visiontools.tome import methods
 from visiontools.tome.budget import BudgetResult, solve_budget
 from visiontools.tome.merge import (
-    bipartite_soft_matching, check_r, init_source, max_r, merge_rope, merge_source, merge_wavg, size_bias,
+    bipartite_soft_matching, check_r, init_source, max_r, merge_rope, merge_source, merge_step, merge_wavg,
+    size_bias,
 )
 from visiontools.tome.merge_grid import GridLayout
 
@@ -92,6 +93,10 @@ class TokenState:
             return x
         if self.full_source is None and self.grid is not None:  # grid operations need the map from now on
             self.full_source = init_source(x.shape[0], x.shape[1], x.device)
+        if self.method == "tome" and self.rope is None and self.full_source is None:
+            x, self.size = merge_step(x, metric, r, P, self.size)  # the same merges, fewer operations
+            self.merged = True
+            return x
         if self.method == "tome":
             return self._merge(x, bipartite_soft_matching(metric, r, P))
         if self.method == "prune" and importance is None:

@@ -10,6 +10,7 @@ step can be applied to several tensors (features, sizes, the source map) and und
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -165,6 +166,62 @@ def merge_wavg(m: Merge, x: torch.Tensor, size: torch.Tensor | None = None) -> t
     return x / size, size
 
 
+@functools.lru_cache(maxsize=256)
+def _step_tables(B: int, N: int, P: int, r: int, device: str, dtype: torch.dtype):
+    """Constant index tensors of one merge step (a pure memo of its shapes, never of data): the flat
+    rows ``b * N + position`` of the unprotected A tokens ``(B, n_a - pa)``, of the protected tokens
+    and of the unprotected B tokens (both ``(B, .)``), the flat output row of the first unprotected B token
+    ``(B, 1)``, and sizes of one for a first step (kept ``B * (N - r)``, merged ``B * r``)."""
+    _, _, pa, pb = split_sizes(N, P)
+    rows = torch.arange(B, device=device)[:, None] * N
+    a_rows = rows + torch.arange(2 * pa, N, 2, device=device)
+    pre_rows = rows + torch.arange(P, device=device)
+    b_rows = rows + torch.arange(2 * pb + 1, N, 2, device=device)
+    n_unm = (N + 1) // 2 - pa - r
+    out_b0 = torch.arange(B, device=device)[:, None] * (N - r) + (P + n_unm)
+    ones = torch.ones(B * (N - r), device=device, dtype=dtype), torch.ones(B * r, device=device, dtype=dtype)
+    return a_rows, pre_rows, b_rows, out_b0, ones
+
+
+def merge_step(x: torch.Tensor, metric: torch.Tensor, r: int, num_protected: int = 0,
+               size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole ToMe step, :func:`bipartite_soft_matching` then :func:`merge_wavg`, with the same
+    merges and output order, in fewer operations and memory passes (the engine's path when no
+    source map or rotary embeddings ride along). Returns the merged tokens and their sizes.
+
+    The matching runs on the unprotected halves only (no ``-inf`` fills). The output is one row
+    gather (``index_select``) of the kept tokens with a precomputed flat index, and the merged
+    destinations are corrected in place with ``r`` rows: ``x_d + sum_s w_s (x_s - x_d)``, with
+    ``w_s = size_s / new size_d``; unmerged tokens are copied exactly. No host synchronisation, and
+    every shape depends only on ``(B, N, r)``, so a fixed schedule has static shapes."""
+    B, N, C = x.shape
+    P = num_protected
+    r = max_r(r, N, P)
+    _, _, pa, pb = split_sizes(N, P)
+    a_rows, pre_rows, b_rows, out_b0, ones = _step_tables(B, N, P, r, str(x.device), x.dtype)
+    with torch.no_grad():
+        m = metric / metric.norm(dim=-1, keepdim=True)
+        node_max, node_idx = (m[:, 2 * pa::2] @ m[:, 2 * pb + 1::2].transpose(1, 2)).max(dim=-1)
+        edge = node_max.argsort(dim=-1, descending=True)
+        dst = (node_idx.gather(1, edge[:, :r]) + out_b0).view(-1)  # flat output rows of the destinations
+        rows = a_rows.gather(1, edge)  # flat input rows of the A tokens, most similar first
+        src, unm = rows[:, :r].reshape(-1), rows[:, r:]
+        if P:
+            unm = unm.sort(dim=-1)[0]  # rows grow with positions: the reference's sorted order
+        keep = torch.cat([pre_rows, unm, b_rows] if P else [unm, b_rows], 1).view(-1)
+    xf = x.reshape(B * N, C)
+    out = xf.index_select(0, keep)
+    if size is None:
+        kept_size, src_size = ones
+    else:
+        sf = size.reshape(B * N)
+        kept_size, src_size = sf.index_select(0, keep), sf.index_select(0, src)
+    new_size = kept_size.index_add(0, dst, src_size)
+    w = (src_size / new_size.index_select(0, dst)).unsqueeze(1)
+    out.index_add_(0, dst, (xf.index_select(0, src) - out.index_select(0, dst)) * w)
+    return out.view(B, N - r, C), new_size.view(B, N - r, 1)
+
+
 def index_map(m: Merge) -> torch.Tensor:
     """For every token before merge step ``m``, the index of the token it ends in: ``(B, N)`` long."""
     B = m.unm_idx.shape[0]
@@ -207,7 +264,7 @@ def unmerge(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def size_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention: ``log(size)`` as an additive attention mask ``(B, 1, 1, N)``."""
-    return size.log()[:, None, None, :, 0]
+    return size.log().view(size.shape[0], 1, 1, size.shape[1])
 
 
 def merge_dst(m: Merge, x: torch.Tensor) -> torch.Tensor:
