@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The prepared GPU run: every GPU number the docs promise, in under 8 minutes on one CUDA GPU, with
 # no network. Writes docs/results/gpu/bench_all.{json,md} (machine named), saving after every
-# measurement, so whatever finished is kept. Usage:
-#   bash scripts/gpu_bench.sh                     # all sections, --budget-s 420
+# measurement, so whatever finished is kept. Then `bench vit` on ViT-B/16 and ViT-L/16 (batch 256,
+# r=8 and r=16) with the token-count ideal, --profile and, when a ToMe checkout is given or lies in
+# .peer/ToMe (carry it with the working tree; never commit it), the original ToMe in the same run:
+# OUT/bench_vit_ideal_<model>.{json,md}. Usage:
+#   bash scripts/gpu_bench.sh                     # all sections, --budget-s 420, then the ViT ideal runs
 #   bash scripts/gpu_bench.sh --budget-s 300      # any `visiontools bench all` option
+#   bash scripts/gpu_bench.sh --sections vit --budget-s 60 --peer-tome /path/to/ToMe
+#   bash scripts/gpu_bench.sh --vit-ideal-only --peer-tome .peer/ToMe   # only the ViT ideal runs
 #   bash scripts/gpu_bench.sh --smoke --out /tmp/smoke   # tiny sizes on the CPU: checks the script
 # It runs from a checkout without installing it (patches/ and demos/ are put under visiontools), with
 # the .venv's Python when there is one, else python3. Packages missing on the GPU machine (diffusers,
@@ -25,6 +30,27 @@ sys.path.insert(0, str(root))
 import visiontools
 visiontools.__path__.append(str(root))  # patches/ and demos/ import as visiontools.patches/.demos, as installed
 from visiontools.cli import main
+
 args = sys.argv[1:]
-sys.exit(main(["bench", "all", *([] if "--smoke" in args or "--device" in args else ["--device", "cuda"]), *args]))
+def pop(flag, value=False):
+    if flag not in args:
+        return None
+    i = args.index(flag)
+    out = args[i + 1] if value else True
+    del args[i:i + (2 if value else 1)]
+    return out
+peer = pop("--peer-tome", value=True) or (".peer/ToMe" if (root / ".peer/ToMe/tome/patch/timm.py").is_file() else None)
+ideal_only, smoke = pop("--vit-ideal-only"), "--smoke" in args
+out = args[args.index("--out") + 1] if "--out" in args else "docs/results/gpu"
+rc = 0 if ideal_only else main(["bench", "all", *([] if smoke or "--device" in args else ["--device", "cuda"]), *args])
+# the token-count ideal, the reduction step's profile and the original ToMe, per ViT (bf16 autocast on CUDA)
+vits = ([("vit_tiny_patch16_224", ["--img-size", "64", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+                                   "--device", "cpu", "--threads", "2"])] if smoke else
+        [(m, ["--batch-size", "256", "--repeats", "10", "--warmup", "3", "--device", "cuda"])
+         for m in ("vit_base_patch16_224", "vit_large_patch16_224")])
+for model, opts in vits:
+    name = f"{out}/bench_vit_ideal_{model}"
+    rc = max(rc, main(["bench", "vit", "--model", model, "--r", "8", "16", "--profile", "--no-progress", *opts,
+                       *(["--peer-tome", peer] if peer else []), "--out-json", name + ".json", "--out-md", name + ".md"]))
+sys.exit(rc)
 PYCODE

@@ -16,58 +16,155 @@ DEFAULT_MODEL = "vit_base_patch16_224"
 
 def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tuple[int, int] | None = None,
                   device="cpu", dtype: torch.dtype | None = None, repeats: int = 10, warmup: int = 3,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, ideal: bool = True, peer_patch=None, profile: bool = False) -> dict:
     """Time ``model`` unpatched and ToMe-patched at each r setting in ``rs`` (interleaved, medians)
-    and count FLOPs per image. Returns a dict with one row per candidate."""
+    and count FLOPs per image. With ``ideal``, the unpatched blocks are also timed alone at each
+    schedule's token counts (``visiontools.bench.ideal``), interleaved with the models: the
+    token-count ideal and the overhead of the reduction step. ``peer_patch``: the original ToMe's
+    ``apply_patch`` (``visiontools.bench.peer``), timed at each r too, its logits compared with ours.
+    ``profile``: a ``torch.profiler`` table of each candidate's reduction steps
+    (``visiontools.bench.profile``). Returns a dict with one row per candidate."""
     import torch
 
-    from visiontools.patches.timm import apply_tome, tome_forward
-    from visiontools.timing import autocast_context, count_flops, interleaved_times, machine_description, median
+    from visiontools.timing import autocast_context, interleaved_times, machine_description
 
     device = torch.device(device)
     model = model.eval().to(device)
-    candidates = {"timm (fused SDPA)": (model, None)}
+    candidates = _candidates(model, rs, peer_patch)
+    if img_size is None:
+        img_size = tuple(model.patch_embed.img_size)
+    x = torch.randn(batch_size, 3, *img_size, device=device)
+
+    def call(m, inp):
+        with autocast_context(device, dtype):
+            return m(inp)
+
+    tokens = _tokens_per_layer(candidates, x[:1])
+    fns = {name: (lambda m=m: call(m, x)) for name, (m, _) in candidates.items()}
+    parts = None
+    if ideal and len(tokens) > 1:
+        from visiontools.bench.ideal import TokenCountIdeal
+
+        def wrap(f):
+            with autocast_context(device, dtype):
+                return f()
+        parts = TokenCountIdeal(model.blocks, tokens, batch_size, model.embed_dim, device, wrap)
+        fns.update(parts.fns)
+    times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device, progress=progress)
+    rows = _rows(candidates, times, tokens, parts, batch_size, lambda m: call(m, x[:1]))
+    if peer_patch is not None:
+        _compare_peers(rows, candidates, x[:2])
+    _count_step_ops(rows, batch_size, model.embed_dim, model.num_prefix_tokens)
+    profiles = {}
+    if profile:
+        from visiontools.bench.profile import profile_reduction
+
+        for name, tok in tokens.items():
+            if name.startswith("ToMe "):
+                profiles[name] = profile_reduction(tok, batch_size, model.embed_dim, model.num_prefix_tokens,
+                                                   device, dtype)
+    return {
+        "machine": machine_description(device), "device": str(device),
+        "dtype": str(dtype or torch.float32).replace("torch.", ""), "batch_size": batch_size,
+        "img_size": list(img_size), "repeats": repeats, "warmup": warmup,
+        "baseline_fused_attn": bool(getattr(model.blocks[0].attn, "fused_attn", False)), "rows": rows,
+        "ideal_parts_s": {k: v for k, v in times.items() if k.startswith("ideal: ")}, "profiles": profiles,
+    }
+
+
+BASELINE = "timm (fused SDPA)"
+
+
+PEER = "original ToMe"
+
+
+def _candidates(model, rs, peer_patch=None) -> dict:
+    """name -> (model, r): the unpatched model and one ToMe-patched copy per r setting (and one
+    patched by the original ToMe, with ``peer_patch``)."""
+    from visiontools.patches.timm import apply_tome
+
+    candidates = {BASELINE: (model, None)}
     for r in rs:
         try:
             candidates[f"ToMe {schedule_label(r)}"] = (apply_tome(copy.deepcopy(model), r=r), r)
         except TypeError as e:  # the adapter names the unsupported class
             from visiontools.errors import UserError
             raise UserError(f"{e}; `visiontools bench` needs a timm VisionTransformer (e.g. vit_base_patch16_224)") from None
-    if img_size is None:
-        img_size = tuple(model.patch_embed.img_size)
-    x = torch.randn(batch_size, 3, *img_size, device=device)
-    x1 = x[:1]
+        if peer_patch is not None:
+            from visiontools.bench.peer import peer_model
 
-    def call(m, inp):
-        with autocast_context(device, dtype):
-            return m(inp)
+            candidates[f"{PEER} {schedule_label(r)}"] = (peer_model(peer_patch, model, r), r)
+    return candidates
 
-    fns = {name: (lambda m=m: call(m, x)) for name, (m, _) in candidates.items()}
-    times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device, progress=progress)
-    rows = []
-    base_t = median(times["timm (fused SDPA)"])
-    base_flops = None
+
+def _count_step_ops(rows: list[dict], batch: int, width: int, prefix: int) -> None:
+    """Each of our ToMe rows: the aten operations and bytes of its first reduction step (counted on CPU)."""
+    from visiontools.tome.opcount import reduction_step_ops
+
+    for row in rows:
+        tok = row.get("tokens_per_layer")
+        if row["name"].startswith("ToMe ") and tok:
+            l = next((i for i in range(len(tok) - 1) if tok[i + 1] < tok[i]), None)
+            if l is not None:
+                c = reduction_step_ops(batch, tok[l], width, tok[l] - tok[l + 1], prefix, steady=l > 0)
+                row.update(step_ops=c.ops, step_kernels=c.kernels, step_bytes=c.bytes)
+
+
+def _compare_peers(rows: list[dict], candidates: dict, x) -> None:
+    """Each original-ToMe row: its speed relative to ours at the same r, and how its logits agree."""
+    from visiontools.bench.peer import agreement
+
+    by_name = {row["name"]: row for row in rows}
+    for row in rows:
+        if row["name"].startswith(PEER):
+            ours = row["name"].replace(PEER, "ToMe", 1)
+            row["ours_over_peer"] = by_name[ours]["img_per_s"] / row["img_per_s"]
+            row.update(agreement(candidates[ours][0], candidates[row["name"]][0], x))
+
+
+def _tokens_per_layer(candidates: dict, x1) -> dict[str, list[int]]:
+    """Tokens entering each block (then after the last) of every candidate, the baseline's included."""
+    import torch
+
+    from visiontools.patches.timm import tome_forward
+
+    tokens = {}
+    with torch.inference_mode():
+        for name, (m, r) in candidates.items():
+            if r is not None and not name.startswith(PEER):
+                tokens[name] = list(tome_forward(m, x1)[1].tokens_per_layer)
     for name, (m, r) in candidates.items():
-        flops = count_flops(lambda: call(m, x1))
+        if name.startswith(PEER):  # the same r gives the same counts: the ideal is shared
+            tokens[name] = tokens[name.replace(PEER, "ToMe", 1)]
+    if tokens:
+        n0 = next(iter(tokens.values()))[0]
+        tokens = {BASELINE: [n0] * len(next(iter(tokens.values()))), **tokens}
+    return tokens
+
+
+def _rows(candidates: dict, times: dict, tokens: dict, parts, batch_size: int, call_one) -> list[dict]:
+    """One result row per candidate: speed, FLOP ratio and, with ``parts``, the token-count ideal."""
+    from visiontools.bench.ideal import ideal_columns
+    from visiontools.timing import count_flops, median
+
+    medians = {k: median(v) for k, v in times.items()}
+    base_t, base_flops, rows = medians[BASELINE], None, []
+    for name, (m, r) in candidates.items():
+        flops = count_flops(lambda: call_one(m))
         base_flops = base_flops or flops
-        t = median(times[name])
-        tokens = None
-        if r is not None:
-            with torch.inference_mode():
-                tokens = list(tome_forward(m, x1)[1].tokens_per_layer)
+        t, tok = medians[name], tokens.get(name) if r is not None else None
         speedup, flop_ratio = base_t / t, base_flops / flops
-        rows.append({
-            "name": name, "r": r, "final_tokens": tokens and tokens[-1], "tokens_per_layer": tokens,
-            "median_s": t, "img_per_s": batch_size / t,
-            "speedup": speedup, "gflops_per_img": flops / 1e9, "flop_ratio": flop_ratio,
-            "measured_over_ideal": speedup / flop_ratio, "times_s": times[name],
-        })
-    return {
-        "machine": machine_description(device), "device": str(device),
-        "dtype": str(dtype or torch.float32).replace("torch.", ""), "batch_size": batch_size,
-        "img_size": list(img_size), "repeats": repeats, "warmup": warmup,
-        "baseline_fused_attn": bool(getattr(model.blocks[0].attn, "fused_attn", False)), "rows": rows,
-    }
+        row = {"name": name, "r": r, "final_tokens": tok and tok[-1], "tokens_per_layer": tok,
+               "median_s": t, "img_per_s": batch_size / t,
+               "speedup": speedup, "gflops_per_img": flops / 1e9, "flop_ratio": flop_ratio,
+               "measured_over_ideal": speedup / flop_ratio, "times_s": times[name]}
+        if parts is not None:
+            sched = tokens[name]
+            ideal_s = parts.ideal(base_t, tokens[BASELINE], sched, medians)
+            merging = sum(1 for a, b in zip(sched, sched[1:]) if b < a)
+            row.update(ideal_columns(t, base_t, ideal_s, merging))
+        rows.append(row)
+    return rows
 
 
 TOME_COLUMNS = f"| candidate | {TOKENS_HEADER} | im/s | speedup | GFLOPs/img | FLOP ratio |"
@@ -84,9 +181,35 @@ def markdown_table(result: dict, title: str) -> str:
     """A markdown table of a :func:`benchmark_vit` result."""
     lines = [f"**{title}** — batch {result['batch_size']}, {result['img_size'][0]}x{result['img_size'][1]}, "
              f"{result['dtype']}, {result['machine']}", "",
-             TOME_COLUMNS + " measured/ideal |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"{tome_cells(row)} {row['measured_over_ideal']:.2f} |" for row in result["rows"]]
-    return "\n".join(lines)
+             TOME_COLUMNS + " measured/FLOP ratio |" + IDEAL_COLUMNS, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"{tome_cells(row)} {row['measured_over_ideal']:.2f} |{ideal_cells(row)}" for row in result["rows"]]
+    return "\n".join(lines + _notes(result))
+
+
+def _notes(result: dict) -> list[str]:
+    """Lines under the table: operations per reduction step, the original ToMe's agreement, profiles."""
+    from visiontools.bench.profile import profile_table
+
+    out = [f"- {row['name']}: one reduction step (eager, at the first merge) is {row['step_ops']} aten ops "
+           f"({row['step_kernels']} kernels), {row['step_bytes'] / 2 ** 20:.1f} MiB moved"
+           for row in result["rows"] if row.get("step_ops")]
+    out += [f"- {row['name']}: ours runs {row['ours_over_peer']:.2f}x its speed; logits max abs diff "
+            f"{row['peer_max_abs_diff']:.1e} (relative {row['peer_rel_diff']:.1e}), top-1 "
+            f"{'agrees' if row['peer_top1_agree'] else 'DISAGREES'}" for row in result["rows"] if "ours_over_peer" in row]
+    out += [t for name, prof in result.get("profiles", {}).items() for t in ("", profile_table(name, prof))]
+    return [""] + out if out else []
+
+
+IDEAL_COLUMNS = " token-count ideal | share of ideal | overhead (share, per merging block) |"
+
+
+def ideal_cells(row: dict) -> str:
+    """A row's token-count ideal cells (``visiontools.bench.ideal``); dashes where it was not measured."""
+    if "ideal_speedup" not in row:
+        return " - | - | - |"
+    per_block = f", {row['overhead_per_block_s'] * 1e3:.2f} ms" if row["overhead_per_block_s"] else ""
+    return (f" {row['ideal_speedup']:.2f}x | {row['share_of_ideal']:.2f} | "
+            f"{row['overhead_share'] * 100:.0f} %{per_block} |")
 
 
 def add_model_arguments(p: argparse.ArgumentParser, model: str, baseline: str, batch_size: int,
@@ -111,6 +234,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, DEFAULT_MODEL, "baseline", 32, "images per forward pass")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (visiontools.timing.resolve_dtype); auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--no-ideal", action="store_true",
+                   help="skip the token-count ideal (the unpatched blocks timed alone at each schedule's counts)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler table of each candidate's reduction steps (operators, share of time)")
+    p.add_argument("--peer-tome", metavar="PATH", default=None,
+                   help="a checkout of facebookresearch/ToMe: time the original ToMe at each r too and "
+                        "compare its logits with ours")
     add_run_arguments(p)
 
 
@@ -128,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from visiontools.timing import busy_machine_note, resolve_device, resolve_dtype, write_results
+    from visiontools.tome.r_text import applied_label
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,10 +268,17 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
+    peer = None
+    if args.peer_tome is not None:
+        from visiontools.bench.peer import load_peer_patch
+        peer = load_peer_patch(args.peer_tome)  # checked before the model is built
     model = load_model(args)
     result = benchmark_vit(model, args.r, args.batch_size, img, device, dtype, args.repeats, args.warmup,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, ideal=not args.no_ideal, peer_patch=peer,
+                           profile=args.profile)
     result["model"] = args.model
+    for row in result["rows"][1:]:  # label each ToMe row with the r its blocks applied
+        row["name"] = f"ToMe {applied_label(row['r'], row['tokens_per_layer'])}"
     write_results(args, markdown_table(result, args.model), result)
     note = busy_machine_note([row["speedup"] for row in result["rows"][1:]], device)
     if note:
