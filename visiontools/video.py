@@ -205,6 +205,8 @@ def annotate_frame(frame: np.ndarray, source, grid_size: tuple[int, int], lines:
     h, w = frame.shape[:2]
     panels = np.concatenate([frame, merge_panel(frame, source, grid_size)], axis=1)
     scale = min(0.6, max(0.35, 2 * w / 1100))
+    widest = max((cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)[0][0] for t in lines), default=1)
+    scale = min(scale, (2 * w - 16) / max(1, widest))  # every line fits the bar
     line_h = int(28 * scale / 0.6)
     bar = np.full((line_h * len(lines) + 8 + (line_h * len(lines) + 8) % 2, 2 * w, 3), 24, np.uint8)
     for i, text in enumerate(lines):
