@@ -1,5 +1,7 @@
 """What the demo's merge tab computes: one image through the unpatched and the ToMe-patched model,
-the picture of which patches merged after a chosen block, tokens per block, and top-5 predictions."""
+the picture of which patches merged after a chosen block, tokens per block, and top-5 predictions.
+The picture has at least 14x14 patches: a model with a coarser grid is drawn from a run on a larger
+copy of the image (:mod:`visiontools.pictures`); tokens and predictions are at its own input."""
 from __future__ import annotations
 
 import copy
