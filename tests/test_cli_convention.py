@@ -128,6 +128,12 @@ def test_busy_machine_note(monkeypatch):
     note = busy_machine_note([1.4, 0.62])
     assert note.startswith("note: ToMe measured slower (0.62x)") and "--threads 1" in note, note
     assert f"load average {cpu_threads() + 3.0:.1f} > its {cpu_threads()} CPU threads" in note
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert "rerun with --threads 1, or on an idle machine," in busy_machine_note([0.62])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert "this run had --threads 1 already: rerun on an idle machine" in busy_machine_note([0.62])
     assert busy_machine_note([1.4, 1.1]) is None  # not slower
     assert busy_machine_note([0.62], "meta") is None  # not a CPU timing
     _busy(monkeypatch, cpu_threads() - 0.5)

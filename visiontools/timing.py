@@ -263,9 +263,11 @@ def busy_machine_note(speedups, device: torch.device | str = "cpu") -> str | Non
     load, threads = os.getloadavg()[0], cpu_threads()
     if load <= threads:
         return None
+    fix = ("this run had --threads 1 already: rerun on an idle machine" if torch.get_num_threads() == 1 else
+           "rerun with --threads 1, or on an idle machine,")
     return (f"note: ToMe measured slower ({min(slower):.2f}x) while this machine is busy (load average {load:.1f} "
-            f"> its {threads} CPU threads): its merge steps wait for cores the other work holds; rerun with "
-            "--threads 1, or on an idle machine, for a fair comparison")
+            f"> its {threads} CPU threads): its merge steps wait for cores the other work holds; {fix} "
+            "for a fair comparison")
 
 
 def machine_description(device: torch.device | str) -> str:

@@ -17,6 +17,7 @@ its model with a given schedule. Pure torch; no model library is imported here.
 from __future__ import annotations
 
 import copy
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ from visiontools.tome.merge_grid import GridLayout
 __all__ = ["TokenState", "ToMeInfo", "check_request", "solve_budget_for"]
 
 BlockFn = Callable[[torch.nn.Module, torch.Tensor, "TokenState"], torch.Tensor]
+_QUIET_CAPS: ContextVar[bool] = ContextVar("visiontools_tome_quiet_caps", default=False)  # set by budget solves
 
 
 @dataclass
@@ -168,6 +170,24 @@ class TokenState:
             self.size = torch.ones_like(x[..., :1])
         if self.trace_source:
             self.source = self.full_source[:, self.num_prefix_tokens:]
+        warn_if_capped(self.schedule, self.tokens_per_layer, self.num_prefix_tokens)
+
+
+def warn_if_capped(schedule: list[int], tokens_per_layer: list[int], num_prefix_tokens: int) -> None:
+    """A ``UserWarning``, shown once per setting and input size (Python's default filter), when a block's
+    r was more than it can merge (half of its unprotected tokens, :func:`~visiontools.tome.merge.max_r`):
+    the cap and the r each block applied. Allowed, never silent."""
+    applied = [max_r(r, n, num_prefix_tokens) for r, n in zip(schedule, tokens_per_layer)]
+    if applied == list(schedule[:len(applied)]) or _QUIET_CAPS.get():
+        return
+    import warnings
+
+    first = next(i for i, (a, r) in enumerate(zip(applied, schedule)) if a < r)
+    warnings.warn(f"ToMe r {schedule[first]} is more than block {first} can merge: a block merges at most half of its "
+                  f"unprotected tokens ({(tokens_per_layer[first] - num_prefix_tokens) // 2} of "
+                  f"{tokens_per_layer[first]} there), so the r applied per block is "
+                  f"{','.join(map(str, applied))} (requested: {','.join(map(str, schedule[:len(applied)]))})",
+                  UserWarning, stacklevel=3)
 
 
 ToMeInfo = TokenState  # what tome_forward returns: the finished state of the call
@@ -221,4 +241,13 @@ def solve_budget_for(run: Callable[[Any, torch.Tensor], object], example: torch.
             times = interleaved_times({"base": lambda: run(0, xb), "reduced": lambda: run(rs, xb)}, repeats=5,
                                       warmup=1, device=example.device)
             return median(times["base"]) / median(times["reduced"])
-    return solve_budget(fraction_of, num_layers, num_tokens // 2, flops, speedup, measure)
+    quiet = _QUIET_CAPS.set(True)  # the solve tries schedules that later blocks cannot apply in full
+    try:
+        result = solve_budget(fraction_of, num_layers, num_tokens // 2, flops, speedup, measure)
+    finally:
+        _QUIET_CAPS.reset(quiet)
+    n = num_tokens
+    for i, r in enumerate(result.schedule):  # the schedule as applied (same FLOPs), so it never warns
+        result.schedule[i] = min(r, n // 2)
+        n -= result.schedule[i]
+    return result

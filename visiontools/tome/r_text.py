@@ -69,6 +69,21 @@ def schedule_label(r) -> str:
     return f"r={r}"
 
 
+def applied_label(r, tokens_per_layer) -> str:
+    """:func:`schedule_label` of ``r``; where a block merged fewer tokens than ``r`` asks (a block merges at
+    most half of its unprotected tokens), the r each block applied, from ``ToMeInfo.tokens_per_layer``,
+    and the request: ``"r=[32,16,8,4,2,1] (asked r=999, capped)"``."""
+    if r is None or not tokens_per_layer or len(tokens_per_layer) < 2:
+        return schedule_label(r)
+    from visiontools.tome.merge import parse_r
+
+    t = list(tokens_per_layer)
+    applied = [a - b for a, b in zip(t, t[1:])]
+    if applied == parse_r(len(applied), r):
+        return schedule_label(r)
+    return f"{schedule_label(applied)} (asked {schedule_label(r)}, capped)"
+
+
 def token_span(tokens_per_layer) -> str:
     """Token counts as every table writes them (bench, eval, the demo): ``"65 -> 25"``, the tokens
     entering the first block -> the tokens entering the last block, prefix tokens such as the class
