@@ -157,11 +157,11 @@ def test_apply_tome_documents_every_keyword_of_every_host_in_one_table():
     rows = [[c.strip() for c in line.strip().strip("|").split("|")]
             for line in inspect.getdoc(visiontools.apply_tome).splitlines() if line.strip().startswith("| ")]
     header, body = rows[0], rows[1:]
-    assert header[:5] == ["keyword", *hosts]
+    assert header == ["keyword", "meaning", *hosts]
     taken = {host: set() for host in hosts}
     for row in body:
         names = [n.strip().strip("`") for n in row[0].split(",")]
-        for host, cell in zip(hosts, row[1:5]):
+        for host, cell in zip(hosts, row[2:6]):
             if cell:
                 taken[host].update(names)
     for host, adapter in hosts.items():

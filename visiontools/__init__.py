@@ -47,32 +47,32 @@ def apply_tome(model, **kwargs):
     (:func:`visiontools.patches.diffusers.apply_tome_sd`) and diffusion transformers: SD3, PixArt, Flux
     (:func:`visiontools.patches.diffusers_dit.apply_tome_dit`).
 
-    | keyword | timm | transformers | SD UNet | DiT | meaning |
+    | keyword | meaning | timm | transformers | SD UNet | DiT |
     |---|---|---|---|---|---|
-    | ``r`` | 16 | 16 | | | tokens merged per block: an int, ``(r, inflection)`` (the paper's schedule) or a per-block list |
-    | ``ratio`` | | | 0.5 | 0.5 | fraction of the image tokens removed in each patched block |
-    | ``method`` | ``"tome"`` | ``"tome"`` | ``"tome"`` | ``"tome"`` | ``"tome"``, ``"tofu"``, ``"pitome"``, or ``"prune"`` (ViTs only) |
-    | ``flops`` | None | None | None | None | instead of ``r``/``ratio``: the lightest setting whose counted FLOPs are at most this fraction |
-    | ``speedup`` | None | None | None | None | instead of ``r``/``ratio``: a FLOP budget of 1/``speedup`` |
-    | ``calibrate`` | False | False | | | with ``speedup``: also time the model and merge more while the measured speedup falls short |
-    | ``input_size`` | model's | ``config.image_size`` | | | ``(height, width)`` at which a budget is counted and timed |
-    | ``calibrate_batch`` | 32 | 32 | | | batch of random images that ``calibrate`` times |
-    | ``size`` | | | UNet's | model's | image size in pixels (int or ``(height, width)``) at which a budget is counted |
-    | ``text_tokens`` | | | | ``TEXT_TOKENS`` | text tokens assumed when counting a budget |
-    | ``prop_attn`` | True | True | | | proportional attention: ``log(size)`` added to the attention logits |
-    | ``rope_rule`` | ``"circular"`` | | | | rotary models (EVA): the rotation of a merged token |
-    | ``mode`` | | | ``"merge"`` | ``"merge"`` | ``"merge"`` (ToMe-SD) or ``"downsample"`` (keys/values on a smaller grid) |
-    | ``max_downsample`` | | | None | | patch the levels downsampled at most this much (None: the finest level with attention) |
-    | ``blocks`` | | | | None | indices or names of the blocks to patch (None: all) |
-    | ``sx``, ``sy`` | | | 2, 2 | 2, 2 | destination window: one destination per ``sx`` x ``sy`` tokens |
-    | ``use_rand`` | | | True | True | a seeded pseudo-random destination per window (else its top-left token) |
-    | ``seed`` | | | 0 | 0 | seed of those destinations (with the timestep: deterministic) |
-    | ``merge_attn`` | | | True | | self-attention runs on merged tokens |
-    | ``merge_crossattn`` | | | False | | cross-attention runs on merged tokens |
-    | ``merge_mlp`` | | | False | False | the feed-forward runs on merged tokens |
-    | ``rope`` | | | | ``"angle"`` | Flux: the rotary position of a merged token |
-    | ``downsample_method`` | | | ``"nearest-exact"`` | ``"nearest-exact"`` | ``F.interpolate`` mode, or ``"avg"``, for the downsampled grid |
-    | ``similarity_dtype`` | | | ``"auto"`` | ``"auto"`` | dtype of the matching matmul (``"auto"``: bf16 where the CPU has it) |
+    | ``r`` | tokens merged per block: an int, ``(r, inflection)`` (the paper's schedule) or a per-block list | 16 | 16 | | |
+    | ``ratio`` | fraction of the image tokens removed in each patched block | | | 0.5 | 0.5 |
+    | ``method`` | ``"tome"``, ``"tofu"``, ``"pitome"``, or ``"prune"`` (ViTs only) | ``"tome"`` | ``"tome"`` | ``"tome"`` | ``"tome"`` |
+    | ``flops`` | instead of ``r``/``ratio``: the lightest setting whose counted FLOPs are at most this fraction | None | None | None | None |
+    | ``speedup`` | instead of ``r``/``ratio``: a FLOP budget of 1/``speedup`` | None | None | None | None |
+    | ``calibrate`` | with ``speedup``: also time the model and merge more while the measured speedup falls short | False | False | | |
+    | ``input_size`` | ``(height, width)`` at which a budget is counted and timed | model's | ``config.image_size`` | | |
+    | ``calibrate_batch`` | batch of random images that ``calibrate`` times | 32 | 32 | | |
+    | ``size`` | image size in pixels (int or ``(height, width)``) at which a budget is counted | | | UNet's | model's |
+    | ``text_tokens`` | text tokens assumed when counting a budget | | | | ``TEXT_TOKENS`` |
+    | ``prop_attn`` | proportional attention: ``log(size)`` added to the attention logits | True | True | | |
+    | ``rope_rule`` | rotary models (EVA): the rotation of a merged token | ``"circular"`` | | | |
+    | ``mode`` | ``"merge"`` (ToMe-SD) or ``"downsample"`` (keys/values on a smaller grid) | | | ``"merge"`` | ``"merge"`` |
+    | ``max_downsample`` | patch the levels downsampled at most this much (None: the finest level with attention) | | | None | |
+    | ``blocks`` | indices or names of the blocks to patch (None: all) | | | | None |
+    | ``sx``, ``sy`` | destination window: one destination per ``sx`` x ``sy`` tokens | | | 2, 2 | 2, 2 |
+    | ``use_rand`` | a seeded pseudo-random destination per window (else its top-left token) | | | True | True |
+    | ``seed`` | seed of those destinations (with the timestep: deterministic) | | | 0 | 0 |
+    | ``merge_attn`` | self-attention runs on merged tokens | | | True | |
+    | ``merge_crossattn`` | cross-attention runs on merged tokens | | | False | |
+    | ``merge_mlp`` | the feed-forward runs on merged tokens | | | False | False |
+    | ``rope`` | Flux: the rotary position of a merged token | | | | ``"angle"`` |
+    | ``downsample_method`` | ``F.interpolate`` mode, or ``"avg"``, for the downsampled grid | | | ``"nearest-exact"`` | ``"nearest-exact"`` |
+    | ``similarity_dtype`` | dtype of the matching matmul (``"auto"``: bf16 where the CPU has it) | | | ``"auto"`` | ``"auto"`` |
 
     An empty cell: the host does not take the keyword. The adapters' own entries say more."""
     if _is_timm_vit(model):
