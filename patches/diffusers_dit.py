@@ -322,8 +322,13 @@ def _grid_reader(model):
             ids = arg(args, kwargs, "img_ids")
             if ids is None:
                 raise ValueError("ToMe for Flux needs img_ids (the latent grid positions) in the transformer call")
-            hw = (ids.reshape(-1, ids.shape[-1])[:, 1:3].amax(0) + 1).tolist()
-            return int(hw[0]), int(hw[1])
+            h, w = (int(v) for v in (ids.reshape(-1, ids.shape[-1])[:, 1:3].amax(0) + 1).tolist())
+            x = arg(args, kwargs, "hidden_states")
+            if x is not None and x.ndim == 3 and x.shape[1] != h * w:
+                raise ValueError(f"ToMe for Flux: {x.shape[1]} image tokens, but img_ids place them on a {h}x{w} grid "
+                                 f"({h * w} tokens); image tokens beyond the grid (Flux Kontext's reference images) "
+                                 "are not supported: remove_tome(transformer) for such calls")
+            return h, w
         return flux, lambda args, kwargs: arg(args, kwargs, "timestep")
     p = model.config.patch_size
 
