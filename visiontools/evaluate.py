@@ -371,7 +371,7 @@ def load_comparisons(checkpoints: Sequence[str], desc: dict, device: torch.devic
     for ckpt in checkpoints:
         if not is_checkpoint(ckpt):
             raise UserError(f"--compare takes checkpoints (a shipped name or a .safetensors file), got {ckpt!r}")
-        model, other = load(ckpt, device=device)
+        model, other = load(ckpt, device=device, tome=False)
         for key in ("dataset", "classes", "mean", "std"):
             if other.get(key) != desc.get(key):
                 raise ValueError(f"--compare {ckpt}: its {key} ({other.get(key)}) differs from the evaluated "
@@ -401,7 +401,7 @@ def load_model_for_eval(checkpoint: str | None, model_name: str | None, pretrain
         if checkpoint is not None and not is_checkpoint(checkpoint):
             raise UserError(f"--checkpoint {checkpoint}: not a shipped checkpoint or a .safetensors file "
                             "(name a timm model with --model instead)")
-        return load(checkpoint or DEFAULT_CHECKPOINT, device=device)
+        return load(checkpoint or DEFAULT_CHECKPOINT, device=device, tome=False)  # rows patch it themselves
     num_classes = CIFAR_NUM_CLASSES.get(dataset, 1000 if dataset == "imagenet" else None)
     kwargs = {} if (pretrained and dataset == "imagenet") else {"num_classes": num_classes}
     model, desc = load(model_name, device=device, pretrained=pretrained, **kwargs)  # random weights seeded: runs repeat
@@ -522,9 +522,19 @@ def refuse_existing_out(out: str | None, overwrite: bool) -> None:
             raise FileExistsError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
 
 
+def default_rs(args: argparse.Namespace) -> list:
+    """The r rows of ``eval`` without ``--r``: 0, half the recommended r and the recommended r of the
+    evaluated checkpoint (:func:`visiontools.models.recommended_r`: the r it was trained with, its
+    card's choice, else the default checkpoint's), e.g. ``0 4 8`` for ``cifar10_cct``."""
+    from visiontools.models import DEFAULT_CHECKPOINT, recommended_r
+
+    rec = recommended_r(None if args.model else (args.checkpoint or DEFAULT_CHECKPOINT))
+    return sorted({0, rec // 2, rec}) if isinstance(rec, int) else [0, rec]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools eval``."""
-    from visiontools.defaults import REPEATS, WARMUP
+    from visiontools.defaults import DEFAULT_CHECKPOINT, REPEATS, WARMUP, default_r_text
     from visiontools.tome.r_text import r_argument
 
     src = parser.add_argument_group("model")
@@ -550,9 +560,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = parser.add_argument_group("ToMe")
     t.add_argument("--r", "--tome-r", dest="r", type=r_argument, nargs="*", default=None,
                    help="ToMe r settings, one row each: an int r (tokens merged per block), r,inflection (e.g. "
-                        "8,-0.5, the decreasing schedule) or a per-layer list (8,8,4,4); default 0 2 4 6 8, none "
-                        "with --budget. Under torchrun spell it --tome-r (torchrun reads --r as an abbreviation of "
-                        "its own --rdzv-* options)")
+                        "8,-0.5, the decreasing schedule) or a per-layer list (8,8,4,4); default 0, half the "
+                        "checkpoint's recommended r and that r (the r it was trained with, or its card's choice: "
+                        f"{default_r_text()} for {DEFAULT_CHECKPOINT}), none with --budget. Under torchrun spell "
+                        "it --tome-r (torchrun reads --r as an abbreviation of its own --rdzv-* options)")
     t.add_argument("--schedule", type=r_argument, nargs="*", default=[], metavar="R,INFLECTION",
                    help="more ToMe settings, read as --r reads them except that two values are always r,inflection "
                         "(8,1 is inflection 1)")
@@ -600,7 +611,8 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing_out(args.out, args.overwrite)
     result = evaluate(checkpoint=args.checkpoint, model_name=args.model, pretrained=args.pretrained,
                       dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-                      per_class=args.per_class, rs=args.r if args.r is not None else ([] if args.budget else [0, 2, 4, 6, 8]),
+                      per_class=args.per_class,
+                      rs=args.r if args.r is not None else ([] if args.budget else default_rs(args)),
                       schedules=schedules, prop_attn=not args.no_prop_attn, budgets=args.budget, methods=args.method,
                       batch_size=args.batch_size, timing_batch_size=args.timing_batch_size, repeats=args.repeats,
                       warmup=args.warmup, device=args.device, amp=args.amp, num_workers=args.num_workers,

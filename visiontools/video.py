@@ -28,7 +28,7 @@ os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from visiontools.defaults import DEFAULT_CHECKPOINT  # noqa: E402
+from visiontools.defaults import DEFAULT_CHECKPOINT, default_r_text  # noqa: E402
 from visiontools.pictures import MIN_PICTURE_GRID  # noqa: E402
 
 MAX_FRAME_PIXELS = 4096 * 4096   # larger frames are refused before any is decoded
@@ -505,7 +505,7 @@ def load_model(name: str, pretrained: bool = False) -> tuple[torch.nn.Module, tu
     shipped checkpoint name (``cifar10_cct``), a visiontools ``.safetensors`` file, or a timm ViT name."""
     from visiontools import models
 
-    model, desc = models.load(name, pretrained=pretrained)
+    model, desc = models.load(name, pretrained=pretrained, tome=False)
     what = f"{name} ({desc['model']})" if models.is_checkpoint(name) else \
         f"timm {name} ({'pretrained' if pretrained else 'random weights'})"
     return model, tuple(desc["mean"]), tuple(desc["std"]), what
@@ -524,8 +524,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a shipped checkpoint (e.g. cifar10_vit), a visiontools .safetensors file or a timm ViT name "
                         "(random weights unless --pretrained)")
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs a network)")
-    p.add_argument("--r", type=r_argument, default=4, metavar="R",
-                   help="ToMe: tokens merged per block (16), r,inflection (16,-0.5) or a per-layer list")
+    p.add_argument("--r", type=r_argument, default=None, metavar="R",
+                   help="ToMe: tokens merged per block (16), r,inflection (16,-0.5) or a per-layer list; default: the "
+                        "checkpoint's recommended r (the r it was trained with, or its card's choice: "
+                        f"{default_r_text()} for {DEFAULT_CHECKPOINT})")
     p.add_argument("--block", type=int, default=None,
                    help="draw the merge map after this block (0 = before the first); default: the last block")
     p.add_argument("--min-grid", type=int, default=MIN_PICTURE_GRID, metavar="N",
@@ -560,6 +562,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         _cv2().setNumThreads(args.threads)
     probe_video(args.src)  # before loading a model: a bad file fails in a second
+    if args.r is None:
+        from visiontools.models import recommended_r
+        args.r = recommended_r(args.model)
     model, mean, std, desc = load_model(args.model, args.pretrained)
     res = annotate_video(model, args.src, args.out, args.r, mean=mean, std=std, block=args.block,
                          batch_size=args.batch_size, max_frames=args.max_frames, out_height=args.height,
