@@ -160,3 +160,18 @@ def test_removing_a_unet_patch_keeps_a_processor_set_after_patching():
     after = unet.attn_processors
     assert after[name] is mine
     assert all(after[k] is p for k, p in before.items() if k != name)
+
+
+def test_eval_compare_refuses_a_checkpoint_with_other_classes():
+    """docs/training-evaluation.md: a ``--compare`` checkpoint with other classes (not only another
+    normalisation) is refused, naming the key; one trained on the same data is accepted."""
+    from visiontools.evaluate import load_comparisons
+    from visiontools.models import load_default_model
+
+    _, desc = load_default_model()
+    cpu = torch.device("cpu")
+    assert list(load_comparisons(["cifar10_vit"], desc, cpu)) == ["cifar10_vit"]
+    swapped = {**desc, "classes": list(reversed(desc["classes"]))}
+    with pytest.raises(ValueError, match=r"--compare cifar10_vit: its classes \(\['airplane'.*differs from the "
+                                         r"evaluated model's \(\['truck'"):
+        load_comparisons(["cifar10_vit"], swapped, cpu)
