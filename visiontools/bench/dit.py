@@ -138,7 +138,9 @@ def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, 
     fns = candidate_calls(base, kw, candidates, outputs)
     flops = {k: count_flops(f, warmup=False) for k, f in fns.items()}  # also each candidate's warm-up call
     n_img = (args.resolution // 16) ** 2  # latent /8, then 2x2 patches (SD3, PixArt) or 2x2 packing (Flux)
-    print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters, timing {len(fns)} "
+    n_par = sum(p.numel() for p in base.parameters())
+    par = f"{n_par / 1e6:.0f}M" if n_par >= 1e6 else f"{n_par / 1e3:.0f}k" if n_par >= 1e3 else str(n_par)
+    print(f"\n{name}: {par} parameters, timing {len(fns)} "
           f"candidates, {args.warmup} warm-up + {args.repeats} rounds")
     times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress)
     ref_t, ref = median(times["unpatched"]), outputs["unpatched"]
@@ -195,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
               f"warm-up + {args.repeats} interleaved rounds; {machine}")
     result = dict(machine=machine, resolution=args.resolution, threads=torch.get_num_threads(), tiny=bool(args.tiny),
                   repeats=args.repeats, warmup=args.warmup, models={n: MODELS[n][0] for n in args.models}, rows=rows)
-    write_results(args, _markdown(rows), result, header=header)
+    write_results(args, _markdown(rows), result, header=header, echo=False)  # each model's table is printed above
     return 0
 
 

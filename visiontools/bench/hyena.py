@@ -255,8 +255,10 @@ def markdown_table(result: dict) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     st, sm = result["slope_time"], result["slope_memory"]
     co, co2 = result["crossover_tokens"], result["crossover_tokens_regen"]
-    say = lambda c: f"from {c} tokens on" if c else "not at the largest sizes measured"  # noqa: E731
-    lines += ["", f"Crossover: Hyena is faster than attention {say(co)} (with filters regenerated: {say(co2)}).",
+    top = max(r["tokens"] for r in result["rows"])
+    say = lambda c: (f"Hyena is faster than attention from {c} tokens on" if c else  # noqa: E731
+                     f"Hyena is not faster than attention at the largest size measured ({top} tokens)")
+    lines += ["", f"Crossover: {say(co)}. With its filters regenerated: {say(co2)}.",
               f"Log-log slope vs tokens (per image, tokens >= {min(result['slopes_fit_tokens'])}): time attention "
               f"{fmt(st['attn'])}, Hyena {fmt(st['hyena'])} (regenerated {fmt(st['hyena_regen'])}); peak memory "
               f"attention {fmt(sm['attn'])}, Hyena {fmt(sm['hyena'])}.",
