@@ -208,3 +208,25 @@ def test_the_curve_shows_both_accuracies_and_the_step_time(tmp_path, monkeypatch
     plot_curve(history, tmp_path / "curve.png", "t", "ToMe r=13")
     assert lines["top-1 %"][1:] == [("test, unpatched", [20.0, 40.0]), ("test at ToMe r=13", [19.0, 38.0])]
     assert lines["ms per training step"] == [(lines["ms per training step"][0][0], [51.0, 52.0])]
+
+
+@pytest.mark.parametrize("name", ["hyena_vit_cifar", "conformer_vit_cifar"])
+def test_grid_models_train_with_merging_through_their_grid_operations(tmp_path, datasets_dir, monkeypatch, name):
+    """Hyena and Conformer ViTs train under ``tome:``: every parameter gets a gradient (the grid
+    operations see the merged tokens) and the run evaluates both settings."""
+    cfg = cfg_of(datasets_dir, tmp_path / "run", model=name, model_kwargs={"depth": 2}, tome={"r": 6}, epochs=1,
+                 train_per_class=2)
+    seen = {}
+    real = torch.nn.utils.clip_grad_norm_
+
+    def record(params, *a, **k):
+        params = list(params)
+        seen.update(no_grad=sum(p.grad is None for p in params), n=len(params))
+        return real(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    last = train(cfg, progress=False)
+    assert seen["n"] > 0 and seen["no_grad"] == 0
+    assert "test_top1_tome" in last and last["test_loss"] != last["test_loss_tome"]
+    model, desc = load(tmp_path / "run" / "last.safetensors")
+    assert desc["tome"]["r"] == "6" and model.tome_r == 6
