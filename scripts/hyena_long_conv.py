@@ -92,7 +92,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 256], choices=sorted(MODELS),
                    help="grids to measure (64: 4x4 patches, 256: 2x2 patches of a 32x32 image)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

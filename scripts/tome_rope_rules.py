@@ -31,7 +31,7 @@ def logits_of(model, images, mean, std, batch_size=250) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="visiontools checkpoint of an Eva model")
     p.add_argument("--data-dir", default="../shared/datasets/cifar10", help="CIFAR-10 ImageFolder root")

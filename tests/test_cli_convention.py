@@ -155,3 +155,20 @@ def test_bench_says_when_a_busy_machine_makes_tome_slower(capsys, monkeypatch):
     _busy(monkeypatch, 0.0)
     rc, out, _ = run_cli(capsys, argv)
     assert rc == 0 and "note:" not in out, out
+
+
+def test_every_argument_parser_in_the_source_refuses_abbreviations():
+    """Scripts and ``python -m`` entry points too: each ``argparse.ArgumentParser(...)`` call says
+    ``allow_abbrev=False`` (the CLI's parsers get it from ``visiontools.cli._Parser``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for path in [*root.glob("scripts/*.py"), *root.glob("visiontools/**/*.py"), *root.glob("demos/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "ArgumentParser":
+                ok = any(k.arg == "allow_abbrev" and getattr(k.value, "value", None) is False for k in node.keywords)
+                calls.append((path.relative_to(root).as_posix(), node.lineno, ok))
+    assert len(calls) >= 3, calls
+    assert all(ok for *_, ok in calls), [c for c in calls if not c[2]]
