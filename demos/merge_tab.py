@@ -10,9 +10,14 @@ from __future__ import annotations
 import logging
 
 TITLE = "Which patches merge"
-DEFAULT_R = 8  # the default cifar10_cct: 1.51x for 0.40 points of top-1 (docs/results/cifar10_cct_tome.md)
-# DEFAULT_R is also the one r of the first merge picture (each block's r times k*k on the picture's k
-# times larger input, visiontools.pictures); its block: visiontools.demos.merging.first_view_block.
+# The first view opens at the loaded checkpoint's recommended r (DemoModel.recommended_r; for the default
+# checkpoint DEFAULT_R, its card's choice: visiontools.models.recommended_r). That r is also the one r of
+# the first merge picture (each block's r times k*k on the picture's k times larger input,
+# visiontools.pictures); its block: visiontools.demos.merging.first_view_block.
+from visiontools.defaults import default_r_text  # noqa: E402 (torch-free, like this module)
+from visiontools.tome.r_text import first_r, parse_r_text  # noqa: E402
+
+DEFAULT_R = first_r(parse_r_text(default_r_text()))  # = visiontools.demos.model_cache.DEFAULT_R
 
 
 def available() -> bool:
@@ -61,7 +66,7 @@ def load_model_ui(name: str):
     from visiontools.demos.merging import classes_note, first_view_block
 
     r_max = max_r_for(dm)
-    r = min(DEFAULT_R, r_max)
+    r = min(dm.recommended_r, r_max)
     return (model_info_markdown(dm),
             gr.update(maximum=r_max, value=r),
             gr.update(maximum=dm.depth, value=first_view_block(dm, r)),
@@ -109,7 +114,7 @@ def build_tab(gr, shared) -> None:
     from visiontools.demos.merging import SCHEDULES, TOKEN_TABLE_HEADERS, classes_note, first_view_block
 
     dm, r_max = shared.dm, max_r_for(shared.dm)
-    r0 = min(DEFAULT_R, r_max)
+    r0 = min(dm.recommended_r, r_max)
     with gr.Tab(TITLE):
         with gr.Row():
             with gr.Column(scale=1):

@@ -16,12 +16,18 @@ import torch
 
 from visiontools import models
 from visiontools.models import DEFAULT_ARCHITECTURE, DEFAULT_CHECKPOINT, SHIPPED
+from visiontools.tome.r_text import first_r
 
 DEFAULT_MODEL = "default"
 DEFAULT_ALIASES = ("default", DEFAULT_CHECKPOINT)
 SUGGESTED_MODELS = ["default", "conformer_cifar10", "cifar10_vit", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
                     "vit_small_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224"]
 MAX_CACHED = 3  # models kept in memory besides the default one
+
+
+# The first view's r: the default checkpoint's recommended r (visiontools.models.recommended_r), the one
+# default r of eval, video, export and the demo. A checkpoint that recommends its own opens at that one.
+DEFAULT_R = first_r(models.recommended_r())
 
 
 @dataclass
@@ -36,6 +42,7 @@ class DemoModel:
     notice: str = ""          # shown in the UI, e.g. "random weights: predictions are meaningless"
     trained: bool = True      # False when the weights are random
     description: str = ""
+    recommended_r: int = DEFAULT_R  # the r the demo opens at: the checkpoint's trained or recommended r
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -125,12 +132,13 @@ def accuracy_note(desc: dict) -> str:
 
 
 def _load_checkpoint(path: str, name: str | None = None) -> DemoModel:
-    model, desc = models.load(path)
+    model, desc = models.load(path, tome=False)  # cached unpatched; requests patch a copy at their r
     what = (f"shipped CIFAR-10 checkpoint {path}" if path in SHIPPED and desc.get("dataset", "cifar10") == "cifar10"
             else f"shipped checkpoint {path}" if path in SHIPPED else f"checkpoint {Path(path).name}")
     h, w = model.patch_embed.img_size if hasattr(model, "patch_embed") else (0, 0)
     return DemoModel(name or path, model, list(desc["classes"]), tuple(desc["mean"]), tuple(desc["std"]),
-                     description=f"{what} ({desc['model']}, {h}x{w} input){accuracy_note(desc)}")
+                     description=f"{what} ({desc['model']}, {h}x{w} input){accuracy_note(desc)}",
+                     recommended_r=first_r(desc["recommended_r"]))
 
 
 def _weights_notice(name: str, allow_download: bool) -> str:

@@ -51,6 +51,12 @@ def r_to_text(r) -> str:
     return str(int(r))
 
 
+def first_r(r) -> int:
+    """The r of an r setting's first block as one int (a slider's value): an int as it is, a schedule's
+    r, a per-layer list's first entry."""
+    return int(r if isinstance(r, int) else r[0])
+
+
 def r_argument(text: str):
     """argparse type of every ``--r`` option (bench, eval, video, export): :func:`parse_r_text`, its
     ``ValueError`` shown as argparse's one-line error."""
