@@ -130,6 +130,10 @@ def test_the_checkpoint_records_r_and_load_applies_it(tmp_path, datasets_dir):
     assert default_rs(Namespace(model=None, checkpoint=str(out))) == [0, [6, 4]]
     assert default_rs(Namespace(model=None, checkpoint=None)) == [0, 4, 8]  # cifar10_cct's card: r=8
     assert recommended_r("vit_tiny_patch16_224") == 8  # a timm name: the default checkpoint's choice
+    from visiontools.demos.model_cache import _load_checkpoint
+
+    dm = _load_checkpoint(str(out))  # the demo opens at the trained r, on an unpatched cached model
+    assert dm.recommended_r == 6 and not hasattr(dm.model, "tome_r")
 
 
 def test_a_flops_budget_is_solved_once_and_recorded_as_its_schedule(tmp_path, datasets_dir):
