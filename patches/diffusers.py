@@ -66,6 +66,7 @@ class ToMe2dConfig:
     merge_mlp: bool = False
     downsample_method: str = "nearest-exact"
     similarity_dtype: str = "auto"
+    plan_every: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +104,18 @@ class _CallContext:
         self.hw: tuple[int, int] | None = None
         self.seed: torch.Tensor | None = None
         self.rejected = 0  # calls refused because another was running (their end hook must not clear)
+        self.step = -1  # denoising step of the current call: distinct timesteps since the loop began
+        self.last_t: float | None = None  # timestep of the previous call
+
+    def advance(self, timestep) -> None:
+        """Count the step of a call at ``timestep``: a new timestep is the next step, a larger one than the
+        last starts a new denoising loop (step 0); the same timestep again (a separate CFG call) is the same step."""
+        t = None if timestep is None else float(torch.as_tensor(timestep).reshape(-1)[0])
+        if t is None or self.last_t is None or t > self.last_t:
+            self.step = 0
+        elif t != self.last_t:
+            self.step += 1
+        self.last_t = t
 
 
 class _BlockSlot:
@@ -111,6 +124,7 @@ class _BlockSlot:
 
     def __init__(self):
         self.plan = None
+        self.kept = None  # with plan_every > 1: the plan last computed, reused until the next planning step
 
 
 class _State:
@@ -165,10 +179,17 @@ def _block_hooks(block: torch.nn.Module, state: _State, slot: _BlockSlot, downsa
         r = merge2d.num_merged(h * w, cfg.ratio, cfg.sx, cfg.sy, h, w)
         if r == 0:  # grid smaller than one window, or too few tokens for this ratio
             return None
+        kept = slot.kept
+        if (kept is not None and state.ctx.step % cfg.plan_every and tuple(kept.index.shape) == tuple(x.shape[:2])
+                and kept.index.device == x.device):
+            slot.plan = kept  # plan_every > 1, between planning steps: the last plan's indices again
+            return None
         seed = state.ctx.seed + 7919 * index if cfg.use_rand else None
         sim_dtype = _similarity_dtype(cfg.similarity_dtype, x)
         slot.plan = merge2d.plan_merge_2d(x, h, w, r, cfg.sx, cfg.sy, seed, sim_dtype,
                                           energy_margin=margin, reduce=reduce)
+        if cfg.plan_every > 1:
+            slot.kept = slot.plan
         return None
 
     def post(module, args, kwargs, output):
@@ -329,6 +350,9 @@ def check_common(cfg: ToMe2dConfig) -> None:
                          "and has no merge to choose a method for")
     _check_int(cfg.sx, "sx")
     _check_int(cfg.sy, "sy")
+    _check_int(cfg.plan_every, "plan_every")
+    if cfg.plan_every > 1 and cfg.mode != "merge":
+        raise ValueError("plan_every applies to mode='merge' only (downsample mode has no merge plan)")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
     if cfg.similarity_dtype not in SIMILARITY_DTYPES:
@@ -434,6 +458,7 @@ def _unet_hooks(unet, state: _State) -> list:
                           UserWarning, stacklevel=2)
         state.ctx.hw = (sample.shape[-2], sample.shape[-1])
         state.ctx.seed = _timestep_seed(cfg.seed, timestep).to(sample.device)
+        state.ctx.advance(timestep)
         return None
 
     def post(module, args, kwargs, output):  # end of the call (also on errors): forget it
@@ -572,6 +597,7 @@ def apply_tome_sd(
     flops: float | None = None,
     speedup: float | None = None,
     size=None,
+    plan_every: int = 1,
 ):
     """Patch a Stable Diffusion pipeline or UNet in place with ToMe-SD (``mode="merge"``) or token
     downsampling (``mode="downsample"``); returns ``pipe_or_unet``. An existing patch is replaced.
@@ -592,13 +618,17 @@ def apply_tome_sd(
     - ``similarity_dtype``: dtype of the matching matmul (merge mode): ``"auto"`` (bf16 for fp32 on
       CPUs with AMX/AVX512-BF16, else the tokens' dtype), ``"input"``, ``"float32"``, ``"bfloat16"``,
       ``"float16"``.
+    - ``plan_every``: merge mode, compute each block's merge plan (similarities, matching, indices) once
+      every ``plan_every`` denoising steps and reuse its indices in between (1: every step, as without it).
+      A step is a new timestep; a larger timestep than the last starts a new loop, and a plan is reused
+      only for tokens of the same batch and count.
     """
     unet = _find_unet(pipe_or_unet)
     budgeted = check_budget_request(ratio, flops, speedup, size)
     cfg = ToMeSDConfig(ratio=0.5 if ratio is None else ratio, mode=mode, method=method, max_downsample=max_downsample,
                        sx=sx, sy=sy, use_rand=use_rand, seed=seed, merge_attn=merge_attn,
                        merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, downsample_method=downsample_method,
-                       similarity_dtype=similarity_dtype)
+                       similarity_dtype=similarity_dtype, plan_every=plan_every)
     _check_config(cfg)
     budget = solve_budget(pipe_or_unet, cfg, flops, speedup, size) if budgeted else None
     if budget is not None:

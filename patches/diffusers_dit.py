@@ -361,6 +361,7 @@ def _model_hooks(model, state: _State) -> list:
                           UserWarning, stacklevel=2)
         hw = grid_of(args, kwargs)
         state.ctx.seed = sd._timestep_seed(state.config.seed, timestep_of(args, kwargs))
+        state.ctx.advance(timestep_of(args, kwargs))
         state.ctx.hw = hw
         return None
 
@@ -448,7 +449,7 @@ def apply_tome_dit(pipe_or_transformer, ratio: float | None = None, mode: str = 
                    sy: int = 2, use_rand: bool = True, seed: int = 0, merge_mlp: bool = False, rope: str = "angle",
                    downsample_method: str = "nearest-exact", similarity_dtype: str = "auto", method: str = "tome",
                    flops: float | None = None, speedup: float | None = None, size=None,
-                   text_tokens: int | None = None):
+                   text_tokens: int | None = None, plan_every: int = 1):
     """Patch an SD3 / PixArt / Flux transformer (or its pipeline) in place with token merging
     (``mode="merge"``) or key/value downsampling (``mode="downsample"``); returns the argument.
 
@@ -463,13 +464,15 @@ def apply_tome_dit(pipe_or_transformer, ratio: float | None = None, mode: str = 
       runs the image feed-forward on merged tokens (SD3, Flux double-stream, PixArt).
     - ``rope``: Flux merge mode, rotary position of merged tokens (:data:`ROPE_RULES`).
     - ``downsample_method``: ``F.interpolate`` mode or ``"avg"`` for the key/value grid.
+    - ``plan_every``: merge mode, a block's merge plan computed once every ``plan_every`` denoising steps and
+      reused in between (as for UNets; 1: every step).
     """
     model = find_transformer(pipe_or_transformer)
     budgeted = sd.check_budget_request(ratio, flops, speedup, size, text_tokens=text_tokens)
     cfg = ToMeDiTConfig(ratio=0.5 if ratio is None else ratio, mode=mode, method=method,
                         blocks=None if blocks is None else tuple(blocks), sx=sx, sy=sy, use_rand=use_rand, seed=seed,
                         merge_mlp=merge_mlp, rope=rope, downsample_method=downsample_method,
-                        similarity_dtype=similarity_dtype)
+                        similarity_dtype=similarity_dtype, plan_every=plan_every)
     _check_config(cfg)
     chosen = _choose(dit_blocks(model), cfg.blocks)
     budget = solve_budget(pipe_or_transformer, cfg, flops, speedup, size, text_tokens) if budgeted else None

@@ -454,3 +454,62 @@ def test_ip_adapter_on_flux_and_sd3_is_refused_in_one_line():
                                             r"apply_tome, or run the IP-Adapter without ToMe$"):
             visiontools.apply_tome(model, ratio=0.5)
         assert dict(model.attn_processors) == procs and not any(m._forward_pre_hooks for m in model.modules())
+
+
+# ------------------------------------------------------------------------------- merge plans across steps
+
+
+def count_plans(monkeypatch) -> list:
+    """Record the token count of every merge plan computed from now on."""
+    from visiontools.tome import merge2d
+
+    calls, plan = [], merge2d.plan_merge_2d
+
+    def counting(x, *args, **kw):
+        calls.append(x.shape[1])
+        return plan(x, *args, **kw)
+
+    monkeypatch.setattr(merge2d, "plan_merge_2d", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["unet", "flux"])
+def test_plan_every_reuses_merge_plans_between_planning_steps(kind, monkeypatch):
+    """plan_every=1 is today's behaviour bit for bit (a plan per block per step); plan_every=2 plans at steps
+    0 and 2 of 4 and reuses those indices at steps 1 and 3 (a close, different result); a new loop (the
+    timestep going up again) plans afresh."""
+    model = tiny_unet() if kind == "unet" else tiny_flux()
+    clock, calls = [0], count_plans(monkeypatch)
+    visiontools.apply_tome(model, ratio=0.5)
+    blocks = len(model._visiontools_tome_sd.slots if kind == "unet" else model._visiontools_tome_dit.slots)
+    default = denoise(model, clock)
+    assert len(calls) == len(TIMESTEPS) * blocks
+    visiontools.apply_tome(model, ratio=0.5, plan_every=1)
+    assert torch.equal(denoise(model, clock), default)
+    visiontools.apply_tome(model, ratio=0.5, plan_every=2)
+    calls.clear()
+    reused = denoise(model, clock)
+    assert len(calls) == 2 * blocks  # steps 0 and 2 of 4
+    rel = ((reused - default).norm() / default.norm()).item()
+    assert 0 < rel < 0.2
+    assert torch.equal(denoise(model, clock), reused) and len(calls) == 4 * blocks  # a new loop plans at its step 0
+    visiontools.apply_tome(model, ratio=0.5, plan_every=len(TIMESTEPS))
+    calls.clear()
+    denoise(model, clock)
+    assert len(calls) == blocks
+
+
+def test_plan_every_replans_when_the_tokens_change_and_is_checked(monkeypatch):
+    unet, calls = tiny_unet(), count_plans(monkeypatch)
+    apply_tome_sd(unet, ratio=0.5, plan_every=3)
+    e = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 8, 12), torch.tensor(900), e)
+        unet(torch.randn(1, 4, 10, 12), torch.tensor(800), e)  # another size: a plan of its own
+        unet(torch.randn(1, 4, 10, 12), torch.tensor(700), e)  # same size as the last: reused
+    assert calls == [96] * 3 + [120] * 3  # its 3 patched blocks plan at the first two calls only
+    for bad, match in ((0, "plan_every must be an integer >= 1, got 0"), (1.5, "plan_every must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            apply_tome_sd(unet, ratio=0.5, plan_every=bad)
+    with pytest.raises(ValueError, match=r"^plan_every applies to mode='merge' only"):
+        apply_tome_sd(unet, ratio=0.5, mode="downsample", plan_every=2)

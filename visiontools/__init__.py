@@ -73,6 +73,7 @@ def apply_tome(model, **kwargs):
     | ``rope`` | Flux: the rotary position of a merged token | | | | ``"angle"`` |
     | ``downsample_method`` | ``F.interpolate`` mode, or ``"avg"``, for the downsampled grid | | | ``"nearest-exact"`` | ``"nearest-exact"`` |
     | ``similarity_dtype`` | dtype of the matching matmul (``"auto"``: bf16 where the CPU has it) | | | ``"auto"`` | ``"auto"`` |
+    | ``plan_every`` | merge plans computed once every this many denoising steps, reused in between | | | 1 | 1 |
 
     An empty cell: the host does not take the keyword. The adapters' own entries say more."""
     if _is_timm_vit(model):
