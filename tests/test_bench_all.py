@@ -43,6 +43,10 @@ def test_the_gpu_script_runs_every_section_in_smoke_mode(tmp_path):
     assert {("sd3", "merge@0.5"), ("pixart", "downsample@0.5"), ("flux", "downsample@0.75"),
             ("sd3", "tofu@0.5"), ("flux", "pitome@0.5")} <= dit
     assert all(r["rel_l2"] > 0 for r in out["sections"]["dit"]["rows"] if r["candidate"] != "unpatched")
+    # then bench vit with the token-count ideal and --profile (issue 46)
+    ideal = json.loads((tmp_path / "bench_vit_ideal_vit_tiny_patch16_224.json").read_text())
+    assert len(ideal["rows"]) == 3 and all(r["ideal_speedup"] > 0 and "share_of_ideal" in r for r in ideal["rows"])
+    assert len(ideal["profiles"]) == 2 and all(p["rows"] for p in ideal["profiles"].values())
     assert {r["candidate"] for r in out["sections"]["hyena"]["rows"]} == {"sdpa", "hyena"}
     assert {r["candidate"] for r in out["sections"]["lsh"]["rows"]} == {"sdpa", "lsh"}
     md = (tmp_path / "bench_all.md").read_text()
