@@ -4,7 +4,8 @@
 # measurement, so whatever finished is kept. Then `bench vit` on ViT-B/16 and ViT-L/16 (batch 256,
 # r=8 and r=16) with the token-count ideal, --profile and, when a ToMe checkout is given or lies in
 # .peer/ToMe (carry it with the working tree; never commit it), the original ToMe in the same run:
-# OUT/bench_vit_ideal_<model>.{json,md}. Usage:
+# OUT/bench_vit_ideal_<model>.{json,md}. Then whole denoising loops (step caches beside ToMe: `bench sd --loop`
+# at 512² and 1024², `bench dit --loop` on Flux and SD3 blocks at 1024²): OUT/bench_loops_{sd,dit}.{json,md}. Usage:
 #   bash scripts/gpu_bench.sh                     # all sections, --budget-s 420, then the ViT ideal runs
 #   bash scripts/gpu_bench.sh --budget-s 300      # any `visiontools bench all` option
 #   bash scripts/gpu_bench.sh --sections vit --budget-s 60 --peer-tome /path/to/ToMe
@@ -52,5 +53,17 @@ for model, opts in vits:
     name = f"{out}/bench_vit_ideal_{model}"
     rc = max(rc, main(["bench", "vit", "--model", model, "--r", "8", "16", "--profile", "--no-progress", *opts,
                        *(["--peer-tome", peer] if peer else []), "--out-json", name + ".json", "--out-md", name + ".md"]))
+# whole denoising loops: diffusers' step caches beside ToMe, merge-plan reuse (visiontools.bench.loops): OUT/bench_loops_*
+fast = ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "2", "--steps", "2", "--loop-candidates"]
+loop_runs = ([["sd", "--tiny", "--resolutions", "64", *fast, "pab+merge@0.5:every=2"],
+              ["dit", "--models", "flux", "--tiny", "--resolution", "64", *fast, "fbc+downsample@0.5"]]
+             if smoke else
+             [["sd", "--resolutions", "512", "1024", "--steps", "20", "--repeats", "3", "--warmup", "1", "--device", "cuda"],
+              ["dit", "--models", "flux", "sd3", "--resolution", "1024", "--steps", "20", "--repeats", "3", "--warmup", "1",
+               "--device", "cuda"]])
+for target, *opts in ([] if ideal_only else loop_runs):
+    name = f"{out}/bench_loops_{target}"
+    rc = max(rc, main(["bench", target, "--loop", "--no-progress", *opts, "--out-json", name + ".json",
+                       "--out-md", name + ".md"]))
 sys.exit(rc)
 PYCODE

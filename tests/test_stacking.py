@@ -513,3 +513,34 @@ def test_plan_every_replans_when_the_tokens_change_and_is_checked(monkeypatch):
             apply_tome_sd(unet, ratio=0.5, plan_every=bad)
     with pytest.raises(ValueError, match=r"^plan_every applies to mode='merge' only"):
         apply_tome_sd(unet, ratio=0.5, mode="downsample", plan_every=2)
+
+
+# ------------------------------------------------------------------------------------------- loop benchmark
+
+
+def test_bench_loops_sd_and_dit_tiny(tmp_path):
+    """``bench sd --loop`` / ``bench dit --loop``: whole loops per candidate, one row each; the unpatched row
+    is the reference; a bad candidate is one line."""
+    import argparse
+    import json
+
+    from visiontools.bench import dit as bench_dit
+    from visiontools.bench import loops
+    from visiontools.bench import sd as bench_sd
+    from visiontools.errors import UserError
+
+    common = ["--loop", "--tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress"]
+    for module, extra, cands in ((bench_sd, ["--resolutions", "64"], ["pab+merge@0.5:every=2", "downsample@0.75"]),
+                                 (bench_dit, ["--models", "flux", "--resolution", "64"], ["fbc+merge@0.5", "mag"])):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        out = tmp_path / f"{module.__name__}.json"
+        args = parser.parse_args([*common, *extra, "--loop-candidates", *cands, "--out-json", str(out)])
+        assert module.run(args) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["candidate"] for r in rows] == ["unpatched", *cands]
+        assert rows[0]["rel_l2"] == 0 and rows[0]["speedup"] == 1
+        assert all(0 < r["rel_l2"] < 1 and r["median_s"] > 0 and r["steps"] == 2 for r in rows[1:])
+    assert loops.parse_candidate("mag+merge@0.5:every=3") == (["mag"], {"mode": "merge", "ratio": 0.5, "plan_every": 3})
+    with pytest.raises(UserError, match=r"^--loop-candidates: bad part 'tome@0.5' in 'pab\+tome@0.5'; parts are"):
+        loops.parse_candidate("pab+tome@0.5")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 
+from visiontools.bench import loops
 from visiontools.timing import add_run_arguments
 
 #: Candidate methods: ToMe merge, ToDo downsample, and merge mode with ToFu's or PiToMe's rule.
@@ -51,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny widths, same layout (smoke test)")
     parser.add_argument("--rope-rules", action="store_true",
                         help="instead of timing: errors of Flux's RoPE rules for merged tokens (small random Flux)")
+    loops.add_loop_arguments(parser)
 
 
 def parse_candidates(specs: list[str]) -> list[tuple[str, float]]:
@@ -175,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     from visiontools.timing import machine_description, write_results
 
     require("diffusers", "`visiontools bench dit`")
+    if args.loop:  # whole denoising loops (visiontools.bench.loops), on any device
+        return loops.run_dit(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device not in ("auto", "cpu"):

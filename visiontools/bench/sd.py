@@ -15,6 +15,7 @@ import argparse
 import copy
 import time
 
+from visiontools.bench import loops
 from visiontools.timing import add_run_arguments
 
 #: Candidates besides SDPA: the peer, our merge (``tofu``/``pitome``: merge mode with that method), ToDo.
@@ -72,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of merge mode's matching matmul (auto: bf16 for fp32 on CPUs with hardware bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--tiny", action="store_true", help="tiny UNet with the SD 1.5 layout (smoke test)")
+    loops.add_loop_arguments(parser)
 
 
 def shared_copy(module):
@@ -247,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
     from visiontools.timing import dtype_label, machine_description, resolve_device, resolve_dtype, write_results
 
     unet_cls = require("diffusers", "`visiontools bench sd`").UNet2DConditionModel
+    if args.loop:  # whole denoising loops (visiontools.bench.loops)
+        return loops.run_sd(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
