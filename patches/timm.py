@@ -352,13 +352,23 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     grid = any(isinstance(m, GridTokens) for m in model.modules())  # Conformer / Hyena / ConvFFN blocks
     if grid and method != DEFAULT_METHOD:
         raise ValueError(f"method={method!r} is not available here: {_GRID_METHODS}")
+    before = {k: v for k, v in vars(model).items() if k.startswith("tome_")}
     if not isinstance(model, ToMeVisionTransformer):
         _patch_class(model, grid)
+        before = None
     model.tome_r, model.tome_prop_attn, model.tome_method = r, prop_attn, method
     if isinstance(model, Eva):
         model.tome_rope_rule = rope_rule
     if flops is not None or speedup is not None:
-        model.tome_budget = _solve_budget(model, flops, speedup, calibrate, input_size, calibrate_batch)
+        try:
+            model.tome_budget = _solve_budget(model, flops, speedup, calibrate, input_size, calibrate_batch)
+        except BaseException:  # a budget that fails leaves the model as it was, not patched at a trial's r
+            if before is None:
+                remove_tome(model)
+            else:
+                for k, v in before.items():
+                    setattr(model, k, v)
+            raise
         model.tome_r = model.tome_budget.schedule
     return model
 
@@ -367,6 +377,10 @@ def _solve_budget(model, flops, speedup, calibrate: bool, input_size, batch: int
     """The :class:`visiontools.tome.budget.BudgetResult` for a patched model (see :func:`apply_tome`)."""
     p = next(model.parameters())
     size = tuple(input_size) if input_size is not None else tuple(model.patch_embed.img_size)
+    if size != tuple(model.patch_embed.img_size) and getattr(model.patch_embed, "strict_img_size", False):
+        raise ValueError(f"input_size={size} is not the {tuple(model.patch_embed.img_size)} this model "
+                         "takes: build it with dynamic_img_size=True (timm.create_model(name, "
+                         "dynamic_img_size=True)) to run it at other sizes, or leave input_size out")
     in_chans = next(m.in_channels for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.zeros(1, in_chans, *size, device=p.device, dtype=p.dtype)
     num_tokens = 1

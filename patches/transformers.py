@@ -29,6 +29,7 @@ FLOP and speedup budgets, the class and register tokens protected.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -291,16 +292,35 @@ def apply_tome(model: nn.Module, r=None, prop_attn: bool = True, method: str | N
                           "pip install -U 'transformers>=5'")
     towers = _towers(model)
     r, method = check_request(r, method, flops, speedup, calibrate, getattr(towers[0], "tome_method", "tome"))
+    before = [{k: v for k, v in vars(t).items() if k.startswith("tome_")} for t in towers] if is_patched(model) \
+        else None
     for tower in towers:
         _patch_tower(tower)
         tower.tome_r, tower.tome_prop_attn, tower.tome_method = r, prop_attn, method
     if model is not towers[0] and not isinstance(model, _ToMeWrapper):
         _swap(model, _ToMeWrapper)  # its tome_* attributes are the tower's
     if flops is not None or speedup is not None:
-        for tower in towers:
-            tower.tome_budget = _solve_budget(tower, flops, speedup, calibrate, input_size, calibrate_batch)
-            tower.tome_r = tower.tome_budget.schedule
+        try:
+            for tower in towers:
+                tower.tome_budget = _solve_budget(tower, flops, speedup, calibrate, input_size, calibrate_batch)
+                tower.tome_r = tower.tome_budget.schedule
+        except BaseException:  # a budget that fails leaves the model as it was, not patched at a trial's r
+            _restore(model, towers, before)
+            raise
     return model
+
+
+def _restore(model: nn.Module, towers: list, before: list | None) -> None:
+    """Undo an :func:`apply_tome` call that failed: unpatch (``before`` None: it was not patched), else
+    put each tower's ``tome_*`` settings back as they were (``before``: one dict per tower)."""
+    if before is None:
+        remove_tome(model)
+        return
+    for tower, settings in zip(towers, before):
+        for name in [n for n in vars(tower) if n.startswith("tome_") and n != "tome_flop_cache"]:
+            delattr(tower, name)
+        for name, value in settings.items():
+            setattr(tower, name, value)
 
 
 def _patch_tower(tower: nn.Module) -> None:
@@ -322,10 +342,14 @@ def _solve_budget(tower: nn.Module, flops, speedup, calibrate: bool, input_size,
     p = next(tower.parameters())
     size = tuple(input_size) if input_size is not None else (cfg.image_size, cfg.image_size)
     x = torch.zeros(1, getattr(cfg, "num_channels", 3), *size, device=p.device, dtype=p.dtype)
+    # another size than the position embeddings': interpolate them, as a call at that size must (DINOv2 always does)
+    other = size != (cfg.image_size, cfg.image_size) and "interpolate_pos_encoding" in inspect.signature(
+        _base(type(tower)).forward).parameters
+    extra = {"interpolate_pos_encoding": True} if other else {}
 
     def run(rs, inp):
         tower.tome_r = rs
-        return tower(pixel_values=inp)
+        return tower(pixel_values=inp, **extra)
 
     was_training = tower.training
     tower.eval()

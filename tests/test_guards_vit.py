@@ -11,6 +11,8 @@ import transformers as T
 from timm.models.vision_transformer import VisionTransformer
 
 import visiontools
+import visiontools.patches.timm
+import visiontools.patches.transformers
 from visiontools import models
 from visiontools.errors import UserError
 from visiontools.timing import count_flops
@@ -87,22 +89,62 @@ def test_a_timm_budget_is_solved_at_each_input_size_and_the_counts_are_kept_apar
     assert calls == [] and (model.tome_budget.schedule, model.tome_budget.flop_fraction) == fractions[32]
 
 
-def test_a_transformers_budget_is_counted_at_its_input_size():
+SMALL_HF = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=4)
+
+
+@pytest.mark.parametrize("cls,config", [(T.Dinov2Model, T.Dinov2Config), (T.ViTModel, T.ViTConfig),
+                                        (T.CLIPVisionModel, T.CLIPVisionConfig)], ids=["dinov2", "vit", "clip"])
+def test_a_transformers_budget_is_counted_at_its_input_size(cls, config):
     """``input_size`` on a transformers model: the schedule meets the budget as counted at that size
-    (DINOv2 interpolates its position embeddings), not at ``config.image_size``."""
+    (DINOv2 interpolates its position embeddings; ViT and CLIP are called with
+    ``interpolate_pos_encoding=True``, as a call at that size must be), not at ``config.image_size``."""
     torch.manual_seed(0)
-    model = T.Dinov2Model(T.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                                         intermediate_size=64, image_size=32, patch_size=4)).eval()
+    model = cls(config(**SMALL_HF)).eval()
+    kw = {} if cls is T.Dinov2Model else {"interpolate_pos_encoding": True}
     x = torch.zeros(1, 3, 48, 48)
-    base = count_flops(lambda: model(pixel_values=x))
-    visiontools.apply_tome(model, flops=0.6, input_size=(48, 48))
+    base = count_flops(lambda: model(pixel_values=x, **kw))
+    visiontools.apply_tome(model, flops=0.7, input_size=(48, 48))
     b = model.tome_budget
-    assert b.flop_fraction <= 0.6 and model.tome_r == b.schedule
-    assert count_flops(lambda: model(pixel_values=x)) / base == pytest.approx(b.flop_fraction, rel=1e-6)
+    assert b.flop_fraction <= 0.7 and model.tome_r == b.schedule
+    assert count_flops(lambda: model(pixel_values=x, **kw)) / base == pytest.approx(b.flop_fraction, rel=1e-6)
     small = torch.zeros(1, 3, 32, 32)  # the same schedule keeps another fraction at config.image_size
     at_32 = count_flops(lambda: model(pixel_values=small))
     visiontools.remove_tome(model)
     assert at_32 / count_flops(lambda: model(pixel_values=small)) != pytest.approx(b.flop_fraction, rel=1e-3)
+
+
+def test_a_timm_budget_at_a_size_the_model_cannot_take_is_one_line():
+    model = _tiny_vit()
+    with pytest.raises(ValueError, match=r"^input_size=\(48, 48\) is not the \(32, 32\) this model takes: build it "
+                                         r"with dynamic_img_size=True .* or leave input_size out$"):
+        visiontools.apply_tome(model, flops=0.6, input_size=(48, 48))
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_a_budget_that_fails_leaves_the_model_as_it_was(kind):
+    """An unreachable budget is an error, and the model is not left patched at a trial's (or the
+    default) r: an unpatched model stays unpatched, a patched one keeps its settings."""
+    if kind == "timm":
+        model = _tiny_vit()
+        patched = lambda: isinstance(model, visiontools.patches.timm.ToMeVisionTransformer)  # noqa: E731
+    else:
+        torch.manual_seed(0)
+        model = T.ViTModel(T.ViTConfig(**SMALL_HF)).eval()
+        patched = lambda: visiontools.patches.transformers.is_patched(model)  # noqa: E731
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x) if kind == "timm" else model(pixel_values=x).last_hidden_state
+        with pytest.raises(ValueError, match="out of reach"):
+            visiontools.apply_tome(model, flops=0.02)
+        assert not patched() and not any(n.startswith("tome_") for n in vars(model))
+        out = model(x) if kind == "timm" else model(pixel_values=x).last_hidden_state
+        assert torch.equal(out, ref)
+        visiontools.apply_tome(model, r=2, method="pitome", prop_attn=False)
+        with pytest.raises(ValueError, match="out of reach"):
+            visiontools.apply_tome(model, flops=0.02, method="tofu")
+    assert patched() and model.tome_r == 2 and model.tome_method == "pitome" and model.tome_prop_attn is False
+    assert not hasattr(model, "tome_budget")
 
 
 # ------------------------------------------------------------------ the r grammar as people type it
