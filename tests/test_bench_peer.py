@@ -64,3 +64,13 @@ def test_peer_path_that_is_not_a_checkout_is_one_line(tmp_path, capsys):
     assert main(["bench", "vit", "--peer-tome", str(tmp_path), "--model", "vit_tiny_patch16_224"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("visiontools: error: --peer-tome ")
+
+
+def test_cli_labels_the_peer_rows(tmp_path, capsys):
+    peer = fake_checkout(tmp_path / "ToMe", r_scale=1)
+    # 17 tokens, 12 blocks: r=1 is never capped, so the rows keep the label r=1
+    assert main(["bench", "vit", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "1",
+                 "--repeats", "1", "--warmup", "0", "--r", "1", "--no-ideal", "--no-progress",
+                 "--peer-tome", str(peer)]) == 0
+    out = capsys.readouterr().out
+    assert "| ToMe r=1 |" in out and "| original ToMe r=1 |" in out and "- original ToMe r=1: ours runs " in out

@@ -11,31 +11,36 @@ from __future__ import annotations
 import torch
 
 
-def _steps(tokens: list[int], batch: int, width: int, prefix: int, device, dtype):
-    """``(x, metric, r, size)`` for each merging block of a schedule (tokens entering each block)."""
+def _steps(tokens: list[int], batch: int, width: int, prefix: int, device, dtype, metric_width: int):
+    """``(x, metric, r, size)`` for each merging block of a schedule (tokens entering each block): the
+    tokens and sizes in float32 (the residual stream stays float32 under autocast), the metric (the
+    keys averaged over heads) in ``dtype``."""
     g = torch.Generator().manual_seed(0)
     steps = []
     for l, (n, m) in enumerate(zip(tokens, tokens[1:])):
         if m < n:
-            x = torch.randn(batch, n, width, generator=g).to(device, dtype)
-            size = None if l == 0 else torch.randint(1, 4, (batch, n, 1), generator=g).to(device, dtype)
-            steps.append((x, torch.randn_like(x), n - m, size))
+            x = torch.randn(batch, n, width, generator=g).to(device)
+            metric = torch.randn(batch, n, metric_width, generator=g).to(device, dtype)
+            size = None if l == 0 else torch.randint(1, 4, (batch, n, 1), generator=g).float().to(device)
+            steps.append((x, metric, n - m, size))
     return steps
 
 
 def profile_reduction(tokens: list[int], batch: int, width: int, prefix: int, device="cpu",
-                      dtype: torch.dtype | None = None, repeats: int = 5, top: int = 12) -> dict:
+                      dtype: torch.dtype | None = None, repeats: int = 5, top: int = 12,
+                      metric_width: int = 64) -> dict:
     """Profile the reduction steps of one schedule ``tokens`` (entering each block, then after the
-    last) at ``batch`` x ``width``. Returns ``{"rows": [{"op", "calls", "time_us", "share"}],
-    "total_us", "clock", "ops", "kernels", "bytes"}``: per pass over the schedule, ``top`` operators
-    by self time (device time on CUDA, CPU time elsewhere)."""
+    last) at ``batch`` x ``width`` (``metric_width``: the attention's head width). Returns
+    ``{"rows": [{"op", "calls", "time_us", "share"}], "total_us", "clock", "ops", "kernels", "bytes"}``:
+    per pass over the schedule, ``top`` operators by self time (device time on CUDA, CPU time
+    elsewhere)."""
     from torch.profiler import ProfilerActivity, profile
 
     from visiontools.tome.engine import TokenState
     from visiontools.tome.opcount import count_ops
 
     device = torch.device(device)
-    steps = _steps(tokens, batch, width, prefix, device, dtype or torch.float32)
+    steps = _steps(tokens, batch, width, prefix, device, dtype or torch.float32, metric_width)
 
     def run():
         for x, metric, r, size in steps:

@@ -54,7 +54,7 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
     rows = _rows(candidates, times, tokens, parts, batch_size, lambda m: call(m, x[:1]))
     if peer_patch is not None:
         _compare_peers(rows, candidates, x[:2])
-    _count_step_ops(rows, batch_size, model.embed_dim, model.num_prefix_tokens)
+    _count_step_ops(rows, batch_size, model.embed_dim, model.num_prefix_tokens, _head_dim(model))
     profiles = {}
     if profile:
         from visiontools.bench.profile import profile_reduction
@@ -62,7 +62,7 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
         for name, tok in tokens.items():
             if name.startswith("ToMe "):
                 profiles[name] = profile_reduction(tok, batch_size, model.embed_dim, model.num_prefix_tokens,
-                                                   device, dtype)
+                                                   device, dtype, metric_width=_head_dim(model))
     return {
         "machine": machine_description(device), "device": str(device),
         "dtype": str(dtype or torch.float32).replace("torch.", ""), "batch_size": batch_size,
@@ -97,7 +97,13 @@ def _candidates(model, rs, peer_patch=None) -> dict:
     return candidates
 
 
-def _count_step_ops(rows: list[dict], batch: int, width: int, prefix: int) -> None:
+def _head_dim(model) -> int:
+    """The width of the ToMe metric (keys averaged over heads): the first block's attention head width."""
+    attn = model.blocks[0].attn
+    return getattr(attn, "head_dim", model.embed_dim // getattr(attn, "num_heads", 1))
+
+
+def _count_step_ops(rows: list[dict], batch: int, width: int, prefix: int, metric_width: int) -> None:
     """Each of our ToMe rows: the aten operations and bytes of its first reduction step (counted on CPU)."""
     from visiontools.tome.opcount import reduction_step_ops
 
@@ -106,7 +112,7 @@ def _count_step_ops(rows: list[dict], batch: int, width: int, prefix: int) -> No
         if row["name"].startswith("ToMe ") and tok:
             l = next((i for i in range(len(tok) - 1) if tok[i + 1] < tok[i]), None)
             if l is not None:
-                c = reduction_step_ops(batch, tok[l], width, tok[l] - tok[l + 1], prefix, steady=l > 0)
+                c = reduction_step_ops(batch, tok[l], width, tok[l] - tok[l + 1], prefix, metric_width, steady=l > 0)
                 row.update(step_ops=c.ops, step_kernels=c.kernels, step_bytes=c.bytes)
 
 
@@ -278,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
                            profile=args.profile)
     result["model"] = args.model
     for row in result["rows"][1:]:  # label each ToMe row with the r its blocks applied
-        row["name"] = f"ToMe {applied_label(row['r'], row['tokens_per_layer'])}"
+        prefix = PEER if row["name"].startswith(PEER) else "ToMe"
+        row["name"] = f"{prefix} {applied_label(row['r'], row['tokens_per_layer'])}"
     write_results(args, markdown_table(result, args.model), result)
     note = busy_machine_note([row["speedup"] for row in result["rows"][1:]], device)
     if note:
