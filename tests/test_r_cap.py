@@ -59,3 +59,29 @@ def test_bench_labels_a_capped_row_with_the_r_applied(capsys):
     assert rc == 0
     assert "| ToMe r=[32,16,8,4,2,1] (asked r=999, capped) | 65 -> 3 |" in out, out
     assert "| ToMe r=8 | 65 -> 25 |" in out and "| ToMe r=999 |" not in out, out
+
+
+def test_bench_onnx_labels_a_capped_row_with_the_r_applied(monkeypatch, capsys):
+    """The labels only: export and onnxruntime are stood in for by the PyTorch model itself."""
+    import visiontools.export as export
+
+    class Session:
+        def __init__(self, model):
+            self.model = model
+
+        def get_inputs(self):
+            return [type("Input", (), {"name": "x"})]
+
+        def run(self, _, feed):
+            with torch.no_grad():
+                return [self.model(torch.from_numpy(feed["x"])).numpy()]
+
+    monkeypatch.setattr(export, "export_onnx", lambda m, x, path, dynamic_batch: m)
+    monkeypatch.setattr(export, "onnx_session", lambda m, threads: Session(m))
+    monkeypatch.setattr(export, "max_abs_diff", lambda m, s, x: 0.0)
+    with pytest.warns(UserWarning, match="at most half"):
+        assert main(["bench", "onnx", "--model", "cifar10_vit", "--r", "999", "8", "--batch-size", "1",
+                     "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| ToMe r=[32,16,8,4,2,1] (asked r=999, capped) (ONNX) | 65 -> 3 |" in out, out
+    assert "| ToMe r=8 (ONNX) | 65 -> 25 |" in out and "r=999 (ONNX)" not in out, out

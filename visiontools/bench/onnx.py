@@ -24,14 +24,15 @@ def benchmark_onnx(model: torch.nn.Module, rs, batch_size: int = 8, img_size=Non
                    repeats: int = 10, warmup: int = 3, progress: bool = True) -> dict:
     """Export ``model`` unpatched and with ToMe at each r setting in ``rs``, time the ONNX models in
     onnxruntime interleaved (medians), count FLOPs per image and check each against PyTorch."""
-    from visiontools.tome.r_text import schedule_label
+    from visiontools.tome.r_text import applied_label, schedule_label
     from visiontools.export import example_input, export_onnx, max_abs_diff, onnx_session, token_counts
     from visiontools.patches.timm import apply_tome
 
     model = model.eval()
-    candidates = {BASELINE: model}
+    candidates, r_of = {BASELINE: model}, {}
     for r in rs:
         candidates[f"ToMe {schedule_label(r)} (ONNX)"] = apply_tome(copy.deepcopy(model), r=r)
+        r_of[f"ToMe {schedule_label(r)} (ONNX)"] = r
     x = example_input(model, batch_size, img_size)
     x1 = x[:1]
     sessions, diffs = {}, {}
@@ -49,7 +50,8 @@ def benchmark_onnx(model: torch.nn.Module, rs, batch_size: int = 8, img_size=Non
     for name, m in candidates.items():
         t, flops = median(times[name]), count_flops(lambda: m(x1))
         tokens = token_counts(m, x1)
-        rows.append({"name": name, "final_tokens": None if tokens is None else tokens[-1],
+        label = f"ToMe {applied_label(r_of[name], tokens)} (ONNX)" if name in r_of else name  # the r applied
+        rows.append({"name": label, "final_tokens": None if tokens is None else tokens[-1],
                      "tokens_per_layer": None if tokens is None else list(tokens), "median_s": t,
                      "img_per_s": batch_size / t, "speedup": base_t / t, "gflops_per_img": flops / 1e9,
                      "flop_ratio": base_flops / flops, "max_abs_diff": diffs[name], "times_s": times[name]})
