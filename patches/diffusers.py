@@ -110,7 +110,8 @@ class _CallContext:
     def advance(self, timestep) -> None:
         """Count the step of a call at ``timestep``: a new timestep is the next step, a larger one than the
         last starts a new denoising loop (step 0); the same timestep again (a separate CFG call) is the same step."""
-        t = None if timestep is None else float(torch.as_tensor(timestep).reshape(-1)[0])
+        ts = None if timestep is None else torch.as_tensor(timestep)
+        t = None if ts is None or ts.device.type == "meta" else float(ts.reshape(-1)[0])  # meta: a budget's count
         if t is None or self.last_t is None or t > self.last_t:
             self.step = 0
         elif t != self.last_t:
