@@ -53,14 +53,16 @@ for model, opts in vits:
     name = f"{out}/bench_vit_ideal_{model}"
     rc = max(rc, main(["bench", "vit", "--model", model, "--r", "8", "16", "--profile", "--no-progress", *opts,
                        *(["--peer-tome", peer] if peer else []), "--out-json", name + ".json", "--out-md", name + ".md"]))
-# whole denoising loops: diffusers' step caches beside ToMe, merge-plan reuse (visiontools.bench.loops): OUT/bench_loops_*
-fast = ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "2", "--steps", "2", "--loop-candidates"]
+# whole denoising loops: diffusers' step caches beside ToMe, plan reuse (visiontools.bench.loops): OUT/bench_loops_*
+fast = ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "2", "--steps", "2",
+        "--loop-candidates"]
 loop_runs = ([["sd", "--tiny", "--resolutions", "64", *fast, "pab+merge@0.5:every=2"],
-              ["dit", "--models", "flux", "--tiny", "--resolution", "64", *fast, "fbc+downsample@0.5"]]
+              ["dit", "--models", "flux", "--tiny", "--resolution", "128", *fast, "fbc+downsample@0.5"]]
              if smoke else
-             [["sd", "--resolutions", "512", "1024", "--steps", "20", "--repeats", "3", "--warmup", "1", "--device", "cuda"],
-              ["dit", "--models", "flux", "sd3", "--resolution", "1024", "--steps", "20", "--repeats", "3", "--warmup", "1",
-               "--device", "cuda"]])
+             [["sd", "--resolutions", "512", "1024", "--steps", "20", "--repeats", "3", "--warmup", "1",
+               "--device", "cuda"],
+              ["dit", "--models", "flux", "sd3", "--resolution", "1024", "--steps", "20", "--repeats", "3",
+               "--warmup", "1", "--device", "cuda"]])
 for target, *opts in ([] if ideal_only else loop_runs):
     name = f"{out}/bench_loops_{target}"
     rc = max(rc, main(["bench", target, "--loop", "--no-progress", *opts, "--out-json", name + ".json",

@@ -95,7 +95,8 @@ def pipeline(cls, unet=None, sdxl: bool = False, **extra):
 def prompt(sdxl: bool = False) -> dict:
     """Prompt and negative-prompt embeddings (SDXL: with pooled embeddings), seeded."""
     g = torch.Generator().manual_seed(1)
-    kw = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g), negative_prompt_embeds=torch.randn(1, 7, 32, generator=g))
+    kw = dict(prompt_embeds=torch.randn(1, 7, 32, generator=g),
+              negative_prompt_embeds=torch.randn(1, 7, 32, generator=g))
     if sdxl:
         kw.update(pooled_prompt_embeds=torch.randn(1, 32, generator=g),
                   negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g))
@@ -531,7 +532,7 @@ def test_bench_loops_sd_and_dit_tiny(tmp_path):
 
     common = ["--loop", "--tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress"]
     for module, extra, cands in ((bench_sd, ["--resolutions", "64"], ["pab+merge@0.5:every=2", "downsample@0.75"]),
-                                 (bench_dit, ["--models", "flux", "--resolution", "64"], ["fbc+merge@0.5", "mag"])):
+                                 (bench_dit, ["--models", "flux", "--resolution", "128"], ["fbc+merge@0.5", "mag"])):
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         out = tmp_path / f"{module.__name__}.json"

@@ -75,9 +75,10 @@ def cache_config(name: str, clock: list, steps: int):
     if name == "fbc":
         return dh.FirstBlockCacheConfig(threshold=0.2)
     if name == "faster":
-        return dh.FasterCacheConfig(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
-                                    current_timestep_callback=now, attention_weight_callback=lambda module: 0.5,
-                                    tensor_format="BCHW", is_guidance_distilled=True)
+        return dh.FasterCacheConfig(spatial_attention_block_skip_range=2,
+                                    spatial_attention_timestep_skip_range=(-1, 681), current_timestep_callback=now,
+                                    attention_weight_callback=lambda module: 0.5, tensor_format="BCHW",
+                                    is_guidance_distilled=True)
     if name == "taylorseer":
         return dh.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=max(1, steps // 10))
     return dh.MagCacheConfig(threshold=0.06, num_inference_steps=steps, mag_ratios=[1.0] * steps)
@@ -136,7 +137,8 @@ def time_loops(args, label: str, base, scheduler_cls, start, call, specs: list[s
         model = prepare(shared_copy(base), caches, tome, clock, args.steps, apply_tome)
         fns[spec] = loop_fn(model, scheduler_cls(), args.steps, start, call, clock, finals, spec)
     print(f"\n{label}: {args.steps}-step loops, {len(fns)} candidates, {args.warmup} warm-up + {args.repeats} rounds")
-    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device, progress=True)
+    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device,
+                             progress=not getattr(args, "no_progress", False))
     ref_t, ref = median(times["unpatched"]), finals["unpatched"]
     rows = []
     for spec in fns:
