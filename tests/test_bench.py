@@ -121,7 +121,7 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     for _ in range(12):
         n -= min(4, (n - 1) // 2)
     assert res["rows"][1]["final_tokens"] == n == 2
-    assert "| ToMe r=4 |" in capsys.readouterr().out
+    assert "| ToMe r=[4,4,4,2,1,0,0,0,0,0,0,0] (asked r=4, capped) |" in capsys.readouterr().out  # the r applied
 
 
 def test_count_flops_counts_a_steady_state_call():
