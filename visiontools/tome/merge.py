@@ -198,7 +198,8 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, r: int, num_protected: int
     P = num_protected
     r = max_r(r, N, P)
     _, _, pa, pb = split_sizes(N, P)
-    a_rows, pre_rows, b_rows, out_b0, ones = _step_tables(B, N, P, r, str(x.device), x.dtype)
+    tables = _step_tables.__wrapped__ if torch.compiler.is_compiling() else _step_tables  # compiled: traced constants
+    a_rows, pre_rows, b_rows, out_b0, ones = tables(B, N, P, r, str(x.device), x.dtype)
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True)
         node_max, node_idx = (m[:, 2 * pa::2] @ m[:, 2 * pb + 1::2].transpose(1, 2)).max(dim=-1)
