@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     require("diffusers", "`visiontools bench dit`")
     if args.loop:  # whole denoising loops (visiontools.bench.loops), on any device
-        return loops.run_dit(args)
+        return loops.run_dit(args, build)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device not in ("auto", "cpu"):

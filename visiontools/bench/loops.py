@@ -120,10 +120,17 @@ def loop_fn(model, scheduler, steps: int, start, call, clock: list, result: dict
     return run
 
 
+def shared_copy(module):
+    """A structural copy of ``module`` sharing every parameter and buffer, so each candidate carries its own
+    hooks and patch (as ``visiontools.bench.sd.shared_copy``; this module imports neither bench target)."""
+    import copy
+
+    return copy.deepcopy(module, {id(t): t for t in [*module.parameters(), *module.buffers()]})
+
+
 def time_loops(args, label: str, base, scheduler_cls, start, call, specs: list[str], apply_tome, device) -> list[dict]:
     """Time the unpatched loop and every candidate of ``specs`` (copies of ``base`` sharing its weights),
     interleaved; a row each."""
-    from visiontools.bench.sd import shared_copy
     from visiontools.timing import interleaved_times, median
 
     fns, finals = {}, {}
@@ -159,12 +166,12 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_sd(args) -> int:
-    """``bench sd --loop``: DDIM loops of the SD 1.5 UNet (``--tiny``: tiny widths) at each resolution."""
+def run_sd(args, config: dict, build_unets) -> int:
+    """``bench sd --loop``: DDIM loops of the UNet of ``config`` (built by ``build_unets``, bench sd's) at each
+    resolution."""
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from visiontools.bench import sd
     from visiontools.patches.diffusers import apply_tome_sd
     from visiontools.timing import machine_description, resolve_device, resolve_dtype, write_results
 
@@ -172,8 +179,7 @@ def run_sd(args) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or "auto", device, auto="fp16")
-    config = sd.TINY_UNET_CONFIG if args.tiny else sd.SD15_UNET_CONFIG
-    base, _ = sd.build_unets(UNet2DConditionModel, config, args.seed, device, dtype)
+    base, _ = build_unets(UNet2DConditionModel, config, args.seed, device, dtype)
     rows = []
     for res in args.resolutions:
         g = torch.Generator().manual_seed(args.seed)
@@ -189,12 +195,12 @@ def run_sd(args) -> int:
     return 0
 
 
-def run_dit(args) -> int:
-    """``bench dit --loop``: flow-matching Euler loops of each of ``--models`` at ``--resolution``."""
+def run_dit(args, build) -> int:
+    """``bench dit --loop``: flow-matching Euler loops of each of ``--models`` at ``--resolution``, built by
+    ``build(name, resolution, seed, tiny) -> (model, call keywords)`` (bench dit's)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from visiontools.bench import dit
     from visiontools.patches.diffusers_dit import apply_tome_dit
     from visiontools.timing import machine_description, resolve_device, write_results
 
@@ -203,7 +209,7 @@ def run_dit(args) -> int:
     device = resolve_device(args.device)
     rows = []
     for name in args.models:
-        base, kw = dit.build(name, args.resolution, args.seed, args.tiny)
+        base, kw = build(name, args.resolution, args.seed, args.tiny)
         base.to(device)
         kw = {k: v.to(device) if hasattr(v, "to") else v for k, v in kw.items()}
         start = kw.pop("hidden_states")

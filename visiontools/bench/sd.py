@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
 
     unet_cls = require("diffusers", "`visiontools bench sd`").UNet2DConditionModel
     if args.loop:  # whole denoising loops (visiontools.bench.loops)
-        return loops.run_sd(args)
+        return loops.run_sd(args, TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG, build_unets)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
