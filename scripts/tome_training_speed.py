@@ -154,6 +154,13 @@ def plot(logs: dict[str, list[dict]], target: float, path: str) -> None:
     save_figure(fig, path)
 
 
+def _relative(value):
+    """A path inside the checkout as a relative path; anything else unchanged."""
+    if isinstance(value, str) and value.startswith(str(ROOT)):
+        return str(Path(value).relative_to(ROOT))
+    return value
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -172,7 +179,8 @@ def main(argv=None) -> int:
     md = table(logs, target, machine, 10 * args.train_per_class)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text(md)
-    Path(args.out + ".json").write_text(json.dumps({"target": target, "machine": machine, "args": vars(args),
+    shown = {k: _relative(v) for k, v in vars(args).items()}  # no build machine's absolute paths in results
+    Path(args.out + ".json").write_text(json.dumps({"target": target, "machine": machine, "args": shown,
                                                     "logs": logs}, indent=1))
     plot(logs, target, args.out + ".png")
     print(md)

@@ -22,6 +22,7 @@ from visiontools.models.registry import create_model, is_registered_here
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED = {
     "cifar10_cct": CHECKPOINT_DIR / "cifar10_cct.safetensors",  # cct_vit_cifar: the default
+    "cifar10_cct_tome": CHECKPOINT_DIR / "cifar10_cct_tome.safetensors",  # cifar10_cct fine-tuned at ToMe r=13
     "cifar10_vit": CHECKPOINT_DIR / "cifar10_vit.safetensors",  # vit_cifar_mini_p4: the first default (a plain ViT)
     "conformer_cifar10": CHECKPOINT_DIR / "conformer_cifar10.safetensors",  # the most accurate (ToMe slower on CPUs)
     "hyena_cifar10": CHECKPOINT_DIR / "hyena_cifar10.safetensors",
