@@ -459,7 +459,8 @@ def _unet_hooks(unet, state: _State) -> list:
                           UserWarning, stacklevel=2)
         state.ctx.hw = (sample.shape[-2], sample.shape[-1])
         state.ctx.seed = _timestep_seed(cfg.seed, timestep).to(sample.device)
-        state.ctx.advance(timestep)
+        if cfg.plan_every > 1:  # step counting reads the timestep's value: only where plans are reused
+            state.ctx.advance(timestep)
         return None
 
     def post(module, args, kwargs, output):  # end of the call (also on errors): forget it

@@ -361,7 +361,8 @@ def _model_hooks(model, state: _State) -> list:
                           UserWarning, stacklevel=2)
         hw = grid_of(args, kwargs)
         state.ctx.seed = sd._timestep_seed(state.config.seed, timestep_of(args, kwargs))
-        state.ctx.advance(timestep_of(args, kwargs))
+        if state.config.plan_every > 1:  # step counting reads the timestep's value (a graph break under compile)
+            state.ctx.advance(timestep_of(args, kwargs))
         state.ctx.hw = hw
         return None
 

@@ -81,7 +81,7 @@ def benchmark(depths=(6, 12, 24), dim: int = 192, heads: int = 3, img_size: int 
         xc = torch.randn(cifar_batch, 3, 32, 32, generator=g).to(device)
         yc = torch.randint(0, 10, (cifar_batch,), generator=g).to(device)
         for name in cifar_models:
-            m = load(name, device=device)[0].train()
+            m = load(name, device=device, tome=False)[0].train()
             cifar.append({"model": name, "params": sum(p.numel() for p in m.parameters()),
                           "batch": cifar_batch, "peak_bytes": peak_memory(lambda: train_step(m, xc, yc), device, autograd=True)})
     return {"machine": machine_description(device), "device": str(device), "threads": torch.get_num_threads(),

@@ -256,7 +256,8 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
     from visiontools import models  # imports timm: only when a model is loaded, not for --help
 
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
-    return models.load(args.model, pretrained=args.pretrained, **({} if img is None else {"img_size": img}))[0]
+    return models.load(args.model, pretrained=args.pretrained, tome=False,  # unpatched: the baseline row
+                       **({} if img is None else {"img_size": img}))[0]
 
 
 def run(args: argparse.Namespace) -> int:
