@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+from test_diffusers_dit import flux_ids, tiny
+from test_diffusers_patch import tiny_unet
 
 from visiontools.patches import diffusers_dit as dit
 from visiontools.patches.diffusers_dit import apply_tome_dit, remove_tome_dit
@@ -16,29 +18,7 @@ from visiontools.tome import merge2d
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 T = 5  # text tokens
-FH, FW = 8, 6  # Flux packed grid; SD3 latent 16x12 (patch 2 -> 8x6 grid)
-
-
-def tiny(kind: str):
-    torch.manual_seed(0)
-    if kind == "sd3":
-        return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                     num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                     pooled_projection_dim=8, out_channels=4).eval()
-    if kind == "pixart":
-        return PixArtTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, cross_attention_dim=16,
-                                        caption_channels=16, norm_type="ada_norm_single",
-                                        num_embeds_ada_norm=1000).eval()
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                  pooled_projection_dim=8, axes_dims_rope=(4, 6, 6)).eval()
-
-
-def flux_ids(h=FH, w=FW):
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
-    return ids.reshape(-1, 3)
+FH, FW = 8, 6  # Flux packed grid (test_diffusers_dit's); SD3 latent 16x12 (patch 2 -> 8x6 grid)
 
 
 def inputs(kind: str, txt_ids=None):
@@ -205,16 +185,9 @@ def test_a_budget_searches_up_to_the_windows_own_ceiling(sx, sy, ceiling):
 
 def test_a_unet_budget_with_1x2_windows_is_bounded_by_their_ceiling():
     """UNets share the solve: with 1x2 windows the largest ratio tried (and named) is 0.5."""
-    from diffusers import UNet2DConditionModel
-
     from visiontools.patches.diffusers import apply_tome_sd
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 32, 64), cross_attention_dim=32, attention_head_dim=8,
-                                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                                                     "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
+    unet = tiny_unet(sample_size=8)
     with pytest.raises(ValueError, match=r"out of reach: the largest ratio \(0.5\) keeps 0\.9\d+ of the FLOPs"):
         apply_tome_sd(unet, flops=0.5, sx=1, sy=2)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
+
+from test_diffusers_dit import tiny
+from test_diffusers_patch import tiny_unet
 
 from visiontools.patches.diffusers import apply_tome_sd, remove_tome_sd
 from visiontools.patches.diffusers_dit import apply_tome_dit, is_patched, remove_tome_dit
@@ -17,20 +19,6 @@ from visiontools.patches.diffusers_dit import apply_tome_dit, is_patched, remove
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 T, FH, FW = 5, 8, 6
-
-
-def tiny_flux():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
-                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                                  pooled_projection_dim=8, axes_dims_rope=(4, 6, 6)).eval()
-
-
-def tiny_sd3():
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                 pooled_projection_dim=8, out_channels=4).eval()
 
 
 def flux_ids(first=0.0):
@@ -65,7 +53,7 @@ def test_flux_kontext_style_reference_tokens_are_refused_in_one_line(mode):
     """Reference-image tokens appended to the image sequence (ids with another first coordinate, on the
     same grid): the patch refuses the call with one line naming the cause and the fix, rather than
     reducing a sequence whose layout it does not know; the next plain call runs as before."""
-    model = tiny_flux()
+    model = tiny("flux")
     kw = flux_inputs()
     kontext = dict(kw, hidden_states=torch.cat([kw["hidden_states"], kw["hidden_states"].flip(1)], dim=1),
                    img_ids=torch.cat([flux_ids(), flux_ids(first=1.0)]))
@@ -87,7 +75,7 @@ def test_a_dit_with_a_custom_processor_is_refused_with_a_type_error():
     class Custom(AttnProcessor2_0):
         pass
 
-    model = tiny_sd3()
+    model = tiny("sd3")
     model.transformer_blocks[1].attn.set_processor(Custom())
     with pytest.raises(TypeError, match=r"transformer_blocks\.1\.attn runs a Custom; .*set_default_attn_processor"):
         apply_tome_dit(model, ratio=0.5)
@@ -99,7 +87,7 @@ def test_a_dit_with_a_custom_processor_is_refused_with_a_type_error():
 def test_a_dit_refuses_gradient_checkpointing_with_gradients_on():
     """As for UNets: a checkpointed block would be recomputed in backward, after the call whose grid it
     needs; the error names the ways out, and each of them works."""
-    model = tiny_sd3().train()
+    model = tiny("sd3").train()
     kw = sd3_inputs()
     apply_tome_dit(model, ratio=0.5)
     model(**kw).sample.square().mean().backward()  # training without checkpointing works
@@ -121,14 +109,9 @@ def test_a_diffusion_budget_never_runs_the_model_itself(kind):
     """Budgets are counted on a meta-device twin: the model's own forward is never called while counting,
     and its weights, device and dtype stay as they were."""
     if kind == "sd3":
-        model, apply = tiny_sd3(), apply_tome_dit
+        model, apply = tiny("sd3"), apply_tome_dit
     else:
-        torch.manual_seed(0)
-        model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                     block_out_channels=(32, 32, 64), cross_attention_dim=32, attention_head_dim=8,
-                                     norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D",
-                                                                          "CrossAttnDownBlock2D", "DownBlock2D"),
-                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
+        model = tiny_unet(sample_size=8)
         apply = apply_tome_sd
     state = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
@@ -145,12 +128,7 @@ def test_removing_a_unet_patch_keeps_a_processor_set_after_patching():
     class Mine(AttnProcessor2_0):
         pass
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 32, 64), cross_attention_dim=32, attention_head_dim=8,
-                                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                                                     "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
+    unet = tiny_unet(sample_size=8)
     before = dict(unet.attn_processors)
     apply_tome_sd(unet, ratio=0.5, max_downsample=2)
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
