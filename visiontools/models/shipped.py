@@ -158,11 +158,15 @@ def recommended_r(name_or_path: str | os.PathLike | None = None):
     checkpoint was trained with (``visiontools train`` with a ``tome:`` section), else its card's
     ``recommended_r``, else the default checkpoint's (:func:`visiontools.defaults.default_r_text`).
     ``eval``, ``video``, ``export`` and the demo take their default r from here."""
+    return _recommended_in(checkpoint_card(name_or_path) if name_or_path is not None else {})
+
+
+def _recommended_in(card: dict):
+    """:func:`recommended_r` of a description or card already read."""
     from visiontools.defaults import card_r, default_r_text
     from visiontools.tome.r_text import parse_r_text
 
-    text = card_r(checkpoint_card(name_or_path)) if name_or_path is not None else None
-    return parse_r_text(text or default_r_text())
+    return parse_r_text(card_r(card) or default_r_text())
 
 
 def _apply_trained_tome(model: torch.nn.Module, desc: dict, tome) -> None:
@@ -208,7 +212,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dt
                             "trained model of fixed shape (leave the option out, or name a timm model)")
         model, desc = load_checkpoint_model(text, device=device, dtype=dtype)
         _apply_trained_tome(model, desc, tome)
-        return model, {**desc, "trained": True, "recommended_r": recommended_r(text)}
+        return model, {**desc, "trained": True, "recommended_r": _recommended_in(desc)}  # desc holds the card
     _check_loadable(text, pretrained)
     with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random stream untouched
         if seed is not None:
@@ -219,7 +223,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dt
     return model, {"model": text, "model_kwargs": dict(model_kwargs), "classes": _class_names(model, text),
                    "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
                    "std": list(cfg.get("std", (0.229, 0.224, 0.225))), "pretrained": bool(pretrained),
-                   "trained": bool(pretrained), "recommended_r": recommended_r()}
+                   "trained": bool(pretrained), "recommended_r": _recommended_in({})}
 
 
 # ----------------------------------------------------------------------------- shipping a checkpoint
