@@ -91,7 +91,7 @@ def test_load_takes_a_shipped_name_a_file_or_a_timm_name(tmp_path):
 
 
 def test_load_errors_are_one_line():
-    with pytest.raises(UserError, match=r"unknown model 'vit_cifar_mini_p5': not a shipped checkpoint \(cifar10_cct, cifar10_vit.*"
+    with pytest.raises(UserError, match=r"unknown model 'vit_cifar_mini_p5': not a shipped checkpoint \(cifar10_cct, cifar10_cct_tome, cifar10_vit.*"
                                         r"did you mean 'vit_cifar_mini_p4'"):
         models.load("vit_cifar_mini_p5")
     with pytest.raises(FileNotFoundError, match="does not exist.*shipped names"):
