@@ -101,6 +101,22 @@ def test_output_has_every_frame_at_the_reported_size_and_codec(annotated, clip):
         assert f"ToMe {fps_t:.1f}   without ToMe {fps_b:.1f}" in line2, (line2, fps_t, fps_b)
 
 
+def test_every_frame_is_written_when_its_text_changes_width(clip, vit, tmp_path, monkeypatch):
+    """The text under a frame (its FPS numbers) changes width from frame to frame; the bar keeps its
+    height, so OpenCV, which silently drops a frame of another size, writes all of them."""
+    short = np.zeros((60, 90, 3), np.uint8)
+    sizes = {video.annotate_frame(short, torch.arange(64), (8, 8), ["a", text]).shape
+             for text in ("b", "ToMe 1234567.8 FPS   without ToMe 1234567.8 FPS " * 3)}
+    assert len(sizes) == 1, sizes
+    real = video._frame_text
+    monkeypatch.setattr(video, "_frame_text", lambda res, i, *a: [*real(res, i, *a)[:1], "FPS " + "9" * (3 * i)])
+    model, mean, std = vit
+    out = tmp_path / "widening.mp4"
+    res = video.annotate_video(model, clip, out, r=6, mean=mean, std=std, block=3, batch_size=6, out_height=120,
+                               min_grid=0)
+    assert res.frames == FRAMES and len(read_all(out)[0]) == FRAMES
+
+
 def test_merge_map_of_a_frame_equals_the_still_image_functions(annotated, clip, vit):
     """Each frame's map equals tome_forward + render_merges run on that frame alone, and the drawn
     right-hand panel of the written video shows it."""

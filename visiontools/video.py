@@ -205,9 +205,9 @@ def annotate_frame(frame: np.ndarray, source, grid_size: tuple[int, int], lines:
     h, w = frame.shape[:2]
     panels = np.concatenate([frame, merge_panel(frame, source, grid_size)], axis=1)
     scale = min(0.6, max(0.35, 2 * w / 1100))
+    line_h = int(28 * scale / 0.6)  # from the width alone: every frame of a clip has the same size
     widest = max((cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)[0][0] for t in lines), default=1)
     scale = min(scale, (2 * w - 16) / max(1, widest))  # every line fits the bar
-    line_h = int(28 * scale / 0.6)
     bar = np.full((line_h * len(lines) + 8 + (line_h * len(lines) + 8) % 2, 2 * w, 3), 24, np.uint8)
     for i, text in enumerate(lines):
         cv2.putText(bar, text, (8, line_h * (i + 1) - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
@@ -483,6 +483,9 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
                         if writer is None:
                             result.size = (out.shape[1], out.shape[0])
                             writer = open_writer(tmp, fps_in, result.size)
+                        if (out.shape[1], out.shape[0]) != result.size:  # OpenCV would drop it silently
+                            raise RuntimeError(f"frame {result.frames + k + 1} is {out.shape[1]}x{out.shape[0]}, "
+                                               f"the clip {result.size[0]}x{result.size[1]}")
                         writer.write(np.ascontiguousarray(out[..., ::-1]))
                     result.frames = n_done
                     if bar is not None:
