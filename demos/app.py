@@ -163,11 +163,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m visiontools.demos.app``: the same as ``visiontools demo``."""
-    parser = argparse.ArgumentParser(prog="visiontools demo", description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m visiontools.demos.app``: ``visiontools demo`` itself, with its one-line errors."""
+    from visiontools.cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

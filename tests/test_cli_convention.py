@@ -102,6 +102,20 @@ def test_demo_busy_port_is_one_line_before_any_model_loads(capsys, monkeypatch):
                        f"cannot serve on 127.0.0.1:{port}", "--port")
 
 
+def test_python_m_demos_app_is_the_demo_command_with_its_one_line_errors(capsys):
+    """``python -m visiontools.demos.app`` on a busy port: the CLI's one line and status 2, no traceback."""
+    import visiontools.demos.app as app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert app.main(["--host", "127.0.0.1", "--port", str(port)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"visiontools: error: cannot serve on 127.0.0.1:{port} "), lines
+    assert "pass another --port N" in lines[0], lines
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--method", "foo"], "unknown method 'foo'"),
     (["--budget", "2"], "in (0, 1]; got 2"),

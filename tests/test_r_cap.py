@@ -85,3 +85,14 @@ def test_bench_onnx_labels_a_capped_row_with_the_r_applied(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| ToMe r=[32,16,8,4,2,1] (asked r=999, capped) (ONNX) | 65 -> 3 |" in out, out
     assert "| ToMe r=8 (ONNX) | 65 -> 25 |" in out and "r=999 (ONNX)" not in out, out
+
+
+def test_eval_labels_a_capped_row_with_the_r_applied(datasets_dir):
+    from visiontools.evaluate import evaluate
+
+    with pytest.warns(UserWarning, match="at most half of its unprotected tokens"):
+        res = evaluate(checkpoint="cifar10_vit", data_dir=str(datasets_dir / "cifar10"), per_class=1, rs=[999, 8],
+                       methods=("tome", "pitome"), timing_batch_size=2, repeats=1, warmup=0, progress=False)
+    names = [row["name"] for row in res["rows"]]
+    assert names == ["unpatched", "ToMe r=[32,16,8,4,2,1] (asked r=999, capped)", "ToMe r=8",
+                     "pitome r=[32,16,8,4,2,1] (asked r=999, capped)", "pitome r=8"], names

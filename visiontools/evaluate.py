@@ -34,6 +34,17 @@ def setting_name(r) -> str:
     return f"ToMe r={int(r)}"
 
 
+def applied_name(name: str, r, tokens_per_layer) -> str:
+    """A row's name with the r its blocks applied where a block merged fewer tokens than asked (a block
+    merges at most half of its unprotected tokens): ``ToMe r=[12,6,3,2] (asked r=1000, capped)``."""
+    from visiontools.tome.r_text import applied_label
+
+    if r is None or " r=" not in name:
+        return name
+    label = applied_label(r, tokens_per_layer)
+    return f"{name.split(' r=')[0]} {label}" if label.endswith(", capped)") else name
+
+
 def candidate_settings(rs: Sequence[Any], schedules: Sequence[tuple[int, float]] = ()) -> list[tuple[str, Any]]:
     """(name, tome_r) for every row: ``("unpatched", None)`` first, then ToMe at each r setting of
     ``rs`` (ints, ``(r, inflection)`` schedules or per-layer lists, as ``parse_r_text`` reads them) and
@@ -480,13 +491,14 @@ def evaluate(checkpoint: str | None = None, model_name: str | None = None, pretr
             s = speed[name]
             if isinstance(r, dict):  # a method and/or a budget: report the schedule that ran
                 r = models[name].tome_r
+            tokens = tokens_after_merging(models[name], x)
             result["rows"].append({
-                "name": name, "r": list(r) if isinstance(r, tuple) else r, **acc[name],
+                "name": applied_name(name, r, tokens), "r": list(r) if isinstance(r, tuple) else r, **acc[name],
                 "method": getattr(models[name], "tome_method", None),
                 "budget": getattr(getattr(models[name], "tome_budget", None), "target_flops", None),
                 "images_per_s": s["images_per_s"], "median_s": s["median_s"], "times_s": s["times_s"],
                 "speedup": base["median_s"] / s["median_s"], "gflops": s["gflops"],
-                "flop_ratio": base["gflops"] / s["gflops"], "tokens_per_layer": tokens_after_merging(models[name], x),
+                "flop_ratio": base["gflops"] / s["gflops"], "tokens_per_layer": tokens,
                 "params": sum(p.numel() for p in models[name].parameters()),
                 **({"train_peak_bytes": train_mem[name], "train_memory_batch": train_memory_batch} if train_mem else {})})
     barrier(world)
