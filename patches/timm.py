@@ -359,7 +359,9 @@ def apply_tome(model, r=None, prop_attn: bool = True, rope_rule: str = DEFAULT_R
     model.tome_r, model.tome_prop_attn, model.tome_method = r, prop_attn, method
     if isinstance(model, Eva):
         model.tome_rope_rule = rope_rule
-    if flops is not None or speedup is not None:
+    if flops is None and speedup is None:
+        vars(model).pop("tome_budget", None)  # a plain r replaces an earlier budget
+    else:
         try:
             model.tome_budget = _solve_budget(model, flops, speedup, calibrate, input_size, calibrate_batch)
         except BaseException:  # a budget that fails leaves the model as it was, not patched at a trial's r

@@ -299,7 +299,10 @@ def apply_tome(model: nn.Module, r=None, prop_attn: bool = True, method: str | N
         tower.tome_r, tower.tome_prop_attn, tower.tome_method = r, prop_attn, method
     if model is not towers[0] and not isinstance(model, _ToMeWrapper):
         _swap(model, _ToMeWrapper)  # its tome_* attributes are the tower's
-    if flops is not None or speedup is not None:
+    if flops is None and speedup is None:
+        for tower in towers:
+            vars(tower).pop("tome_budget", None)  # a plain r replaces an earlier budget
+    else:
         try:
             for tower in towers:
                 tower.tome_budget = _solve_budget(tower, flops, speedup, calibrate, input_size, calibrate_batch)

@@ -147,6 +147,21 @@ def test_a_budget_that_fails_leaves_the_model_as_it_was(kind):
     assert not hasattr(model, "tome_budget")
 
 
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_a_plain_r_after_a_budget_drops_the_budget(kind):
+    """Re-applying with a plain r replaces an earlier budget: ``tome_budget`` goes with it, so nothing
+    (eval's budget column, a saved card) reports a budget that no longer runs."""
+    if kind == "timm":
+        model = _tiny_vit()
+    else:
+        torch.manual_seed(0)
+        model = T.ViTModel(T.ViTConfig(**SMALL_HF)).eval()
+    visiontools.apply_tome(model, flops=0.7)
+    assert model.tome_budget.target_flops == 0.7 and model.tome_r == model.tome_budget.schedule
+    visiontools.apply_tome(model, r=2)
+    assert model.tome_r == 2 and getattr(model, "tome_budget", None) is None
+
+
 # ------------------------------------------------------------------ the r grammar as people type it
 
 @pytest.mark.parametrize("text,expected", [
