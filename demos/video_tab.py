@@ -85,7 +85,7 @@ def video_figure(res):
     ax.axhline(t[0], color="#9aa3ad", ls="--", label="without ToMe")
     ax.axvline(res.block, color="k", lw=0.8, alpha=0.4)
     ax.set_xlabel("after block (0 = input; grey line: the block drawn)")
-    ax.set_ylabel("tokens (class token included)")
+    ax.set_ylabel("tokens per frame (a class token included)" if t[0] > res.grid[0] * res.grid[1] else "tokens per frame")
     ax.set_title("Tokens per block", fontsize=9)
     ax.legend(fontsize=8)
     ax2 = fig.add_subplot(1, 2, 2)

@@ -117,6 +117,13 @@ def test_every_frame_is_written_when_its_text_changes_width(clip, vit, tmp_path,
     assert res.frames == FRAMES and len(read_all(out)[0]) == FRAMES
 
 
+def test_frame_text_of_a_model_without_a_class_token_says_so():
+    res = video.VideoResult(path="x", frames=0, input=None, size=(0, 0), codec="VP80", block=2,
+                            tokens_per_layer=[64, 56, 48])
+    line1, _ = video._frame_text(res, 1, 10, 8, 2, 0, 8, 2.0, 1.0)
+    assert line1.endswith("48 tokens after block 2/2 (of 64, no class token)"), line1
+
+
 def test_merge_map_of_a_frame_equals_the_still_image_functions(annotated, clip, vit):
     """Each frame's map equals tome_forward + render_merges run on that frame alone, and the drawn
     right-hand panel of the written video shows it."""
@@ -310,6 +317,7 @@ def test_demo_tab_annotates_caps_long_clips_and_explains_bad_ones(clip, tmp_path
     assert "ToMe r=4 at a 64x64 input (16x16 patches, every block's r x4): **224 of 256 tokens** after block 2" \
         in note, note
     assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 2   # tokens per block; FPS with / without ToMe
+    assert fig.axes[0].get_ylabel() == "tokens per frame"       # no class token to count
 
     bad = tmp_path / "notes.webm"
     bad.write_text("not a clip")

@@ -304,7 +304,7 @@ class VideoResult:
     size: tuple[int, int]            # output (width, height)
     codec: str                       # fourcc written
     block: int                       # merge map after this block (0 = before the first)
-    tokens_per_layer: list[int]      # tokens entering each block, then after the last (class token included)
+    tokens_per_layer: list[int]      # tokens entering each block, then after the last (prefix tokens included)
     batch_frames: list[int] = field(default_factory=list)    # frames done after each batch
     tome_seconds: list[float] = field(default_factory=list)  # model time per batch, ToMe
     base_seconds: list[float] = field(default_factory=list)  # model time per batch, unpatched
@@ -404,7 +404,7 @@ def _frame_text(result: VideoResult, i: int, total: int | None, r, depth: int, p
     scaled = f" (x{result.scale ** 2} at {result.input_size[0]}x{result.input_size[1]})" if result.scale > 1 else ""
     return [f"frame {i}{f'/{total}' if total else ''}   ToMe r={r}{scaled}: "
             f"{result.tokens_after_block} tokens after block {result.block}/{depth} "
-            f"(of {result.tokens_per_layer[0]}, {prefix} class)",
+            f"(of {result.tokens_per_layer[0]}, {f'{prefix} class' if prefix else 'no class token'})",
             f"model FPS (batch {batch_size}): ToMe {fps_t:.1f}   without ToMe {fps_b:.1f}"
             f"   ({fps_t / fps_b:.2f}x)"]
 
