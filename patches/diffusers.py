@@ -213,6 +213,40 @@ def refuse_rebuild(inner) -> None:
         raise TypeError(REBUILT)
 
 
+class _SharedWeights(torch.nn.Module):
+    """Base of a ToMe processor's ``nn.Module`` twin (:func:`module_twin`): ``inner``, the wrapped processor,
+    is an attribute, not a child; its weights are shared by :func:`wrap_processor`."""
+
+    def __setattr__(self, name, value):
+        if name == "inner":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+def module_twin(cls: type) -> type:
+    """An ``nn.Module`` subclass of the ToMe processor class ``cls`` (same name, ``__init__`` and ``__call__``),
+    for wrapping a processor that is an ``nn.Module`` (:func:`wrap_processor`)."""
+    return type(cls.__name__, (cls, _SharedWeights), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def wrap_processor(cls: type, inner, *args):
+    """``cls(inner, *args)``; around a processor that is an ``nn.Module`` (an IP-Adapter's, which holds the
+    adapter's weights), an instance of ``cls._twin`` sharing ``inner``'s parameters, buffers and submodules under
+    their own names. diffusers keeps a module processor as the attention's submodule ``processor``, so
+    ``state_dict()``, ``.to()`` and ``.half()`` of the model reach the adapter's weights while ToMe is applied, with
+    the same keys as without it (a plain wrapper would drop them from the model)."""
+    if not isinstance(inner, torch.nn.Module):
+        return cls(inner, *args)
+    twin = cls._twin
+    proc = twin.__new__(twin)
+    torch.nn.Module.__init__(proc)
+    for table in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+        object.__setattr__(proc, table, getattr(inner, table))
+    proc.__init__(inner, *args)
+    return proc
+
+
 class ToMeSDSelfAttnProcessor:
     """Around ``attn1``: merge (with the block's plan) -> original processor -> unmerge, or
     downsampled keys/values."""
@@ -265,6 +299,10 @@ class ToMeSDCrossAttnProcessor:
         out = self.inner(attn, merge2d.merge_2d(plan, hidden_states), encoder_hidden_states=encoder_hidden_states,
                          attention_mask=attention_mask, **kwargs)
         return merge2d.unmerge(out, plan.index)
+
+
+ToMeSDSelfAttnProcessor._twin = module_twin(ToMeSDSelfAttnProcessor)
+ToMeSDCrossAttnProcessor._twin = module_twin(ToMeSDCrossAttnProcessor)
 
 
 def _plan_for(slot: _BlockSlot, x: torch.Tensor):
@@ -421,11 +459,11 @@ def _patch_blocks(state: _State, chosen) -> None:
     for index, (name, block, ds) in enumerate(chosen):
         slot = _BlockSlot()
         state.slots.append(slot)
-        wrap(block.attn1, ToMeSDSelfAttnProcessor(block.attn1.processor, state, slot, ds, name))
+        wrap(block.attn1, wrap_processor(ToMeSDSelfAttnProcessor, block.attn1.processor, state, slot, ds, name))
         if cfg.mode == "merge":
             state.hooks += _block_hooks(block, state, slot, ds, index, name, len(chosen))
         if cfg.mode == "merge" and cfg.merge_crossattn and block.attn2 is not None:
-            wrap(block.attn2, ToMeSDCrossAttnProcessor(block.attn2.processor, slot))
+            wrap(block.attn2, wrap_processor(ToMeSDCrossAttnProcessor, block.attn2.processor, slot))
         if cfg.mode == "merge" and cfg.merge_mlp:
             state.hooks += _ff_hooks(block.ff, slot)
         state.blocks.append((name, ds))

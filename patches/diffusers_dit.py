@@ -21,6 +21,8 @@ PixArt's cross-attention context) are never touched.
   (its destination keeps its own value) keeps its destination's rotary position.
 - ``flops=`` / ``speedup=`` instead of ``ratio``: as for UNets (:func:`solve_budget`), counted at an image
   of ``size`` pixels with ``text_tokens`` text tokens (the pipelines' defaults: :data:`TEXT_TOKENS`).
+- An IP-Adapter loaded before the patch (SD3, Flux) is wrapped: :class:`ToMeDiTIPAdapterAttnProcessor` runs
+  its image-prompt attention for the image queries the attention uses.
 """
 from __future__ import annotations
 
@@ -97,13 +99,20 @@ _PROJ = {("q", False): ("to_q", "norm_q"), ("k", False): ("to_k", "norm_k"), ("v
          ("v", True): ("add_v_proj", None)}
 
 
-def _project(attn, x: torch.Tensor, which: str, added: bool = False) -> torch.Tensor:
+def _project(attn, x: torch.Tensor, which: str, added: bool = False, raw: dict | None = None) -> torch.Tensor:
     """One of q/k/v of tokens ``x`` ``(B, S, C)`` as ``(B, S, heads, head_dim)``, with the module's
-    q/k norm applied (``added``: the context-stream projections of a joint attention)."""
+    q/k norm applied (``added``: the context-stream projections of a joint attention). ``raw``, if given,
+    records the projection before the norm as ``raw[which]`` and after it as ``raw[which + "n"]`` (what an
+    IP-Adapter's image-prompt attention reads)."""
     lin, norm = _PROJ[which, added]
     y = getattr(attn, lin)(x).unflatten(-1, (attn.heads, -1))
     norm = getattr(attn, norm, None) if norm else None
-    return y if norm is None else norm(y)
+    if raw is not None:
+        raw[which] = y
+    y = y if norm is None else norm(y)
+    if raw is not None:
+        raw[which + "n"] = y
+    return y
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -135,27 +144,29 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2)
 
 
-def _image_qkv(attn, x, rope, grid, plan, cfg):
+def _image_qkv(attn, x, rope, grid, plan, cfg, raw=None):
     """q, k, v ``(B, S, H, D)`` of the image tokens ``x`` after merging or key/value downsampling; RoPE
-    (``rope`` = image part of Flux's (cos, sin), or None) applied as the mode and ``cfg.rope`` say."""
+    (``rope`` = image part of Flux's (cos, sin), or None) applied as the mode and ``cfg.rope`` say.
+    ``raw``: see :func:`_project` (the projections before RoPE: of the merged tokens, or, where q/k are
+    projected at full resolution first, of all tokens)."""
     h, w = grid
     if cfg.mode == "downsample":
         size = merge2d.kv_grid_size(h, w, cfg.ratio)
         pool = lambda t: merge2d.downsample_tokens(t, h, w, size, cfg.downsample_method)  # noqa: E731
-        q = _project(attn, x, "q")
+        q = _project(attn, x, "q", raw=raw)
         small = pool(x)
-        v = _project(attn, small, "v")
+        v = _project(attn, small, "v", raw=raw)
         if rope is None:
-            return q, _project(attn, small, "k"), v
-        k = _rotate(_project(attn, x, "k"), *rope)
+            return q, _project(attn, small, "k", raw=raw), v
+        k = _rotate(_project(attn, x, "k", raw=raw), *rope)
         k = pool(_flat(k)).unflatten(-1, (attn.heads, -1))
         return _rotate(q, *rope), k, v
     if rope is not None and cfg.rope == "rotate":
-        q, k = (_rotate(_project(attn, x, n), *rope) for n in "qk")
-        v = _project(attn, x, "v")
+        q, k = (_rotate(_project(attn, x, n, raw=raw), *rope) for n in "qk")
+        v = _project(attn, x, "v", raw=raw)
         return tuple(merge2d.merge_2d(plan, _flat(t)).unflatten(-1, (attn.heads, -1)) for t in (q, k, v))
     xm = merge2d.merge_2d(plan, x)
-    q, k, v = (_project(attn, xm, n) for n in "qkv")
+    q, k, v = (_project(attn, xm, n, raw=raw) for n in "qkv")
     if rope is not None:
         table = _merged_rope(plan, rope[0], rope[1], cfg.rope)
         q, k = _rotate(q, *table), _rotate(k, *table)
@@ -186,26 +197,31 @@ class ToMeDiTAttnProcessor:
                  image_rotary_emb=None, **kwargs):
         """Attention of one call: the original processor when there is nothing to reduce (ratio 0, a mask,
         fused projections, no plan), else image q/k/v reduced, text q/k/v as they are, one SDPA."""
-        cfg, ctx = self.state.config, self.state.ctx
         if image_rotary_emb is not None:
             kwargs["image_rotary_emb"] = image_rotary_emb
+        return self._attention(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs, {})
+
+    def _attention(self, attn, hidden_states, encoder_hidden_states, attention_mask, kwargs, ip):
+        """:meth:`__call__` with ``ip``, the IP-Adapter inputs the inner processor takes (empty: none)."""
+        cfg, ctx = self.state.config, self.state.ctx
         joint = self.layout in ("img_first", "txt_first")
         plain = (cfg.ratio == 0 or attention_mask is not None or hidden_states.ndim != 3
                  or set(kwargs) - {"image_rotary_emb"} or getattr(attn, "fused_projections", False)
                  or joint != (encoder_hidden_states is not None))
         if plain:  # nothing to do, or a call this adapter does not handle: exactly the original attention
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs, **ip)
         n_img = hidden_states.shape[1] if ctx.hw is None or self.layout != "single" else ctx.hw[0] * ctx.hw[1]
         img, txt = hidden_states[:, hidden_states.shape[1] - n_img:], hidden_states[:, :hidden_states.shape[1] - n_img]
         grid = sd._grid(ctx, 1, img.shape[1], self.name)
         plan = sd._plan_for(self.slot, img) if cfg.mode == "merge" else None
         if cfg.mode == "merge" and plan is None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs, **ip)
         rope_img = rope_txt = None
-        if image_rotary_emb is not None:
-            cos, sin = image_rotary_emb
+        if kwargs.get("image_rotary_emb") is not None:
+            cos, sin = kwargs["image_rotary_emb"]
             rope_img, rope_txt = (cos[-n_img:], sin[-n_img:]), (cos[:-n_img], sin[:-n_img])
-        qi, ki, vi = _image_qkv(attn, img, rope_img, grid, plan, cfg)
+        raw = {} if ip.get("ip_hidden_states") is not None else None
+        qi, ki, vi = _image_qkv(attn, img, rope_img, grid, plan, cfg, raw)
         streams = [(qi, ki, vi)]
         if self.layout != "self":
             added = self.layout != "single"
@@ -216,26 +232,90 @@ class ToMeDiTAttnProcessor:
             streams.insert(0 if self.layout in ("txt_first", "single") else 1, (qt, kt, vt))
         outs = _attend(*zip(*streams))
         i_img = 1 if self.layout in ("txt_first", "single") else 0
-        return self._finish(attn, outs[i_img], outs[1 - i_img] if len(outs) == 2 else None, plan)
+        pre, post = (None, None) if raw is None else self._image_prompt(attn, raw, ip)
+        return self._finish(attn, outs[i_img], outs[1 - i_img] if len(outs) == 2 else None, plan, pre, post)
 
-    def _finish(self, attn, img_out, txt_out, plan):
-        """Output projections (image on the merged tokens), unmerge, and the processor's return layout."""
+    def _image_prompt(self, attn, raw, ip):
+        """An IP-Adapter's image-prompt attention (:class:`ToMeDiTIPAdapterAttnProcessor`); none here."""
+        return None, None
+
+    def _finish(self, attn, img_out, txt_out, plan, pre=None, post=None):
+        """Output projections (image on the merged tokens), unmerge, and the processor's return layout;
+        ``pre`` is added to the image attention output before its projection, ``post`` (with the image
+        queries' token count) is returned third, unmerged (IP-Adapter outputs, SD3 and Flux)."""
+        if pre is not None:
+            img_out = img_out + pre
         if not getattr(attn, "pre_only", False):
             img_out = attn.to_out[1](attn.to_out[0](img_out))
         if plan is not None:
             img_out = merge2d.unmerge(img_out, plan.index)
+            if post is not None and post.shape[1] != img_out.shape[1]:
+                post = merge2d.unmerge(post, plan.index)
         if self.layout == "self":
             return img_out
         if self.layout == "single":
             return torch.cat([txt_out, img_out], dim=1)
         if not getattr(attn, "context_pre_only", False) and getattr(attn, "to_add_out", None) is not None:
             txt_out = attn.to_add_out(txt_out)
-        return img_out, txt_out
+        return (img_out, txt_out) if post is None else (img_out, txt_out, post)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA of ``(B, S, H, D)`` tensors, output ``(B, S_q, H*D)`` in q's dtype."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2).to(q.dtype)
+
+
+class ToMeDiTIPAdapterAttnProcessor(ToMeDiTAttnProcessor):
+    """Around diffusers' IP-Adapter processors for SD3 (``SD3IPAdapterJointAttnProcessor2_0``) and Flux
+    (``FluxIPAdapterAttnProcessor``): ToMe's attention as :class:`ToMeDiTAttnProcessor`, plus the adapter's
+    image-prompt attention computed as theirs does, with the adapter's own weights, for the image tokens this
+    attention used: merged queries (unmerged with the rest) in merge mode, all queries in downsample mode (and
+    under Flux's ``rope="rotate"``); SD3's adapter also attends to the image keys/values, merged or downsampled
+    as the attention's. Ratio 0, or a call with no image prompt, runs their processor as it is."""
+
+    def __init__(self, inner=None, state=None, slot=None, layout: str = "", name: str = ""):
+        super().__init__(inner, state, slot, layout, name)
+        self.takes = frozenset(inspect.signature(inner.__call__).parameters)  # the inner processor's inputs
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, ip_hidden_states=None, ip_adapter_masks=None, temb=None):
+        """As :meth:`ToMeDiTAttnProcessor.__call__`; the IP-Adapter inputs diffusers hands the processor
+        (``ip_hidden_states``; Flux: ``ip_adapter_masks``, which theirs ignores; SD3: ``temb``) pass on."""
+        kwargs = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
+        given = dict(ip_hidden_states=ip_hidden_states, ip_adapter_masks=ip_adapter_masks, temb=temb)
+        ip = {k: v for k, v in given.items() if v is not None and k in self.takes}
+        return self._attention(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs, ip)
+
+    def _image_prompt(self, attn, raw, ip):
+        """``(pre, post)`` of :meth:`ToMeDiTAttnProcessor._finish`: SD3's image-prompt attention (added
+        before the output projection, times the adapter's scale), or Flux's (returned third)."""
+        inner, states = self.inner, ip["ip_hidden_states"]
+        if hasattr(inner, "norm_ip"):  # SD3: queries attend to the image tokens and the image prompt
+            if inner.scale == 0:
+                return None, None
+            prompt = inner.norm_ip(states, temb=ip.get("temb"))
+            k_ip, v_ip = (lin(prompt).unflatten(-1, (attn.heads, -1)) for lin in (inner.to_k_ip, inner.to_v_ip))
+            k = torch.cat([inner.norm_k(raw["k"]), inner.norm_ip_k(k_ip)], dim=1)
+            return _sdpa(inner.norm_q(raw["q"]), k, torch.cat([raw["v"], v_ip], dim=1)) * inner.scale, None
+        if self.layout != "txt_first":  # Flux's adapter acts in double-stream blocks only, as theirs
+            return None, None
+        q, out = raw["qn"], None
+        for prompt, scale, to_k, to_v in zip(states, inner.scale, inner.to_k_ip, inner.to_v_ip):
+            k, v = (lin(prompt).view(q.shape[0], -1, attn.heads, attn.head_dim) for lin in (to_k, to_v))
+            out = scale * _sdpa(q, k, v) if out is None else out + scale * _sdpa(q, k, v)
+        return None, out
+
+
+ToMeDiTAttnProcessor._twin = sd.module_twin(ToMeDiTAttnProcessor)
+ToMeDiTIPAdapterAttnProcessor._twin = sd.module_twin(ToMeDiTIPAdapterAttnProcessor)
 
 
 # ----------------------------------------------------------------------------------------- patching
 
 _KNOWN_PROCESSORS = ("JointAttnProcessor2_0", "FluxAttnProcessor", "AttnProcessor2_0")
+#: diffusers' IP-Adapter processors of SD3 and Flux, wrapped by :class:`ToMeDiTIPAdapterAttnProcessor`.
+_IP_ADAPTER_PROCESSORS = ("SD3IPAdapterJointAttnProcessor2_0", "FluxIPAdapterAttnProcessor")
 
 
 def dit_blocks(model) -> list[tuple[str, torch.nn.Module, dict[str, str]]]:
@@ -294,14 +374,10 @@ def _check_processors(chosen) -> None:
                 raise ValueError(f"{name}.{attr} has fused q/k/v projections; call unfuse_qkv_projections() on the "
                                  "transformer or pipeline before apply_tome")
             kind = type(attn.processor).__name__
-            if "IPAdapter" in kind:
-                raise TypeError(f"{name}.{attr} runs {kind}: IP-Adapter on SD3/Flux does not combine with ToMe (its "
-                                "image-prompt attention is not wrapped); call pipe.unload_ip_adapter() before "
-                                "apply_tome, or run the IP-Adapter without ToMe")
-            if layout != "pixart" and kind not in _KNOWN_PROCESSORS:
+            if layout != "pixart" and kind not in _KNOWN_PROCESSORS + _IP_ADAPTER_PROCESSORS:
                 raise TypeError(f"{name}.{attr} runs a {kind}; ToMe for diffusion transformers drives the default "
-                                f"processors {_KNOWN_PROCESSORS}: call set_default_attn_processor() or remove the "
-                                "adapter (IP-Adapter, ...) that installed it")
+                                f"processors {_KNOWN_PROCESSORS} and the IP-Adapter ones {_IP_ADAPTER_PROCESSORS}: "
+                                "call set_default_attn_processor() or remove the adapter that installed it")
 
 
 class _State(sd._State):
@@ -388,9 +464,11 @@ def _patch_blocks(state: _State, chosen) -> None:
         for attr, layout in attns.items():
             attn = getattr(block, attr)
             if layout == "pixart":
-                proc = sd.ToMeSDSelfAttnProcessor(attn.processor, state, slot, 1, f"{name}.{attr}")
+                proc = sd.wrap_processor(sd.ToMeSDSelfAttnProcessor, attn.processor, state, slot, 1, f"{name}.{attr}")
             else:
-                proc = ToMeDiTAttnProcessor(attn.processor, state, slot, layout, f"{name}.{attr}")
+                ip = type(attn.processor).__name__ in _IP_ADAPTER_PROCESSORS
+                cls = ToMeDiTIPAdapterAttnProcessor if ip else ToMeDiTAttnProcessor
+                proc = sd.wrap_processor(cls, attn.processor, state, slot, layout, f"{name}.{attr}")
             state.wrappers.append((attn, proc))
             attn.set_processor(proc)
         if cfg.mode == "merge":

@@ -296,6 +296,12 @@ def apply_cache(model, name: str, clock: list) -> None:
         getattr(dh, f"apply_{name}")(model, config)
 
 
+def tiny_sd3():
+    from test_diffusers_dit import tiny
+
+    return tiny("sd3")
+
+
 def tiny_flux():
     from diffusers import FluxTransformer2DModel
 
@@ -431,30 +437,178 @@ def test_ip_adapter_loaded_after_tome_is_refused_in_one_line():
     assert is_patched(unet) and any(isinstance(p, IPAdapterAttnProcessor2_0) for p in unet.attn_processors.values())
 
 
-def test_ip_adapter_on_flux_and_sd3_is_refused_in_one_line():
-    """ToMe's SD3/Flux processor does not run IP-Adapter's image-prompt attention: refused, with the way out,
-    and nothing patched."""
-    from diffusers import SD3Transformer2DModel
+def flux_ip_weights(model) -> dict:
+    """A random IP-Adapter for a Flux transformer in the layout its ``_load_ip_adapter_weights`` reads:
+    the image projection (4 tokens) and each double-stream block's ip k/v."""
+    g = torch.Generator().manual_seed(6)
+    cross, hidden = model.config.joint_attention_dim, model.inner_dim
+    proj = {"proj.weight": torch.randn(4 * cross, CLIP_DIM, generator=g) * 0.3, "proj.bias": torch.zeros(4 * cross),
+            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    ip = {}
+    for i in range(len(model.transformer_blocks)):
+        for kv in "kv":
+            ip[f"{i}.to_{kv}_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.3
+            ip[f"{i}.to_{kv}_ip.bias"] = torch.randn(hidden, generator=g) * 0.1
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def sd3_ip_weights(model) -> dict:
+    """A random IP-Adapter for an SD3 transformer in the layout its ``_load_ip_adapter_weights`` reads: the
+    timestep-aware resampler and each attention's adapter (norms, ip k/v), from freshly built modules."""
     from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
-    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    torch.manual_seed(6)
+    width = model.config.attention_head_dim * model.config.num_attention_heads
+    proj = IPAdapterTimeImageProjection(embed_dim=CLIP_DIM, output_dim=width, hidden_dim=64, heads=1, num_queries=4,
+                                        timestep_in_dim=32)
+    ip = {}
+    for i, _ in enumerate(model.attn_processors):
+        proc = SD3IPAdapterJointAttnProcessor2_0(hidden_size=width, ip_hidden_states_dim=width,
+                                                 head_dim=model.config.attention_head_dim, timesteps_emb_dim=64)
+        ip.update({f"{i}.{k}": v for k, v in proc.state_dict().items()})
+    return {"image_proj": proj.state_dict(), "ip_adapter": ip}
+
+
+def load_dit_ip_adapter(model) -> None:
+    """Load a random IP-Adapter into a tiny Flux or SD3 transformer as diffusers' loader does."""
+    flux = type(model).__name__ == "FluxTransformer2DModel"
+    model._load_ip_adapter_weights([flux_ip_weights(model)] if flux else sd3_ip_weights(model))
+
+
+def dit_image_prompt(kind: str, seed: int = 7) -> dict:
+    """The pipeline's image-prompt embeddings (Flux: positive and negative; SD3: negative and positive stacked)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "flux":
+        return dict(ip_adapter_image_embeds=[torch.randn(1, 1, CLIP_DIM, generator=g)],
+                    negative_ip_adapter_image_embeds=[torch.randn(1, 1, CLIP_DIM, generator=g)])
+    return dict(ip_adapter_image_embeds=torch.randn(2, 1, CLIP_DIM, generator=g))
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("mode", ["merge", "downsample"])
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_ip_adapter_on_flux_and_sd3(kind, mode):
+    """IP-Adapter loaded into an SD3 / Flux pipeline, then ToMe: ToMe wraps their IP-Adapter processors and
+    runs the image-prompt attention too (the output stays near the IP-Adapter's, far from the output without
+    the image prompt), and the adapter's weights stay in the model while patched."""
+    from test_diffusers_dit import tiny_pipeline
+
+    pipe, kw = tiny_pipeline(kind)
+
+    def generate_dit(**extra):
+        with torch.no_grad():
+            return pipe(generator=torch.Generator().manual_seed(0), **kw, **extra).images
+
+    without = generate_dit()
+    load_dit_ip_adapter(pipe.transformer)
+    keys, prompt_a, prompt_b = list(pipe.transformer.state_dict()), dit_image_prompt(kind), dit_image_prompt(kind, 8)
+    ref = generate_dit(**prompt_a)
+    assert rel_l2(ref, without) > 0.05  # the image prompt acts
+    out = check_row(lambda: generate_dit(**prompt_a), lambda r: visiontools.apply_tome(pipe, ratio=r, mode=mode),
+                    lambda: visiontools.remove_tome(pipe))
+    assert rel_l2(out, ref) < 0.5 * rel_l2(out, without)  # ToMe keeps the image prompt's effect
+    visiontools.apply_tome(pipe, ratio=0.5, mode=mode)
+    assert list(pipe.transformer.state_dict()) == keys
+    assert not torch.equal(generate_dit(**prompt_b), out)  # another image prompt, another image
+
+
+def test_ip_adapter_loaded_after_tome_on_flux_and_sd3():
+    """Flux's loader re-creates the single-stream processors as ``type(processor)()``: refused in one line, the
+    patch left as it was. SD3's replaces every processor: the next call warns once that those attentions run
+    without ToMe, and applying ToMe again wraps the IP-Adapter's processors."""
+    from test_diffusers_dit import inputs, run
 
     flux = tiny_flux()
-    for block in flux.transformer_blocks:
-        block.attn.set_processor(FluxIPAdapterAttnProcessor(hidden_size=32, cross_attention_dim=8))
-    torch.manual_seed(0)
-    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=8, out_channels=4)
-    for block in sd3.transformer_blocks:
-        block.attn.set_processor(SD3IPAdapterJointAttnProcessor2_0(hidden_size=16, ip_hidden_states_dim=8,
-                                                                   head_dim=8, timesteps_emb_dim=16))
-    for model, kind in ((flux, "FluxIPAdapterAttnProcessor"), (sd3, "SD3IPAdapterJointAttnProcessor2_0")):
-        procs = dict(model.attn_processors)
-        with pytest.raises(TypeError, match=rf"^transformer_blocks\.0\.attn runs {kind}: IP-Adapter on SD3/Flux does "
-                                            r"not combine with ToMe .*; call pipe\.unload_ip_adapter\(\) before "
-                                            r"apply_tome, or run the IP-Adapter without ToMe$"):
-            visiontools.apply_tome(model, ratio=0.5)
-        assert dict(model.attn_processors) == procs and not any(m._forward_pre_hooks for m in model.modules())
+    visiontools.apply_tome(flux, ratio=0.5)
+    procs = dict(flux.attn_processors)
+    with pytest.raises(TypeError, match=r"^ToMe's attention processors cannot be re-created .*call "
+                                        r"remove_tome\(pipe\), load the adapter, then apply_tome"):
+        load_dit_ip_adapter(flux)
+    assert dict(flux.attn_processors) == procs
+    sd3 = tiny_sd3()
+    visiontools.apply_tome(sd3, ratio=0.5)
+    load_dit_ip_adapter(sd3)
+    with pytest.warns(UserWarning, match=r"^ToMe: 2 of 2 patched attention processors were replaced after "
+                                         r"apply_tome; .* Call apply_tome again"):
+        run(sd3, inputs("sd3"))
+    visiontools.apply_tome(sd3, ratio=0.5)
+    kinds = {type(sd3.transformer_blocks[i].attn.processor).__name__ for i in range(2)}
+    assert kinds == {"ToMeDiTIPAdapterAttnProcessor"}
+
+
+def attention_inputs(model, h: int, w: int, seed: int = 9) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    x = torch.nn.functional.interpolate(torch.randn(2, width, 3, 3, generator=g), size=(h, w), mode="bilinear")
+    return dict(hidden_states=x.flatten(2).transpose(1, 2), encoder_hidden_states=torch.randn(2, 5, width, generator=g))
+
+
+def test_ip_adapter_attention_on_flux_and_sd3_is_theirs_on_the_reduced_tokens():
+    """One patched attention against diffusers' IP-Adapter processor. SD3, merge mode: ToMe's output is theirs
+    run on the merged image tokens, unmerged. Flux, downsample mode (queries stay full): the image-prompt
+    output (returned third) is theirs, while the attention output differs (keys/values downsampled)."""
+    from visiontools.tome import merge2d
+
+    h, w = 4, 6
+    sd3 = tiny_sd3()
+    load_dit_ip_adapter(sd3)
+    visiontools.apply_tome(sd3, ratio=0.5)
+    attn, g = sd3.transformer_blocks[0].attn, torch.Generator().manual_seed(10)
+    proc, kw = attn.processor, attention_inputs(sd3, h, w)
+    ip = dict(ip_hidden_states=torch.randn(2, 4, 16, generator=g), temb=torch.randn(2, 64, generator=g))
+    proc.state.ctx.hw = (h, w)
+    proc.slot.plan = plan = merge2d.plan_merge_2d(kw["hidden_states"], h, w, 12, seed=0)
+    with torch.no_grad():
+        ours = attn(**kw, **ip)
+        theirs = proc.inner(attn, merge2d.merge_2d(plan, kw["hidden_states"]), kw["encoder_hidden_states"], **ip)
+    torch.testing.assert_close(ours[0], merge2d.unmerge(theirs[0], plan.index), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
+
+    flux = tiny_flux()
+    load_dit_ip_adapter(flux)
+    visiontools.apply_tome(flux, ratio=0.5, mode="downsample")
+    attn = flux.transformer_blocks[0].attn
+    proc, kw = attn.processor, attention_inputs(flux, h, w)
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+    rope = flux.pos_embed(torch.cat([torch.zeros(5, 3), ids.reshape(-1, 3)]))
+    ip = dict(ip_hidden_states=[torch.randn(2, 1, 4, 16, generator=g)])
+    proc.state.ctx.hw = (h, w)
+    with torch.no_grad():
+        ours = attn(**kw, image_rotary_emb=rope, **ip)
+        theirs = proc.inner(attn, kw["hidden_states"], kw["encoder_hidden_states"], None, rope, **ip)
+    assert len(ours) == 3 and ours[2].abs().max() > 0
+    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-5, atol=1e-6)
+    assert rel_l2(ours[0], theirs[0]) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["unet", "flux", "sd3"])
+def test_ip_adapter_weights_stay_in_the_patched_model(kind):
+    """diffusers keeps an IP-Adapter's processor (an nn.Module with the adapter's weights) as a submodule of
+    its attention; ToMe's processor around it shares those weights under the same names, so state_dict(),
+    .to() and .double() reach them while patched (the model runs in float64), and removal gives back theirs."""
+    if kind == "unet":
+        model = tiny_unet()
+        model._load_ip_adapter_weights([ip_adapter_weights(model)])
+    else:
+        model = tiny_flux() if kind == "flux" else tiny_sd3()
+        load_dit_ip_adapter(model)
+    procs, state = dict(model.attn_processors), model.state_dict()
+    visiontools.apply_tome(model, ratio=0.5, **({"merge_crossattn": True} if kind == "unet" else {}))
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    model.double()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    if kind == "unet":
+        with torch.no_grad():
+            model(torch.randn(1, 4, 8, 12, dtype=torch.float64), torch.tensor(500), torch.randn(1, 5, 32).double(),
+                  added_cond_kwargs={"image_embeds": [torch.randn(1, 1, CLIP_DIM).double()]})
+    visiontools.remove_tome(model)
+    assert all(p is procs[n] for n, p in model.attn_processors.items())
 
 
 # ------------------------------------------------------------------------------- merge plans across steps
