@@ -31,6 +31,7 @@ downsampling factor, as the stride-2 convolutions produce it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -282,17 +283,23 @@ class ToMeSDSelfAttnProcessor:
 
 
 class ToMeSDCrossAttnProcessor:
-    """Around ``attn2`` (``merge_crossattn``): the block's plan merges the queries, then unmerges."""
+    """Around ``attn2`` (``merge_crossattn``): the block's plan merges the queries, then unmerges. A call
+    with IP-Adapter masks (``cross_attention_kwargs={"ip_adapter_masks": ...}``) runs unmerged: the
+    IP-Adapter's processor fits each mask to the query grid, which merged queries do not form."""
 
     def __init__(self, inner=None, slot: _BlockSlot = None):
         refuse_rebuild(inner)
         self.inner = inner
         self.slot = slot
+        self.takes_masks = "ip_adapter_masks" in inspect.signature(inner.__call__).parameters
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ip_adapter_masks=None, **kwargs):
         if temb is not None:
             kwargs["temb"] = temb
-        plan = _plan_for(self.slot, hidden_states)
+        if ip_adapter_masks is not None and self.takes_masks:
+            kwargs["ip_adapter_masks"] = ip_adapter_masks
+        plan = None if "ip_adapter_masks" in kwargs else _plan_for(self.slot, hidden_states)
         if plan is None:
             return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
                               attention_mask=attention_mask, **kwargs)

@@ -421,6 +421,31 @@ def test_ip_adapter_on_a_unet(merge_crossattn):
               lambda: remove_tome_sd(pipe))
 
 
+def test_ip_adapter_masks_on_a_unet_reach_the_adapter_under_tome():
+    """IP-Adapter masks (``cross_attention_kwargs``) reach the IP-Adapter's processor under ToMe: ratio 0 is
+    exact; with ``merge_crossattn=True`` a masked call's cross-attention runs unmerged (the processor fits the
+    mask to the query grid, which merged queries do not form), so it equals ``merge_crossattn=False``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = pipeline(StableDiffusionPipeline)
+    pipe.unet._load_ip_adapter_weights([ip_adapter_weights(pipe.unet)])
+    g = torch.Generator().manual_seed(7)
+    kw = dict(prompt(), ip_adapter_image_embeds=[torch.randn(2, 1, CLIP_DIM, generator=g)])
+    unmasked = generate(pipe, **kw)
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., :, : W // 2] = 1
+    kw["cross_attention_kwargs"] = {"ip_adapter_masks": [mask]}
+    ref = generate(pipe, **kw)
+    assert not torch.equal(ref, unmasked)  # the mask acts
+    apply_tome_sd(pipe, ratio=0.0, merge_crossattn=True)
+    assert torch.equal(generate(pipe, **kw), ref)
+    apply_tome_sd(pipe, ratio=0.5)
+    self_only = generate(pipe, **kw)
+    assert not torch.equal(self_only, ref)
+    apply_tome_sd(pipe, ratio=0.5, merge_crossattn=True)
+    assert torch.equal(generate(pipe, **kw), self_only)
+
+
 def test_ip_adapter_loaded_after_tome_is_refused_in_one_line():
     """diffusers re-creates every processor as ``type(processor)()`` when it loads an IP-Adapter: a ToMe
     processor refuses, naming the order that works; that order works."""
