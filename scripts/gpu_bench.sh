@@ -4,12 +4,15 @@
 # measurement, so whatever finished is kept. Then `bench vit` on ViT-B/16 and ViT-L/16 (batch 256,
 # r=8 and r=16) with the token-count ideal, --profile and, when a ToMe checkout is given or lies in
 # .peer/ToMe (carry it with the working tree; never commit it), the original ToMe in the same run:
-# OUT/bench_vit_ideal_<model>.{json,md}. Then whole denoising loops (step caches beside ToMe: `bench sd --loop`
+# OUT/bench_vit_ideal_<model>.{json,md}. Then `bench sd` (SD 1.5 UNet at 1024² and 2048²: tomesd when installed,
+# merge, downsample) and `bench dit` (Flux and SD3 blocks at 1024²) with their token-count ideal and --profile:
+# OUT/bench_{sd,dit}_ideal.{json,md}. Then whole denoising loops (step caches beside ToMe: `bench sd --loop`
 # at 512² and 1024², `bench dit --loop` on Flux and SD3 blocks at 1024²): OUT/bench_loops_{sd,dit}.{json,md}. Usage:
 #   bash scripts/gpu_bench.sh                     # all sections, --budget-s 420, then the ViT ideal runs
 #   bash scripts/gpu_bench.sh --budget-s 300      # any `visiontools bench all` option
 #   bash scripts/gpu_bench.sh --sections vit --budget-s 60 --peer-tome /path/to/ToMe
 #   bash scripts/gpu_bench.sh --vit-ideal-only --peer-tome .peer/ToMe   # only the ViT ideal runs
+#   bash scripts/gpu_bench.sh --ideal-only        # only the ideal runs: ViT, SD, DiT
 #   bash scripts/gpu_bench.sh --smoke --out /tmp/smoke   # tiny sizes on the CPU: checks the script
 # It runs from a checkout without installing it (patches/ and demos/ are put under visiontools), with
 # the .venv's Python when there is one, else python3. Packages missing on the GPU machine (diffusers,
@@ -41,7 +44,8 @@ def pop(flag, value=False):
     del args[i:i + (2 if value else 1)]
     return out
 peer = pop("--peer-tome", value=True) or (".peer/ToMe" if (root / ".peer/ToMe/tome/patch/timm.py").is_file() else None)
-ideal_only, smoke = pop("--vit-ideal-only"), "--smoke" in args
+vit_only, ideal_only, smoke = pop("--vit-ideal-only"), pop("--ideal-only"), "--smoke" in args
+ideal_only = ideal_only or vit_only
 out = args[args.index("--out") + 1] if "--out" in args else "docs/results/gpu"
 rc = 0 if ideal_only else main(["bench", "all", *([] if smoke or "--device" in args else ["--device", "cuda"]), *args])
 # the token-count ideal, the reduction step's profile and the original ToMe, per ViT (bf16 autocast on CUDA)
@@ -53,6 +57,21 @@ for model, opts in vits:
     name = f"{out}/bench_vit_ideal_{model}"
     rc = max(rc, main(["bench", "vit", "--model", model, "--r", "8", "16", "--profile", "--no-progress", *opts,
                        *(["--peer-tome", peer] if peer else []), "--out-json", name + ".json", "--out-md", name + ".md"]))
+# the token-count ideal and --profile of the diffusion models (fp16 UNet, bf16 DiT on CUDA): OUT/bench_{sd,dit}_ideal
+import importlib.util
+tomesd = ["tomesd@0.5"] if importlib.util.find_spec("tomesd") else []
+one = ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "2"]
+diffusion_ideal = ([["sd", "--tiny", "--resolutions", "64", *one, "--candidates", *tomesd, "merge@0.5"],
+                    ["dit", "--tiny", "--models", "flux", "--resolution", "128", *one, "--candidates", "merge@0.5"]]
+                   if smoke else
+                   [["sd", "--resolutions", "1024", "2048", "--repeats", "5", "--warmup", "2", "--device", "cuda",
+                     "--candidates", *tomesd, "merge@0.5", "downsample@0.5"],
+                    ["dit", "--models", "flux", "sd3", "--resolution", "1024", "--repeats", "5", "--warmup", "2",
+                     "--device", "cuda", "--candidates", "merge@0.5", "downsample@0.5"]])
+for target, *opts in ([] if vit_only else diffusion_ideal):
+    name = f"{out}/bench_{target}_ideal"
+    rc = max(rc, main(["bench", target, "--profile", "--no-progress", *opts, "--out-json", name + ".json",
+                       "--out-md", name + ".md"]))
 # whole denoising loops: diffusers' step caches beside ToMe, plan reuse (visiontools.bench.loops): OUT/bench_loops_*
 fast = ["--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "2", "--steps", "2",
         "--loop-candidates"]

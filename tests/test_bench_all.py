@@ -47,6 +47,11 @@ def test_the_gpu_script_runs_every_section_in_smoke_mode(tmp_path):
     ideal = json.loads((tmp_path / "bench_vit_ideal_vit_tiny_patch16_224.json").read_text())
     assert len(ideal["rows"]) == 3 and all(r["ideal_speedup"] > 0 and "share_of_ideal" in r for r in ideal["rows"])
     assert len(ideal["profiles"]) == 2 and all(p["rows"] for p in ideal["profiles"].values())
+    for target in ("sd", "dit"):  # and bench sd / bench dit with theirs
+        rows = json.loads((tmp_path / f"bench_{target}_ideal.json").read_text())["rows"]
+        ours = [r for r in rows if r.get("method", r.get("candidate")) in ("merge", "merge@0.5")]
+        assert len(ours) == 1 and ours[0]["ideal_speedup"] > 0 and ours[0]["profile"]["steps"] > 0
+        assert all("share_of_ideal" in r and r["attention_calls"] for r in rows)
     assert {r["candidate"] for r in out["sections"]["hyena"]["rows"]} == {"sdpa", "hyena"}
     assert {r["candidate"] for r in out["sections"]["lsh"]["rows"]} == {"sdpa", "lsh"}
     md = (tmp_path / "bench_all.md").read_text()

@@ -1,5 +1,7 @@
 """`bench vit`'s token-count ideal (issue 46): the unpatched blocks timed alone at each schedule's
 token counts, summed; the overhead of the reduction step is the measured time beyond that."""
+import copy
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -69,3 +71,154 @@ def test_bench_vit_reports_the_token_count_ideal():
     assert f"| {r4['ideal_speedup']:.2f}x | {r4['share_of_ideal']:.2f} |" in table
     no_ideal = benchmark_vit(tiny_vit(), [4], batch_size=2, repeats=1, warmup=0, progress=False, ideal=False)
     assert "ideal_speedup" not in no_ideal["rows"][1] and "| - | - | - |" in markdown_table(no_ideal, "t")
+
+
+# --------------------------------------------------------------------- diffusion models (bench sd, bench dit)
+
+def _sd_unets():
+    from test_diffusers_patch import install_recorders, tiny_unet
+
+    from visiontools.bench.sd import _patch
+
+    base = tiny_unet()
+    log = install_recorders(base)  # every copy's innermost processor records (query, key/value tokens) in log
+    memo = {id(log): log, **{id(p): p for p in base.parameters()}}
+    unets = {"sdpa": base, **{f"{m}@0.5": _patch(copy.deepcopy(base, dict(memo)), m, 0.5, 1)
+                              for m in ("merge", "downsample")}}
+    return unets, log
+
+
+def test_sd_ideal_counts_are_the_sizes_the_patched_unet_attends_over():
+    """bench sd's ideal records, per candidate, the batch and the query/key-value tokens each
+    attention of the patched levels attends with: the sizes diffusers' own processor receives."""
+    from test_diffusers_patch import inputs
+
+    from visiontools.bench.sd import _attention_ideal
+    from visiontools.patches.diffusers import transformer_blocks
+
+    unets, log = _sd_unets()
+    x, t, e = inputs(h=16, w=12, batch=2)
+    fns = {k: (lambda u=u: u(x, t, e)) for k, u in unets.items()}
+    parts = _attention_ideal(unets, fns, max_downsample=1, device="cpu")
+    x1 = tuple(n + "." for n, _, ds in transformer_blocks(unets["sdpa"]) if ds == 1)  # the patched level
+    assert len(x1) == 3
+    for name, fn in fns.items():
+        log.clear()
+        with torch.inference_mode():
+            fn()
+        seen = [(q, kv) for n, q, kv in log if n.startswith(x1)]
+        assert [(q, kv) for _, _, q, kv in parts.calls[name]] == seen
+        assert {b for _, b, _, _ in parts.calls[name]} == {2}
+    # x1 level: 3 blocks, attn1 (self) then attn2 (7 text tokens); 16x12 = 192 tokens
+    assert [c[2:] for c in parts.calls["sdpa"]] == [(192, 192), (192, 7)] * 3
+    assert [c[2:] for c in parts.calls["merge@0.5"]] == [(96, 96), (192, 7)] * 3  # half the tokens merge
+    assert [c[2:] for c in parts.calls["downsample@0.5"]] == [(192, 108), (192, 7)] * 3  # keys/values: 12x9
+    # attn1 and attn2 have the same parameter shapes here (text width = 32 channels): one kind
+    assert sorted(parts.fns) == sorted({"ideal: attn@192/192 x2 #0", "ideal: attn@192/7 x2 #0",
+                                        "ideal: attn@96/96 x2 #0", "ideal: attn@192/108 x2 #0"})
+    with torch.inference_mode():  # each part runs the unpatched attention at its sizes
+        assert parts.fns["ideal: attn@96/96 x2 #0"]().shape == (2, 96, 32)
+
+
+def test_attention_ideal_time_is_the_rest_plus_the_calls_at_the_candidate_sizes():
+    from visiontools.bench.ideal import AttentionIdeal
+
+    attns = [torch.nn.Module() for _ in range(2)]
+    for a in attns:
+        a.to_q, a.to_k, a.to_v = (torch.nn.Linear(8, 8) for _ in range(3))
+        a.heads = 2
+    calls = {"base": [(0, 1, 16, 16), (1, 1, 16, 16)], "cand": [(0, 1, 8, 8), (1, 1, 16, 16)]}
+    parts = AttentionIdeal(attns, calls, "cpu")
+    assert sorted(parts.fns) == ["ideal: attn@16/16 x1 #0", "ideal: attn@8/8 x1 #0"]  # one kind: same shapes
+    med = {"ideal: attn@16/16 x1 #0": 0.04, "ideal: attn@8/8 x1 #0": 0.01}
+    cols = parts.columns({"base": 0.5, "cand": 0.4}, "base", med)
+    ideal_s = 0.5 - 0.08 + 0.05
+    assert cols["cand"]["ideal_s"] == pytest.approx(ideal_s)
+    assert cols["cand"]["ideal_speedup"] == pytest.approx(0.5 / ideal_s)
+    assert cols["cand"]["overhead_per_block_s"] == pytest.approx(0.4 - ideal_s)  # one call changed
+    assert cols["base"]["ideal_speedup"] == pytest.approx(1.0) and cols["base"]["overhead_s"] == pytest.approx(0)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3", "pixart"])
+def test_dit_ideal_counts_are_the_sizes_the_patched_model_attends_over(kind, monkeypatch):
+    """bench dit's ideal records each attention call's sizes: image tokens merged (half of them) or
+    image keys/values downsampled (8x6 -> 6x5 grid), text tokens (5) as they were; the same sizes
+    SDPA itself is called with."""
+    from test_diffusers_dit import inputs, tiny
+
+    from visiontools.bench.dit import _attention_ideal, candidate_calls
+
+    models, outs = {}, {}
+    fns = candidate_calls(tiny(kind), inputs(kind), [("merge", 0.5), ("downsample", 0.5)], outs, models)
+    parts = _attention_ideal(models, fns, "cpu")
+    txt, joint = 5, kind != "pixart"  # PixArt: image self-attention, then cross-attention to the text
+    full, merged, kv = (n + txt * joint for n in (48, 24, 30))
+    expect = {"unpatched": (full, full), "merge@0.5": (merged, merged), "downsample@0.5": (full, kv)}
+    for name, (q, k) in expect.items():
+        sizes = [c[2:] for c in parts.calls[name]]
+        assert sizes == ([(q, k)] * {"flux": 3, "sd3": 2}[kind] if joint else [(q, k), (48, txt)] * 2)
+        seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+        def logged(*a, **kw):
+            q, k = a[:2] if len(a) >= 2 else (kw["query"], kw["key"])
+            seen.append((q.shape[0], q.shape[-2], k.shape[-2]))
+            return sdpa(*a, **kw)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", logged)
+        fns[name]()
+        monkeypatch.undo()
+        assert [c[1:] for c in parts.calls[name]] == seen
+
+
+def test_profile_patched_tabulates_the_step_functions_only_and_puts_them_back():
+    from test_diffusers_dit import inputs, tiny
+
+    from visiontools.bench.dit import candidate_calls
+    from visiontools.bench.profile import profile_patched, profile_table
+    from visiontools.tome import merge2d
+
+    originals = merge2d.plan_merge_2d, merge2d.merge_2d, merge2d.unmerge
+    fns = candidate_calls(tiny("sd3"), inputs("sd3"), [("merge", 0.5), ("downsample", 0.5)], {})
+    merge, down = profile_patched(fns["merge@0.5"], repeats=1), profile_patched(fns["downsample@0.5"], repeats=1)
+    assert (merge2d.plan_merge_2d, merge2d.merge_2d, merge2d.unmerge) == originals
+    assert merge["steps"] == 2 * 3  # 2 blocks: plan, merge, unmerge (merge_2d inside them is not a step of its own)
+    assert down["steps"] == 2  # one key/value downsampling per block
+    assert {r["op"] for r in down["rows"]} >= {"aten::_upsample_nearest_exact2d"}
+    assert "aten::_upsample_nearest_exact2d" not in {r["op"] for r in merge["rows"]}
+    assert not {r["op"] for r in merge["rows"] + down["rows"]} & {"aten::addmm", "aten::linear", "aten::mm"}
+    assert 0 < merge["total_us"] < merge["forward_us"] and merge["ops"] > down["ops"] > 0
+    flux = candidate_calls(tiny("flux"), inputs("flux"), [("merge", 0.5)], {})["merge@0.5"]
+    assert profile_patched(flux, repeats=1)["steps"] == 3 * 4  # and the merged rotary table (its merge_2d inside)
+    assert "(6 steps, " in profile_table("m", merge) and "% of the forward's operator time" in profile_table("m", merge)
+    with pytest.raises(RuntimeError, match="boom"):
+        profile_patched(lambda: (_ for _ in ()).throw(RuntimeError("boom")), repeats=1)
+    assert (merge2d.plan_merge_2d, merge2d.merge_2d, merge2d.unmerge) == originals
+
+
+def test_bench_sd_and_dit_report_the_ideal_and_profile(tmp_path, capsys):
+    """The CLI end to end: the ideal's columns beside the FLOP ratio, from the attention calls each
+    candidate made; --profile tables of our candidates; --no-ideal leaves dashes; not with --loop."""
+    import json
+
+    from visiontools.cli import main
+
+    fast = ["--repeats", "1", "--warmup", "0", "--threads", "1", "--no-progress", "--device", "cpu"]
+    assert main(["bench", "sd", "--tiny", "--resolutions", "64", "--candidates", "merge@0.5", "downsample@0.5",
+                 "--profile", *fast, "--out-json", str(tmp_path / "sd.json"), "--out-md", str(tmp_path / "sd.md")]) == 0
+    sd = json.loads((tmp_path / "sd.json").read_text())["rows"]
+    # the tiny SD UNet at 64 px: a 8x8 latent, 1 + 2 blocks at x1, each with attn1 and attn2 (77 text tokens)
+    assert [c[2:] for c in sd[1]["attention_calls"]] == [[32, 32], [64, 77]] * 3
+    for r in sd:
+        assert r["share_of_ideal"] == pytest.approx(r["ideal_s"] / r["blocks_s"])
+        assert r["ideal_speedup"] == pytest.approx(sd[0]["blocks_s"] / r["ideal_s"])
+    assert sd[1]["profile"]["steps"] == 3 * 3 and sd[2]["profile"]["steps"] == 3 and "profile" not in sd[0]
+    md = (tmp_path / "sd.md").read_text()
+    assert "| FLOP ratio | patched-level blocks s | blocks speed-up | token-count ideal | share of ideal |" in md
+    assert "**merge@0.5 at 64²: reduction steps** (9 steps, " in md
+    assert main(["bench", "dit", "--tiny", "--models", "sd3", "--resolution", "128", "--candidates", "merge@0.5",
+                 "--no-ideal", *fast, "--out-json", str(tmp_path / "dit.json")]) == 0
+    dit = json.loads((tmp_path / "dit.json").read_text())
+    assert "ideal_speedup" not in dit["rows"][1] and dit["dtype"] == "fp32"
+    assert "| 1.00 | - | - | - |" in capsys.readouterr().out
+    assert main(["bench", "dit", "--loop", "--profile", "--tiny"]) == 2
+    assert "visiontools: error: --profile and --no-ideal time single calls; leave them out with --loop" in \
+        capsys.readouterr().err

@@ -14,6 +14,7 @@ import argparse
 import copy
 
 from visiontools.bench import loops
+from visiontools.bench.vit import IDEAL_COLUMNS, add_ideal_arguments, ideal_cells
 from visiontools.timing import add_run_arguments
 
 #: Candidate methods: ToMe merge, ToDo downsample, and merge mode with ToFu's or PiToMe's rule.
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--tiny", action="store_true", help="tiny widths, same layout (smoke test)")
+    add_ideal_arguments(parser, "the unpatched attention timed alone at the sizes each candidate attends over")
     parser.add_argument("--rope-rules", action="store_true",
                         help="instead of timing: errors of Flux's RoPE rules for merged tokens (small random Flux)")
     loops.add_loop_arguments(parser)
@@ -111,9 +113,11 @@ def _smooth_like(x, g):
     return out.flatten(2).transpose(1, 2) if packed else out
 
 
-def candidate_calls(base, kw: dict, candidates: list[tuple[str, float]], outputs: dict) -> dict:
+def candidate_calls(base, kw: dict, candidates: list[tuple[str, float]], outputs: dict, models: dict | None = None
+                    ) -> dict:
     """``{"unpatched": call, "merge@0.5": call, ...}``: one forward (inference mode) of ``base`` and of a
-    patched copy sharing its weights per candidate, each storing its output (float32) in ``outputs``."""
+    patched copy sharing its weights per candidate, each storing its output (float32) in ``outputs``
+    (and, with ``models``, the model it calls)."""
     import torch
 
     fns = {}
@@ -122,6 +126,8 @@ def candidate_calls(base, kw: dict, candidates: list[tuple[str, float]], outputs
         model = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})  # shares weights
         if method != "unpatched":
             patch(model, method, ratio)
+        if models is not None:
+            models[key] = model
 
         def call(model=model, key=key):
             with torch.inference_mode():
@@ -130,42 +136,78 @@ def candidate_calls(base, kw: dict, candidates: list[tuple[str, float]], outputs
     return fns
 
 
-def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, float]]) -> list[dict]:
-    """Time the unpatched model and every candidate (patched copies sharing its weights) interleaved;
-    a row each: median seconds, speed-ups (medians, per round), FLOP ratio, its share reached, rel. L2."""
+def time_model(args: argparse.Namespace, name: str, candidates: list[tuple[str, float]], device=None,
+               dtype=None) -> list[dict]:
+    """Time the unpatched model and every candidate (patched copies sharing its weights) interleaved,
+    on ``device`` in ``dtype`` (default: CPU, float32); a row each: median seconds, speed-ups (medians,
+    per round), FLOP ratio, its share reached, rel. L2, and (unless ``--no-ideal``) the token-count
+    ideal (``visiontools.bench.ideal.AttentionIdeal``); ``--profile``: the reduction steps' profile."""
+    import torch
+
     from visiontools.timing import count_flops, interleaved_times, median
 
+    device, dtype = torch.device(device or "cpu"), dtype or torch.float32
     base, kw = build(name, args.resolution, args.seed, args.tiny)
-    outputs = {}
-    fns = candidate_calls(base, kw, candidates, outputs)
+    base = base.to(device, dtype)
+    kw = {k: (v.to(device, dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
+              if torch.is_tensor(v) else v) for k, v in kw.items()}
+    outputs, models = {}, {}
+    fns = candidate_calls(base, kw, candidates, outputs, models)
     flops = {k: count_flops(f, warmup=False) for k, f in fns.items()}  # also each candidate's warm-up call
+    parts = None if args.no_ideal else _attention_ideal(models, fns, device)
     n_img = (args.resolution // 16) ** 2  # latent /8, then 2x2 patches (SD3, PixArt) or 2x2 packing (Flux)
     n_par = sum(p.numel() for p in base.parameters())
     par = f"{n_par / 1e6:.0f}M" if n_par >= 1e6 else f"{n_par / 1e3:.0f}k" if n_par >= 1e3 else str(n_par)
-    print(f"\n{name}: {par} parameters, timing {len(fns)} "
-          f"candidates, {args.warmup} warm-up + {args.repeats} rounds")
-    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress)
-    ref_t, ref = median(times["unpatched"]), outputs["unpatched"]
+    print(f"\n{name}: {par} parameters, timing {len(fns)} candidates"
+          f"{'' if parts is None else f' and {len(parts.fns)} attention sizes (token-count ideal)'}, "
+          f"{args.warmup} warm-up + {args.repeats} rounds")
+    times = interleaved_times({**fns, **(parts.fns if parts else {})}, repeats=args.repeats, warmup=args.warmup,
+                              device=device, progress=not args.no_progress)
+    medians = {k: median(v) for k, v in times.items()}
+    ref_t, ref = medians["unpatched"], outputs["unpatched"]
+    cols = parts.columns({k: medians[k] for k in fns}, "unpatched", medians) if parts else {}
     rows = []
     for key in fns:
-        med = median(times[key])
+        med = medians[key]
         flop_ratio = flops["unpatched"] / flops[key]
         rows.append(dict(model=name, candidate=key, image_tokens=n_img, median_s=med, times_s=times[key],
                          speedup=ref_t / med, speedup_paired=median([b / c for b, c in zip(times["unpatched"],
                                                                                               times[key])]),
                          flops=flops[key], flop_ratio=flop_ratio, of_ideal=ref_t / med / flop_ratio,
-                         rel_l2=((outputs[key] - ref).norm() / ref.norm()).item()))
+                         rel_l2=((outputs[key] - ref).norm() / ref.norm()).item(), **cols.get(key, {}),
+                         **({"attention_calls": parts.calls[key]} if parts else {})))
+    if args.profile:
+        from visiontools.bench.profile import profile_patched
+
+        for row in rows[1:]:
+            row["profile"] = profile_patched(fns[row["candidate"]], device)
     return rows
 
 
+def _attention_ideal(models: dict, fns: dict, device):
+    """The token-count ideal (``visiontools.bench.ideal.AttentionIdeal``): the attention calls of one
+    call of each candidate (``fns``; its model in ``models``), timed on the unpatched model's attention."""
+    from visiontools.bench.ideal import AttentionIdeal, attention_modules, record_attention
+    from visiontools.patches.diffusers_dit import dit_blocks
+
+    def attns(model):
+        return attention_modules([b for _, b, _ in dit_blocks(model)])
+    calls = {key: record_attention(fns[key], attns(m)) for key, m in models.items()}
+    return AttentionIdeal(attns(models["unpatched"]), calls, device)
+
+
 def _markdown(rows: list[dict]) -> str:
-    """The results table."""
+    """The results table (the token-count ideal's columns: dashes with ``--no-ideal``), then any profiles."""
+    from visiontools.bench.profile import profile_table
+
     lines = ["| model (blocks) | candidate | median s | speed-up | per-round speed-up | FLOP ratio | speed-up / FLOP "
-             "ratio | rel. L2 vs unpatched |", "|---|---|---|---|---|---|---|---|"]
+             "ratio |" + IDEAL_COLUMNS + " rel. L2 vs unpatched |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['candidate']} | {r['median_s']:.3f} | {r['speedup']:.2f}× | "
-                     f"{r['speedup_paired']:.2f}× | {r['flop_ratio']:.2f}× | {r['of_ideal']:.2f} | "
+                     f"{r['speedup_paired']:.2f}× | {r['flop_ratio']:.2f}× | {r['of_ideal']:.2f} |{ideal_cells(r)} "
                      f"{r['rel_l2']:.4f} |")
+    lines += [t for r in rows if r.get("profile") for t in ("", profile_table(f"{r['model']} {r['candidate']}",
+                                                                             r["profile"]))]
     return "\n".join(lines)
 
 
@@ -174,15 +216,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from visiontools.errors import require
-    from visiontools.timing import machine_description, write_results
+    from visiontools.timing import dtype_label, machine_description, resolve_device, resolve_dtype, write_results
 
     require("diffusers", "`visiontools bench dit`")
+    if args.loop and (args.profile or args.no_ideal):
+        from visiontools.errors import UserError
+        raise UserError("--profile and --no-ideal time single calls; leave them out with --loop")
     if args.loop:  # whole denoising loops (visiontools.bench.loops), on any device
         return loops.run_dit(args, build)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device not in ("auto", "cpu"):
-        raise ValueError("visiontools bench dit runs on the CPU only for now: use --device cpu")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)  # bf16 on CUDA (fp16 where the GPU lacks it), float32 elsewhere
     if args.rope_rules:
         errs = rope_rule_errors()
         print("| rope rule | rel. L2 of output | rel. L2 of block-0 image attention |\n|---|---|---|")
@@ -190,16 +235,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"| {rule} | {e['output']:.4f} | {e['block0_attention']:.4f} |")
         return 0
     candidates = parse_candidates(args.candidates)
-    machine = machine_description("cpu")
+    machine = machine_description(device)
     rows = []
     with torch.inference_mode():
         for name in args.models:
-            rows += time_model(args, name, candidates)
+            rows += time_model(args, name, candidates, device, dtype)
             print(_markdown([r for r in rows if r["model"] == name]))
     header = (f"Diffusion-transformer blocks{' (tiny)' if args.tiny else ''} at {args.resolution}² "
-              f"({(args.resolution // 16) ** 2} image tokens), fp32, batch 1, FLOP-counting call + {args.warmup} "
+              f"({(args.resolution // 16) ** 2} image tokens), {dtype_label(dtype)}, batch 1, FLOP-counting call + "
+              f"{args.warmup} "
               f"warm-up + {args.repeats} interleaved rounds; {machine}")
-    result = dict(machine=machine, resolution=args.resolution, threads=torch.get_num_threads(), tiny=bool(args.tiny),
+    result = dict(machine=machine, device=str(device), dtype=dtype_label(dtype), resolution=args.resolution,
+                  threads=torch.get_num_threads(), tiny=bool(args.tiny),
                   repeats=args.repeats, warmup=args.warmup, models={n: MODELS[n][0] for n in args.models}, rows=rows)
     write_results(args, _markdown(rows), result, header=header, echo=False)  # each model's table is printed above
     return 0

@@ -16,6 +16,7 @@ import copy
 import time
 
 from visiontools.bench import loops
+from visiontools.bench.vit import IDEAL_COLUMNS, add_ideal_arguments, ideal_cells
 from visiontools.timing import add_run_arguments
 
 #: Candidates besides SDPA: the peer, our merge (``tofu``/``pitome``: merge mode with that method), ToDo.
@@ -73,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of merge mode's matching matmul (auto: bf16 for fp32 on CPUs with hardware bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--tiny", action="store_true", help="tiny UNet with the SD 1.5 layout (smoke test)")
+    add_ideal_arguments(parser, "the unpatched attention of the patched levels timed alone at the sizes each "
+                                "candidate attends over")
     loops.add_loop_arguments(parser)
 
 
@@ -135,13 +138,19 @@ class _BlockTimer:
 
 
 def _markdown(rows: list[dict]) -> str:
+    """The results table: speed, FLOP ratio, the patched-level blocks' time with their token-count ideal
+    (``visiontools.bench.ideal.AttentionIdeal``, dashes with ``--no-ideal``), then any profiles."""
+    from visiontools.bench.profile import profile_table
+
     lines = ["| latent (image) | method | ratio | median s | speed-up vs SDPA | per-round speed-up | FLOP ratio "
-             "| patched-level blocks s | rel. L2 of noise pred. |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| patched-level blocks s | blocks speed-up |" + IDEAL_COLUMNS + " rel. L2 of noise pred. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['latent']}² ({r['resolution']}²) | {r['method']} | {r['ratio']:g} | {r['median_s']:.3f} "
                      f"| {r['speedup']:.2f}× | {r['speedup_paired']:.2f}× | {r['flop_ratio']:.2f}× "
-                     f"| {r['blocks_s']:.3f} | {r['rel_l2']:.4f} |")
+                     f"| {r['blocks_s']:.3f} | {r['blocks_speedup']:.2f}× |{ideal_cells(r)} {r['rel_l2']:.4f} |")
+    lines += [t for r in rows if r.get("profile") for t in
+              ("", profile_table(f"{r['method']}@{r['ratio']:g} at {r['resolution']}²", r["profile"]))]
     return "\n".join(lines)
 
 
@@ -206,10 +215,10 @@ def time_resolution(args: argparse.Namespace, res: int, config: dict, base, meta
     x = torch.randn(args.batch, 4, lat, lat, generator=g).to(device, dtype)
     e = torch.randn(args.batch, 77, config["cross_attention_dim"], generator=g).to(device, dtype)
     t = torch.tensor(500, device=device)
-    fns, outputs, flops, timers = {}, {}, {}, {}
+    fns, outputs, flops, timers, unets = {}, {}, {}, {}, {}
     for method, ratio in candidates:
         name = "sdpa" if method == "sdpa" else f"{method}@{ratio:g}"
-        unet = _patch(shared_copy(base), method, ratio, args.max_downsample, args.similarity_dtype)
+        unet = unets[name] = _patch(shared_copy(base), method, ratio, args.max_downsample, args.similarity_dtype)
         timers[name] = _BlockTimer(unet, args.max_downsample, device)
 
         def call(unet=unet, name=name):
@@ -220,9 +229,12 @@ def time_resolution(args: argparse.Namespace, res: int, config: dict, base, meta
         m = _patch(shared_copy(meta), method, ratio, args.max_downsample, args.similarity_dtype)
         xm, em, tm = x.to("meta"), e.to("meta"), t.to("meta")
         flops[name] = count_flops(lambda m=m: m(xm, tm, em))
-    print(f"\n{res}x{res} (latent {lat}x{lat}): timing {len(fns)} candidates, "
+    parts = None if args.no_ideal else _attention_ideal(unets, fns, args.max_downsample, device)
+    print(f"\n{res}x{res} (latent {lat}x{lat}): timing {len(fns)} candidates"
+          f"{'' if parts is None else f' and {len(parts.fns)} attention sizes (token-count ideal)'}, "
           f"{args.warmup} warm-up + {args.repeats} rounds")
-    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device, progress=not args.no_progress)
+    times = interleaved_times({**fns, **(parts.fns if parts else {})}, repeats=args.repeats, warmup=args.warmup,
+                              device=device, progress=not args.no_progress)
     ref_t, ref_out = median(times["sdpa"]), outputs["sdpa"]
     rows = []
     for method, ratio in candidates:
@@ -237,7 +249,46 @@ def time_resolution(args: argparse.Namespace, res: int, config: dict, base, meta
                          speedup_paired=paired, flops=flops[name],
                          flop_ratio=flops["sdpa"] / flops[name], blocks_s=median(blocks),
                          blocks_times_s=blocks, rel_l2=rel))
+    _ideal_and_profile(args, rows, times, parts, fns, device)
     return rows
+
+
+def _attention_ideal(unets: dict, fns: dict, max_downsample: int, device):
+    """The token-count ideal of the patched-level blocks (``visiontools.bench.ideal.AttentionIdeal``):
+    the attention calls of one call of each candidate (``fns``, the UNets ``unets``), timed on the
+    unpatched UNet's attention modules at those sizes."""
+    from visiontools.bench.ideal import AttentionIdeal, attention_modules, record_attention
+    from visiontools.patches.diffusers import transformer_blocks
+
+    def attns(unet):
+        return attention_modules([b for _, b, ds in transformer_blocks(unet) if ds <= max_downsample])
+    calls = {name: record_attention(fns[name], attns(unet)) for name, unet in unets.items()}
+    return AttentionIdeal(attns(unets["sdpa"]), calls, device)
+
+
+def _ideal_and_profile(args, rows: list[dict], times: dict, parts, fns: dict, device) -> None:
+    """Each row: the blocks' speed-up, the ideal's columns (with ``parts``) and, with ``--profile``, a
+    profile of the reduction steps of our candidates as they run (``visiontools.bench.profile``)."""
+    from visiontools.timing import median
+
+    base = next(r for r in rows if r["method"] == "sdpa")["blocks_s"]
+    for r in rows:
+        r["blocks_speedup"] = base / r["blocks_s"]
+    if parts is not None:
+        medians = {k: median(v) for k, v in times.items()}
+        cols = parts.columns({_name(r): r["blocks_s"] for r in rows}, "sdpa", medians)
+        for r in rows:
+            r.update(cols[_name(r)], attention_calls=parts.calls[_name(r)])
+    if args.profile:
+        from visiontools.bench.profile import profile_patched
+
+        for r in rows:
+            if r["method"] not in ("sdpa", "tomesd"):  # tomesd's own step functions are not ours to wrap
+                r["profile"] = profile_patched(fns[_name(r)], device)
+
+
+def _name(row: dict) -> str:
+    return "sdpa" if row["method"] == "sdpa" else f"{row['method']}@{row['ratio']:g}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,6 +300,9 @@ def run(args: argparse.Namespace) -> int:
     from visiontools.timing import dtype_label, machine_description, resolve_device, resolve_dtype, write_results
 
     unet_cls = require("diffusers", "`visiontools bench sd`").UNet2DConditionModel
+    if args.loop and (args.profile or args.no_ideal):
+        from visiontools.errors import UserError
+        raise UserError("--profile and --no-ideal time single calls; leave them out with --loop")
     if args.loop:  # whole denoising loops (visiontools.bench.loops)
         return loops.run_sd(args, TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG, build_unets)
     if args.threads:

@@ -233,6 +233,14 @@ def add_model_arguments(p: argparse.ArgumentParser, model: str, baseline: str, b
                    help="input size (one value for square, or H W); default: the model's own")
 
 
+def add_ideal_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """``--no-ideal`` and ``--profile``, which ``bench vit``, ``bench sd`` and ``bench dit`` share
+    (``what``: how the target measures its token-count ideal)."""
+    p.add_argument("--no-ideal", action="store_true", help=f"skip the token-count ideal ({what})")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler table of each candidate's reduction steps (operators, share of time)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench [vit]``."""
     from visiontools.timing import add_run_arguments
@@ -240,10 +248,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, DEFAULT_MODEL, "baseline", 32, "images per forward pass")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype (visiontools.timing.resolve_dtype); auto = bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--no-ideal", action="store_true",
-                   help="skip the token-count ideal (the unpatched blocks timed alone at each schedule's counts)")
-    p.add_argument("--profile", action="store_true",
-                   help="torch.profiler table of each candidate's reduction steps (operators, share of time)")
+    add_ideal_arguments(p, "the unpatched blocks timed alone at each schedule's counts")
     p.add_argument("--peer-tome", metavar="PATH", default=None,
                    help="a checkout of facebookresearch/ToMe: time the original ToMe at each r too and "
                         "compare its logits with ours")
