@@ -13,6 +13,7 @@
 #   bash scripts/gpu_bench.sh --sections vit --budget-s 60 --peer-tome /path/to/ToMe
 #   bash scripts/gpu_bench.sh --vit-ideal-only --peer-tome .peer/ToMe   # only the ViT ideal runs
 #   bash scripts/gpu_bench.sh --ideal-only        # only the ideal runs: ViT, SD, DiT
+#   bash scripts/gpu_bench.sh --ideal-only --vit-cuda-graphs   # ViT-B/16 also under torch.compile(mode="reduce-overhead")
 #   bash scripts/gpu_bench.sh --smoke --out /tmp/smoke   # tiny sizes on the CPU: checks the script
 # It runs from a checkout without installing it (patches/ and demos/ are put under visiontools), with
 # the .venv's Python when there is one, else python3. Packages missing on the GPU machine (diffusers,
@@ -46,6 +47,7 @@ def pop(flag, value=False):
 peer = pop("--peer-tome", value=True) or (".peer/ToMe" if (root / ".peer/ToMe/tome/patch/timm.py").is_file() else None)
 vit_only, ideal_only, smoke = pop("--vit-ideal-only"), pop("--ideal-only"), "--smoke" in args
 ideal_only = ideal_only or vit_only
+graphs = pop("--vit-cuda-graphs")  # compiles 3 more ViT-B variants (minutes): asked for, not by default
 out = args[args.index("--out") + 1] if "--out" in args else "docs/results/gpu"
 rc = 0 if ideal_only else main(["bench", "all", *([] if smoke or "--device" in args else ["--device", "cuda"]), *args])
 # the token-count ideal, the reduction step's profile and the original ToMe, per ViT (bf16 autocast on CUDA)
@@ -55,6 +57,7 @@ vits = ([("vit_tiny_patch16_224", ["--img-size", "64", "--batch-size", "2", "--r
          for m in ("vit_base_patch16_224", "vit_large_patch16_224")])
 for model, opts in vits:
     name = f"{out}/bench_vit_ideal_{model}"
+    opts += ["--cuda-graphs"] if graphs and not smoke and model == "vit_base_patch16_224" else []
     rc = max(rc, main(["bench", "vit", "--model", model, "--r", "8", "16", "--profile", "--no-progress", *opts,
                        *(["--peer-tome", peer] if peer else []), "--out-json", name + ".json", "--out-md", name + ".md"]))
 # the token-count ideal and --profile of the diffusion models (fp16 UNet, bf16 DiT on CUDA): OUT/bench_{sd,dit}_ideal

@@ -222,3 +222,14 @@ def test_bench_sd_and_dit_report_the_ideal_and_profile(tmp_path, capsys):
     assert main(["bench", "dit", "--loop", "--profile", "--tiny"]) == 2
     assert "visiontools: error: --profile and --no-ideal time single calls; leave them out with --loop" in \
         capsys.readouterr().err
+
+
+def test_cuda_graphs_is_refused_off_cuda_in_one_line(capsys):
+    from visiontools.cli import main
+
+    assert main(["bench", "vit", "--model", "vit_tiny_patch16_224", "--cuda-graphs", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("visiontools: error: --cuda-graphs needs a CUDA device (torch.compile's reduce-overhead "
+                           "mode captures CUDA graphs), not cpu: use --device cuda, or leave --cuda-graphs out")
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        benchmark_vit(tiny_vit(), [4], batch_size=2, repeats=1, warmup=0, progress=False, cuda_graphs=True)

@@ -16,14 +16,17 @@ DEFAULT_MODEL = "vit_base_patch16_224"
 
 def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tuple[int, int] | None = None,
                   device="cpu", dtype: torch.dtype | None = None, repeats: int = 10, warmup: int = 3,
-                  progress: bool = True, ideal: bool = True, peer_patch=None, profile: bool = False) -> dict:
+                  progress: bool = True, ideal: bool = True, peer_patch=None, profile: bool = False,
+                  cuda_graphs: bool = False) -> dict:
     """Time ``model`` unpatched and ToMe-patched at each r setting in ``rs`` (interleaved, medians)
     and count FLOPs per image. With ``ideal``, the unpatched blocks are also timed alone at each
     schedule's token counts (``visiontools.bench.ideal``), interleaved with the models: the
     token-count ideal and the overhead of the reduction step. ``peer_patch``: the original ToMe's
     ``apply_patch`` (``visiontools.bench.peer``), timed at each r too, its logits compared with ours.
     ``profile``: a ``torch.profiler`` table of each candidate's reduction steps
-    (``visiontools.bench.profile``). Returns a dict with one row per candidate."""
+    (``visiontools.bench.profile``). ``cuda_graphs`` (CUDA only): the baseline and each ToMe candidate
+    also run under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), rows named
+    ``"CUDA graphs: <name>"``. Returns a dict with one row per candidate."""
     import torch
 
     from visiontools.timing import autocast_context, interleaved_times, machine_description
@@ -31,6 +34,12 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
     device = torch.device(device)
     model = model.eval().to(device)
     candidates = _candidates(model, rs, peer_patch)
+    if cuda_graphs:
+        if device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device: torch.compile's reduce-overhead mode captures "
+                             "CUDA graphs")
+        candidates.update({GRAPHS + n: (torch.compile(m, mode="reduce-overhead"), r)
+                           for n, (m, r) in list(candidates.items()) if not n.startswith(PEER)})
     if img_size is None:
         img_size = tuple(model.patch_embed.img_size)
     x = torch.randn(batch_size, 3, *img_size, device=device)
@@ -60,7 +69,7 @@ def benchmark_vit(model: torch.nn.Module, rs, batch_size: int = 32, img_size: tu
         from visiontools.bench.profile import profile_reduction
 
         for name, tok in tokens.items():
-            if name.startswith("ToMe "):
+            if name.startswith("ToMe "):  # not the original ToMe's rows, nor the compiled copies
                 profiles[name] = profile_reduction(tok, batch_size, model.embed_dim, model.num_prefix_tokens,
                                                    device, dtype, metric_width=_head_dim(model))
     return {
@@ -76,6 +85,14 @@ BASELINE = "timm (fused SDPA)"
 
 
 PEER = "original ToMe"
+#: The prefix of the rows compiled with ``torch.compile(mode="reduce-overhead")`` (``--cuda-graphs``).
+GRAPHS = "CUDA graphs: "
+
+
+def _twin(name: str) -> str:
+    """The eager ToMe row whose token counts a row shares (the original ToMe's, a compiled copy's)."""
+    name = name.removeprefix(GRAPHS)
+    return name.replace(PEER, "ToMe", 1) if name.startswith(PEER) else name
 
 
 def _candidates(model, rs, peer_patch=None) -> dict:
@@ -137,11 +154,11 @@ def _tokens_per_layer(candidates: dict, x1) -> dict[str, list[int]]:
     tokens = {}
     with torch.inference_mode():
         for name, (m, r) in candidates.items():
-            if r is not None and not name.startswith(PEER):
+            if r is not None and _twin(name) == name:
                 tokens[name] = list(tome_forward(m, x1)[1].tokens_per_layer)
     for name, (m, r) in candidates.items():
-        if name.startswith(PEER):  # the same r gives the same counts: the ideal is shared
-            tokens[name] = tokens[name.replace(PEER, "ToMe", 1)]
+        if r is not None and _twin(name) != name:  # the same r gives the same counts: the ideal is shared
+            tokens[name] = tokens[_twin(name)]
     if tokens:
         n0 = next(iter(tokens.values()))[0]
         tokens = {BASELINE: [n0] * len(next(iter(tokens.values()))), **tokens}
@@ -156,7 +173,7 @@ def _rows(candidates: dict, times: dict, tokens: dict, parts, batch_size: int, c
     medians = {k: median(v) for k, v in times.items()}
     base_t, base_flops, rows = medians[BASELINE], None, []
     for name, (m, r) in candidates.items():
-        flops = count_flops(lambda: call_one(m))
+        flops = count_flops(lambda: call_one(getattr(m, "_orig_mod", m)))  # a compiled copy: its module
         base_flops = base_flops or flops
         t, tok = medians[name], tokens.get(name) if r is not None else None
         speedup, flop_ratio = base_t / t, base_flops / flops
@@ -164,7 +181,9 @@ def _rows(candidates: dict, times: dict, tokens: dict, parts, batch_size: int, c
                "median_s": t, "img_per_s": batch_size / t,
                "speedup": speedup, "gflops_per_img": flops / 1e9, "flop_ratio": flop_ratio,
                "measured_over_ideal": speedup / flop_ratio, "times_s": times[name]}
-        if parts is not None:
+        if name.startswith(GRAPHS):  # against the compiled baseline; the ideal is the eager blocks'
+            row["speedup_vs_compiled_baseline"] = medians[GRAPHS + BASELINE] / t
+        elif parts is not None:
             sched = tokens[name]
             ideal_s = parts.ideal(base_t, tokens[BASELINE], sched, medians)
             merging = sum(1 for a, b in zip(sched, sched[1:]) if b < a)
@@ -202,6 +221,8 @@ def _notes(result: dict) -> list[str]:
     out += [f"- {row['name']}: ours runs {row['ours_over_peer']:.2f}x its speed; logits max abs diff "
             f"{row['peer_max_abs_diff']:.1e} (relative {row['peer_rel_diff']:.1e}), top-1 "
             f"{'agrees' if row['peer_top1_agree'] else 'DISAGREES'}" for row in result["rows"] if "ours_over_peer" in row]
+    out += [f"- {row['name']}: {row['speedup_vs_compiled_baseline']:.2f}x the compiled baseline "
+            f"({GRAPHS}{BASELINE})" for row in result["rows"] if "speedup_vs_compiled_baseline" in row]
     out += [t for name, prof in result.get("profiles", {}).items() for t in ("", profile_table(name, prof))]
     return [""] + out if out else []
 
@@ -252,6 +273,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer-tome", metavar="PATH", default=None,
                    help="a checkout of facebookresearch/ToMe: time the original ToMe at each r too and "
                         "compare its logits with ours")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: also time the baseline and each ToMe candidate under "
+                        "torch.compile(mode='reduce-overhead') (CUDA graphs)")
     add_run_arguments(p)
 
 
@@ -278,6 +302,10 @@ def run(args: argparse.Namespace) -> int:
         from visiontools.errors import UserError
         raise UserError("--batch-size and --repeats must be >= 1 and --warmup >= 0")
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        from visiontools.errors import UserError
+        raise UserError(f"--cuda-graphs needs a CUDA device (torch.compile's reduce-overhead mode captures CUDA "
+                        f"graphs), not {device}: use --device cuda, or leave --cuda-graphs out")
     dtype = resolve_dtype(args.dtype, device)
     img = None if args.img_size is None else (tuple(args.img_size) * 2)[:2]
     peer = None
@@ -287,11 +315,13 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     result = benchmark_vit(model, args.r, args.batch_size, img, device, dtype, args.repeats, args.warmup,
                            progress=not args.no_progress, ideal=not args.no_ideal, peer_patch=peer,
-                           profile=args.profile)
+                           profile=args.profile, cuda_graphs=args.cuda_graphs)
     result["model"] = args.model
     for row in result["rows"][1:]:  # label each ToMe row with the r its blocks applied
-        prefix = PEER if row["name"].startswith(PEER) else "ToMe"
-        row["name"] = f"{prefix} {applied_label(row['r'], row['tokens_per_layer'])}"
+        if row["r"] is not None:
+            graphs = GRAPHS if row["name"].startswith(GRAPHS) else ""
+            prefix = PEER if row["name"].removeprefix(graphs).startswith(PEER) else "ToMe"
+            row["name"] = f"{graphs}{prefix} {applied_label(row['r'], row['tokens_per_layer'])}"
     write_results(args, markdown_table(result, args.model), result)
     note = busy_machine_note([row["speedup"] for row in result["rows"][1:]], device)
     if note:
