@@ -1,0 +1,87 @@
+"""Proportional attention (ToMe's ``log(size)`` added to the attention logits) on three kernels, timed
+interleaved in one process at one shape, against today's path (issue 46):
+
+- ``sdpa (B,1,1,N) mask``: today's path (``patches/timm.py``: ``size_bias`` as SDPA's additive mask);
+- ``sdpa aligned mask``: the mask built once per block as ``(B, 1, N, N_pad)`` with ``N_pad`` a multiple
+  of 16, passed as its ``[..., :N]`` view (aligned rows, as the CUDA memory-efficient kernel wants them);
+  timed with its construction (once per block is once per call here) and without it;
+- ``flex_attention``: ``torch.nn.attention.flex_attention`` with a ``score_mod`` adding ``log(size)`` of
+  the key, compiled (``torch.compile``; its compile time is printed) and eager;
+- ``sdpa, no mask``: a lower bound, not exact (sizes ignored).
+
+Each output is checked against today's path (largest absolute difference). Usage::
+
+    python scripts/prop_attn_kernels.py --batch 1 --heads 6 --tokens 197 --threads 1 --repeats 30
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from visiontools.timing import interleaved_times, machine_description, median
+
+
+def kernels(q, k, v, size) -> dict:
+    """name -> zero-argument call of every variant on ``q, k, v`` ``(B, H, N, D)`` and sizes ``(B, N, 1)``."""
+    B, N = size.shape[:2]
+    bias = size.log().view(B, 1, 1, N)
+    pad = (N + 15) // 16 * 16
+
+    def aligned_mask():
+        m = q.new_zeros(B, 1, N, pad)
+        m[..., :N] = bias
+        return m[..., :N]
+    prebuilt = aligned_mask()
+    fns = {"sdpa (B,1,1,N) mask (today)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+           "sdpa aligned mask, built": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=aligned_mask()),
+           "sdpa aligned mask, prebuilt": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=prebuilt),
+           "sdpa, no mask (not exact)": lambda: F.scaled_dot_product_attention(q, k, v)}
+    from torch.nn.attention.flex_attention import flex_attention
+
+    log_size = size.log().view(B, N)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + log_size[b, kv_idx]
+    compiled = torch.compile(flex_attention, dynamic=False)
+    t0 = time.perf_counter()
+    compiled(q, k, v, score_mod=score_mod)
+    print(f"flex_attention compile: {time.perf_counter() - t0:.1f} s")
+    fns["flex_attention, compiled"] = lambda: compiled(q, k, v, score_mod=score_mod)
+    fns["flex_attention, eager"] = lambda: flex_attention(q, k, v, score_mod=score_mod)
+    return fns
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--tokens", type=int, default=197)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(args.batch, args.heads, args.tokens, args.head_dim, generator=g) for _ in range(3))
+    size = torch.randint(1, 5, (args.batch, args.tokens, 1), generator=g).float()
+    fns = kernels(q, k, v, size)
+    today = "sdpa (B,1,1,N) mask (today)"
+    with torch.inference_mode():
+        ref = fns[today]()
+        diffs = {name: (fn() - ref).abs().max().item() for name, fn in fns.items()}
+    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup)
+    base = median(times[today])
+    print(f"B={args.batch} H={args.heads} N={args.tokens} D={args.head_dim}, float32, {args.warmup} warm-up + "
+          f"{args.repeats} interleaved rounds; {machine_description('cpu')}\n")
+    print("| kernel | median ms | speed vs today | max abs diff to today |\n|---|---:|---:|---:|")
+    for name, t in times.items():
+        print(f"| {name} | {median(t) * 1e3:.3f} | {base / median(t):.2f}x | {diffs[name]:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
