@@ -222,7 +222,8 @@ def _notes(result: dict) -> list[str]:
             f"{row['peer_max_abs_diff']:.1e} (relative {row['peer_rel_diff']:.1e}), top-1 "
             f"{'agrees' if row['peer_top1_agree'] else 'DISAGREES'}" for row in result["rows"] if "ours_over_peer" in row]
     out += [f"- {row['name']}: {row['speedup_vs_compiled_baseline']:.2f}x the compiled baseline "
-            f"({GRAPHS}{BASELINE})" for row in result["rows"] if "speedup_vs_compiled_baseline" in row]
+            f"({GRAPHS}{BASELINE})" for row in result["rows"]
+            if "speedup_vs_compiled_baseline" in row and row["r"] is not None]
     out += [t for name, prof in result.get("profiles", {}).items() for t in ("", profile_table(name, prof))]
     return [""] + out if out else []
 
