@@ -426,8 +426,10 @@ def patch_for_training(model: torch.nn.Module, tome: dict | None) -> None:
         kwargs["r"] = parse_r_text(tome["r"])
     try:
         visiontools.apply_tome(model, **kwargs)
-    except (TypeError, ValueError) as e:
+    except TypeError as e:  # a model ToMe cannot patch (LSH, reversible)
         raise UserError(f"the tome: section cannot be used with this model: {e}; remove the tome: setting") from None
+    except ValueError as e:  # a setting this model cannot run (an unreachable budget, a method it lacks)
+        raise UserError(f"tome: {e}") from None
 
 
 def trained_tome(model: torch.nn.Module, tome: dict) -> dict:
@@ -664,7 +666,8 @@ def plot_curve(history: list[dict], path: Path, title: str, tome: str | None = N
     acc.plot([r["epoch"] for r in tested], [r["test_top1"] for r in tested], "s-",
              label=f"test{weights}" + (", unpatched" if tome else ""))
     if tome:
-        acc.plot([r["epoch"] for r in tested], [r["test_top1_tome"] for r in tested], "^-", label=f"test at {tome}")
+        merged = [r for r in tested if "test_top1_tome" in r]  # a run resumed with tome: added has epochs without
+        acc.plot([r["epoch"] for r in merged], [r["test_top1_tome"] for r in merged], "^-", label=f"test at {tome}")
     acc.set(xlabel="epoch", ylabel="top-1 %", title=title)
     acc.grid(alpha=0.3)
     acc.legend()

@@ -179,8 +179,15 @@ def _apply_trained_tome(model: torch.nn.Module, desc: dict, tome) -> None:
     from visiontools.tome.r_text import parse_r_text
 
     t = desc["tome"]
-    visiontools.apply_tome(model, r=parse_r_text(t["r"]), method=t.get("method", "tome"),
-                           prop_attn=t.get("prop_attn", True))
+    r = parse_r_text(t["r"])
+    if hasattr(model, "blocks") and hasattr(getattr(model, "patch_embed", None), "num_patches"):
+        from visiontools.tome.merge import applied_schedule, parse_r
+
+        # the schedule training ran: r capped where a block had too few tokens (no cap warning per load)
+        prefix = getattr(model, "num_prefix_tokens", 0)
+        capped = applied_schedule(r, len(model.blocks), model.patch_embed.num_patches + prefix, prefix)
+        r = capped if capped != parse_r(len(model.blocks), r) else r
+    visiontools.apply_tome(model, r=r, method=t.get("method", "tome"), prop_attn=t.get("prop_attn", True))
 
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,

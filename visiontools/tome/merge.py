@@ -92,6 +92,16 @@ def max_r(r: int, num_tokens: int, num_protected: int = 0) -> int:
     return min(int(r), (num_tokens - num_protected) // 2)
 
 
+def applied_schedule(r: RSchedule, num_layers: int, num_tokens: int, num_protected: int = 0) -> list[int]:
+    """The r each of ``num_layers`` blocks applies to ``num_tokens`` tokens entering the first: the
+    requested :func:`parse_r` schedule, each block's r capped by :func:`max_r` at the tokens it sees."""
+    out = []
+    for requested in parse_r(num_layers, r):
+        out.append(max_r(requested, num_tokens, num_protected))
+        num_tokens -= out[-1]
+    return out
+
+
 def match(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The matching rule shared by ToMe and ToMe-SD: each token of ``a`` ``(B, Na, C)`` picks its most
     similar token of ``b`` (dot product; pass normalised vectors for cosine), and the ``r`` best
