@@ -12,6 +12,7 @@ interleaved in one process at one shape, against today's path (issue 46):
 Each output is checked against today's path (largest absolute difference). Usage::
 
     python scripts/prop_attn_kernels.py --batch 1 --heads 6 --tokens 197 --threads 1 --repeats 30
+    python scripts/prop_attn_kernels.py --device cuda --dtype bf16 --batch 256 --heads 12 --tokens 133
 """
 from __future__ import annotations
 
@@ -63,20 +64,25 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="q, k, v and mask dtype")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(args.batch, args.heads, args.tokens, args.head_dim, generator=g) for _ in range(3))
-    size = torch.randint(1, 5, (args.batch, args.tokens, 1), generator=g).float()
+    q, k, v = (torch.randn(args.batch, args.heads, args.tokens, args.head_dim, generator=g).to(device, dtype)
+               for _ in range(3))
+    size = torch.randint(1, 5, (args.batch, args.tokens, 1), generator=g).to(device, dtype)
     fns = kernels(q, k, v, size)
     today = "sdpa (B,1,1,N) mask (today)"
     with torch.inference_mode():
         ref = fns[today]()
-        diffs = {name: (fn() - ref).abs().max().item() for name, fn in fns.items()}
-    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup)
+        diffs = {name: (fn() - ref).float().abs().max().item() for name, fn in fns.items()}
+    times = interleaved_times(fns, repeats=args.repeats, warmup=args.warmup, device=device)
     base = median(times[today])
-    print(f"B={args.batch} H={args.heads} N={args.tokens} D={args.head_dim}, float32, {args.warmup} warm-up + "
-          f"{args.repeats} interleaved rounds; {machine_description('cpu')}\n")
+    print(f"B={args.batch} H={args.heads} N={args.tokens} D={args.head_dim}, {args.dtype}, {args.warmup} warm-up + "
+          f"{args.repeats} interleaved rounds; {machine_description(device)}\n")
     print("| kernel | median ms | speed vs today | max abs diff to today |\n|---|---:|---:|---:|")
     for name, t in times.items():
         print(f"| {name} | {median(t) * 1e3:.3f} | {base / median(t):.2f}x | {diffs[name]:.1e} |")

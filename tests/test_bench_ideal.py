@@ -233,3 +233,26 @@ def test_cuda_graphs_is_refused_off_cuda_in_one_line(capsys):
                            "mode captures CUDA graphs), not cpu: use --device cuda, or leave --cuda-graphs out")
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         benchmark_vit(tiny_vit(), [4], batch_size=2, repeats=1, warmup=0, progress=False, cuda_graphs=True)
+
+
+def test_proportional_attention_kernels_agree_with_todays_path():
+    """scripts/prop_attn_kernels.py: the aligned mask is today's path bit for bit, flex_attention's
+    log(size) score_mod within float32 rounding, and leaving the mask out is not exact."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts/prop_attn_kernels.py"
+    spec = importlib.util.spec_from_file_location("prop_attn_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 21, 16, generator=g) for _ in range(3))
+    size = torch.randint(1, 5, (2, 21, 1), generator=g).float()
+    fns = mod.kernels(q, k, v, size)
+    with torch.inference_mode():
+        ref = fns["sdpa (B,1,1,N) mask (today)"]()
+        out = {name: fn() for name, fn in fns.items()}
+    assert torch.equal(out["sdpa aligned mask, built"], ref) and torch.equal(out["sdpa aligned mask, prebuilt"], ref)
+    for name in ("flex_attention, compiled", "flex_attention, eager"):
+        torch.testing.assert_close(out[name], ref, atol=1e-5, rtol=1e-5)
+    assert (out["sdpa, no mask (not exact)"] - ref).abs().max() > 1e-2
