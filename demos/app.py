@@ -40,7 +40,8 @@ def check_port_free(host: str, port: int) -> None:
 
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.bind((host, port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it: a port in
+            s.bind((host, port))                                      # TIME_WAIT after a restart is free
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass another --port N "
                         "(or set GRADIO_SERVER_PORT=N) or --host") from None

@@ -102,6 +102,29 @@ def test_demo_busy_port_is_one_line_before_any_model_loads(capsys, monkeypatch):
                        f"cannot serve on 127.0.0.1:{port}", "--port")
 
 
+def test_a_port_left_in_time_wait_by_a_stopped_demo_is_free():
+    """A demo restarted on its port: the old server's connections wait in TIME_WAIT there, which the new
+    server (it sets SO_REUSEADDR, as uvicorn does) may bind; the port check must not refuse it."""
+    import time
+
+    from visiontools.demos.app import check_port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()      # the server side closes first: its end of the connection goes to TIME_WAIT
+    server.close()
+    client.close()
+    time.sleep(0.2)
+    with pytest.raises(OSError), socket.socket() as plain:  # a bind without SO_REUSEADDR is refused
+        plain.bind(("127.0.0.1", port))
+    check_port_free("127.0.0.1", port)
+
+
 def test_python_m_demos_app_is_the_demo_command_with_its_one_line_errors(capsys):
     """``python -m visiontools.demos.app`` on a busy port: the CLI's one line and status 2, no traceback."""
     import visiontools.demos.app as app

@@ -186,11 +186,11 @@ def test_the_index_lists_every_page_and_one_line_per_host():
 
 # ----------------------------------------------------------------------------- no build-machine paths
 
-# A path of the machines this project was built on (/work/..., /root/..., a lock file under /tmp, the `flock`
-# that serialised heavy jobs there) means nothing to a user; a path after a word character or a dot is part
-# of a URL or a relative path, not an absolute one.
+# A path of the machines this project was built on (/work/..., /root/..., its wip-* scratch folders, a lock
+# file under /tmp, the `flock` that serialised heavy jobs there) means nothing to a user; a path after a word
+# character or a dot is part of a URL or a relative path, not an absolute one.
 BUILD_MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|root|mnt|scratch|home/\w+|opt/pypi\S*)(?:/|\b)"
-                                r"|(?<![\w.~-])/tmp/\S*\.lock\b|\bflock\b")
+                                r"|(?<![\w.~-])/tmp/\S*\.lock\b|\bflock\b|\bwip-\w+")  # and its scratch folders
 USER_FACING = ["README.md", "CHANGELOG.md", "mkdocs.yml", "docs/**/*.md", "docs/**/*.json", "docs/**/*.yaml",
                "configs/*", "visiontools/checkpoints/*.json", "visiontools/checkpoints/*.yaml",
                "visiontools/checkpoints/*.md", "visiontools/checkpoints/*.jsonl", "visiontools/assets/*.md"]
@@ -209,5 +209,6 @@ def test_no_user_facing_file_names_a_build_machine_path():
     # what the pattern catches, and what it leaves alone
     assert build_machine_paths("run it under `flock /work/heavy.lock visiontools train`")
     assert build_machine_paths("data_dir: /root/data") and build_machine_paths("see /tmp/vt-heavy.lock")
+    assert build_machine_paths('"out_dir": "wip-cct-run/run"')
     assert not build_machine_paths("data_dir: ../shared/datasets/cifar10, ~/.cache/visiontools, /tmp/vt-site, "
                                    "https://github.com/org/work/root/x")

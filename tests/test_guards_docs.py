@@ -70,8 +70,8 @@ def test_flux_kontext_style_reference_tokens_are_refused_in_one_line(mode):
 
 
 def test_a_dit_with_a_custom_processor_is_refused_with_a_type_error():
-    """A processor other than diffusers' defaults (a custom one, an IP-Adapter's) is refused, naming the
-    attention, its processor and the fix; nothing is patched."""
+    """A processor other than diffusers' defaults and their IP-Adapter processors (a custom one) is
+    refused, naming the attention, its processor and the fix; nothing is patched."""
     class Custom(AttnProcessor2_0):
         pass
 

@@ -134,6 +134,9 @@ def test_the_checkpoint_records_r_and_load_applies_it(tmp_path, datasets_dir):
     assert default_rs(Namespace(model=None, checkpoint=str(out))) == [0, [6, 4]]
     assert default_rs(Namespace(model=None, checkpoint=None)) == [0, 4, 8]  # cifar10_cct's card: r=8
     assert recommended_r("vit_tiny_patch16_224") == 8  # a timm name: the default checkpoint's choice
+    for name in (out, "cifar10_vit", "vit_tiny_patch16_224"):  # a bad tome= is refused for every model
+        with pytest.raises(ValueError, match=r"^tome must be 'auto' .* or False, got True$"):
+            load(name, tome=True)
     from visiontools.demos.model_cache import _load_checkpoint
 
     dm = _load_checkpoint(str(out))  # the demo opens at the trained r, on an unpatched cached model

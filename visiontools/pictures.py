@@ -26,7 +26,7 @@ def picture_scale(model: torch.nn.Module, min_grid: int = MIN_PICTURE_GRID) -> i
     """The integer factor ``k`` by which :func:`picture_model` enlarges ``model``'s input: the smallest
     that gives at least ``min_grid`` patches a side (1 when the grid is that large already, when
     ``min_grid`` is 0, or when the model cannot take another input size: only timm
-    ``VisionTransformer`` s with a learned or no position embedding can)."""
+    ``VisionTransformer`` models with a learned or no position embedding can)."""
     from timm.models.vision_transformer import VisionTransformer
 
     if min_grid < 0:

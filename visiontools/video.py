@@ -440,7 +440,7 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
     info = probe_video(src, max_pixels)
     if getattr(model.patch_embed, "dynamic_img_size", False):
         raise VideoInputError("models with a dynamic image size are not supported: the merge map needs a fixed patch grid")
-    base, tome, k = _picture_models(base, tome, r, depth, min_grid)
+    base, tome, scale = _picture_models(base, tome, r, depth, min_grid)
     input_size = tuple(base.patch_embed.img_size)
     grid = tuple(base.patch_embed.grid_size)
     P = base.num_prefix_tokens
@@ -449,7 +449,7 @@ def annotate_video(model: torch.nn.Module, src, dst, r=8, *, mean=(0.5, 0.5, 0.5
     if total is not None and max_frames is not None:
         total = min(total, max_frames)
     display = display_size(info.width, info.height, out_height)
-    result = VideoResult(str(dst), 0, info, (0, 0), CODECS[dst.suffix.lower()], block, [], grid=grid, scale=k,
+    result = VideoResult(str(dst), 0, info, (0, 0), CODECS[dst.suffix.lower()], block, [], grid=grid, scale=scale,
                          input_size=input_size, sources=[] if keep_sources else None,
                          texts=[] if keep_sources else None)
     bar = None

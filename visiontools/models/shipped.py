@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
-from visiontools.defaults import DEFAULT_ARCHITECTURE, DEFAULT_CHECKPOINT  # noqa: F401 (re-exported)
+from visiontools.defaults import CHECKPOINT_DIR, DEFAULT_ARCHITECTURE, DEFAULT_CHECKPOINT  # noqa: F401 (re-exported)
 from visiontools.errors import UserError, did_you_mean
 from visiontools.models.checkpoint import META_KEY, read_checkpoint  # META_KEY: metadata entry holding the model description
 from visiontools.models.registry import create_model, is_registered_here
 
-CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED = {
     "cifar10_cct": CHECKPOINT_DIR / "cifar10_cct.safetensors",  # cct_vit_cifar: the default
     "cifar10_cct_tome": CHECKPOINT_DIR / "cifar10_cct_tome.safetensors",  # cifar10_cct fine-tuned at ToMe r=13
@@ -173,8 +172,6 @@ def _apply_trained_tome(model: torch.nn.Module, desc: dict, tome) -> None:
     """``load``'s ``tome``: apply the setting the checkpoint was trained with (``"auto"``), or none (``False``)."""
     if tome is False or not desc.get("tome"):
         return
-    if tome != "auto":
-        raise ValueError(f"tome must be 'auto' (apply the setting the checkpoint was trained with) or False, got {tome!r}")
     import visiontools
     from visiontools.tome.r_text import parse_r_text
 
@@ -211,6 +208,8 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dt
     (a missing file: ``FileNotFoundError``)."""
     from visiontools.timing import resolve_dtype
 
+    if tome is not False and tome != "auto":  # checked for every model, not only checkpoints trained with ToMe
+        raise ValueError(f"tome must be 'auto' (apply the setting the checkpoint was trained with) or False, got {tome!r}")
     dtype = resolve_dtype(dtype, device)
     text = str(name_or_path).strip()
     if is_checkpoint(text):
