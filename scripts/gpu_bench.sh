@@ -7,7 +7,7 @@
 # .peer/ToMe (carry it with the working tree; never commit it), the original ToMe in the same run:
 # OUT/bench_vit_ideal_<model>.{json,md}. Then `bench sd` (SD 1.5 UNet at 1024² and 2048²: tomesd when installed,
 # merge, downsample) and `bench dit` (Flux and SD3 blocks at 1024²) with their token-count ideal and --profile:
-# OUT/bench_{sd,dit}_ideal.{json,md}. Then proportional attention on three kernels (scripts/prop_attn_kernels.py,
+# OUT/bench_{sd,dit}_ideal.{json,md}. Then proportional attention on several kernels (scripts/prop_attn_kernels.py,
 # ViT-B/16 shapes at batch 256): OUT/prop_attn_kernels.md. Then whole denoising loops (step caches beside ToMe: `bench sd --loop`
 # at 512² and 1024², `bench dit --loop` on Flux and SD3 blocks at 1024²): OUT/bench_loops_{sd,dit}.{json,md}. Usage:
 #   bash scripts/gpu_bench.sh                     # all sections, --budget-s 420, then the ViT ideal runs
@@ -80,7 +80,7 @@ for target, *opts in ([] if vit_only else diffusion_ideal):
     name = f"{out}/bench_{target}_ideal"
     rc = max(rc, main(["bench", target, "--profile", "--no-progress", *opts, "--out-json", name + ".json",
                        "--out-md", name + ".md"]))
-# proportional attention on three kernels (scripts/prop_attn_kernels.py), ViT-B/16 shapes: OUT/prop_attn_kernels.md
+# proportional attention on several kernels (scripts/prop_attn_kernels.py), ViT-B/16 shapes: OUT/prop_attn_kernels.md
 import contextlib, importlib.util as iu
 spec = iu.spec_from_file_location("prop_attn_kernels", root / "scripts/prop_attn_kernels.py")
 kernels = iu.module_from_spec(spec)

@@ -1,4 +1,4 @@
-"""Proportional attention (ToMe's ``log(size)`` added to the attention logits) on three kernels, timed
+"""Proportional attention (ToMe's ``log(size)`` added to the attention logits) on several kernels, timed
 interleaved in one process at one shape, against today's path (issue 46):
 
 - ``sdpa (B,1,1,N) mask``: today's path (``patches/timm.py``: ``size_bias`` as SDPA's additive mask);
@@ -7,6 +7,10 @@ interleaved in one process at one shape, against today's path (issue 46):
   timed with its construction (once per block is once per call here) and without it;
 - ``flex_attention``: ``torch.nn.attention.flex_attention`` with a ``score_mod`` adding ``log(size)`` of
   the key, compiled (``torch.compile``; its compile time is printed) and eager;
+- ``sdpa, log(size) as an extra q/k channel``: no mask at all, so any fused kernel may run: q gets
+  8 more channels ``[1, 0, ...]``, k gets ``[log(size) / scale, 0, ...]`` and v 8 zero channels (head
+  widths stay multiples of 8), so that ``scale * q'k'`` is ``scale * qk + log(size)``; the output's
+  first D channels are kept;
 - ``sdpa, no mask``: a lower bound, not exact (sizes ignored).
 
 Each output is checked against today's path (largest absolute difference). Usage::
@@ -36,9 +40,19 @@ def kernels(q, k, v, size) -> dict:
         m[..., :N] = bias
         return m[..., :N]
     prebuilt = aligned_mask()
+    D, scale = q.shape[-1], q.shape[-1] ** -0.5
+
+    def folded():
+        one = q.new_zeros(*q.shape[:3], 8)
+        one[..., 0] = 1
+        logs = k.new_zeros(*k.shape[:3], 8)
+        logs[..., 0] = (size.log() / scale).view(B, 1, N)
+        q2, k2, v2 = torch.cat([q, one], -1), torch.cat([k, logs], -1), torch.cat([v, torch.zeros_like(one)], -1)
+        return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :D]
     fns = {"sdpa (B,1,1,N) mask (today)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
            "sdpa aligned mask, built": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=aligned_mask()),
            "sdpa aligned mask, prebuilt": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=prebuilt),
+           "sdpa, log(size) as an extra q/k channel": folded,
            "sdpa, no mask (not exact)": lambda: F.scaled_dot_product_attention(q, k, v)}
     from torch.nn.attention.flex_attention import flex_attention
 

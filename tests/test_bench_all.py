@@ -53,7 +53,7 @@ def test_the_gpu_script_runs_every_section_in_smoke_mode(tmp_path):
         # one round on a busy machine: the ideal's value is noise here, its presence is what is checked
         assert len(ours) == 1 and isinstance(ours[0]["ideal_speedup"], float) and ours[0]["profile"]["steps"] > 0
         assert all("share_of_ideal" in r and r["attention_calls"] for r in rows)
-    kernels = (tmp_path / "prop_attn_kernels.md").read_text()  # and proportional attention on three kernels
+    kernels = (tmp_path / "prop_attn_kernels.md").read_text()  # and proportional attention on several kernels
     assert "| flex_attention, compiled |" in kernels and "failed" not in kernels
     assert {r["candidate"] for r in out["sections"]["hyena"]["rows"]} == {"sdpa", "hyena"}
     assert {r["candidate"] for r in out["sections"]["lsh"]["rows"]} == {"sdpa", "lsh"}

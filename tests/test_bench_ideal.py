@@ -253,6 +253,6 @@ def test_proportional_attention_kernels_agree_with_todays_path():
         ref = fns["sdpa (B,1,1,N) mask (today)"]()
         out = {name: fn() for name, fn in fns.items()}
     assert torch.equal(out["sdpa aligned mask, built"], ref) and torch.equal(out["sdpa aligned mask, prebuilt"], ref)
-    for name in ("flex_attention, compiled", "flex_attention, eager"):
+    for name in ("flex_attention, compiled", "flex_attention, eager", "sdpa, log(size) as an extra q/k channel"):
         torch.testing.assert_close(out[name], ref, atol=1e-5, rtol=1e-5)
     assert (out["sdpa, no mask (not exact)"] - ref).abs().max() > 1e-2
