@@ -4,7 +4,7 @@
 # command may run 10 minutes at most, run `--all-only` and `--ideal-only` as two commands). Writes docs/results/gpu/bench_all.{json,md} (machine named), saving after every
 # measurement, so whatever finished is kept. Then `bench vit` on ViT-B/16 and ViT-L/16 (batch 256,
 # r=8 and r=16) with the token-count ideal, --profile and, when a ToMe checkout is given or lies in
-# .peer/ToMe (carry it with the working tree; never commit it), the original ToMe in the same run:
+# .peer/ToMe (git-ignored; never commit it), the original ToMe in the same run:
 # OUT/bench_vit_ideal_<model>.{json,md}. Then `bench sd` (SD 1.5 UNet at 1024² and 2048²: tomesd when installed,
 # merge, downsample) and `bench dit` (Flux and SD3 blocks at 1024²) with their token-count ideal and --profile:
 # OUT/bench_{sd,dit}_ideal.{json,md}. Then proportional attention on several kernels (scripts/prop_attn_kernels.py,

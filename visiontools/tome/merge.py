@@ -176,7 +176,7 @@ def merge_wavg(m: Merge, x: torch.Tensor, size: torch.Tensor | None = None) -> t
     return x / size, size
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # a schedule uses one entry per block and batch size
 def _step_tables(B: int, N: int, P: int, r: int, device: str, dtype: torch.dtype):
     """Constant index tensors of one merge step (a pure memo of its shapes, never of data): the flat
     rows ``b * N + position`` of the unprotected A tokens ``(B, n_a - pa)``, of the protected tokens
@@ -275,7 +275,7 @@ def unmerge(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def size_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention: ``log(size)`` as an additive attention mask ``(B, 1, 1, N)``."""
-    return size.log().view(size.shape[0], 1, 1, size.shape[1])
+    return size.log().reshape(size.shape[0], 1, 1, size.shape[1])
 
 
 def merge_dst(m: Merge, x: torch.Tensor) -> torch.Tensor:
