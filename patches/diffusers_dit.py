@@ -232,10 +232,10 @@ class ToMeDiTAttnProcessor:
             streams.insert(0 if self.layout in ("txt_first", "single") else 1, (qt, kt, vt))
         outs = _attend(*zip(*streams))
         i_img = 1 if self.layout in ("txt_first", "single") else 0
-        pre, post = (None, None) if raw is None else self._image_prompt(attn, raw, ip)
+        pre, post = (None, None) if raw is None else self._image_prompt(attn, img, raw, ip)
         return self._finish(attn, outs[i_img], outs[1 - i_img] if len(outs) == 2 else None, plan, pre, post)
 
-    def _image_prompt(self, attn, raw, ip):
+    def _image_prompt(self, attn, img, raw, ip):
         """An IP-Adapter's image-prompt attention (:class:`ToMeDiTIPAdapterAttnProcessor`); none here."""
         return None, None
 
@@ -269,10 +269,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class ToMeDiTIPAdapterAttnProcessor(ToMeDiTAttnProcessor):
     """Around diffusers' IP-Adapter processors for SD3 (``SD3IPAdapterJointAttnProcessor2_0``) and Flux
     (``FluxIPAdapterAttnProcessor``): ToMe's attention as :class:`ToMeDiTAttnProcessor`, plus the adapter's
-    image-prompt attention computed as theirs does, with the adapter's own weights, for the image tokens this
-    attention used: merged queries (unmerged with the rest) in merge mode, all queries in downsample mode (and
-    under Flux's ``rope="rotate"``); SD3's adapter also attends to the image keys/values, merged or downsampled
-    as the attention's. Ratio 0, or a call with no image prompt, runs their processor as it is."""
+    image-prompt attention computed as theirs does, with the adapter's own weights. Flux's adapter is a
+    cross-attention from the image queries to the image prompt, run for every image token as theirs (as a UNet's
+    cross-attention without ``merge_crossattn``: in merge mode that costs one query projection of all tokens).
+    SD3's attends to the image tokens and the image prompt inside the joint attention, so it runs on the tokens
+    that attention uses: merged (and unmerged with the rest) in merge mode, all queries and downsampled
+    keys/values in downsample mode. Ratio 0, or a call with no image prompt, runs their processor as it is."""
 
     def __init__(self, inner=None, state=None, slot=None, layout: str = "", name: str = ""):
         super().__init__(inner, state, slot, layout, name)
@@ -287,9 +289,10 @@ class ToMeDiTIPAdapterAttnProcessor(ToMeDiTAttnProcessor):
         ip = {k: v for k, v in given.items() if v is not None and k in self.takes}
         return self._attention(attn, hidden_states, encoder_hidden_states, attention_mask, kwargs, ip)
 
-    def _image_prompt(self, attn, raw, ip):
+    def _image_prompt(self, attn, img, raw, ip):
         """``(pre, post)`` of :meth:`ToMeDiTAttnProcessor._finish`: SD3's image-prompt attention (added
-        before the output projection, times the adapter's scale), or Flux's (returned third)."""
+        before the output projection, times the adapter's scale), or Flux's for all of the image tokens ``img``
+        (returned third)."""
         inner, states = self.inner, ip["ip_hidden_states"]
         if hasattr(inner, "norm_ip"):  # SD3: queries attend to the image tokens and the image prompt
             if inner.scale == 0:
@@ -301,6 +304,8 @@ class ToMeDiTIPAdapterAttnProcessor(ToMeDiTAttnProcessor):
         if self.layout != "txt_first":  # Flux's adapter acts in double-stream blocks only, as theirs
             return None, None
         q, out = raw["qn"], None
+        if q.shape[1] != img.shape[1]:  # merged queries: the adapter's queries are those of all tokens
+            q = _project(attn, img, "q")
         for prompt, scale, to_k, to_v in zip(states, inner.scale, inner.to_k_ip, inner.to_v_ip):
             k, v = (lin(prompt).view(q.shape[0], -1, attn.heads, attn.head_dim) for lin in (to_k, to_v))
             out = scale * _sdpa(q, k, v) if out is None else out + scale * _sdpa(q, k, v)

@@ -574,8 +574,8 @@ def attention_inputs(model, h: int, w: int, seed: int = 9) -> dict:
 
 def test_ip_adapter_attention_on_flux_and_sd3_is_theirs_on_the_reduced_tokens():
     """One patched attention against diffusers' IP-Adapter processor. SD3, merge mode: ToMe's output is theirs
-    run on the merged image tokens, unmerged. Flux, downsample mode (queries stay full): the image-prompt
-    output (returned third) is theirs, while the attention output differs (keys/values downsampled)."""
+    run on the merged image tokens, unmerged. Flux, merge and downsample mode: the image-prompt output
+    (returned third) is theirs, for every image token, while the attention output differs."""
     from visiontools.tome import merge2d
 
     h, w = 4, 6
@@ -595,20 +595,22 @@ def test_ip_adapter_attention_on_flux_and_sd3_is_theirs_on_the_reduced_tokens():
 
     flux = tiny_flux()
     load_dit_ip_adapter(flux)
-    visiontools.apply_tome(flux, ratio=0.5, mode="downsample")
-    attn = flux.transformer_blocks[0].attn
-    proc, kw = attn.processor, attention_inputs(flux, h, w)
     ids = torch.zeros(h, w, 3)
     ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
     rope = flux.pos_embed(torch.cat([torch.zeros(5, 3), ids.reshape(-1, 3)]))
     ip = dict(ip_hidden_states=[torch.randn(2, 1, 4, 16, generator=g)])
-    proc.state.ctx.hw = (h, w)
-    with torch.no_grad():
-        ours = attn(**kw, image_rotary_emb=rope, **ip)
-        theirs = proc.inner(attn, kw["hidden_states"], kw["encoder_hidden_states"], None, rope, **ip)
-    assert len(ours) == 3 and ours[2].abs().max() > 0
-    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-5, atol=1e-6)
-    assert rel_l2(ours[0], theirs[0]) > 1e-3
+    for mode in ("merge", "downsample"):
+        visiontools.apply_tome(flux, ratio=0.5, mode=mode)
+        attn = flux.transformer_blocks[0].attn
+        proc, kw = attn.processor, attention_inputs(flux, h, w)
+        proc.state.ctx.hw = (h, w)
+        proc.slot.plan = merge2d.plan_merge_2d(kw["hidden_states"], h, w, 12, seed=0)
+        with torch.no_grad():
+            ours = attn(**kw, image_rotary_emb=rope, **ip)
+            theirs = proc.inner(attn, kw["hidden_states"], kw["encoder_hidden_states"], None, rope, **ip)
+        assert len(ours) == 3 and ours[2].abs().max() > 0
+        torch.testing.assert_close(ours[2], theirs[2], rtol=1e-5, atol=1e-6)
+        assert rel_l2(ours[0], theirs[0]) > 1e-3, mode
 
 
 @pytest.mark.parametrize("kind", ["unet", "flux", "sd3"])
