@@ -22,7 +22,7 @@ PixArt's cross-attention context) are never touched.
 - ``flops=`` / ``speedup=`` instead of ``ratio``: as for UNets (:func:`solve_budget`), counted at an image
   of ``size`` pixels with ``text_tokens`` text tokens (the pipelines' defaults: :data:`TEXT_TOKENS`).
 - An IP-Adapter loaded before the patch (SD3, Flux) is wrapped: :class:`ToMeDiTIPAdapterAttnProcessor` runs
-  its image-prompt attention for the image queries the attention uses.
+  its image-prompt attention (Flux: for every image token; SD3: on the tokens its joint attention uses).
 """
 from __future__ import annotations
 
