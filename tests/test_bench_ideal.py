@@ -256,3 +256,34 @@ def test_proportional_attention_kernels_agree_with_todays_path():
     for name in ("flex_attention, compiled", "flex_attention, eager", "sdpa, log(size) as an extra q/k channel"):
         torch.testing.assert_close(out[name], ref, atol=1e-5, rtol=1e-5)
     assert (out["sdpa, no mask (not exact)"] - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sd", "--loop", "--methods", "merge"], "--methods set the single-call benchmark, which --loop does not run"),
+    (["sd", "--loop", "--ratios", "0.3", "--batch", "2"], "--ratios, --batch set the single-call benchmark"),
+    (["sd", "--loop", "--candidates", "merge@0.5"], "--candidates set the single-call benchmark"),
+    (["dit", "--loop", "--candidates", "merge@0.3"], "(choose its candidates with --loop-candidates)"),
+    (["sd", "--steps", "4"], "--steps set the denoising loops: add --loop, or leave them out"),
+    (["dit", "--loop-candidates", "pab"], "--loop-candidates set the denoising loops: add --loop"),
+])
+def test_an_option_the_mode_ignores_is_one_line(capsys, argv, needle):
+    """``bench sd|dit --loop`` with a single-call option changed, or a loop option without ``--loop``:
+    one line naming it (before: silently ignored), before any model is built."""
+    from visiontools.cli import main
+
+    assert main(["bench", *argv, "--tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visiontools: error: ") and needle in err[0], err
+
+
+@pytest.mark.parametrize("target", ["sd", "dit"])
+def test_the_single_call_defaults_the_loop_check_knows_are_the_parsers(target):
+    """``SINGLE_CALL_DEFAULTS`` equal the parser's defaults, so an untouched option is never refused."""
+    import argparse
+    import importlib
+
+    mod = importlib.import_module(f"visiontools.bench.{target}")
+    parser = argparse.ArgumentParser()
+    mod.add_arguments(parser)
+    args = parser.parse_args([])
+    assert {k: getattr(args, k) for k in mod.SINGLE_CALL_DEFAULTS} == mod.SINGLE_CALL_DEFAULTS

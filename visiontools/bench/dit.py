@@ -41,6 +41,10 @@ TINY = {"sd3": dict(attention_head_dim=8, num_attention_heads=2, joint_attention
                      axes_dims_rope=(4, 6, 6))}
 
 
+# the single-call options and their defaults (add_arguments): --loop refuses them changed
+SINGLE_CALL_DEFAULTS = {"candidates": ["merge@0.5", "downsample@0.5"], "rope_rules": False}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench dit``."""
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
@@ -219,9 +223,7 @@ def run(args: argparse.Namespace) -> int:
     from visiontools.timing import dtype_label, machine_description, resolve_device, resolve_dtype, write_results
 
     require("diffusers", "`visiontools bench dit`")
-    if args.loop and (args.profile or args.no_ideal):
-        from visiontools.errors import UserError
-        raise UserError("--profile and --no-ideal time single calls; leave them out with --loop")
+    loops.check_mode_options(args, SINGLE_CALL_DEFAULTS)
     if args.loop:  # whole denoising loops (visiontools.bench.loops), on any device
         return loops.run_dit(args, build)
     if args.threads:

@@ -39,6 +39,28 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
                              "downsample@R, merge@R:every=K (e.g. pab+merge@0.5:every=2)")
 
 
+def check_mode_options(args: argparse.Namespace, single_call: dict) -> None:
+    """A one-line ``UserError`` for an option the chosen mode would ignore: with ``--loop``, any option of
+    ``single_call`` (its name -> its default) that was changed, ``--profile`` or ``--no-ideal``; without
+    ``--loop``, ``--steps`` or ``--loop-candidates``."""
+    from visiontools.errors import UserError
+
+    def flags(names):
+        return ", ".join("--" + n.replace("_", "-") for n in names)
+
+    if args.loop:
+        if args.profile or args.no_ideal:
+            raise UserError("--profile and --no-ideal time single calls; leave them out with --loop")
+        changed = [n for n, default in single_call.items() if getattr(args, n) != default]
+        if changed:
+            raise UserError(f"{flags(changed)} set the single-call benchmark, which --loop does not run: leave "
+                            "them out with --loop (choose its candidates with --loop-candidates)")
+        return
+    loop_only = ["steps"] * (args.steps != 20) + ["loop_candidates"] * (args.loop_candidates is not None)
+    if loop_only:
+        raise UserError(f"{flags(loop_only)} set the denoising loops: add --loop, or leave them out")
+
+
 def parse_candidate(spec: str) -> tuple[list[str], dict | None]:
     """``"pab+merge@0.5:every=2"`` -> ``(["pab"], {"mode": "merge", "ratio": 0.5, "plan_every": 2})``;
     ``UserError`` naming a bad part."""

@@ -53,6 +53,11 @@ TINY_UNET_CONFIG = {
 }
 
 
+# the single-call options and their defaults (add_arguments): --loop refuses them changed
+SINGLE_CALL_DEFAULTS = {"candidates": None, "methods": ["tomesd", "merge", "downsample"], "ratios": [0.5], "batch": 1,
+                        "similarity_dtype": "auto"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench sd``."""
     parser.add_argument("--resolutions", type=int, nargs="+", default=[768, 512],
@@ -300,9 +305,7 @@ def run(args: argparse.Namespace) -> int:
     from visiontools.timing import dtype_label, machine_description, resolve_device, resolve_dtype, write_results
 
     unet_cls = require("diffusers", "`visiontools bench sd`").UNet2DConditionModel
-    if args.loop and (args.profile or args.no_ideal):
-        from visiontools.errors import UserError
-        raise UserError("--profile and --no-ideal time single calls; leave them out with --loop")
+    loops.check_mode_options(args, SINGLE_CALL_DEFAULTS)
     if args.loop:  # whole denoising loops (visiontools.bench.loops)
         return loops.run_sd(args, TINY_UNET_CONFIG if args.tiny else SD15_UNET_CONFIG, build_unets)
     if args.threads:
