@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from visiontools.demos.images import square_resized
-from visiontools.bench.sd import shared_copy
+from visiontools.bench import shared_copy
 
 TITLE = "Stable Diffusion (ToMe-SD)"
 MISSING = ("**Stable Diffusion is not installed.** This tab needs the optional `sd` extra (diffusers, "

@@ -249,7 +249,8 @@ def measure_sd(ctx: Context, item: dict) -> list[dict]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from visiontools.bench.sd import _patch, shared_copy
+    from visiontools.bench import shared_copy
+    from visiontools.bench.sd import _patch
     from visiontools.timing import count_flops, median
 
     cfg = unet_config(item["unet"])

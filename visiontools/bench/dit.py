@@ -11,9 +11,8 @@ distance of the output to the unpatched model's.
 from __future__ import annotations
 
 import argparse
-import copy
 
-from visiontools.bench import loops
+from visiontools.bench import loops, shared_copy
 from visiontools.bench.vit import IDEAL_COLUMNS, add_ideal_arguments, ideal_cells
 from visiontools.timing import add_run_arguments
 
@@ -127,7 +126,7 @@ def candidate_calls(base, kw: dict, candidates: list[tuple[str, float]], outputs
     fns = {}
     for method, ratio in [("unpatched", 0.0)] + list(candidates):
         key = "unpatched" if method == "unpatched" else f"{method}@{ratio:g}"
-        model = copy.deepcopy(base, {id(t): t for t in [*base.parameters(), *base.buffers()]})  # shares weights
+        model = shared_copy(base)
         if method != "unpatched":
             patch(model, method, ratio)
         if models is not None:

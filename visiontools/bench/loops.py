@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from visiontools.bench import shared_copy
+
 #: Cache parts and the diffusers function of each.
 CACHES = {"pab": "pyramid_attention_broadcast", "fbc": "first_block_cache", "faster": "faster_cache",
           "taylorseer": "taylorseer_cache", "mag": "mag_cache"}
@@ -140,14 +142,6 @@ def loop_fn(model, scheduler, steps: int, start, call, clock: list, result: dict
             x = scheduler.step(out, t, x).prev_sample
         result[key] = x.float()
     return run
-
-
-def shared_copy(module):
-    """A structural copy of ``module`` sharing every parameter and buffer, so each candidate carries its own
-    hooks and patch (as ``visiontools.bench.sd.shared_copy``; this module imports neither bench target)."""
-    import copy
-
-    return copy.deepcopy(module, {id(t): t for t in [*module.parameters(), *module.buffers()]})
 
 
 def time_loops(args, label: str, base, scheduler_cls, start, call, specs: list[str], apply_tome, device) -> list[dict]:

@@ -12,10 +12,9 @@ a candidate's saving (or overhead) is.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
-from visiontools.bench import loops
+from visiontools.bench import loops, shared_copy
 from visiontools.bench.vit import IDEAL_COLUMNS, add_ideal_arguments, ideal_cells
 from visiontools.timing import add_run_arguments
 
@@ -82,13 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ideal_arguments(parser, "the unpatched attention of the patched levels timed alone at the sizes each "
                                 "candidate attends over")
     loops.add_loop_arguments(parser)
-
-
-def shared_copy(module):
-    """A structural copy of ``module`` sharing every parameter and buffer (no extra weight memory),
-    so each candidate can carry its own patch."""
-    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return copy.deepcopy(module, memo)
 
 
 def _patch(unet, method: str, ratio: float, max_downsample: int, similarity_dtype: str = "auto"):
