@@ -287,3 +287,15 @@ def test_the_single_call_defaults_the_loop_check_knows_are_the_parsers(target):
     mod.add_arguments(parser)
     args = parser.parse_args([])
     assert {k: getattr(args, k) for k in mod.SINGLE_CALL_DEFAULTS} == mod.SINGLE_CALL_DEFAULTS
+
+
+def test_a_loop_cache_the_model_cannot_take_is_refused_when_named(capsys):
+    """``--loop-candidates fbc`` on a UNet (diffusers' first-block cache needs ``cache_context``): one line,
+    not a quiet skip of what the user asked for."""
+    from visiontools.cli import main
+
+    assert main(["bench", "sd", "--loop", "--tiny", "--resolutions", "64", "--steps", "2", "--repeats", "1",
+                 "--warmup", "0", "--loop-candidates", "merge@0.5", "fbc", "--no-progress"]) == 2
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("visiontools")]  # not torch's
+    assert ours == ["visiontools: error: --loop-candidates fbc: diffusers' fbc/taylorseer caches need a model with "
+                    "cache_context, such as Flux; leave it out for SD 1.5 (tiny) 64²"], ours

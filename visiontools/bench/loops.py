@@ -153,8 +153,11 @@ def time_loops(args, label: str, base, scheduler_cls, start, call, specs: list[s
     for spec in ["unpatched"] + list(specs):
         caches, tome = ([], None) if spec == "unpatched" else parse_candidate(spec)
         if not hasattr(base, "cache_context") and any(c in NEEDS_CONTEXT for c in caches):
-            print(f"{label}: skipping {spec} (diffusers' {'/'.join(NEEDS_CONTEXT)} caches need a model with "
-                  "cache_context, such as Flux)")
+            why = f"diffusers' {'/'.join(NEEDS_CONTEXT)} caches need a model with cache_context, such as Flux"
+            if args.loop_candidates is not None:  # asked for by name: refused, never skipped quietly
+                from visiontools.errors import UserError
+                raise UserError(f"--loop-candidates {spec}: {why}; leave it out for {label}")
+            print(f"{label}: skipping {spec} ({why})")
             continue
         clock = [0]
         model = prepare(shared_copy(base), caches, tome, clock, args.steps, apply_tome)
@@ -218,16 +221,18 @@ def run_dit(args, build) -> int:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from visiontools.patches.diffusers_dit import apply_tome_dit
-    from visiontools.timing import machine_description, resolve_device, write_results
+    from visiontools.timing import dtype_label, machine_description, resolve_device, resolve_dtype, write_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)  # as bench dit: bf16 on CUDA (fp16 where the GPU lacks it), else fp32
     rows = []
     for name in args.models:
         base, kw = build(name, args.resolution, args.seed, args.tiny)
-        base.to(device)
-        kw = {k: v.to(device) if hasattr(v, "to") else v for k, v in kw.items()}
+        base.to(device, dtype)
+        kw = {k: v.to(device, dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v.dtype)
+              if hasattr(v, "to") else v for k, v in kw.items()}
         start = kw.pop("hidden_states")
         kw.pop("timestep", None)  # the loop's
         scale = 1.0 if name == "flux" else 1000.0
@@ -239,7 +244,9 @@ def run_dit(args, build) -> int:
         rows += time_loops(args, f"{name}{' (tiny)' if args.tiny else ''} {args.resolution}²", base,
                            FlowMatchEulerDiscreteScheduler, start, call, specs, apply_tome_dit, device)
     machine = machine_description(device)
-    result = dict(machine=machine, steps=args.steps, tiny=bool(args.tiny), threads=torch.get_num_threads(), rows=rows)
+    result = dict(machine=machine, steps=args.steps, tiny=bool(args.tiny), threads=torch.get_num_threads(),
+                  dtype=dtype_label(dtype), rows=rows)
     write_results(args, markdown(rows), result, header=f"Denoising loops, {args.steps} flow-matching Euler steps, "
-                  f"batch 1, random weights; {args.warmup} warm-up + {args.repeats} interleaved rounds; {machine}")
+                  f"batch 1, {dtype_label(dtype)}, random weights; {args.warmup} warm-up + {args.repeats} "
+                  f"interleaved rounds; {machine}")
     return 0
