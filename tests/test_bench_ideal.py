@@ -299,3 +299,14 @@ def test_a_loop_cache_the_model_cannot_take_is_refused_when_named(capsys):
     ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("visiontools")]  # not torch's
     assert ours == ["visiontools: error: --loop-candidates fbc: diffusers' fbc/taylorseer caches need a model with "
                     "cache_context, such as Flux; leave it out for SD 1.5 (tiny) 64²"], ours
+
+
+def test_bench_dit_latents_at_a_small_resolution():
+    """``bench dit --resolution 64``: latents smaller than 8 cells a side (before: an interpolation traceback)."""
+    import torch
+
+    from visiontools.bench.dit import _smooth_like
+
+    g = torch.Generator().manual_seed(0)
+    packed, grid = _smooth_like(torch.zeros(1, 16, 64), g), _smooth_like(torch.zeros(1, 4, 8, 8), g)
+    assert packed.shape == (1, 16, 64) and grid.shape == (1, 4, 8, 8) and packed.std() > 0

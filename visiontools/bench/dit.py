@@ -112,7 +112,8 @@ def _smooth_like(x, g):
 
     packed = x.ndim == 3
     c, h, w = (x.shape[2], round(x.shape[1] ** 0.5), round(x.shape[1] ** 0.5)) if packed else x.shape[1:]
-    out = F.interpolate(torch.randn(1, c, h // 8, w // 8, generator=g), size=(h, w), mode="bicubic")
+    coarse = torch.randn(1, c, max(1, h // 8), max(1, w // 8), generator=g)  # small latents: one cell at least
+    out = F.interpolate(coarse, size=(h, w), mode="bicubic")
     return out.flatten(2).transpose(1, 2) if packed else out
 
 
