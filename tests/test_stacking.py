@@ -636,6 +636,8 @@ def test_ip_adapter_weights_stay_in_the_patched_model(kind):
                   added_cond_kwargs={"image_embeds": [torch.randn(1, 1, CLIP_DIM).double()]})
     visiontools.remove_tome(model)
     assert all(p is procs[n] for n, p in model.attn_processors.items())
+    adapter = [w for p in procs.values() if isinstance(p, torch.nn.Module) for w in p.parameters()]
+    assert adapter and {w.dtype for w in adapter} == {torch.float64}  # .double() reached their own weights
 
 
 # ------------------------------------------------------------------------------- merge plans across steps
