@@ -231,7 +231,9 @@ _BASES: dict[type, type] = {_SizeBiasedMHA: nn.MultiheadAttention}
 def _swap(module: nn.Module, mixin: type, **attrs) -> None:
     base = type(module)
     if (mixin, base) not in _PATCHED:
-        cls = type(f"ToMe{base.__name__}", (mixin, base), attrs)
+        # the base's own name: transformers reads it (save_pretrained's config "architectures", pipelines'
+        # supported-model check), and a saved config must name a class plain transformers has
+        cls = type(base.__name__, (mixin, base), {**attrs, "__qualname__": base.__qualname__})
         _PATCHED[(mixin, base)] = cls
         _BASES[cls] = base
     recordable = _CAN_RECORD_REGISTRY.get(module)  # transformers keys what a model can record by class

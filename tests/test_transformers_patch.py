@@ -1,4 +1,5 @@
 """visiontools.patches.transformers: ToMe on Hugging Face vision towers (random weights, small configs)."""
+import json
 import threading
 
 import pytest
@@ -377,3 +378,24 @@ def test_unknown_keywords_and_methods_name_the_fix():
         visiontools.apply_tome(model, ratio=0.5)
     with pytest.raises(ValueError, match="not both"):
         visiontools.apply_tome(model, r=2, flops=0.5)
+
+
+def test_a_patched_model_keeps_its_class_name_for_transformers(tmp_path, capfd):
+    """transformers reads the class name: ``save_pretrained`` writes it into the config's ``architectures``
+    (which must name a class plain transformers has) and pipelines check it against the models they
+    support. The patched classes carry the original names; the saved model loads back unpatched."""
+    model = build("ViTForImageClassification")
+    visiontools.apply_tome(model, r=4)
+    assert type(model).__name__ == "ViTForImageClassification" and type(model) is not T.ViTForImageClassification
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["ViTForImageClassification"]
+    again = T.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    visiontools.remove_tome(model)
+    with torch.no_grad():
+        assert torch.equal(again(pixel_values=x).logits, model(pixel_values=x).logits)
+    visiontools.apply_tome(model, r=4)
+    capfd.readouterr()
+    T.pipeline("image-classification", model=model, image_processor=T.ViTImageProcessor(size={"height": IMG,
+                                                                                          "width": IMG}))
+    assert "not supported" not in capfd.readouterr().err
