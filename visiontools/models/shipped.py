@@ -177,7 +177,10 @@ def _apply_trained_tome(model: torch.nn.Module, desc: dict, tome) -> None:
 
     t = desc["tome"]
     r = parse_r_text(t["r"])
-    if hasattr(model, "blocks") and hasattr(getattr(model, "patch_embed", None), "num_patches"):
+    from visiontools.layers.grid import GridTokens  # grid models merge on their own grid rule: left as recorded
+
+    token_vit = hasattr(model, "blocks") and hasattr(getattr(model, "patch_embed", None), "num_patches")
+    if token_vit and not any(isinstance(m, GridTokens) for m in model.modules()):
         from visiontools.tome.merge import applied_schedule, parse_r
 
         # the schedule training ran: r capped where a block had too few tokens (no cap warning per load)
