@@ -40,14 +40,14 @@ TINY = {"sd3": dict(attention_head_dim=8, num_attention_heads=2, joint_attention
                      axes_dims_rope=(4, 6, 6))}
 
 
-# the single-call options and their defaults (add_arguments): --loop refuses them changed
+# the single-call options' defaults (add_arguments takes them from here): --loop refuses them changed
 SINGLE_CALL_DEFAULTS = {"candidates": ["merge@0.5", "downsample@0.5"], "rope_rules": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench dit``."""
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
-    parser.add_argument("--candidates", nargs="+", default=["merge@0.5", "downsample@0.5"], metavar="METHOD@RATIO",
+    parser.add_argument("--candidates", nargs="+", default=SINGLE_CALL_DEFAULTS["candidates"], metavar="METHOD@RATIO",
                         help="patched candidates besides the unpatched baseline, e.g. merge@0.5 downsample@0.75 "
                              "tofu@0.5 pitome@0.5 (tofu, pitome: merge mode with that method)")
     parser.add_argument("--resolution", type=int, default=1024, help="image size in pixels (square); latent = /8")

@@ -52,7 +52,7 @@ TINY_UNET_CONFIG = {
 }
 
 
-# the single-call options and their defaults (add_arguments): --loop refuses them changed
+# the single-call options' defaults (add_arguments takes them from here): --loop refuses them changed
 SINGLE_CALL_DEFAULTS = {"candidates": None, "methods": ["tomesd", "merge", "downsample"], "ratios": [0.5], "batch": 1,
                         "similarity_dtype": "auto"}
 
@@ -61,20 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``visiontools bench sd``."""
     parser.add_argument("--resolutions", type=int, nargs="+", default=[768, 512],
                         help="image sizes in pixels (square); the latent is size/8")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5],
+    parser.add_argument("--ratios", type=float, nargs="+", default=SINGLE_CALL_DEFAULTS["ratios"],
                         help="token ratios of every method (fraction of tokens removed)")
-    parser.add_argument("--methods", nargs="+", default=["tomesd", "merge", "downsample"], choices=METHODS,
+    parser.add_argument("--methods", nargs="+", default=SINGLE_CALL_DEFAULTS["methods"], choices=METHODS,
                         help="candidates besides the SDPA baseline (tofu, pitome: merge mode with that method)")
     parser.add_argument("--candidates", nargs="+", default=None, metavar="METHOD@RATIO",
                         help="explicit candidates such as merge@0.5 pitome@0.5 downsample@0.75 (overrides "
                              "--methods/--ratios)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size of the UNet call")
+    parser.add_argument("--batch", type=int, default=SINGLE_CALL_DEFAULTS["batch"], help="batch size of the UNet call")
     add_run_arguments(parser)
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="weights/activations dtype; unset: fp16 on cuda, fp32 on cpu")
     parser.add_argument("--max-downsample", type=int, default=1,
                         help="patch levels downsampled at most this much (1 = tomesd's default, 64x64 at 512px)")
-    parser.add_argument("--similarity-dtype", default="auto", choices=["auto", "input", "float32", "bfloat16", "float16"],
+    parser.add_argument("--similarity-dtype", default=SINGLE_CALL_DEFAULTS["similarity_dtype"],
+                        choices=["auto", "input", "float32", "bfloat16", "float16"],
                         help="dtype of merge mode's matching matmul (auto: bf16 for fp32 on CPUs with hardware bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--tiny", action="store_true", help="tiny UNet with the SD 1.5 layout (smoke test)")
