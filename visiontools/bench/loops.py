@@ -31,11 +31,14 @@ DIT_DEFAULT = ["pab", "fbc", "faster", "taylorseer", "mag", "merge@0.5", "merge@
                "fbc+downsample@0.5", "mag+merge@0.5:every=2"]
 
 
+DEFAULT_STEPS = 20  # --steps
+
+
 def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--loop`` options ``bench sd`` and ``bench dit`` share."""
     parser.add_argument("--loop", action="store_true",
                         help="time whole denoising loops: unpatched, diffusers' step caches, ToMe, and cache + ToMe")
-    parser.add_argument("--steps", type=int, default=20, help="--loop: denoising steps")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="--loop: denoising steps")
     parser.add_argument("--loop-candidates", nargs="+", default=None, metavar="PARTS",
                         help="--loop: candidates, parts joined by +: pab fbc faster taylorseer mag, merge@R, "
                              "downsample@R, merge@R:every=K (e.g. pab+merge@0.5:every=2)")
@@ -58,7 +61,7 @@ def check_mode_options(args: argparse.Namespace, single_call: dict) -> None:
             raise UserError(f"{flags(changed)} set the single-call benchmark, which --loop does not run: leave "
                             "them out with --loop (choose its candidates with --loop-candidates)")
         return
-    loop_only = ["steps"] * (args.steps != 20) + ["loop_candidates"] * (args.loop_candidates is not None)
+    loop_only = ["steps"] * (args.steps != DEFAULT_STEPS) + ["loop_candidates"] * (args.loop_candidates is not None)
     if loop_only:
         raise UserError(f"{flags(loop_only)} set the denoising loops: add --loop, or leave them out")
 
